@@ -1,0 +1,1 @@
+//! Host networking: bridge, TAP, IP leases, nftables, CNI

@@ -1,0 +1,1 @@
+//! Reproducible initrd builder

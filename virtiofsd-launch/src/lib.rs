@@ -1,0 +1,1 @@
+//! Spawn, supervise and reap one virtiofsd per share

@@ -1,0 +1,1 @@
+//! Guest PID 1: Task API over vsock, crun driver

@@ -1,0 +1,131 @@
+//! The seam between "what VM to run" and "how it runs".
+//!
+//! [`VmBackend`] is implemented by the in-process KVM backend and by the QEMU
+//! backend (a child process driven over QMP), so the shim, the CLI and the
+//! benchmarks treat both alike. A backend is created from a validated
+//! [`VmConfig`](crate::config::VmConfig), started once, and waited on; shutdown,
+//! pause and resume may be called from any thread while another thread waits.
+
+use std::time::Duration;
+
+use crate::config::ConfigError;
+
+/// Which implementation runs the VM.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// rust-vmm based VMM on threads of the calling process.
+    #[default]
+    Kvm,
+    /// `qemu-system-x86_64 -M microvm` as a child process, for parity and comparison.
+    Qemu,
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest powered off (ACPI S5, `reboot(POWER_OFF)`), or a requested shutdown completed.
+    PowerOff,
+    /// The guest asked for a reboot (i8042 reset, triple fault on purpose); we end the VM.
+    Reboot,
+    /// The guest or the hypervisor failed: triple fault, KVM internal error, a vCPU thread
+    /// panicked, QEMU died. The string says what, with vCPU registers where known.
+    Crashed(String),
+}
+
+/// Milestones a backend records, for logs and benchmarks. Times are since the backend
+/// was created (the "VMM start" of the benchmarks).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BootTimes {
+    /// First `KVM_RUN` entered (KVM backend), or QMP reporting the VM running (QEMU).
+    pub first_run: Option<Duration>,
+    /// The guest wrote the boot-timer port: its init is running.
+    pub init_reached: Option<Duration>,
+}
+
+/// Errors of running a VM; each says what failed and what to try.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("KVM is not usable here ({0}); on hosts without hardware KVM run inside the nested lab (tests/lab/run)")]
+    KvmUnavailable(String),
+    #[error("{what} failed: {source}")]
+    Hypervisor {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot load the kernel: {0}")]
+    KernelLoad(String),
+    #[error("guest memory: {0}")]
+    Memory(String),
+    #[error("device {device}: {reason}")]
+    Device { device: String, reason: String },
+    #[error("QEMU: {0}")]
+    Qemu(String),
+    #[error("the VM is {actual}, but {operation} needs it {expected}")]
+    WrongState {
+        operation: &'static str,
+        expected: &'static str,
+        actual: &'static str,
+    },
+    #[error("I/O error while {what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl VmError {
+    /// Wrap an I/O error with what we were doing.
+    pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let what = what.into();
+        move |source| Self::Io { what, source }
+    }
+}
+
+/// One VM, however it is run.
+pub trait VmBackend: Send + Sync {
+    /// Which implementation this is.
+    fn kind(&self) -> BackendKind;
+
+    /// Start the guest. Called once; a second call is [`VmError::WrongState`].
+    fn start(&self) -> Result<(), VmError>;
+
+    /// Block until the VM has ended and every thread or process it used is gone.
+    fn wait(&self) -> Result<VmExit, VmError>;
+
+    /// Ask the guest to power off. Returns at once; [`wait`](Self::wait) reports the end.
+    /// A backend that cannot reach the guest ends the VM hard instead.
+    fn shutdown(&self) -> Result<(), VmError>;
+
+    /// End the VM now, without asking the guest.
+    fn kill(&self) -> Result<(), VmError>;
+
+    /// Stop all vCPUs (devices keep their state).
+    fn pause(&self) -> Result<(), VmError>;
+
+    /// Continue after [`pause`](Self::pause).
+    fn resume(&self) -> Result<(), VmError>;
+
+    /// vCPUs currently online.
+    fn vcpu_count(&self) -> u8;
+
+    /// Guest RAM currently plugged, in MiB.
+    fn memory_mib(&self) -> u64;
+
+    /// Milestones so far.
+    fn boot_times(&self) -> BootTimes;
+}

@@ -1,0 +1,584 @@
+//! The typed description of one VM, as a user or the shim states it.
+//!
+//! This module owns validation of everything that can be checked before a backend
+//! touches KVM or spawns QEMU: files exist and look like what they claim, counts and
+//! sizes are in range, device settings do not collide. It never opens `/dev/kvm`.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Smallest guest RAM we accept: below this a Linux kernel with an initrd does not
+/// reach init, so we say so up front instead of letting the guest die obscurely.
+pub const MIN_MEMORY_MIB: u64 = 32;
+/// Largest guest RAM accepted by configuration (1 TiB); the host may still refuse less.
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+/// Upper bound on vCPUs that the boot tables we write can describe (x2APIC ids fit
+/// easily; KVM's own `KVM_CAP_MAX_VCPUS` is checked again by the backend).
+pub const MAX_VCPUS: u8 = 254;
+/// x86 `COMMAND_LINE_SIZE` in Linux, including the terminating NUL.
+pub const MAX_CMDLINE_LEN: usize = 2048;
+
+/// Everything needed to build one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: String,
+    #[serde(default)]
+    pub vcpus: VcpuConfig,
+    #[serde(default)]
+    pub memory: MemoryConfig,
+    #[serde(default)]
+    pub console: ConsoleConfig,
+    #[serde(default)]
+    pub devices: Vec<DeviceConfig>,
+}
+
+/// Boot and hotpluggable vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuConfig {
+    /// vCPUs online at boot.
+    pub boot: u8,
+    /// Upper bound for ACPI CPU hotplug; equals `boot` when hotplug is not wanted.
+    pub max: u8,
+}
+
+impl Default for VcpuConfig {
+    fn default() -> Self {
+        Self { boot: 1, max: 1 }
+    }
+}
+
+/// Guest RAM at boot and the room reserved for memory hotplug.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryConfig {
+    pub size_mib: u64,
+    #[serde(default)]
+    pub hotplug_mib: u64,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            size_mib: 512,
+            hotplug_mib: 0,
+        }
+    }
+}
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsoleConfig {
+    #[default]
+    Stdout,
+    File(PathBuf),
+    /// Discard console output (benchmarks).
+    Off,
+}
+
+impl FromStr for ConsoleConfig {
+    type Err = std::convert::Infallible;
+
+    /// `stdout`, `off`, or anything else as a file path.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "stdout" => Self::Stdout,
+            "off" | "none" => Self::Off,
+            path => Self::File(PathBuf::from(path)),
+        })
+    }
+}
+
+/// A guest device beyond the legacy ones every VM has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum DeviceConfig {
+    /// virtio-net backed by an existing TAP device.
+    Net { tap: String, mac: MacAddr },
+    /// virtio-vsock with the given guest CID; `uds_path` is the hybrid unix-socket
+    /// backend's listening socket (None: kernel vhost-vsock).
+    Vsock {
+        guest_cid: u32,
+        uds_path: Option<PathBuf>,
+    },
+    /// vhost-user-fs to a running virtiofsd.
+    Fs {
+        tag: String,
+        socket: PathBuf,
+        #[serde(default = "default_fs_queue_size")]
+        queue_size: u16,
+    },
+    /// virtio-blk backed by a host file.
+    Block { path: PathBuf, read_only: bool },
+    /// virtio-rng fed from the host's getrandom.
+    Rng,
+}
+
+fn default_fs_queue_size() -> u16 {
+    1024
+}
+
+/// A 48-bit Ethernet address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// A locally administered unicast address.
+    pub fn is_valid_unicast(&self) -> bool {
+        self.0[0] & 0x01 == 0
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ConfigError::BadMac(s.to_string());
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in out.iter_mut() {
+            let part = parts.next().ok_or_else(bad)?;
+            if part.len() != 2 {
+                return Err(bad());
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(Self(out))
+    }
+}
+
+impl TryFrom<String> for MacAddr {
+    type Error = ConfigError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<MacAddr> for String {
+    fn from(m: MacAddr) -> Self {
+        m.to_string()
+    }
+}
+
+/// What a kernel image file turned out to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// An ELF `vmlinux` (PVH note or 64-bit entry).
+    Elf,
+    /// A bzImage (Linux x86 boot protocol, "HdrS" at offset 0x202).
+    BzImage,
+}
+
+impl KernelFormat {
+    /// Sniff the format from the file's first bytes.
+    pub fn detect(path: &Path) -> Result<Self, ConfigError> {
+        let unreadable = |e: std::io::Error| ConfigError::Unreadable {
+            what: "kernel",
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let mut file = File::open(path).map_err(unreadable)?;
+        let mut head = [0u8; 4];
+        let n = read_up_to(&mut file, &mut head).map_err(unreadable)?;
+        if n == 4 && head == *b"\x7fELF" {
+            return Ok(Self::Elf);
+        }
+        let mut magic = [0u8; 4];
+        file.seek(SeekFrom::Start(0x202)).map_err(unreadable)?;
+        let n = read_up_to(&mut file, &mut magic).map_err(unreadable)?;
+        if n == 4 && magic == *b"HdrS" {
+            return Ok(Self::BzImage);
+        }
+        Err(ConfigError::NotAKernel(path.to_path_buf()))
+    }
+}
+
+fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+/// Why a [`VmConfig`] cannot be used; each message says what to change.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{what} {path:?} cannot be read: {reason}; check the path and its permissions")]
+    Unreadable {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("{0:?} is neither an ELF vmlinux nor a bzImage; pass an uncompressed vmlinux or an arch/x86/boot/bzImage")]
+    NotAKernel(PathBuf),
+    #[error("boot vCPUs must be at least 1 (got {0})")]
+    NoVcpus(u8),
+    #[error("boot vCPUs ({boot}) exceed the maximum ({max}); raise --max-cpus or lower --cpus")]
+    BootAboveMax { boot: u8, max: u8 },
+    #[error("at most {MAX_VCPUS} vCPUs are supported (asked for {0})")]
+    TooManyVcpus(u16),
+    #[error(
+        "guest memory of {0} MiB is too small to boot Linux; give at least {MIN_MEMORY_MIB} MiB"
+    )]
+    MemoryTooSmall(u64),
+    #[error("guest memory of {0} MiB (with hotplug room) exceeds the {MAX_MEMORY_MIB} MiB limit")]
+    MemoryTooLarge(u64),
+    #[error("initrd {path:?} is {size} bytes, more than half of guest memory ({memory_mib} MiB); give the VM more memory")]
+    InitrdTooLarge {
+        path: PathBuf,
+        size: u64,
+        memory_mib: u64,
+    },
+    #[error("kernel command line is {0} bytes; the x86 limit is 2047 bytes")]
+    CmdlineTooLong(usize),
+    #[error("kernel command line contains a NUL byte")]
+    CmdlineNul,
+    #[error("{0:?} is not a MAC address; use six hex pairs such as 02:00:00:00:00:01")]
+    BadMac(String),
+    #[error("MAC {0} is a multicast address; the first octet must be even")]
+    MulticastMac(MacAddr),
+    #[error("vsock guest CID {0} is reserved; use 3 or above")]
+    ReservedCid(u32),
+    #[error("only one vsock device per VM is supported")]
+    DuplicateVsock,
+    #[error("virtio-fs tag {0:?} must be 1 to 36 bytes")]
+    BadFsTag(String),
+    #[error("virtio-fs tag {0:?} is used twice")]
+    DuplicateFsTag(String),
+    #[error("virtio-fs queue size {0} must be a power of two between 2 and 32768")]
+    BadQueueSize(u16),
+    #[error("TAP name {0:?} must be 1 to 15 bytes without '/' or whitespace")]
+    BadTapName(String),
+}
+
+impl VmConfig {
+    /// A config with defaults for everything but the kernel.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: String::new(),
+            vcpus: VcpuConfig::default(),
+            memory: MemoryConfig::default(),
+            console: ConsoleConfig::default(),
+            devices: Vec::new(),
+        }
+    }
+
+    /// Check everything that can be checked without a hypervisor; returns the
+    /// kernel's format so the caller does not sniff the file twice.
+    pub fn validate(&self) -> Result<KernelFormat, ConfigError> {
+        self.validate_vcpus()?;
+        self.validate_memory()?;
+        if self.cmdline.len() >= MAX_CMDLINE_LEN {
+            return Err(ConfigError::CmdlineTooLong(self.cmdline.len()));
+        }
+        if self.cmdline.contains('\0') {
+            return Err(ConfigError::CmdlineNul);
+        }
+        let format = KernelFormat::detect(&self.kernel)?;
+        if let Some(initrd) = &self.initrd {
+            let size = std::fs::metadata(initrd)
+                .and_then(|m| {
+                    // Opening proves readability, not just existence.
+                    File::open(initrd).map(|_| m.len())
+                })
+                .map_err(|e| ConfigError::Unreadable {
+                    what: "initrd",
+                    path: initrd.clone(),
+                    reason: e.to_string(),
+                })?;
+            if size > self.memory.size_mib * (1 << 20) / 2 {
+                return Err(ConfigError::InitrdTooLarge {
+                    path: initrd.clone(),
+                    size,
+                    memory_mib: self.memory.size_mib,
+                });
+            }
+        }
+        self.validate_devices()?;
+        Ok(format)
+    }
+
+    fn validate_vcpus(&self) -> Result<(), ConfigError> {
+        let VcpuConfig { boot, max } = self.vcpus;
+        if boot == 0 {
+            return Err(ConfigError::NoVcpus(boot));
+        }
+        if max > MAX_VCPUS {
+            return Err(ConfigError::TooManyVcpus(max.into()));
+        }
+        if boot > max {
+            return Err(ConfigError::BootAboveMax { boot, max });
+        }
+        Ok(())
+    }
+
+    fn validate_memory(&self) -> Result<(), ConfigError> {
+        let MemoryConfig {
+            size_mib,
+            hotplug_mib,
+        } = self.memory;
+        if size_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooSmall(size_mib));
+        }
+        let total = size_mib.saturating_add(hotplug_mib);
+        if total > MAX_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooLarge(total));
+        }
+        Ok(())
+    }
+
+    fn validate_devices(&self) -> Result<(), ConfigError> {
+        let mut vsock_seen = false;
+        let mut fs_tags = HashSet::new();
+        for device in &self.devices {
+            match device {
+                DeviceConfig::Net { tap, mac } => {
+                    if tap.is_empty()
+                        || tap.len() > 15
+                        || tap.contains('/')
+                        || tap.chars().any(char::is_whitespace)
+                    {
+                        return Err(ConfigError::BadTapName(tap.clone()));
+                    }
+                    if !mac.is_valid_unicast() {
+                        return Err(ConfigError::MulticastMac(*mac));
+                    }
+                }
+                DeviceConfig::Vsock { guest_cid, .. } => {
+                    if vsock_seen {
+                        return Err(ConfigError::DuplicateVsock);
+                    }
+                    vsock_seen = true;
+                    if *guest_cid < 3 || *guest_cid == u32::MAX {
+                        return Err(ConfigError::ReservedCid(*guest_cid));
+                    }
+                }
+                DeviceConfig::Fs {
+                    tag, queue_size, ..
+                } => {
+                    if tag.is_empty() || tag.len() > 36 {
+                        return Err(ConfigError::BadFsTag(tag.clone()));
+                    }
+                    if !fs_tags.insert(tag.as_str()) {
+                        return Err(ConfigError::DuplicateFsTag(tag.clone()));
+                    }
+                    if !queue_size.is_power_of_two() || *queue_size < 2 || *queue_size > 32768 {
+                        return Err(ConfigError::BadQueueSize(*queue_size));
+                    }
+                }
+                DeviceConfig::Block { .. } | DeviceConfig::Rng => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn elf_kernel(dir: &Path) -> PathBuf {
+        let p = dir.join("vmlinux");
+        let mut f = File::create(&p).expect("create");
+        f.write_all(b"\x7fELF\x02\x01\x01").expect("write");
+        p
+    }
+
+    fn bzimage(dir: &Path) -> PathBuf {
+        let p = dir.join("bzImage");
+        let mut data = vec![0u8; 0x300];
+        data[0x202..0x206].copy_from_slice(b"HdrS");
+        std::fs::write(&p, data).expect("write");
+        p
+    }
+
+    #[test]
+    fn detects_elf_and_bzimage() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        assert_eq!(
+            KernelFormat::detect(&elf_kernel(tmp.path())),
+            Ok(KernelFormat::Elf)
+        );
+        assert_eq!(
+            KernelFormat::detect(&bzimage(tmp.path())),
+            Ok(KernelFormat::BzImage)
+        );
+    }
+
+    #[test]
+    fn rejects_non_kernel_and_missing_file() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let junk = tmp.path().join("junk");
+        std::fs::write(&junk, b"hello").expect("write");
+        assert_eq!(
+            VmConfig::new(&junk).validate(),
+            Err(ConfigError::NotAKernel(junk.clone()))
+        );
+        let missing = tmp.path().join("missing");
+        let err = VmConfig::new(&missing).validate().unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::Unreadable { what: "kernel", .. }
+        ));
+        assert!(err.to_string().contains("missing"));
+    }
+
+    #[test]
+    fn vcpu_and_memory_bounds() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut c = VmConfig::new(elf_kernel(tmp.path()));
+        c.vcpus = VcpuConfig { boot: 0, max: 1 };
+        assert_eq!(c.validate(), Err(ConfigError::NoVcpus(0)));
+        c.vcpus = VcpuConfig { boot: 4, max: 2 };
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::BootAboveMax { boot: 4, max: 2 })
+        );
+        c.vcpus = VcpuConfig { boot: 1, max: 255 };
+        assert_eq!(c.validate(), Err(ConfigError::TooManyVcpus(255)));
+        c.vcpus = VcpuConfig { boot: 2, max: 8 };
+        c.memory.size_mib = 16;
+        assert_eq!(c.validate(), Err(ConfigError::MemoryTooSmall(16)));
+        c.memory.size_mib = 128;
+        assert_eq!(c.validate(), Ok(KernelFormat::Elf));
+    }
+
+    #[test]
+    fn initrd_must_exist_and_fit() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut c = VmConfig::new(elf_kernel(tmp.path()));
+        c.initrd = Some(tmp.path().join("nope"));
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Unreadable { what: "initrd", .. })
+        ));
+        let big = tmp.path().join("big");
+        File::create(&big)
+            .and_then(|f| f.set_len(40 << 20))
+            .expect("sparse file");
+        c.initrd = Some(big);
+        c.memory.size_mib = 64;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::InitrdTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn cmdline_limits() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut c = VmConfig::new(elf_kernel(tmp.path()));
+        c.cmdline = "a".repeat(MAX_CMDLINE_LEN);
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::CmdlineTooLong(MAX_CMDLINE_LEN))
+        );
+        c.cmdline = "console=ttyS0\0".into();
+        assert_eq!(c.validate(), Err(ConfigError::CmdlineNul));
+    }
+
+    #[test]
+    fn mac_parsing() {
+        let m: MacAddr = "02:00:0a:58:00:02".parse().expect("mac");
+        assert_eq!(m.0, [2, 0, 0x0a, 0x58, 0, 2]);
+        assert_eq!(m.to_string(), "02:00:0a:58:00:02");
+        for bad in [
+            "",
+            "02:00",
+            "02:00:00:00:00:00:00",
+            "zz:00:00:00:00:00",
+            "2:0:0:0:0:0",
+        ] {
+            assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn device_rules() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut c = VmConfig::new(elf_kernel(tmp.path()));
+        let mac: MacAddr = "02:00:00:00:00:01".parse().expect("mac");
+        c.devices = vec![DeviceConfig::Net {
+            tap: "this-name-is-too-long".into(),
+            mac,
+        }];
+        assert!(matches!(c.validate(), Err(ConfigError::BadTapName(_))));
+        c.devices = vec![DeviceConfig::Net {
+            tap: "tap0".into(),
+            mac: MacAddr([1, 0, 0, 0, 0, 1]),
+        }];
+        assert!(matches!(c.validate(), Err(ConfigError::MulticastMac(_))));
+        let vsock = DeviceConfig::Vsock {
+            guest_cid: 3,
+            uds_path: None,
+        };
+        c.devices = vec![vsock.clone(), vsock];
+        assert_eq!(c.validate(), Err(ConfigError::DuplicateVsock));
+        c.devices = vec![DeviceConfig::Vsock {
+            guest_cid: 2,
+            uds_path: None,
+        }];
+        assert_eq!(c.validate(), Err(ConfigError::ReservedCid(2)));
+        let fs = DeviceConfig::Fs {
+            tag: "rootfs".into(),
+            socket: "/tmp/s".into(),
+            queue_size: 1024,
+        };
+        c.devices = vec![fs.clone(), fs];
+        assert!(matches!(c.validate(), Err(ConfigError::DuplicateFsTag(_))));
+        c.devices = vec![DeviceConfig::Fs {
+            tag: "rootfs".into(),
+            socket: "/tmp/s".into(),
+            queue_size: 1000,
+        }];
+        assert_eq!(c.validate(), Err(ConfigError::BadQueueSize(1000)));
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let mut c = VmConfig::new("/k");
+        c.devices = vec![
+            DeviceConfig::Net {
+                tap: "beacon-1".into(),
+                mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            },
+            DeviceConfig::Rng,
+        ];
+        c.console = ConsoleConfig::File("/log".into());
+        let json = serde_json::to_string(&c).expect("serialize");
+        assert!(json.contains("\"02:00:00:00:00:01\""));
+        let back: VmConfig = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back, c);
+    }
+}
