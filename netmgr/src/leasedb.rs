@@ -1,0 +1,601 @@
+//! The persistent lease database (`$BEACON_STATE_DIR/network.db`, redb).
+//!
+//! Owns: the IP bitmap, one [`IpLease`] per sandbox, the TAP-name index. Every
+//! allocate and release is one ACID write transaction taken under an exclusive
+//! `flock` on `network.db.lock`, so any number of shim processes can share the file:
+//! each opens the database, runs its transaction and closes it again.
+//!
+//! Never: reinitialise an existing file. A file that does not open cleanly yields
+//! [`NetError::DatabaseCorrupt`]; only `beacon-net recover-db` ([`LeaseDb::recover`])
+//! moves it aside. A new file is built under a temporary name and renamed into place,
+//! so a crash while creating it cannot leave a half-made database behind.
+
+use std::fs::{File, OpenOptions};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use nix::fcntl::{Flock, FlockArg};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::config::PoolRange;
+use crate::error::{NetError, Result};
+use crate::naming::MacAddr;
+use crate::pool::PoolBitmap;
+
+const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
+const TAPS: TableDefinition<&str, &str> = TableDefinition::new("taps");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const META_POOL: &str = "pool";
+const META_BITMAP: &str = "bitmap";
+const META_CURSOR: &str = "cursor";
+
+/// How a lease's address was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeaseMode {
+    /// From our bitmap; the TAP sits on the bridge.
+    Legacy,
+    /// From a CNI IPAM plugin; the TAP sits in a per-sandbox namespace.
+    Cni,
+}
+
+/// One sandbox's network lease as stored in the database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpLease {
+    pub sandbox_id: String,
+    pub ip: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Ipv4Addr,
+    pub tap: String,
+    pub mac: MacAddr,
+    /// Seconds since the Unix epoch when the lease was granted.
+    pub created_unix: u64,
+    pub mode: LeaseMode,
+    /// CNI mode: the sandbox's network namespace file.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+    /// CNI mode: what DEL needs after a crash (network config and ADD result).
+    #[serde(default)]
+    pub cni: Option<serde_json::Value>,
+}
+
+/// What [`LeaseDb::repair`] changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RepairReport {
+    /// Bits set without a lease, now cleared.
+    pub bits_cleared: Vec<Ipv4Addr>,
+    /// Legacy leases whose bit was clear, now set.
+    pub bits_set: Vec<Ipv4Addr>,
+    /// TAP index entries without a lease, now removed.
+    pub taps_removed: Vec<String>,
+}
+
+/// Handle on the database file; cheap, holds no open file between calls.
+#[derive(Debug, Clone)]
+pub struct LeaseDb {
+    path: PathBuf,
+    pool: PoolRange,
+    prefix: u8,
+    gateway: Ipv4Addr,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl LeaseDb {
+    /// A handle for `path` serving `pool` inside `gateway/prefix`. Nothing is opened yet.
+    pub fn new(path: impl Into<PathBuf>, pool: PoolRange, gateway: Ipv4Addr, prefix: u8) -> Self {
+        LeaseDb {
+            path: path.into(),
+            pool,
+            prefix,
+            gateway,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, e: impl Into<redb::Error>) -> NetError {
+        let e: redb::Error = e.into();
+        let corrupt = match &e {
+            redb::Error::Corrupted(_) => true,
+            redb::Error::Io(io) => matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            ),
+            _ => false,
+        };
+        if corrupt {
+            NetError::DatabaseCorrupt {
+                path: self.path.clone(),
+                detail: e.to_string(),
+            }
+        } else {
+            NetError::Database {
+                path: self.path.clone(),
+                detail: e.to_string(),
+            }
+        }
+    }
+
+    fn corrupt(&self, detail: impl Into<String>) -> NetError {
+        NetError::DatabaseCorrupt {
+            path: self.path.clone(),
+            detail: detail.into(),
+        }
+    }
+
+    fn io(&self, path: &Path, source: std::io::Error) -> NetError {
+        NetError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// Take the cross-process lock (blocks until free; released on drop or crash).
+    fn lock(&self) -> Result<Flock<File>> {
+        let mut lock_path = self.path.clone().into_os_string();
+        lock_path.push(".lock");
+        let lock_path = PathBuf::from(lock_path);
+        if let Some(dir) = lock_path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| self.io(dir, e))?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| self.io(&lock_path, e))?;
+        Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, errno)| self.io(&lock_path, std::io::Error::from(errno)))
+    }
+
+    fn builder() -> redb::Builder {
+        let mut b = Database::builder();
+        b.set_cache_size(4 << 20);
+        b
+    }
+
+    /// Open the database (caller holds the lock), creating it atomically if absent.
+    fn open(&self) -> Result<Database> {
+        if !self.path.exists() {
+            self.create_fresh()?;
+        }
+        let path = self.path.clone();
+        // Debug builds of redb assert on some impossible-for-redb states that a
+        // corrupted file can reach; turn such a panic into the same clear error.
+        let opened = std::panic::catch_unwind(move || {
+            let mut b = Self::builder();
+            b.set_check_integrity_on_open(true);
+            b.open(&path)
+        });
+        match opened {
+            Ok(Ok(db)) => Ok(db),
+            Ok(Err(e)) => Err(self.err(e)),
+            Err(_) => Err(self.corrupt("the storage engine rejected the file")),
+        }
+    }
+
+    fn create_fresh(&self) -> Result<()> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| self.io(dir, e))?;
+        let mut tmp = self.path.clone().into_os_string();
+        tmp.push(format!(".new-{}", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        {
+            let db = Self::builder().create(&tmp).map_err(|e| self.err(e))?;
+            let txn = db.begin_write().map_err(|e| self.err(e))?;
+            {
+                let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
+                let pool = self.pool.to_string();
+                meta.insert(META_POOL, pool.as_bytes())
+                    .map_err(|e| self.err(e))?;
+                meta.insert(META_BITMAP, PoolBitmap::new(self.pool).as_bytes())
+                    .map_err(|e| self.err(e))?;
+                meta.insert(META_CURSOR, &u32::from(self.pool.first).to_be_bytes()[..])
+                    .map_err(|e| self.err(e))?;
+                txn.open_table(LEASES).map_err(|e| self.err(e))?;
+                txn.open_table(TAPS).map_err(|e| self.err(e))?;
+            }
+            txn.commit().map_err(|e| self.err(e))?;
+        }
+        std::fs::rename(&tmp, &self.path).map_err(|e| self.io(&self.path, e))?;
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+        tracing::info!(path = %self.path.display(), pool = %self.pool, "created network database");
+        Ok(())
+    }
+
+    /// Run `f` in one write transaction under the lock and commit it.
+    fn write<T>(&self, f: impl FnOnce(&Self, &WriteTransaction) -> Result<T>) -> Result<T> {
+        let _lock = self.lock()?;
+        let db = self.open()?;
+        let txn = db.begin_write().map_err(|e| self.err(e))?;
+        let out = f(self, &txn)?;
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(out)
+    }
+
+    fn load_bitmap(&self, txn: &WriteTransaction) -> Result<(PoolBitmap, Ipv4Addr)> {
+        let meta = txn.open_table(META).map_err(|e| self.err(e))?;
+        let stored = meta
+            .get(META_POOL)
+            .map_err(|e| self.err(e))?
+            .ok_or_else(|| self.corrupt("pool metadata is missing"))?
+            .value()
+            .to_vec();
+        let stored = String::from_utf8_lossy(&stored).into_owned();
+        if stored != self.pool.to_string() {
+            return Err(NetError::PoolChanged {
+                path: self.path.clone(),
+                stored,
+                configured: self.pool.to_string(),
+            });
+        }
+        let bits = meta
+            .get(META_BITMAP)
+            .map_err(|e| self.err(e))?
+            .ok_or_else(|| self.corrupt("IP bitmap is missing"))?;
+        let map = PoolBitmap::from_bytes(self.pool, bits.value())
+            .ok_or_else(|| self.corrupt("IP bitmap has the wrong length"))?;
+        let cursor = meta
+            .get(META_CURSOR)
+            .map_err(|e| self.err(e))?
+            .and_then(|c| <[u8; 4]>::try_from(c.value()).ok())
+            .map_or(self.pool.first, |b| Ipv4Addr::from(u32::from_be_bytes(b)));
+        Ok((map, cursor))
+    }
+
+    fn store_bitmap(&self, txn: &WriteTransaction, map: &PoolBitmap, cursor: Option<Ipv4Addr>) -> Result<()> {
+        let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
+        meta.insert(META_BITMAP, map.as_bytes())
+            .map_err(|e| self.err(e))?;
+        if let Some(c) = cursor {
+            meta.insert(META_CURSOR, &u32::from(c).to_be_bytes()[..])
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Result<IpLease> {
+        serde_json::from_slice(bytes).map_err(|e| self.corrupt(format!("a lease record does not parse: {e}")))
+    }
+
+    fn get_in(&self, txn: &WriteTransaction, sandbox_id: &str) -> Result<Option<IpLease>> {
+        let leases = txn.open_table(LEASES).map_err(|e| self.err(e))?;
+        let found = leases.get(sandbox_id).map_err(|e| self.err(e))?;
+        found.map(|v| self.decode(v.value())).transpose()
+    }
+
+    fn check_tap_free(&self, txn: &WriteTransaction, tap: &str, sandbox_id: &str) -> Result<()> {
+        let taps = txn.open_table(TAPS).map_err(|e| self.err(e))?;
+        if let Some(other) = taps.get(tap).map_err(|e| self.err(e))? {
+            if other.value() != sandbox_id {
+                return Err(NetError::TapNameCollision {
+                    tap: tap.to_string(),
+                    sandbox_id: sandbox_id.to_string(),
+                    other: other.value().to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn insert_lease(&self, txn: &WriteTransaction, lease: &IpLease) -> Result<()> {
+        let bytes = serde_json::to_vec(lease).map_err(|e| NetError::Database {
+            path: self.path.clone(),
+            detail: format!("cannot encode lease: {e}"),
+        })?;
+        let mut leases = txn.open_table(LEASES).map_err(|e| self.err(e))?;
+        leases
+            .insert(lease.sandbox_id.as_str(), bytes.as_slice())
+            .map_err(|e| self.err(e))?;
+        let mut taps = txn.open_table(TAPS).map_err(|e| self.err(e))?;
+        taps.insert(lease.tap.as_str(), lease.sandbox_id.as_str())
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Lease an address from the bitmap for `sandbox_id` (legacy mode), in one
+    /// transaction. A sandbox that already holds a lease gets the same one back.
+    pub fn allocate(&self, sandbox_id: &str, tap: &str, mac: MacAddr) -> Result<IpLease> {
+        self.write(|me, txn| {
+            if let Some(existing) = me.get_in(txn, sandbox_id)? {
+                return Ok(existing);
+            }
+            me.check_tap_free(txn, tap, sandbox_id)?;
+            let (mut map, cursor) = me.load_bitmap(txn)?;
+            let ip = map.allocate(cursor).ok_or(NetError::PoolExhausted {
+                range: me.pool.to_string(),
+                size: me.pool.size(),
+            })?;
+            let next = map.next_after(ip);
+            me.store_bitmap(txn, &map, Some(next))?;
+            let lease = IpLease {
+                sandbox_id: sandbox_id.to_string(),
+                ip,
+                prefix: me.prefix,
+                gateway: me.gateway,
+                tap: tap.to_string(),
+                mac,
+                created_unix: now_unix(),
+                mode: LeaseMode::Legacy,
+                netns: None,
+                cni: None,
+            };
+            me.insert_lease(txn, &lease)?;
+            Ok(lease)
+        })
+    }
+
+    /// Record a lease whose address came from elsewhere (CNI mode); replaces any
+    /// earlier record of the same sandbox.
+    pub fn record(&self, lease: &IpLease) -> Result<()> {
+        self.write(|me, txn| {
+            me.check_tap_free(txn, &lease.tap, &lease.sandbox_id)?;
+            me.insert_lease(txn, lease)
+        })
+    }
+
+    /// Drop the lease of `sandbox_id` and free its address; `Ok(None)` when it had
+    /// none (release is idempotent).
+    pub fn release(&self, sandbox_id: &str) -> Result<Option<IpLease>> {
+        self.write(|me, txn| {
+            let Some(lease) = me.get_in(txn, sandbox_id)? else {
+                return Ok(None);
+            };
+            {
+                let mut leases = txn.open_table(LEASES).map_err(|e| me.err(e))?;
+                leases.remove(sandbox_id).map_err(|e| me.err(e))?;
+                let mut taps = txn.open_table(TAPS).map_err(|e| me.err(e))?;
+                taps.remove(lease.tap.as_str()).map_err(|e| me.err(e))?;
+            }
+            if lease.mode == LeaseMode::Legacy {
+                let (mut map, _) = me.load_bitmap(txn)?;
+                map.set(lease.ip, false);
+                me.store_bitmap(txn, &map, None)?;
+            }
+            Ok(Some(lease))
+        })
+    }
+
+    /// The lease of one sandbox, if any.
+    pub fn get(&self, sandbox_id: &str) -> Result<Option<IpLease>> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .find(|l| l.sandbox_id == sandbox_id))
+    }
+
+    /// Every lease, ordered by sandbox id.
+    pub fn list(&self) -> Result<Vec<IpLease>> {
+        let _lock = self.lock()?;
+        let db = self.open()?;
+        let txn = db.begin_read().map_err(|e| self.err(e))?;
+        let leases = txn.open_table(LEASES).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in leases.iter().map_err(|e| self.err(e))? {
+            let (_, v) = row.map_err(|e| self.err(e))?;
+            out.push(self.decode(v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Addresses marked leased in the bitmap (for checks and `beacon-net`).
+    pub fn leased_addresses(&self) -> Result<Vec<Ipv4Addr>> {
+        self.write(|me, txn| Ok(me.load_bitmap(txn)?.0.leased()))
+    }
+
+    /// Make the bitmap and TAP index agree with the lease records, in one
+    /// transaction. Lease records are the truth: they name a sandbox.
+    pub fn repair(&self) -> Result<RepairReport> {
+        self.write(|me, txn| {
+            let mut report = RepairReport::default();
+            let mut leases = Vec::new();
+            {
+                let table = txn.open_table(LEASES).map_err(|e| me.err(e))?;
+                for row in table.iter().map_err(|e| me.err(e))? {
+                    let (_, v) = row.map_err(|e| me.err(e))?;
+                    leases.push(me.decode(v.value())?);
+                }
+            }
+            let (map, _) = me.load_bitmap(txn)?;
+            let mut want = PoolBitmap::new(me.pool);
+            for l in leases.iter().filter(|l| l.mode == LeaseMode::Legacy) {
+                want.set(l.ip, true);
+            }
+            for ip in map.leased() {
+                if !want.is_leased(ip) {
+                    report.bits_cleared.push(ip);
+                }
+            }
+            for ip in want.leased() {
+                if !map.is_leased(ip) {
+                    report.bits_set.push(ip);
+                }
+            }
+            if want != map {
+                me.store_bitmap(txn, &want, None)?;
+            }
+            let mut taps = txn.open_table(TAPS).map_err(|e| me.err(e))?;
+            let mut stale = Vec::new();
+            for row in taps.iter().map_err(|e| me.err(e))? {
+                let (k, v) = row.map_err(|e| me.err(e))?;
+                let tap = k.value().to_string();
+                if !leases.iter().any(|l| l.tap == tap && l.sandbox_id == v.value()) {
+                    stale.push(tap);
+                }
+            }
+            for tap in &stale {
+                taps.remove(tap.as_str()).map_err(|e| me.err(e))?;
+            }
+            for l in &leases {
+                if taps.get(l.tap.as_str()).map_err(|e| me.err(e))?.is_none() {
+                    taps.insert(l.tap.as_str(), l.sandbox_id.as_str())
+                        .map_err(|e| me.err(e))?;
+                }
+            }
+            report.taps_removed = stale;
+            Ok(report)
+        })
+    }
+
+    /// Move a database that does not open aside (`network.db.corrupt-<unix time>`),
+    /// so the next operation starts an empty one. Returns the new name of the old
+    /// file, or `None` when there was no file.
+    pub fn recover(&self) -> Result<Option<PathBuf>> {
+        let _lock = self.lock()?;
+        if !self.path.exists() {
+            return Ok(None);
+        }
+        let mut moved = self.path.clone().into_os_string();
+        moved.push(format!(".corrupt-{}", now_unix()));
+        let moved = PathBuf::from(moved);
+        std::fs::rename(&self.path, &moved).map_err(|e| self.io(&self.path, e))?;
+        tracing::warn!(from = %self.path.display(), to = %moved.display(), "moved network database aside");
+        Ok(Some(moved))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    fn db(dir: &Path, last: &str) -> LeaseDb {
+        LeaseDb::new(
+            dir.join("network.db"),
+            PoolRange {
+                first: "10.88.0.2".parse().unwrap(),
+                last: last.parse().unwrap(),
+            },
+            "10.88.0.1".parse().unwrap(),
+            16,
+        )
+    }
+
+    fn mac() -> MacAddr {
+        MacAddr([2, 0, 0, 0, 0, 1])
+    }
+
+    #[test]
+    fn allocate_release_is_idempotent_and_persistent() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = db(dir.path(), "10.88.255.254");
+        let a = d.allocate("sb-a", "beacon-aaaaaaaa", mac()).unwrap();
+        assert_eq!(a.ip, "10.88.0.2".parse::<Ipv4Addr>().unwrap());
+        let again = d.allocate("sb-a", "beacon-aaaaaaaa", mac()).unwrap();
+        assert_eq!(a, again);
+        let b = d.allocate("sb-b", "beacon-bbbbbbbb", mac()).unwrap();
+        assert_ne!(a.ip, b.ip);
+        let reopened = db(dir.path(), "10.88.255.254");
+        assert_eq!(reopened.list().unwrap().len(), 2);
+        assert_eq!(reopened.release("sb-a").unwrap().unwrap().ip, a.ip);
+        assert_eq!(reopened.release("sb-a").unwrap(), None);
+        assert_eq!(reopened.leased_addresses().unwrap(), vec![b.ip]);
+    }
+
+    #[test]
+    fn two_hundred_allocations_are_unique() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = db(dir.path(), "10.88.255.254");
+        let mut seen = HashSet::new();
+        for i in 0..200 {
+            let l = d
+                .allocate(&format!("sb-{i}"), &format!("beacon-{i:08x}"), mac())
+                .unwrap();
+            assert!(seen.insert(l.ip), "duplicate {}", l.ip);
+        }
+        assert_eq!(d.list().unwrap().len(), 200);
+        assert_eq!(d.leased_addresses().unwrap().len(), 200);
+    }
+
+    #[test]
+    fn exhaustion_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = db(dir.path(), "10.88.0.4");
+        for i in 0..3 {
+            d.allocate(&format!("sb-{i}"), &format!("beacon-{i:08x}"), mac())
+                .unwrap();
+        }
+        let err = d.allocate("sb-x", "beacon-ffffffff", mac()).unwrap_err();
+        assert!(matches!(err, NetError::PoolExhausted { size: 3, .. }), "{err}");
+        assert!(err.to_string().contains("10.88.0.2-10.88.0.4"));
+        d.release("sb-1").unwrap();
+        assert_eq!(
+            d.allocate("sb-x", "beacon-ffffffff", mac()).unwrap().ip,
+            "10.88.0.3".parse::<Ipv4Addr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn tap_collision_and_pool_change_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = db(dir.path(), "10.88.0.9");
+        d.allocate("sb-a", "beacon-00000000", mac()).unwrap();
+        let err = d.allocate("sb-b", "beacon-00000000", mac()).unwrap_err();
+        assert!(matches!(err, NetError::TapNameCollision { .. }), "{err}");
+        let other = db(dir.path(), "10.88.0.20");
+        let err = other.allocate("sb-c", "beacon-11111111", mac()).unwrap_err();
+        assert!(matches!(err, NetError::PoolChanged { .. }), "{err}");
+    }
+
+    #[test]
+    fn corrupt_and_truncated_files_are_refused_never_reinitialised() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = db(dir.path(), "10.88.0.9");
+        d.allocate("sb-a", "beacon-00000000", mac()).unwrap();
+        let good = std::fs::read(d.path()).unwrap();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("truncated", good[..good.len() / 2].to_vec()),
+            ("header only", good[..64.min(good.len())].to_vec()),
+            ("empty", Vec::new()),
+            ("garbage", vec![0x5a; good.len()]),
+        ];
+        for (what, bytes) in cases {
+            std::fs::write(d.path(), &bytes).unwrap();
+            let err = d.allocate("sb-b", "beacon-11111111", mac()).unwrap_err();
+            assert!(
+                matches!(err, NetError::DatabaseCorrupt { .. }),
+                "{what}: {err}"
+            );
+            let msg = err.to_string();
+            assert!(msg.contains(&d.path().display().to_string()), "{what}: {msg}");
+            assert!(msg.contains("beacon-net recover-db"), "{what}: {msg}");
+            assert_eq!(std::fs::read(d.path()).unwrap(), bytes, "{what}: file untouched");
+        }
+        let moved = d.recover().unwrap().unwrap();
+        assert!(moved.exists());
+        assert_eq!(d.list().unwrap(), vec![]);
+    }
+
+    #[test]
+    fn repair_aligns_bitmap_with_leases() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = db(dir.path(), "10.88.0.9");
+        let a = d.allocate("sb-a", "beacon-00000000", mac()).unwrap();
+        // Simulate drift: a bit without a lease.
+        d.write(|me, txn| {
+            let (mut map, _) = me.load_bitmap(txn)?;
+            map.set("10.88.0.8".parse().unwrap(), true);
+            map.set(a.ip, false);
+            me.store_bitmap(txn, &map, None)
+        })
+        .unwrap();
+        let report = d.repair().unwrap();
+        assert_eq!(report.bits_cleared, vec!["10.88.0.8".parse::<Ipv4Addr>().unwrap()]);
+        assert_eq!(report.bits_set, vec![a.ip]);
+        assert_eq!(d.repair().unwrap(), RepairReport::default());
+    }
+}
