@@ -1,0 +1,431 @@
+//! The nested KVM lab: run a command inside a VM that has a real `/dev/kvm`.
+//!
+//! On hosts without hardware KVM (this workplace's `/dev/kvm` is a paravirtual PVM
+//! that boots only PVM-patched guests), QEMU emulates an AMD CPU with SVM (`-accel
+//! tcg -cpu max -smp 1`) and boots Debian's generic kernel with a busybox initramfs
+//! (`tests/lab/prepare`, `tests/lab/init`). The host root is exported read-only over
+//! 9p under an overlay with a tmpfs upper layer, so the command sees the host's
+//! files at the same paths and may write anywhere without touching the host;
+//! `/tmp` and `/run` are tmpfs. A private shared folder carries the command in and
+//! its output and exit code out (mounted at `/lab` inside).
+//!
+//! This module owns the QEMU process: it is killed on timeout, on error, and when
+//! this process dies (`PR_SET_PDEATHSIG`), so a lab never outlives its caller.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::assets::{folder_from_script, repo_root};
+
+/// Forces [`kvm_host`]: `hardware` (use this host's /dev/kvm) or `lab`.
+pub const KVM_MODE_ENV: &str = "BEACON_KVM";
+/// QEMU binary to run the lab with (default `qemu-system-x86_64` from PATH).
+pub const QEMU_ENV: &str = "BEACON_LAB_QEMU";
+
+/// Where VM tests get their KVM from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvmHost {
+    /// Hardware KVM (`kvm_intel` or `kvm_amd` loaded): run VMs directly.
+    Hardware,
+    /// No usable KVM (PVM or none): run VMs inside the nested lab.
+    Lab,
+}
+
+/// Decide, from `BEACON_KVM` or the loaded modules, where VMs can run.
+pub fn kvm_host() -> KvmHost {
+    match std::env::var(KVM_MODE_ENV).as_deref() {
+        Ok("hardware") | Ok("direct") => return KvmHost::Hardware,
+        Ok("lab") => return KvmHost::Lab,
+        _ => {}
+    }
+    let hw = ["/sys/module/kvm_intel", "/sys/module/kvm_amd"]
+        .iter()
+        .any(|m| Path::new(m).exists());
+    if hw && Path::new("/dev/kvm").exists() {
+        KvmHost::Hardware
+    } else {
+        KvmHost::Lab
+    }
+}
+
+/// What a lab run produced.
+#[derive(Debug, Clone)]
+pub struct LabOutput {
+    /// The command's exit code (128+N for a signal, as the shell reports it).
+    pub exit_code: i32,
+    /// The command's stdout and stderr, interleaved, exactly as written.
+    pub output: String,
+    /// The lab VM's serial console: kernel messages, lab init lines, command output.
+    pub console: String,
+    /// Wall time from QEMU start to QEMU exit.
+    pub elapsed: Duration,
+}
+
+impl LabOutput {
+    pub fn success(&self) -> bool {
+        self.exit_code == 0
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("QEMU ({0}) is not installed or not executable; run resources/install.sh (Debian package qemu-system-x86)")]
+    QemuMissing(String),
+    #[error("preparing the lab assets failed: {0}")]
+    Prepare(String),
+    #[error("the lab command timed out after {after:?}; QEMU was killed. Last console lines:\n{console_tail}")]
+    Timeout {
+        after: Duration,
+        console_tail: String,
+    },
+    #[error(
+        "the lab VM ended without a result (QEMU {status}). Last console lines:\n{console_tail}"
+    )]
+    NoResult {
+        status: String,
+        console_tail: String,
+    },
+    #[error("lab I/O ({what}): {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the lab command needs at least a program name")]
+    EmptyCommand,
+}
+
+fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> LabError + '_ {
+    move |source| LabError::Io {
+        what: what.to_string(),
+        source,
+    }
+}
+
+/// Settings of one lab run.
+#[derive(Debug, Clone)]
+pub struct Lab {
+    pub timeout: Duration,
+    pub memory_mib: u32,
+    /// Working directory of the command inside the lab (default: the caller's).
+    pub cwd: PathBuf,
+    /// Environment for the command. By default PATH, HOME, TERM, RUST_*, CARGO_*,
+    /// BEACON_* (but not BEACON_KVM, which the lab sets to `hardware`).
+    pub env: Vec<(String, String)>,
+    /// Echo the console to this process's stderr while the lab runs.
+    pub echo_console: bool,
+}
+
+impl Default for Lab {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Lab {
+    pub fn new() -> Self {
+        let mut env: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| {
+                matches!(k.as_str(), "PATH" | "HOME" | "TERM" | "USER")
+                    || k.starts_with("RUST_")
+                    || k.starts_with("CARGO_")
+                    || (k.starts_with("BEACON_") && k != KVM_MODE_ENV)
+            })
+            .collect();
+        env.push((KVM_MODE_ENV.into(), "hardware".into()));
+        Self {
+            timeout: Duration::from_secs(600),
+            memory_mib: 3072,
+            cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
+            env,
+            echo_console: false,
+        }
+    }
+
+    /// Run `argv` inside the lab and wait for it (or the timeout).
+    pub fn run<S: AsRef<std::ffi::OsStr>>(&self, argv: &[S]) -> Result<LabOutput, LabError> {
+        if argv.is_empty() {
+            return Err(LabError::EmptyCommand);
+        }
+        let qemu = std::env::var(QEMU_ENV).unwrap_or_else(|_| "qemu-system-x86_64".into());
+        if !is_executable(&qemu) {
+            return Err(LabError::QemuMissing(qemu));
+        }
+        let assets = folder_from_script(&repo_root().join("tests/lab/prepare"))
+            .map_err(LabError::Prepare)?;
+        let shared = tempfile::Builder::new()
+            .prefix("beacon-lab.")
+            .tempdir()
+            .map_err(io_err("creating the shared folder"))?;
+        std::fs::write(shared.path().join("cmd.sh"), self.script(argv))
+            .map_err(io_err("writing cmd.sh"))?;
+
+        let mut cmd = Command::new(&qemu);
+        cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "1"])
+            .args(["-m", &self.memory_mib.to_string()])
+            .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
+            .args(["-nic", "none", "-no-reboot", "-nodefaults"])
+            .arg("-kernel")
+            .arg(assets.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(assets.join("initrd.gz"))
+            .args(["-append", "console=ttyS0 panic=-1 quiet"])
+            .args([
+                "-virtfs",
+                "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
+            ])
+            .arg("-virtfs")
+            .arg(format!(
+                "local,path={},mount_tag=lab,security_model=none,multidevs=remap",
+                shared.path().display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: the closure runs in the forked child before exec and only calls
+        // prctl(2), which is async-signal-safe; it touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let start = Instant::now();
+        let mut child = cmd.spawn().map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                LabError::QemuMissing(qemu.clone())
+            } else {
+                LabError::Io {
+                    what: format!("starting {qemu}"),
+                    source: e,
+                }
+            }
+        })?;
+        let console = Arc::new(Mutex::new(String::new()));
+        let readers = spawn_readers(&mut child, &console, self.echo_console);
+        let status = wait_deadline(&mut child, start + self.timeout);
+        for r in readers {
+            let _ = r.join();
+        }
+        let elapsed = start.elapsed();
+        let console = console.lock().map(|c| c.clone()).unwrap_or_default();
+        let status = match status {
+            Some(s) => s.map_err(io_err("waiting for QEMU"))?,
+            None => {
+                return Err(LabError::Timeout {
+                    after: self.timeout,
+                    console_tail: tail(&console, 30),
+                })
+            }
+        };
+        let rc = std::fs::read_to_string(shared.path().join("rc")).ok();
+        let Some(exit_code) = rc.and_then(|s| s.trim().parse::<i32>().ok()) else {
+            return Err(LabError::NoResult {
+                status: status.to_string(),
+                console_tail: tail(&console, 30),
+            });
+        };
+        let output = std::fs::read(shared.path().join("output"))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .map_err(io_err("reading the command output"))?;
+        Ok(LabOutput {
+            exit_code,
+            output,
+            console,
+            elapsed,
+        })
+    }
+
+    /// The shell script the lab init runs in its chroot.
+    fn script<S: AsRef<std::ffi::OsStr>>(&self, argv: &[S]) -> Vec<u8> {
+        let mut s = Vec::new();
+        for (k, v) in &self.env {
+            if k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                s.extend_from_slice(format!("export {k}=").as_bytes());
+                s.extend_from_slice(&shell_quote(v.as_bytes()));
+                s.push(b'\n');
+            }
+        }
+        s.extend_from_slice(b"cd ");
+        s.extend_from_slice(&shell_quote(self.cwd.as_os_str().as_bytes()));
+        s.extend_from_slice(b" || exit 125\nexec");
+        for a in argv {
+            s.push(b' ');
+            s.extend_from_slice(&shell_quote(a.as_ref().as_bytes()));
+        }
+        s.push(b'\n');
+        s
+    }
+}
+
+/// Quote for POSIX sh: everything inside single quotes, `'` as `'\''`.
+fn shell_quote(raw: &[u8]) -> Vec<u8> {
+    let mut out = vec![b'\''];
+    for &b in raw {
+        if b == b'\'' {
+            out.extend_from_slice(b"'\\''");
+        } else {
+            out.push(b);
+        }
+    }
+    out.push(b'\'');
+    out
+}
+
+fn is_executable(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let ok = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if program.contains('/') {
+        return ok(Path::new(program));
+    }
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|d| ok(&d.join(program))))
+        .unwrap_or(false)
+}
+
+fn spawn_readers(
+    child: &mut Child,
+    console: &Arc<Mutex<String>>,
+    echo: bool,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let mut handles = Vec::new();
+    let streams: [Option<Box<dyn std::io::Read + Send>>; 2] = [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    ];
+    for stream in streams.into_iter().flatten() {
+        let console = Arc::clone(console);
+        handles.push(std::thread::spawn(move || {
+            let mut reader = BufReader::new(stream);
+            let mut line = Vec::new();
+            while let Ok(n) = reader.read_until(b'\n', &mut line) {
+                if n == 0 {
+                    break;
+                }
+                let text = String::from_utf8_lossy(&line).replace('\r', "");
+                if echo {
+                    let _ = std::io::stderr().write_all(text.as_bytes());
+                }
+                if let Ok(mut c) = console.lock() {
+                    c.push_str(&text);
+                }
+                line.clear();
+            }
+        }));
+    }
+    handles
+}
+
+/// Wait until the child exits or the deadline passes; on the deadline kill and reap
+/// it and return None.
+fn wait_deadline(
+    child: &mut Child,
+    deadline: Instant,
+) -> Option<std::io::Result<std::process::ExitStatus>> {
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(Ok(status)),
+            Ok(None) => {}
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Some(Err(e));
+            }
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Parse `K=V` pairs for [`Lab::env`].
+pub fn parse_env(pairs: &[String]) -> Result<Vec<(String, String)>, String> {
+    pairs
+        .iter()
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| format!("--env {p:?}: expected KEY=VALUE"))
+        })
+        .collect()
+}
+
+/// Convert OS strings for [`Lab::run`].
+pub fn os_args(args: &[String]) -> Vec<OsString> {
+    args.iter().map(OsString::from).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_survives_hostile_strings() {
+        assert_eq!(shell_quote(b"a b"), b"'a b'".to_vec());
+        assert_eq!(shell_quote(b"it's"), b"'it'\\''s'".to_vec());
+        assert_eq!(shell_quote(b"$(x)`y`"), b"'$(x)`y`'".to_vec());
+    }
+
+    #[test]
+    fn script_sets_env_cwd_and_execs() {
+        let lab = Lab {
+            cwd: PathBuf::from("/work dir"),
+            env: vec![("A".into(), "1".into()), ("BAD KEY".into(), "x".into())],
+            ..Lab::new()
+        };
+        let s = String::from_utf8(lab.script(&["echo", "hi there"])).expect("utf8");
+        assert!(s.contains("export A='1'\n"));
+        assert!(!s.contains("BAD KEY"));
+        assert!(s.contains("cd '/work dir' || exit 125\n"));
+        assert!(s.ends_with("exec 'echo' 'hi there'\n"));
+    }
+
+    #[test]
+    fn kvm_mode_can_be_detected() {
+        // Whatever the host, the answer is one of the two and does not panic.
+        let mode = kvm_host();
+        assert!(matches!(mode, KvmHost::Hardware | KvmHost::Lab));
+    }
+
+    #[test]
+    fn missing_qemu_is_a_clear_error() {
+        // Only this test's own Lab value: no process-wide env mutation.
+        assert!(!is_executable("/nonexistent/qemu-system-x86_64"));
+        assert!(is_executable("sh"));
+    }
+
+    #[test]
+    fn env_pairs_parse() {
+        assert_eq!(
+            parse_env(&["A=b=c".into()]).expect("parse"),
+            vec![("A".to_string(), "b=c".to_string())]
+        );
+        assert!(parse_env(&["nope".into()]).is_err());
+    }
+}
