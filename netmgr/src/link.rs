@@ -1,0 +1,154 @@
+//! Links over rtnetlink: the bridge with its address, attaching TAPs to it, deleting
+//! and listing links. Operates in the network namespace the netlink socket was
+//! opened in; never shells out to `ip`.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt;
+use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec};
+
+use crate::error::{NetError, Result};
+
+fn errno(err: &rtnetlink::Error) -> Option<i32> {
+    match err {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+/// Open a netlink connection in the current namespace; the connection task runs on
+/// the current tokio runtime.
+pub fn connect() -> Result<Handle> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| NetError::Netlink {
+        action: "opening a netlink socket".into(),
+        detail: e.to_string(),
+    })?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+/// Name of a link message.
+pub fn link_name(msg: &LinkMessage) -> Option<&str> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
+/// Controller (bridge) index of a link message.
+pub fn link_controller(msg: &LinkMessage) -> Option<u32> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Controller(i) => Some(*i),
+        _ => None,
+    })
+}
+
+/// The link called `name`, if it exists.
+pub async fn get_link(handle: &Handle, name: &str) -> Result<Option<LinkMessage>> {
+    let mut stream = handle.link().get().match_name(name.to_string()).execute();
+    match stream.try_next().await {
+        Ok(msg) => Ok(msg),
+        Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+        Err(e) => Err(NetError::netlink(format!("looking up link {name}"), e)),
+    }
+}
+
+/// Index of `name`, if it exists.
+pub async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>> {
+    Ok(get_link(handle, name).await?.map(|m| m.header.index))
+}
+
+/// Every link in the namespace.
+pub async fn list_links(handle: &Handle) -> Result<Vec<LinkMessage>> {
+    handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| NetError::netlink("listing links", e))
+}
+
+/// Make sure the bridge `name` exists, carries `gateway/prefix` and is up. Safe to
+/// run concurrently from several processes. Returns the bridge's index and whether
+/// this call created it.
+pub async fn ensure_bridge(handle: &Handle, name: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(u32, bool)> {
+    let mut created = false;
+    let index = match link_index(handle, name).await? {
+        Some(i) => i,
+        None => {
+            match handle.link().add(LinkBridge::new(name).build()).execute().await {
+                Ok(()) => created = true,
+                Err(e) if errno(&e) == Some(libc::EEXIST) => {}
+                Err(e) => return Err(NetError::netlink(format!("creating bridge {name}"), e)),
+            }
+            link_index(handle, name).await?.ok_or_else(|| NetError::Netlink {
+                action: format!("creating bridge {name}"),
+                detail: "the bridge vanished right after creation".into(),
+            })?
+        }
+    };
+    if created || !has_address(handle, index, gateway).await? {
+        match handle
+            .address()
+            .add(index, IpAddr::V4(gateway), prefix)
+            .execute()
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if errno(&e) == Some(libc::EEXIST) => {}
+            Err(e) => {
+                return Err(NetError::netlink(
+                    format!("adding {gateway}/{prefix} to {name}"),
+                    e,
+                ))
+            }
+        }
+    }
+    set_up(handle, index, None).await?;
+    Ok((index, created))
+}
+
+async fn has_address(handle: &Handle, index: u32, ip: Ipv4Addr) -> Result<bool> {
+    use netlink_packet_route::address::AddressAttribute;
+    let addrs: Vec<_> = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| NetError::netlink("listing bridge addresses", e))?;
+    Ok(addrs.iter().any(|m| {
+        m.attributes
+            .iter()
+            .any(|a| matches!(a, AddressAttribute::Local(IpAddr::V4(a)) | AddressAttribute::Address(IpAddr::V4(a)) if *a == ip))
+    }))
+}
+
+/// Bring link `index` up, optionally enslaving it to `controller` in the same request.
+pub async fn set_up(handle: &Handle, index: u32, controller: Option<u32>) -> Result<()> {
+    let mut msg = LinkUnspec::new_with_index(index).up();
+    if let Some(c) = controller {
+        msg = msg.controller(c);
+    }
+    handle
+        .link()
+        .set(msg.build())
+        .execute()
+        .await
+        .map_err(|e| NetError::netlink(format!("bringing up link {index}"), e))
+}
+
+/// Delete link `name`; a missing link is not an error. Returns whether it existed.
+pub async fn delete_link(handle: &Handle, name: &str) -> Result<bool> {
+    let Some(index) = link_index(handle, name).await? else {
+        return Ok(false);
+    };
+    match handle.link().del(index).execute().await {
+        Ok(()) => Ok(true),
+        Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(false),
+        Err(e) => Err(NetError::netlink(format!("deleting link {name}"), e)),
+    }
+}

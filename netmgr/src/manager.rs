@@ -1,0 +1,265 @@
+//! [`NetworkManager`]: the API the shim calls. It owns the order of operations of
+//! one sandbox's network (lease first, then TAP, then attach; the reverse on
+//! teardown) and the reconciler that repairs what a crash left behind.
+//!
+//! Order matters for crash safety: a TAP only exists while its lease is committed,
+//! so a `beacon-*` TAP without a lease is always an orphan the reconciler may delete,
+//! and a lease whose sandbox is gone is freed together with its TAP.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rtnetlink::Handle;
+use tokio::sync::Mutex;
+
+use crate::config::NetConfig;
+use crate::error::{NetError, Result};
+use crate::leasedb::{IpLease, LeaseDb, LeaseMode, RepairReport};
+use crate::naming::{self, MacAddr};
+use crate::{firewall, link, tap};
+
+/// What the VMM and the guest need to know about one sandbox's network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkAttachment {
+    /// TAP device name (persistent; open it with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`).
+    pub tap: String,
+    /// MAC address to give the guest's virtio-net device.
+    pub mac: MacAddr,
+    /// Guest address.
+    pub ip: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Ipv4Addr,
+    pub dns: Vec<Ipv4Addr>,
+    /// CNI mode: the namespace the TAP lives in (open the TAP from inside it).
+    pub netns: Option<PathBuf>,
+}
+
+impl NetworkAttachment {
+    fn from_lease(lease: &IpLease, dns: Vec<Ipv4Addr>) -> Self {
+        NetworkAttachment {
+            tap: lease.tap.clone(),
+            mac: lease.mac,
+            ip: lease.ip,
+            prefix: lease.prefix,
+            gateway: lease.gateway,
+            dns,
+            netns: lease.netns.clone(),
+        }
+    }
+}
+
+/// What one reconciler pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Sandboxes whose lease was freed because they no longer exist.
+    pub released: Vec<String>,
+    /// `beacon-*` TAPs deleted because no lease owned them.
+    pub orphan_taps: Vec<String>,
+    /// Bitmap and index fixes.
+    pub repair: RepairReport,
+    /// Sandboxes whose teardown failed (kept for the next pass), with the error.
+    pub failed: Vec<(String, String)>,
+}
+
+/// Host networking for all sandboxes of this host.
+pub struct NetworkManager {
+    cfg: NetConfig,
+    db: LeaseDb,
+    handle: Handle,
+    bridge_index: Mutex<Option<u32>>,
+}
+
+impl NetworkManager {
+    /// Connect to netlink in the current namespace. Changes nothing on the system;
+    /// must be called inside a tokio runtime.
+    pub fn new(cfg: NetConfig) -> Result<Self> {
+        cfg.validate()?;
+        let db = LeaseDb::new(cfg.db_path.clone(), cfg.pool, cfg.gateway, cfg.prefix);
+        Ok(NetworkManager {
+            handle: link::connect()?,
+            cfg,
+            db,
+            bridge_index: Mutex::new(None),
+        })
+    }
+
+    pub fn config(&self) -> &NetConfig {
+        &self.cfg
+    }
+
+    /// The lease database.
+    pub fn leases(&self) -> &LeaseDb {
+        &self.db
+    }
+
+    pub(crate) fn netlink(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// Bridge, its address, IP forwarding and the nftables tables. The nftables
+    /// tables are (re)applied when the bridge had to be created or `force_nft`.
+    pub async fn ensure_host(&self, force_nft: bool) -> Result<u32> {
+        let mut cached = self.bridge_index.lock().await;
+        if let (Some(index), false) = (*cached, force_nft) {
+            return Ok(index);
+        }
+        let (index, created) = link::ensure_bridge(
+            &self.handle,
+            &self.cfg.bridge,
+            self.cfg.gateway,
+            self.cfg.prefix,
+        )
+        .await?;
+        if created || force_nft || cached.is_none() && !self.tables_present()? {
+            firewall::enable_ip_forward()?;
+            firewall::ensure(
+                &self.cfg.nft_program,
+                &self.cfg.bridge,
+                self.cfg.subnet(),
+                self.cfg.prefix,
+            )?;
+            tracing::info!(bridge = %self.cfg.bridge, "host network ready");
+        }
+        *cached = Some(index);
+        Ok(index)
+    }
+
+    fn tables_present(&self) -> Result<bool> {
+        Ok(firewall::present_tables(&self.cfg.nft_program)?.len() == 2)
+    }
+
+    /// Give `sandbox_id` a network: lease, TAP, attachment. Calling it again for the
+    /// same sandbox returns the same attachment.
+    pub async fn setup(&self, sandbox_id: &str) -> Result<NetworkAttachment> {
+        naming::validate_sandbox_id(sandbox_id)?;
+        if let Some(cni) = &self.cfg.cni {
+            return crate::cni::setup(self, cni, sandbox_id).await;
+        }
+        let bridge = self.ensure_host(false).await?;
+        let tap_name = naming::tap_name(sandbox_id);
+        let lease = self
+            .db
+            .allocate(sandbox_id, &tap_name, naming::guest_mac(sandbox_id))?;
+        if let Err(e) = self.plug_tap(&tap_name, bridge).await {
+            tracing::warn!(sandbox_id, error = %e, "TAP setup failed; releasing the lease");
+            let _ = link::delete_link(&self.handle, &tap_name).await;
+            self.db.release(sandbox_id)?;
+            return Err(e);
+        }
+        tracing::debug!(sandbox_id, tap = %tap_name, ip = %lease.ip, "sandbox network ready");
+        Ok(NetworkAttachment::from_lease(&lease, self.cfg.dns.clone()))
+    }
+
+    async fn plug_tap(&self, tap_name: &str, bridge: u32) -> Result<()> {
+        tap::create_persistent_tap(tap_name)?;
+        let index = link::link_index(&self.handle, tap_name)
+            .await?
+            .ok_or_else(|| NetError::Netlink {
+                action: format!("looking up TAP {tap_name}"),
+                detail: "it vanished right after creation".into(),
+            })?;
+        if link::set_up(&self.handle, index, Some(bridge)).await.is_ok() {
+            return Ok(());
+        }
+        // The bridge may have been removed behind our back: recreate and retry once.
+        *self.bridge_index.lock().await = None;
+        let bridge = self.ensure_host(false).await?;
+        link::set_up(&self.handle, index, Some(bridge)).await
+    }
+
+    /// Remove the network of `sandbox_id`: TAP (and CNI DEL), then the lease.
+    /// Idempotent: tearing down an unknown sandbox succeeds.
+    pub async fn teardown(&self, sandbox_id: &str) -> Result<()> {
+        naming::validate_sandbox_id(sandbox_id)?;
+        let lease = self.db.get(sandbox_id)?;
+        match lease.as_ref().map(|l| l.mode) {
+            Some(LeaseMode::Cni) => {
+                if let Some(lease) = &lease {
+                    crate::cni::teardown(self, lease).await?;
+                }
+            }
+            _ => {
+                let tap_name = lease
+                    .as_ref()
+                    .map_or_else(|| naming::tap_name(sandbox_id), |l| l.tap.clone());
+                link::delete_link(&self.handle, &tap_name).await?;
+            }
+        }
+        self.db.release(sandbox_id)?;
+        Ok(())
+    }
+
+    /// One reconciler pass: free the leases of sandboxes `is_alive` says are gone
+    /// (deleting their TAPs, running CNI DEL), align the bitmap with the leases,
+    /// delete `beacon-*` TAPs no lease owns, and refresh the nftables tables when
+    /// the bridge exists.
+    pub async fn reconcile(&self, is_alive: &(dyn Fn(&str) -> bool + Send + Sync)) -> Result<ReconcileReport> {
+        let mut report = ReconcileReport::default();
+        for lease in self.db.list()? {
+            if is_alive(&lease.sandbox_id) {
+                continue;
+            }
+            match self.teardown(&lease.sandbox_id).await {
+                Ok(()) => report.released.push(lease.sandbox_id),
+                Err(e) => report.failed.push((lease.sandbox_id, e.to_string())),
+            }
+        }
+        report.repair = self.db.repair()?;
+        let owned: Vec<String> = self.db.list()?.into_iter().map(|l| l.tap).collect();
+        for msg in link::list_links(&self.handle).await? {
+            let Some(name) = link::link_name(&msg) else {
+                continue;
+            };
+            if naming::is_beacon_tap(name) && !owned.iter().any(|t| t == name) {
+                let name = name.to_string();
+                link::delete_link(&self.handle, &name).await?;
+                report.orphan_taps.push(name);
+            }
+        }
+        if self.cfg.cni.is_none() && link::link_index(&self.handle, &self.cfg.bridge).await?.is_some() {
+            self.ensure_host(true).await?;
+        }
+        if report != ReconcileReport::default() {
+            tracing::info!(?report, "reconciled sandbox networks");
+        }
+        Ok(report)
+    }
+
+    /// Remove the host-wide pieces: nftables tables and the bridge. Leases and TAPs
+    /// of running sandboxes are left alone.
+    pub async fn cleanup(&self) -> Result<()> {
+        firewall::remove(&self.cfg.nft_program)?;
+        link::delete_link(&self.handle, &self.cfg.bridge).await?;
+        *self.bridge_index.lock().await = None;
+        Ok(())
+    }
+}
+
+/// Run [`NetworkManager::reconcile`] now and then every `interval` (the default is
+/// [`DEFAULT_RECONCILE_INTERVAL`]) until the task is aborted. Errors are logged.
+pub fn spawn_reconciler(
+    manager: Arc<NetworkManager>,
+    interval: Duration,
+    is_alive: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        loop {
+            ticker.tick().await;
+            if let Err(e) = manager.reconcile(is_alive.as_ref()).await {
+                tracing::warn!(error = %e, "network reconciler pass failed");
+            }
+        }
+    })
+}
+
+/// One minute, as the design asks.
+pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The default liveness check: a sandbox exists while its state folder
+/// (`$BEACON_STATE_DIR/sandboxes/<id>`) does.
+pub fn state_dir_liveness(paths: beacon_paths::BeaconPaths) -> Arc<dyn Fn(&str) -> bool + Send + Sync> {
+    Arc::new(move |id: &str| paths.sandbox_state(id).exists())
+}

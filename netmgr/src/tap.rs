@@ -1,0 +1,89 @@
+//! Creating persistent TAP devices through `/dev/net/tun` (the kernel cannot create
+//! TAPs over rtnetlink). A TAP made here is `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`,
+//! persistent (it outlives our file descriptor so the VMM can open it by name) and
+//! owned by our effective uid and gid. Attaching and deleting happen in [`crate::link`].
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+
+use crate::error::{NetError, Result};
+
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+// _IOW('T', 202..206, int)
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
+const TUNSETGROUP: libc::c_ulong = 0x4004_54ce;
+
+/// `struct ifreq` as far as TUNSETIFF reads it.
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+fn tap_err(action: &'static str, tap: &str, source: std::io::Error) -> NetError {
+    NetError::Tap {
+        action,
+        tap: tap.to_string(),
+        source,
+    }
+}
+
+/// Open `/dev/net/tun` and bind the file to the TAP `name` (creating it if needed).
+fn bind(name: &str, flags: libc::c_short) -> Result<File> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
+        return Err(NetError::Config(format!(
+            "interface name {name:?} must be 1..=15 bytes"
+        )));
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(|e| tap_err("open /dev/net/tun for", name, e))?;
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: `file` is an open tun fd and `req` is a properly sized, initialised
+    // ifreq that outlives the call; TUNSETIFF only reads and writes within it.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) };
+    if rc < 0 {
+        return Err(tap_err("create", name, std::io::Error::last_os_error()));
+    }
+    Ok(file)
+}
+
+fn set_int(file: &File, name: &str, request: libc::c_ulong, value: libc::c_ulong, action: &'static str) -> Result<()> {
+    // SAFETY: `file` is a tun fd bound to a device; these requests take an integer
+    // argument by value and touch no memory of ours.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), request, value) };
+    if rc < 0 {
+        return Err(tap_err(action, name, std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Create (or reuse) the persistent TAP `name` with a virtio-net header, owned by
+/// the calling process's effective uid and gid. Does not bring it up.
+pub fn create_persistent_tap(name: &str) -> Result<()> {
+    let file = bind(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)?;
+    // SAFETY: geteuid/getegid cannot fail and have no preconditions.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    set_int(&file, name, TUNSETOWNER, libc::c_ulong::from(uid), "set the owner of")?;
+    set_int(&file, name, TUNSETGROUP, libc::c_ulong::from(gid), "set the group of")?;
+    set_int(&file, name, TUNSETPERSIST, 1, "make persistent")?;
+    Ok(())
+}
+
+/// Open an existing TAP for packet I/O without the virtio-net header (tests and
+/// diagnostics; the VMM opens its own queue with `IFF_VNET_HDR`).
+pub fn open_tap_plain(name: &str) -> Result<File> {
+    bind(name, IFF_TAP | IFF_NO_PI)
+}
