@@ -7,6 +7,15 @@
 
 pub mod backend;
 pub mod config;
+pub mod kvm;
 
 pub use backend::{BackendKind, BootTimes, VmBackend, VmError, VmExit};
 pub use config::{ConfigError, ConsoleConfig, DeviceConfig, KernelFormat, MacAddr, VmConfig};
+
+/// Build the backend of `kind` for `config` (not started yet).
+pub fn create_backend(kind: BackendKind, config: VmConfig) -> Result<Box<dyn VmBackend>, VmError> {
+    match kind {
+        BackendKind::Kvm => Ok(Box::new(kvm::KvmVm::create(config)?)),
+        BackendKind::Qemu => Err(VmError::Qemu("qemu backend not built yet".into())),
+    }
+}
