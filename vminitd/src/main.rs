@@ -1,0 +1,163 @@
+//! The vminitd binary: picks PID 1 or host mode, sets up logging, the
+//! reaper, the stream port and the ttrpc Task server, and runs until the
+//! host asks for shutdown (or SIGTERM/SIGINT on a host).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Notify;
+
+use vminitd::events::EventHub;
+use vminitd::reaper::Reaper;
+use vminitd::streams::{self, StdioHub};
+use vminitd::task::runtime::{Runtime, RuntimeConfig};
+use vminitd::task::service::TaskService;
+use vminitd::transport::{ListenAddr, StreamListener, STREAM_VSOCK_PORT, TASK_VSOCK_PORT};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// PID 1 when our pid is 1, host otherwise.
+    Auto,
+    /// Guest init: mounts, network, shares, reaping, power-off.
+    Pid1,
+    /// Plain process (tests): no PID 1 duties, child subreaper.
+    Host,
+}
+
+/// Guest PID 1 of beaconbox: containerd Task API over ttrpc, crun driver.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    #[arg(long, env = "VMINITD_MODE", value_enum, default_value = "auto")]
+    mode: Mode,
+    /// ttrpc Task API address (`vsock://-1:PORT` or `unix:///path`).
+    #[arg(long, env = "VMINITD_TASK_ADDR", default_value_t = format!("vsock://-1:{TASK_VSOCK_PORT}"))]
+    task_addr: String,
+    /// Stdio and event stream address.
+    #[arg(long, env = "VMINITD_STREAM_ADDR", default_value_t = format!("vsock://-1:{STREAM_VSOCK_PORT}"))]
+    stream_addr: String,
+    /// vminitd state: crun root, bundles, logs.
+    #[arg(long, env = "VMINITD_STATE_DIR", default_value = "/run/vminitd")]
+    state_dir: PathBuf,
+    /// Where shares (bundles with their rootfs) are mounted.
+    #[arg(
+        long,
+        env = "VMINITD_SHARES_DIR",
+        default_value = "/run/vminitd/shares"
+    )]
+    shares_dir: PathBuf,
+    /// The crun binary.
+    #[arg(long, env = "VMINITD_CRUN", default_value = "/usr/bin/crun")]
+    crun: PathBuf,
+    /// The cgroup2 mount.
+    #[arg(long, env = "VMINITD_CGROUP_MOUNT", default_value = "/sys/fs/cgroup")]
+    cgroup_mount: PathBuf,
+    /// Parent cgroup of all containers (a single path component).
+    #[arg(long, env = "VMINITD_CGROUP_PARENT", default_value = "vminitd")]
+    cgroup_parent: String,
+    /// Log filter (tracing env-filter syntax).
+    #[arg(long, env = "VMINITD_LOG", default_value = "info")]
+    log: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let pid1 = match args.mode {
+        Mode::Auto => std::process::id() == 1,
+        Mode::Pid1 => true,
+        Mode::Host => false,
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
+    if pid1 {
+        vminitd::pid1::early_setup();
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("Building the tokio runtime")?;
+    let result = rt.block_on(run(args, pid1));
+    if let Err(e) = &result {
+        tracing::error!("vminitd failed: {e:#}");
+    }
+    if pid1 {
+        // PID 1 must never exit: the kernel would panic. Power off instead.
+        vminitd::pid1::power_off();
+    }
+    result
+}
+
+async fn run(args: Args, pid1: bool) -> anyhow::Result<()> {
+    if args.cgroup_parent.is_empty() || args.cgroup_parent.contains('/') {
+        anyhow::bail!("--cgroup-parent must be one path component");
+    }
+    let reaper = Reaper::start().context("Starting the reaper")?;
+    if pid1 {
+        vminitd::pid1::setup(&args.shares_dir).await;
+    } else {
+        nix::sys::prctl::set_child_subreaper(true).context("Becoming a child subreaper")?;
+    }
+    let task_addr = ListenAddr::parse(&args.task_addr)?;
+    let stream_addr = ListenAddr::parse(&args.stream_addr)?;
+    std::fs::create_dir_all(&args.shares_dir)
+        .with_context(|| format!("Creating {}", args.shares_dir.display()))?;
+
+    let hub = StdioHub::default();
+    let events = EventHub::start();
+    let runtime = Arc::new(Runtime::new(
+        RuntimeConfig {
+            shares_dir: args.shares_dir.clone(),
+            state_dir: args.state_dir.clone(),
+            crun: args.crun.clone(),
+            cgroup_mount: args.cgroup_mount.clone(),
+            cgroup_parent: args.cgroup_parent.clone(),
+        },
+        reaper,
+        hub.clone(),
+        events.clone(),
+    )?);
+
+    let listener = StreamListener::bind(&stream_addr)
+        .with_context(|| format!("Binding the stream port {}", args.stream_addr))?;
+    let streams_task = tokio::spawn(streams::serve(listener, hub, events));
+
+    if let ListenAddr::Unix(p) = &task_addr {
+        let _ = std::fs::remove_file(p);
+    }
+    let shutdown = Arc::new(Notify::new());
+    let service = TaskService::new(runtime.clone(), shutdown.clone());
+    let mut server = ttrpc::r#async::Server::new()
+        .bind(&task_addr.to_ttrpc())
+        .with_context(|| format!("Binding the Task API on {}", args.task_addr))?
+        .register_service(service.services());
+    server.start().await.context("Starting the Task API")?;
+    tracing::info!(task = %args.task_addr, streams = %args.stream_addr, pid1, "vminitd serving");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = shutdown.notified() => {}
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+    tracing::info!("stopping containers");
+    runtime.stop_all().await;
+    // Let the reply to Shutdown leave before the server goes.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let _ = server.shutdown().await;
+    streams_task.abort();
+    for a in [&task_addr, &stream_addr] {
+        if let ListenAddr::Unix(p) = a {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    let _ = std::fs::remove_dir(args.cgroup_mount.join(&args.cgroup_parent));
+    tracing::info!("vminitd stopped");
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! Kernel command-line parameters vminitd reads (`beacon.*`).
