@@ -1,0 +1,305 @@
+//! Host test harness: vminitd as a plain process on unix sockets, driving
+//! the real crun, with busybox root file systems built per test.
+//!
+//! This host mounts cgroup v1 with only `hugetlb` in its v2 hierarchy, and
+//! crun 1.8 refuses that hybrid layout. So each vminitd runs in a private
+//! mount namespace (`unshare -m`) where the unified hierarchy is mounted at
+//! /sys/fs/cgroup: crun sees pure cgroup v2, as in the guest. Controllers
+//! bound to v1 here (memory, pids, io, cpu) are absent from it; the freezer
+//! and `cgroup.procs` are core and work.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use containerd_shim_protos::api::{CreateTaskRequest, StartRequest, WaitRequest};
+use containerd_shim_protos::shim_async::TaskClient;
+use protobuf::well_known_types::any::Any;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+pub const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
+pub const PROCESS_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
+
+static SERIAL: AtomicU32 = AtomicU32::new(0);
+
+/// Busybox applets linked into every test rootfs.
+const APPLETS: &[&str] = &[
+    "sh", "echo", "cat", "sleep", "true", "false", "stty", "head", "dd", "kill", "ls", "tail",
+];
+
+/// One vminitd process and its directories.
+pub struct Vminitd {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+    pub task_sock: PathBuf,
+    pub stream_sock: PathBuf,
+    pub shares: PathBuf,
+    pub state: PathBuf,
+    pub cgroup_parent: String,
+}
+
+impl Vminitd {
+    /// Starts vminitd and waits for its Task socket.
+    pub fn spawn() -> Vminitd {
+        let dir = tempfile::Builder::new()
+            .prefix("vminitd-test")
+            .tempdir()
+            .expect("tempdir");
+        let task_sock = dir.path().join("task.sock");
+        let stream_sock = dir.path().join("streams.sock");
+        let shares = dir.path().join("shares");
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&shares).expect("shares");
+        let cgroup_parent = format!(
+            "vminitd-test-{}-{}",
+            std::process::id(),
+            SERIAL.fetch_add(1, Ordering::Relaxed)
+        );
+        let child = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c"])
+            .arg("mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec \"$0\" \"$@\"")
+            .arg(env!("CARGO_BIN_EXE_vminitd"))
+            .args(["--mode", "host", "--log", "vminitd=debug"])
+            .arg(format!("--task-addr=unix://{}", task_sock.display()))
+            .arg(format!("--stream-addr=unix://{}", stream_sock.display()))
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--shares-dir")
+            .arg(&shares)
+            .arg("--cgroup-parent")
+            .arg(&cgroup_parent)
+            .spawn()
+            .expect("spawn vminitd");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(task_sock.exists() && stream_sock.exists()) {
+            assert!(Instant::now() < deadline, "vminitd did not come up");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Vminitd {
+            dir,
+            child: Some(child),
+            task_sock,
+            stream_sock,
+            shares,
+            state,
+            cgroup_parent,
+        }
+    }
+
+    /// A Task API client.
+    pub async fn client(&self) -> TaskClient {
+        let c =
+            ttrpc::asynchronous::Client::connect(&format!("unix://{}", self.task_sock.display()))
+                .await
+                .expect("connect task socket");
+        TaskClient::new(c)
+    }
+
+    /// The container's cgroup directory as the test process sees it.
+    pub fn cgroup_dir(&self, id: &str) -> PathBuf {
+        Path::new("/sys/fs/cgroup/unified")
+            .join(&self.cgroup_parent)
+            .join(id)
+    }
+
+    /// Builds `<shares>/<id>/rootfs` with busybox and its applets.
+    pub fn rootfs(&self, id: &str) -> PathBuf {
+        let bin = self.shares.join(id).join("rootfs/bin");
+        std::fs::create_dir_all(&bin).expect("rootfs");
+        for d in ["proc", "dev", "sys", "tmp", "etc"] {
+            std::fs::create_dir_all(self.shares.join(id).join("rootfs").join(d)).expect("dir");
+        }
+        let shared = self.shares.join(".busybox");
+        if !shared.exists() {
+            std::fs::copy("/bin/busybox", &shared).expect("copy busybox");
+        }
+        std::fs::hard_link(&shared, bin.join("busybox")).expect("link busybox");
+        for a in APPLETS {
+            std::os::unix::fs::symlink("busybox", bin.join(a)).expect("applet");
+        }
+        self.shares.join(id)
+    }
+
+    /// Stops vminitd with SIGTERM and checks it cleaned up.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("vminitd did not stop on SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    /// Asserts nothing of vminitd's is left: crun state, bundles, cgroups.
+    pub fn assert_clean(&self) {
+        let crun_root = self.state.join("crun");
+        let left: Vec<_> = std::fs::read_dir(&crun_root)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "crun state left behind: {left:?}");
+        let bundles: Vec<_> = std::fs::read_dir(self.state.join("bundles"))
+            .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(bundles.is_empty(), "bundles left behind: {bundles:?}");
+        let cg = Path::new("/sys/fs/cgroup/unified").join(&self.cgroup_parent);
+        assert!(!cg.exists(), "cgroup {} left behind", cg.display());
+    }
+}
+
+impl Drop for Vminitd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A minimal OCI spec for busybox; `network` is included on purpose (vminitd
+/// must drop it).
+pub fn spec(args: &[&str], terminal: bool) -> Value {
+    json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": terminal,
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": ["PATH=/bin", "TERM=xterm"],
+            "cwd": "/",
+        },
+        "root": {"path": "rootfs", "readonly": false},
+        "hostname": "box",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"},
+                           {"type": "mount"}, {"type": "network"}],
+        },
+    })
+}
+
+/// A Create request carrying `spec` inline.
+pub fn create_req(
+    id: &str,
+    spec: &Value,
+    stdin: bool,
+    stdout: bool,
+    stderr: bool,
+) -> CreateTaskRequest {
+    let name = |on: bool, k: &str| {
+        if on {
+            format!("stream:{k}")
+        } else {
+            String::new()
+        }
+    };
+    CreateTaskRequest {
+        id: id.into(),
+        bundle: id.into(),
+        terminal: spec["process"]["terminal"].as_bool().unwrap_or(false),
+        stdin: name(stdin, "stdin"),
+        stdout: name(stdout, "stdout"),
+        stderr: name(stderr, "stderr"),
+        options: Some(Any {
+            type_url: SPEC_TYPE_URL.into(),
+            value: serde_json::to_vec(spec).expect("spec json"),
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    }
+}
+
+/// Opens one stdio stream (`exec` "" for the init).
+pub async fn stream(v: &Vminitd, id: &str, exec: &str, kind: &str) -> UnixStream {
+    let mut s = UnixStream::connect(&v.stream_sock)
+        .await
+        .expect("stream port");
+    let exec = if exec.is_empty() { "-" } else { exec };
+    s.write_all(format!("STDIO {id} {exec} {kind}\n").as_bytes())
+        .await
+        .expect("handshake");
+    let mut ok = [0u8; 3];
+    s.read_exact(&mut ok).await.expect("handshake reply");
+    assert_eq!(&ok, b"OK\n");
+    s
+}
+
+/// Reads a stream to EOF as text.
+pub async fn read_all(mut s: UnixStream) -> String {
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out))
+        .await
+        .expect("output in time")
+        .expect("read output");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(30_000_000_000)
+}
+
+/// Create (with stdout/stderr streams), Start, read both, Wait: returns
+/// (stdout, stderr, exit status).
+pub async fn run_to_exit(
+    v: &Vminitd,
+    c: &TaskClient,
+    id: &str,
+    args: &[&str],
+) -> (String, String, u32) {
+    v.rootfs(id);
+    let out = stream(v, id, "", "stdout").await;
+    let err = stream(v, id, "", "stderr").await;
+    c.create(
+        ctx(),
+        &create_req(id, &spec(args, false), false, true, true),
+    )
+    .await
+    .expect("create");
+    c.start(
+        ctx(),
+        &StartRequest {
+            id: id.into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("start");
+    let (o, e) = tokio::join!(read_all(out), read_all(err));
+    let w = c
+        .wait(
+            ctx(),
+            &WaitRequest {
+                id: id.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("wait");
+    (o, e, w.exit_status)
+}
+
+/// The ttrpc status code of a failed call.
+pub fn code_of<T: std::fmt::Debug>(r: ttrpc::Result<T>) -> ttrpc::Code {
+    match r {
+        Err(ttrpc::Error::RpcStatus(s)) => s.code(),
+        other => panic!("expected an RPC status error, got {other:?}"),
+    }
+}

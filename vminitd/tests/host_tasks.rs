@@ -1,0 +1,568 @@
+//! vminitd on a unix socket with real crun: lifecycle, exit statuses,
+//! signals, exec, stdin, pty, events and concurrency.
+
+mod common;
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use common::*;
+use containerd_shim_protos::api::{
+    CheckpointTaskRequest, CloseIORequest, ConnectRequest, DeleteRequest, ExecProcessRequest,
+    KillRequest, PidsRequest, ResizePtyRequest, StartRequest, StateRequest, Status, WaitRequest,
+};
+use protobuf::well_known_types::any::Any;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+fn start(id: &str, exec: &str) -> StartRequest {
+    StartRequest {
+        id: id.into(),
+        exec_id: exec.into(),
+        ..Default::default()
+    }
+}
+
+fn wait(id: &str, exec: &str) -> WaitRequest {
+    WaitRequest {
+        id: id.into(),
+        exec_id: exec.into(),
+        ..Default::default()
+    }
+}
+
+fn delete(id: &str, exec: &str) -> DeleteRequest {
+    DeleteRequest {
+        id: id.into(),
+        exec_id: exec.into(),
+        ..Default::default()
+    }
+}
+
+fn kill(id: &str, exec: &str, signal: u32) -> KillRequest {
+    KillRequest {
+        id: id.into(),
+        exec_id: exec.into(),
+        signal,
+        ..Default::default()
+    }
+}
+
+fn exec_req(
+    id: &str,
+    exec: &str,
+    args: &[&str],
+    stdin: bool,
+    terminal: bool,
+) -> ExecProcessRequest {
+    let process = serde_json::json!({
+        "terminal": terminal, "user": {"uid": 0, "gid": 0}, "args": args,
+        "env": ["PATH=/bin"], "cwd": "/",
+    });
+    ExecProcessRequest {
+        id: id.into(),
+        exec_id: exec.into(),
+        terminal,
+        stdin: if stdin {
+            "stream:stdin".into()
+        } else {
+            String::new()
+        },
+        stdout: "stream:stdout".into(),
+        stderr: if terminal {
+            String::new()
+        } else {
+            "stream:stderr".into()
+        },
+        spec: Some(Any {
+            type_url: PROCESS_TYPE_URL.into(),
+            value: serde_json::to_vec(&process).expect("json"),
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    }
+}
+
+async fn events(v: &Vminitd) -> tokio::io::Lines<BufReader<UnixStream>> {
+    let mut s = UnixStream::connect(&v.stream_sock)
+        .await
+        .expect("stream port");
+    s.write_all(b"EVENTS\n").await.expect("handshake");
+    let mut ok = [0u8; 3];
+    s.read_exact(&mut ok).await.expect("reply");
+    assert_eq!(&ok, b"OK\n");
+    BufReader::new(s).lines()
+}
+
+async fn next_event(lines: &mut tokio::io::Lines<BufReader<UnixStream>>) -> serde_json::Value {
+    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("event in time")
+        .expect("read event")
+        .expect("event line");
+    serde_json::from_str(&line).expect("event json")
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn echo_exit_code_event_and_cleanup() {
+    let mut v = Vminitd::spawn();
+    let c = v.client().await;
+    let mut ev = events(&v).await;
+    let (out, err, status) = run_to_exit(
+        &v,
+        &c,
+        "echo1",
+        &["sh", "-c", "echo hello; echo oops >&2; exit 3"],
+    )
+    .await;
+    assert_eq!(out, "hello\n");
+    assert_eq!(err, "oops\n");
+    assert_eq!(status, 3);
+
+    let st = c
+        .state(
+            ctx(),
+            &StateRequest {
+                id: "echo1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("state");
+    assert_eq!(st.status.enum_value(), Ok(Status::STOPPED));
+    assert_eq!(st.exit_status, 3);
+    assert!(st.pid > 0);
+
+    let e = next_event(&mut ev).await;
+    assert_eq!(e["topic"], "/tasks/exit");
+    assert_eq!(e["container_id"], "echo1");
+    assert_eq!(e["exit_status"], 3);
+    assert_eq!(e["pid"], st.pid);
+
+    let d = c.delete(ctx(), &delete("echo1", "")).await.expect("delete");
+    assert_eq!(d.exit_status, 3);
+    assert_eq!(d.pid, st.pid);
+    // The exit time is the reap time: recent, and the same everywhere.
+    let at = d.exited_at.as_ref().expect("exited_at");
+    assert_eq!(Some(at.seconds), e["exited_at"]["seconds"].as_i64());
+    assert_eq!(Some(i64::from(at.nanos)), e["exited_at"]["nanos"].as_i64());
+    let now = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("now")
+        .as_secs();
+    assert!(now.abs_diff(u64::try_from(at.seconds).expect("positive")) < 60);
+
+    assert_eq!(
+        code_of(
+            c.state(
+                ctx(),
+                &StateRequest {
+                    id: "echo1".into(),
+                    ..Default::default()
+                }
+            )
+            .await
+        ),
+        ttrpc::Code::NOT_FOUND
+    );
+    v.stop();
+    v.assert_clean();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn kill_signal_9_is_137_and_unknown_ids_are_not_found() {
+    let mut v = Vminitd::spawn();
+    let c = v.client().await;
+    v.rootfs("k1");
+    c.create(
+        ctx(),
+        &create_req("k1", &spec(&["sleep", "100"], false), false, false, false),
+    )
+    .await
+    .expect("create");
+    c.start(ctx(), &start("k1", "")).await.expect("start");
+    assert_eq!(
+        code_of(c.kill(ctx(), &kill("nope", "", 9)).await),
+        ttrpc::Code::NOT_FOUND
+    );
+    // A running container cannot be deleted.
+    assert_eq!(
+        code_of(c.delete(ctx(), &delete("k1", "")).await),
+        ttrpc::Code::FAILED_PRECONDITION
+    );
+    c.kill(ctx(), &kill("k1", "", 9)).await.expect("kill");
+    let w = c.wait(ctx(), &wait("k1", "")).await.expect("wait");
+    assert_eq!(w.exit_status, 137);
+    assert_eq!(
+        code_of(c.kill(ctx(), &kill("k1", "", 9)).await),
+        ttrpc::Code::NOT_FOUND
+    );
+    assert_eq!(
+        code_of(
+            c.checkpoint(
+                ctx(),
+                &CheckpointTaskRequest {
+                    id: "k1".into(),
+                    ..Default::default()
+                }
+            )
+            .await
+        ),
+        ttrpc::Code::UNIMPLEMENTED
+    );
+    let conn = c
+        .connect(
+            ctx(),
+            &ConnectRequest {
+                id: "k1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("connect");
+    assert!(conn.version.starts_with("vminitd/"));
+    c.delete(ctx(), &delete("k1", "")).await.expect("delete");
+    v.stop();
+    v.assert_clean();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn exec_into_running_container_and_pids() {
+    let mut v = Vminitd::spawn();
+    let c = v.client().await;
+    let mut ev = events(&v).await;
+    v.rootfs("x1");
+    let cr = c
+        .create(
+            ctx(),
+            &create_req("x1", &spec(&["sleep", "100"], false), false, false, false),
+        )
+        .await
+        .expect("create");
+    c.start(ctx(), &start("x1", "")).await.expect("start");
+
+    c.exec(
+        ctx(),
+        &exec_req(
+            "x1",
+            "e1",
+            &["sh", "-c", "echo from-exec; exit 5"],
+            false,
+            false,
+        ),
+    )
+    .await
+    .expect("exec");
+    assert_eq!(
+        code_of(
+            c.exec(ctx(), &exec_req("x1", "e1", &["true"], false, false))
+                .await
+        ),
+        ttrpc::Code::ALREADY_EXISTS
+    );
+    let out = stream(&v, "x1", "e1", "stdout").await;
+    let err = stream(&v, "x1", "e1", "stderr").await;
+    let sr = c
+        .start(ctx(), &start("x1", "e1"))
+        .await
+        .expect("start exec");
+    assert!(sr.pid > 0 && sr.pid != cr.pid);
+    let (o, e) = tokio::join!(read_all(out), read_all(err));
+    assert_eq!(o, "from-exec\n");
+    assert_eq!(e, "");
+    let w = c.wait(ctx(), &wait("x1", "e1")).await.expect("wait exec");
+    assert_eq!(w.exit_status, 5);
+    let ex = next_event(&mut ev).await;
+    assert_eq!(ex["id"], "e1");
+    assert_eq!(ex["exit_status"], 5);
+
+    let pids = c
+        .pids(
+            ctx(),
+            &PidsRequest {
+                id: "x1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("pids");
+    let list: Vec<u32> = pids.processes.iter().map(|p| p.pid).collect();
+    assert!(list.contains(&cr.pid), "{list:?} lacks init {}", cr.pid);
+
+    let d = c
+        .delete(ctx(), &delete("x1", "e1"))
+        .await
+        .expect("delete exec");
+    assert_eq!(d.exit_status, 5);
+    assert_eq!(
+        code_of(c.wait(ctx(), &wait("x1", "e1")).await),
+        ttrpc::Code::NOT_FOUND
+    );
+    // An exec whose binary is missing fails clearly; the container lives on.
+    c.exec(ctx(), &exec_req("x1", "e2", &["/bin/nope"], false, false))
+        .await
+        .expect("exec registers");
+    let r = c.start(ctx(), &start("x1", "e2")).await;
+    assert!(r.is_err(), "missing exec binary must fail: {r:?}");
+    let st = c
+        .state(
+            ctx(),
+            &StateRequest {
+                id: "x1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("state");
+    assert_eq!(st.status.enum_value(), Ok(Status::RUNNING));
+
+    c.kill(ctx(), &kill("x1", "", 9)).await.expect("kill");
+    assert_eq!(
+        c.wait(ctx(), &wait("x1", ""))
+            .await
+            .expect("wait")
+            .exit_status,
+        137
+    );
+    c.delete(ctx(), &delete("x1", "")).await.expect("delete");
+    v.stop();
+    v.assert_clean();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn stdin_echo_close_io_and_disconnect() {
+    let mut v = Vminitd::spawn();
+    let c = v.client().await;
+    v.rootfs("in1");
+    let mut sin = stream(&v, "in1", "", "stdin").await;
+    let out = stream(&v, "in1", "", "stdout").await;
+    c.create(
+        ctx(),
+        &create_req("in1", &spec(&["cat"], false), true, true, false),
+    )
+    .await
+    .expect("create");
+    c.start(ctx(), &start("in1", "")).await.expect("start");
+    let mut out = BufReader::new(out);
+    sin.write_all(b"ping\n").await.expect("write");
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(10), out.read_line(&mut line))
+        .await
+        .expect("echo in time")
+        .expect("read");
+    assert_eq!(line, "ping\n");
+    // Half-closing the stream is EOF for cat.
+    sin.shutdown().await.expect("shutdown");
+    assert_eq!(
+        c.wait(ctx(), &wait("in1", ""))
+            .await
+            .expect("wait")
+            .exit_status,
+        0
+    );
+
+    // CloseIO ends an exec's stdin while the host stream stays open.
+    v.rootfs("in2");
+    c.create(
+        ctx(),
+        &create_req("in2", &spec(&["sleep", "100"], false), false, false, false),
+    )
+    .await
+    .expect("create");
+    c.start(ctx(), &start("in2", "")).await.expect("start");
+    c.exec(ctx(), &exec_req("in2", "cat", &["cat"], true, false))
+        .await
+        .expect("exec");
+    let mut ein = stream(&v, "in2", "cat", "stdin").await;
+    let eout = stream(&v, "in2", "cat", "stdout").await;
+    let _eerr = stream(&v, "in2", "cat", "stderr").await;
+    c.start(ctx(), &start("in2", "cat"))
+        .await
+        .expect("start exec");
+    ein.write_all(b"abc\n").await.expect("write");
+    let mut eout = BufReader::new(eout);
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(10), eout.read_line(&mut line))
+        .await
+        .expect("in time")
+        .expect("read");
+    assert_eq!(line, "abc\n");
+    c.close_io(
+        ctx(),
+        &CloseIORequest {
+            id: "in2".into(),
+            exec_id: "cat".into(),
+            stdin: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("close io");
+    assert_eq!(
+        c.wait(ctx(), &wait("in2", "cat"))
+            .await
+            .expect("wait")
+            .exit_status,
+        0
+    );
+
+    // A stdin stream that disconnects mid-write: the process sees EOF and
+    // vminitd keeps serving.
+    c.exec(
+        ctx(),
+        &exec_req(
+            "in2",
+            "cat2",
+            &["sh", "-c", "cat >/dev/null; echo done"],
+            true,
+            false,
+        ),
+    )
+    .await
+    .expect("exec");
+    let mut ein = stream(&v, "in2", "cat2", "stdin").await;
+    let eout = stream(&v, "in2", "cat2", "stdout").await;
+    let _eerr = stream(&v, "in2", "cat2", "stderr").await;
+    c.start(ctx(), &start("in2", "cat2"))
+        .await
+        .expect("start exec");
+    ein.write_all(&vec![b'x'; 100_000]).await.expect("write");
+    drop(ein);
+    assert_eq!(read_all(eout).await, "done\n");
+    assert_eq!(
+        c.wait(ctx(), &wait("in2", "cat2"))
+            .await
+            .expect("wait")
+            .exit_status,
+        0
+    );
+
+    for id in ["in1", "in2"] {
+        let _ = c.kill(ctx(), &kill(id, "", 9)).await;
+        c.wait(ctx(), &wait(id, "")).await.expect("wait");
+        c.delete(ctx(), &delete(id, "")).await.expect("delete");
+    }
+    v.stop();
+    v.assert_clean();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn pty_with_resize() {
+    let mut v = Vminitd::spawn();
+    let c = v.client().await;
+    v.rootfs("t1");
+    let mut sin = stream(&v, "t1", "", "stdin").await;
+    let out = stream(&v, "t1", "", "stdout").await;
+    let s = spec(&["sh", "-c", "read x; stty size; exit 4"], true);
+    c.create(ctx(), &create_req("t1", &s, true, true, false))
+        .await
+        .expect("create");
+    c.start(ctx(), &start("t1", "")).await.expect("start");
+    c.resize_pty(
+        ctx(),
+        &ResizePtyRequest {
+            id: "t1".into(),
+            width: 100,
+            height: 40,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("resize");
+    sin.write_all(b"go\n").await.expect("write");
+    let text = read_all(out).await;
+    assert!(text.contains("40 100"), "pty output {text:?}");
+    assert_eq!(
+        c.wait(ctx(), &wait("t1", ""))
+            .await
+            .expect("wait")
+            .exit_status,
+        4
+    );
+    // Resizing a process without a terminal is refused clearly.
+    v.rootfs("t2");
+    c.create(
+        ctx(),
+        &create_req("t2", &spec(&["sleep", "100"], false), false, false, false),
+    )
+    .await
+    .expect("create");
+    assert_eq!(
+        code_of(
+            c.resize_pty(
+                ctx(),
+                &ResizePtyRequest {
+                    id: "t2".into(),
+                    width: 1,
+                    height: 1,
+                    ..Default::default()
+                }
+            )
+            .await
+        ),
+        ttrpc::Code::FAILED_PRECONDITION
+    );
+    // A never-started container can be deleted.
+    c.delete(ctx(), &delete("t2", ""))
+        .await
+        .expect("delete created");
+    c.delete(ctx(), &delete("t1", "")).await.expect("delete");
+    v.stop();
+    v.assert_clean();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn twenty_containers_concurrently() {
+    let mut v = Vminitd::spawn();
+    let c = v.client().await;
+    let runs = (0..20).map(|i| {
+        let c = c.clone();
+        let v = &v;
+        async move {
+            let id = format!("par{i}");
+            let code = format!("exit {}", i % 7);
+            let script = format!("echo {id}; {code}");
+            let (o, e, st) = run_to_exit(v, &c, &id, &["sh", "-c", &script]).await;
+            c.delete(ctx(), &delete(&id, "")).await.expect("delete");
+            (id, o, e, st, i)
+        }
+    });
+    let results = futures_join_all(runs).await;
+    for (id, o, e, st, i) in results {
+        assert_eq!(o, format!("{id}\n"));
+        assert_eq!(e, "");
+        assert_eq!(st, i % 7);
+    }
+    v.stop();
+    v.assert_clean();
+}
+
+/// `join_all` without pulling in the futures crate.
+async fn futures_join_all<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let set: Vec<_> = fs.map(Box::pin).collect();
+    let mut out = Vec::with_capacity(set.len());
+    let mut pending: Vec<_> = set.into_iter().map(Some).collect();
+    let mut results: Vec<Option<F::Output>> = (0..pending.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut all = true;
+        for (i, slot) in pending.iter_mut().enumerate() {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        results[i] = Some(v);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => all = false,
+                }
+            }
+        }
+        if all {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    out.extend(results.into_iter().flatten());
+    out
+}
