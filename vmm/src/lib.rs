@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod config;
 pub mod kvm;
+pub mod qemu;
 
 pub use backend::{BackendKind, BootTimes, VmBackend, VmError, VmExit};
 pub use config::{ConfigError, ConsoleConfig, DeviceConfig, KernelFormat, MacAddr, VmConfig};
@@ -16,6 +17,6 @@ pub use config::{ConfigError, ConsoleConfig, DeviceConfig, KernelFormat, MacAddr
 pub fn create_backend(kind: BackendKind, config: VmConfig) -> Result<Box<dyn VmBackend>, VmError> {
     match kind {
         BackendKind::Kvm => Ok(Box::new(kvm::KvmVm::create(config)?)),
-        BackendKind::Qemu => Err(VmError::Qemu("qemu backend not built yet".into())),
+        BackendKind::Qemu => Ok(Box::new(qemu::QemuVm::create(config)?)),
     }
 }

@@ -1,0 +1,193 @@
+//! A minimal QMP client: greeting, `qmp_capabilities`, commands, and events.
+//!
+//! One reader thread owns the read side: replies go to whoever sent the command
+//! (one command at a time, serialised by a mutex), events are recorded for the
+//! backend (`RESUME` marks the guest running, `SHUTDOWN` says why QEMU will exit).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::backend::VmError;
+
+/// Events the backend cares about.
+#[derive(Debug, Default)]
+pub struct QmpEvents {
+    /// When QEMU first reported the guest running.
+    pub resumed_at: Option<Instant>,
+    /// The `reason` of the SHUTDOWN event (`guest-shutdown`, `guest-reset`, ...).
+    pub shutdown_reason: Option<String>,
+    /// The guest panicked (GUEST_PANICKED event).
+    pub panicked: bool,
+}
+
+pub struct Qmp {
+    writer: Mutex<(UnixStream, Receiver<Value>)>,
+    pub events: Arc<Mutex<QmpEvents>>,
+}
+
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Qmp {
+    /// Connect to QEMU's QMP socket, retrying until it exists or `timeout` passes,
+    /// and leave capabilities negotiation done.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Self, VmError> {
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(VmError::Qemu(format!(
+                        "QMP socket {path:?} did not come up within {timeout:?}: {e}"
+                    )))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        };
+        let read_half = stream
+            .try_clone()
+            .map_err(VmError::io("cloning the QMP socket"))?;
+        let (tx, rx) = mpsc::channel();
+        let events = Arc::new(Mutex::new(QmpEvents::default()));
+        let ev = Arc::clone(&events);
+        std::thread::Builder::new()
+            .name("qmp-reader".into())
+            .spawn(move || {
+                let reader = BufReader::new(read_half);
+                for line in reader.lines() {
+                    let Ok(line) = line else { break };
+                    let Ok(msg) = serde_json::from_str::<Value>(&line) else {
+                        tracing::warn!(%line, "unparsable QMP message");
+                        continue;
+                    };
+                    if let Some(name) = msg.get("event").and_then(Value::as_str) {
+                        record_event(&ev, name, &msg);
+                    } else if tx.send(msg).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(VmError::io("starting the QMP reader thread"))?;
+        let qmp = Self {
+            writer: Mutex::new((stream, rx)),
+            events,
+        };
+        // The greeting arrives as the first non-event message.
+        qmp.receive()?;
+        qmp.execute("qmp_capabilities")?;
+        Ok(qmp)
+    }
+
+    fn receive(&self) -> Result<Value, VmError> {
+        let guard = self
+            .writer
+            .lock()
+            .map_err(|_| VmError::Qemu("QMP lock poisoned".into()))?;
+        guard
+            .1
+            .recv_timeout(REPLY_TIMEOUT)
+            .map_err(|_| VmError::Qemu("QEMU closed QMP or did not answer".into()))
+    }
+
+    /// Run one command and return its `return` value.
+    pub fn execute(&self, command: &str) -> Result<Value, VmError> {
+        let mut guard = self
+            .writer
+            .lock()
+            .map_err(|_| VmError::Qemu("QMP lock poisoned".into()))?;
+        let (stream, rx) = &mut *guard;
+        let request = serde_json::json!({ "execute": command });
+        writeln!(stream, "{request}").map_err(VmError::io(format!("sending QMP {command}")))?;
+        let reply = rx
+            .recv_timeout(REPLY_TIMEOUT)
+            .map_err(|_| VmError::Qemu(format!("no QMP reply to {command}")))?;
+        if let Some(err) = reply.get("error") {
+            return Err(VmError::Qemu(format!("QMP {command} failed: {err}")));
+        }
+        Ok(reply.get("return").cloned().unwrap_or(Value::Null))
+    }
+}
+
+fn record_event(events: &Mutex<QmpEvents>, name: &str, msg: &Value) {
+    let Ok(mut e) = events.lock() else { return };
+    match name {
+        "RESUME" => {
+            e.resumed_at.get_or_insert_with(Instant::now);
+        }
+        "SHUTDOWN" => {
+            let reason = msg
+                .pointer("/data/reason")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown");
+            e.shutdown_reason.get_or_insert_with(|| reason.to_string());
+        }
+        "GUEST_PANICKED" => e.panicked = true,
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A fake QEMU: greeting, capabilities, an event interleaved before a reply.
+    #[test]
+    fn talks_to_a_fake_qemu() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            let mut r = BufReader::new(s.try_clone().expect("clone"));
+            let mut line = String::new();
+            writeln!(s, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).expect("greet");
+            r.read_line(&mut line).expect("caps");
+            assert!(line.contains("qmp_capabilities"));
+            writeln!(s, r#"{{"return": {{}}}}"#).expect("caps reply");
+            line.clear();
+            r.read_line(&mut line).expect("cont");
+            assert!(line.contains("\"cont\""));
+            writeln!(s, r#"{{"event": "RESUME", "data": {{}}}}"#).expect("event");
+            writeln!(s, r#"{{"return": {{}}}}"#).expect("cont reply");
+            line.clear();
+            r.read_line(&mut line).expect("bogus");
+            writeln!(
+                s,
+                r#"{{"error": {{"class": "CommandNotFound", "desc": "no"}}}}"#
+            )
+            .expect("error reply");
+            writeln!(
+                s,
+                r#"{{"event": "SHUTDOWN", "data": {{"guest": true, "reason": "guest-reset"}}}}"#
+            )
+            .expect("shutdown");
+        });
+        let qmp = Qmp::connect(&path, Duration::from_secs(5)).expect("connect");
+        qmp.execute("cont").expect("cont");
+        assert!(qmp.events.lock().expect("lock").resumed_at.is_some());
+        let err = qmp.execute("bogus").expect_err("error reply");
+        assert!(err.to_string().contains("CommandNotFound"));
+        server.join().expect("server");
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            qmp.events.lock().expect("lock").shutdown_reason.as_deref(),
+            Some("guest-reset")
+        );
+    }
+
+    #[test]
+    fn missing_socket_times_out_with_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = match Qmp::connect(&dir.path().join("none"), Duration::from_millis(50)) {
+            Err(e) => e,
+            Ok(_) => panic!("connected to nothing"),
+        };
+        assert!(err.to_string().contains("did not come up"));
+    }
+}
