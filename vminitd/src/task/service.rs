@@ -78,6 +78,14 @@ fn log_call(method: &str, id: &str, exec_id: &str) {
     tracing::debug!(method, id, exec_id, "task call");
 }
 
+/// Logs a failed call once, then hands the error to ttrpc.
+fn fail<'a>(method: &'static str, id: &'a str) -> impl FnOnce(TaskError) -> ttrpc::Error + 'a {
+    move |e| {
+        tracing::warn!(method, id, "{e}");
+        e.into()
+    }
+}
+
 type R<T> = ttrpc::Result<T>;
 
 #[async_trait::async_trait]
@@ -103,7 +111,8 @@ impl Task for TaskService {
                 },
                 has_rootfs_mounts: !req.rootfs.is_empty(),
             })
-            .await?;
+            .await
+            .map_err(fail("Create", &req.id))?;
         Ok(CreateTaskResponse {
             pid,
             ..Default::default()
@@ -112,7 +121,11 @@ impl Task for TaskService {
 
     async fn start(&self, _: &TtrpcContext, req: StartRequest) -> R<StartResponse> {
         log_call("Start", &req.id, &req.exec_id);
-        let pid = self.runtime.start(&req.id, &req.exec_id).await?;
+        let pid = self
+            .runtime
+            .start(&req.id, &req.exec_id)
+            .await
+            .map_err(fail("Start", &req.id))?;
         Ok(StartResponse {
             pid,
             ..Default::default()
@@ -147,7 +160,11 @@ impl Task for TaskService {
 
     async fn delete(&self, _: &TtrpcContext, req: DeleteRequest) -> R<DeleteResponse> {
         log_call("Delete", &req.id, &req.exec_id);
-        let (pid, exit) = self.runtime.delete(&req.id, &req.exec_id).await?;
+        let (pid, exit) = self
+            .runtime
+            .delete(&req.id, &req.exec_id)
+            .await
+            .map_err(fail("Delete", &req.id))?;
         let (exit_status, exited_at) = exit_fields(exit);
         Ok(DeleteResponse {
             pid,
@@ -194,13 +211,19 @@ impl Task for TaskService {
 
     async fn pause(&self, _: &TtrpcContext, req: PauseRequest) -> R<Empty> {
         log_call("Pause", &req.id, "");
-        self.runtime.set_paused(&req.id, true).await?;
+        self.runtime
+            .set_paused(&req.id, true)
+            .await
+            .map_err(fail("Pause", &req.id))?;
         Ok(Empty::new())
     }
 
     async fn resume(&self, _: &TtrpcContext, req: ResumeRequest) -> R<Empty> {
         log_call("Resume", &req.id, "");
-        self.runtime.set_paused(&req.id, false).await?;
+        self.runtime
+            .set_paused(&req.id, false)
+            .await
+            .map_err(fail("Resume", &req.id))?;
         Ok(Empty::new())
     }
 
@@ -216,7 +239,8 @@ impl Task for TaskService {
         log_call("Kill", &req.id, &req.exec_id);
         self.runtime
             .kill(&req.id, &req.exec_id, req.signal, req.all)
-            .await?;
+            .await
+            .map_err(fail("Kill", &req.id))?;
         Ok(Empty::new())
     }
 
@@ -227,17 +251,19 @@ impl Task for TaskService {
             .as_ref()
             .map(|a| a.value.clone())
             .ok_or_else(|| TaskError::InvalidArgument("exec without a process spec".into()))?;
-        self.runtime.exec(
-            &req.id,
-            &req.exec_id,
-            StdioNames {
-                stdin: req.stdin.clone(),
-                stdout: req.stdout.clone(),
-                stderr: req.stderr.clone(),
-                terminal: req.terminal,
-            },
-            &spec,
-        )?;
+        self.runtime
+            .exec(
+                &req.id,
+                &req.exec_id,
+                StdioNames {
+                    stdin: req.stdin.clone(),
+                    stdout: req.stdout.clone(),
+                    stderr: req.stderr.clone(),
+                    terminal: req.terminal,
+                },
+                &spec,
+            )
+            .map_err(fail("Exec", &req.id))?;
         Ok(Empty::new())
     }
 
@@ -266,7 +292,10 @@ impl Task for TaskService {
             .as_ref()
             .map(|a| a.value.clone())
             .ok_or_else(|| TaskError::InvalidArgument("update without resources".into()))?;
-        self.runtime.update(&req.id, &res).await?;
+        self.runtime
+            .update(&req.id, &res)
+            .await
+            .map_err(fail("Update", &req.id))?;
         Ok(Empty::new())
     }
 
