@@ -19,7 +19,9 @@ use crate::error::{NetError, Result};
 
 fn map_err(program: &str, action: &str, e: NftablesError) -> NetError {
     match e {
-        NftablesError::NftExecution { inner, .. } if inner.kind() == std::io::ErrorKind::NotFound => {
+        NftablesError::NftExecution { inner, .. }
+            if inner.kind() == std::io::ErrorKind::NotFound =>
+        {
             NetError::NftMissing {
                 program: program.to_string(),
             }
@@ -73,7 +75,11 @@ pub fn ruleset(bridge: &str, subnet: Ipv4Addr, prefix: u8) -> serde_json::Value 
 
 /// Create or refresh both tables (idempotent, atomic).
 pub fn ensure(program: &str, bridge: &str, subnet: Ipv4Addr, prefix: u8) -> Result<()> {
-    apply(program, "creating the beacon nftables tables", ruleset(bridge, subnet, prefix))
+    apply(
+        program,
+        "creating the beacon nftables tables",
+        ruleset(bridge, subnet, prefix),
+    )
 }
 
 /// Names of the beacon tables present in the current namespace.
@@ -86,7 +92,10 @@ pub fn present_tables(program: &str) -> Result<Vec<String>> {
     })?;
     let mut names = Vec::new();
     for obj in doc["nftables"].as_array().into_iter().flatten() {
-        if let (Some("ip"), Some(name)) = (obj["table"]["family"].as_str(), obj["table"]["name"].as_str()) {
+        if let (Some("ip"), Some(name)) = (
+            obj["table"]["family"].as_str(),
+            obj["table"]["name"].as_str(),
+        ) {
             if name == FILTER_TABLE || name == NAT_TABLE {
                 names.push(name.to_string());
             }
@@ -106,7 +115,11 @@ pub fn remove(program: &str) -> Result<()> {
         .iter()
         .map(|name| json!({"delete": {"table": {"family": "ip", "name": name}}}))
         .collect();
-    apply(program, "deleting the beacon nftables tables", json!({"nftables": cmds}))
+    apply(
+        program,
+        "deleting the beacon nftables tables",
+        json!({"nftables": cmds}),
+    )
 }
 
 /// Turn on IPv4 forwarding in the current namespace (needed for NAT).
@@ -136,7 +149,13 @@ mod tests {
 
     #[test]
     fn missing_nft_is_a_clear_error() {
-        let err = ensure("/nonexistent/nft", "beacon0", "10.88.0.0".parse().unwrap(), 16).unwrap_err();
+        let err = ensure(
+            "/nonexistent/nft",
+            "beacon0",
+            "10.88.0.0".parse().unwrap(),
+            16,
+        )
+        .unwrap_err();
         assert!(matches!(err, NetError::NftMissing { .. }), "{err}");
         assert!(err.to_string().contains("apt-get install nftables"));
     }

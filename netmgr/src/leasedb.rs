@@ -19,8 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{Flock, FlockArg};
 use redb::{
-    ConcurrencyMode, Database, ReadableDatabase, ReadableTable, TableDefinition,
-    WriteTransaction,
+    ConcurrencyMode, Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 
@@ -84,7 +83,46 @@ pub struct LeaseDb {
     pool: PoolRange,
     prefix: u8,
     gateway: Ipv4Addr,
-    open_db: Arc<Mutex<Option<Database>>>,
+    open_db: Arc<OpenDb>,
+}
+
+/// The shared open handle. Closing a redb handle writes to the file, so it is
+/// closed under the same cross-process lock as every write.
+struct OpenDb {
+    db: Mutex<Option<Database>>,
+    lock_path: PathBuf,
+}
+
+impl Drop for OpenDb {
+    fn drop(&mut self) {
+        let db = self
+            .db
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(db) = db {
+            let _lock = lock_file(&self.lock_path);
+            drop(db);
+        }
+    }
+}
+
+fn lock_path_of(path: &Path) -> PathBuf {
+    let mut p = path.to_path_buf().into_os_string();
+    p.push(".lock");
+    PathBuf::from(p)
+}
+
+fn lock_file(lock_path: &Path) -> std::io::Result<Flock<File>> {
+    if let Some(dir) = lock_path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(lock_path)?;
+    Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| std::io::Error::from(errno))
 }
 
 impl std::fmt::Debug for LeaseDb {
@@ -105,12 +143,16 @@ fn now_unix() -> u64 {
 impl LeaseDb {
     /// A handle for `path` serving `pool` inside `gateway/prefix`. Nothing is opened yet.
     pub fn new(path: impl Into<PathBuf>, pool: PoolRange, gateway: Ipv4Addr, prefix: u8) -> Self {
+        let path = path.into();
         LeaseDb {
-            path: path.into(),
+            path: path.clone(),
             pool,
             prefix,
             gateway,
-            open_db: Arc::new(Mutex::new(None)),
+            open_db: Arc::new(OpenDb {
+                db: Mutex::new(None),
+                lock_path: lock_path_of(&path),
+            }),
         }
     }
 
@@ -157,20 +199,8 @@ impl LeaseDb {
 
     /// Take the cross-process lock (blocks until free; released on drop or crash).
     fn lock(&self) -> Result<Flock<File>> {
-        let mut lock_path = self.path.clone().into_os_string();
-        lock_path.push(".lock");
-        let lock_path = PathBuf::from(lock_path);
-        if let Some(dir) = lock_path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| self.io(dir, e))?;
-        }
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| self.io(&lock_path, e))?;
-        Flock::lock(file, FlockArg::LockExclusive)
-            .map_err(|(_, errno)| self.io(&lock_path, std::io::Error::from(errno)))
+        let lock_path = &self.open_db.lock_path;
+        lock_file(lock_path).map_err(|e| self.io(lock_path, e))
     }
 
     fn builder() -> redb::Builder {
@@ -237,6 +267,7 @@ impl LeaseDb {
     fn with_db<T>(&self, f: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
         let mut slot = self
             .open_db
+            .db
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if slot.is_none() {
@@ -296,7 +327,12 @@ impl LeaseDb {
         Ok((map, cursor))
     }
 
-    fn store_bitmap(&self, txn: &WriteTransaction, map: &PoolBitmap, cursor: Option<Ipv4Addr>) -> Result<()> {
+    fn store_bitmap(
+        &self,
+        txn: &WriteTransaction,
+        map: &PoolBitmap,
+        cursor: Option<Ipv4Addr>,
+    ) -> Result<()> {
         let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
         meta.insert(META_BITMAP, map.as_bytes())
             .map_err(|e| self.err(e))?;
@@ -308,7 +344,8 @@ impl LeaseDb {
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<IpLease> {
-        serde_json::from_slice(bytes).map_err(|e| self.corrupt(format!("a lease record does not parse: {e}")))
+        serde_json::from_slice(bytes)
+            .map_err(|e| self.corrupt(format!("a lease record does not parse: {e}")))
     }
 
     fn get_in(&self, txn: &WriteTransaction, sandbox_id: &str) -> Result<Option<IpLease>> {
@@ -476,7 +513,10 @@ impl LeaseDb {
             for row in taps.iter().map_err(|e| me.err(e))? {
                 let (k, v) = row.map_err(|e| me.err(e))?;
                 let tap = k.value().to_string();
-                if !leases.iter().any(|l| l.tap == tap && l.sandbox_id == v.value()) {
+                if !leases
+                    .iter()
+                    .any(|l| l.tap == tap && l.sandbox_id == v.value())
+                {
                     stale.push(tap);
                 }
             }
@@ -501,6 +541,7 @@ impl LeaseDb {
         let _lock = self.lock()?;
         *self
             .open_db
+            .db
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         if !self.path.exists() {
@@ -577,7 +618,10 @@ mod tests {
                 .unwrap();
         }
         let err = d.allocate("sb-x", "beacon-ffffffff", mac()).unwrap_err();
-        assert!(matches!(err, NetError::PoolExhausted { size: 3, .. }), "{err}");
+        assert!(
+            matches!(err, NetError::PoolExhausted { size: 3, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("10.88.0.2-10.88.0.4"));
         d.release("sb-1").unwrap();
         assert_eq!(
@@ -594,7 +638,9 @@ mod tests {
         let err = d.allocate("sb-b", "beacon-00000000", mac()).unwrap_err();
         assert!(matches!(err, NetError::TapNameCollision { .. }), "{err}");
         let other = db(dir.path(), "10.88.0.20");
-        let err = other.allocate("sb-c", "beacon-11111111", mac()).unwrap_err();
+        let err = other
+            .allocate("sb-c", "beacon-11111111", mac())
+            .unwrap_err();
         assert!(matches!(err, NetError::PoolChanged { .. }), "{err}");
     }
 
@@ -621,7 +667,10 @@ mod tests {
                 "{what}: {err}"
             );
             let msg = err.to_string();
-            assert!(msg.contains(&d.path().display().to_string()), "{what}: {msg}");
+            assert!(
+                msg.contains(&d.path().display().to_string()),
+                "{what}: {msg}"
+            );
             assert!(msg.contains("beacon-net recover-db"), "{what}: {msg}");
             // redb may flip a header flag, but never rewrites the data.
             assert_eq!(
@@ -630,7 +679,10 @@ mod tests {
                 "{what}: file not reinitialised"
             );
             let again = db(dir.path(), "10.88.0.9").list().unwrap_err();
-            assert!(matches!(again, NetError::DatabaseCorrupt { .. }), "{what} again: {again}");
+            assert!(
+                matches!(again, NetError::DatabaseCorrupt { .. }),
+                "{what} again: {again}"
+            );
         }
         let d = db(dir.path(), "10.88.0.9");
         let moved = d.recover().unwrap().unwrap();
@@ -652,7 +704,10 @@ mod tests {
         })
         .unwrap();
         let report = d.repair().unwrap();
-        assert_eq!(report.bits_cleared, vec!["10.88.0.8".parse::<Ipv4Addr>().unwrap()]);
+        assert_eq!(
+            report.bits_cleared,
+            vec!["10.88.0.8".parse::<Ipv4Addr>().unwrap()]
+        );
         assert_eq!(report.bits_set, vec![a.ip]);
         assert_eq!(d.repair().unwrap(), RepairReport::default());
     }

@@ -73,20 +73,32 @@ pub async fn list_links(handle: &Handle) -> Result<Vec<LinkMessage>> {
 /// Make sure the bridge `name` exists, carries `gateway/prefix` and is up. Safe to
 /// run concurrently from several processes. Returns the bridge's index and whether
 /// this call created it.
-pub async fn ensure_bridge(handle: &Handle, name: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(u32, bool)> {
+pub async fn ensure_bridge(
+    handle: &Handle,
+    name: &str,
+    gateway: Ipv4Addr,
+    prefix: u8,
+) -> Result<(u32, bool)> {
     let mut created = false;
     let index = match link_index(handle, name).await? {
         Some(i) => i,
         None => {
-            match handle.link().add(LinkBridge::new(name).build()).execute().await {
+            match handle
+                .link()
+                .add(LinkBridge::new(name).build())
+                .execute()
+                .await
+            {
                 Ok(()) => created = true,
                 Err(e) if errno(&e) == Some(libc::EEXIST) => {}
                 Err(e) => return Err(NetError::netlink(format!("creating bridge {name}"), e)),
             }
-            link_index(handle, name).await?.ok_or_else(|| NetError::Netlink {
-                action: format!("creating bridge {name}"),
-                detail: "the bridge vanished right after creation".into(),
-            })?
+            link_index(handle, name)
+                .await?
+                .ok_or_else(|| NetError::Netlink {
+                    action: format!("creating bridge {name}"),
+                    detail: "the bridge vanished right after creation".into(),
+                })?
         }
     };
     if created || !has_address(handle, index, gateway).await? {

@@ -94,10 +94,6 @@ impl NetworkManager {
         &self.db
     }
 
-    pub(crate) fn netlink(&self) -> &Handle {
-        &self.handle
-    }
-
     /// Bridge, its address, IP forwarding and the nftables tables. The nftables
     /// tables are (re)applied when the bridge had to be created or `force_nft`.
     pub async fn ensure_host(&self, force_nft: bool) -> Result<u32> {
@@ -160,7 +156,10 @@ impl NetworkManager {
                 action: format!("looking up TAP {tap_name}"),
                 detail: "it vanished right after creation".into(),
             })?;
-        if link::set_up(&self.handle, index, Some(bridge)).await.is_ok() {
+        if link::set_up(&self.handle, index, Some(bridge))
+            .await
+            .is_ok()
+        {
             return Ok(());
         }
         // The bridge may have been removed behind our back: recreate and retry once.
@@ -195,7 +194,10 @@ impl NetworkManager {
     /// (deleting their TAPs, running CNI DEL), align the bitmap with the leases,
     /// delete `beacon-*` TAPs no lease owns, and refresh the nftables tables when
     /// the bridge exists.
-    pub async fn reconcile(&self, is_alive: &(dyn Fn(&str) -> bool + Send + Sync)) -> Result<ReconcileReport> {
+    pub async fn reconcile(
+        &self,
+        is_alive: &(dyn Fn(&str) -> bool + Send + Sync),
+    ) -> Result<ReconcileReport> {
         let mut report = ReconcileReport::default();
         for lease in self.db.list()? {
             if is_alive(&lease.sandbox_id) {
@@ -218,7 +220,11 @@ impl NetworkManager {
                 report.orphan_taps.push(name);
             }
         }
-        if self.cfg.cni.is_none() && link::link_index(&self.handle, &self.cfg.bridge).await?.is_some() {
+        if self.cfg.cni.is_none()
+            && link::link_index(&self.handle, &self.cfg.bridge)
+                .await?
+                .is_some()
+        {
             self.ensure_host(true).await?;
         }
         if report != ReconcileReport::default() {
@@ -260,6 +266,8 @@ pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The default liveness check: a sandbox exists while its state folder
 /// (`$BEACON_STATE_DIR/sandboxes/<id>`) does.
-pub fn state_dir_liveness(paths: beacon_paths::BeaconPaths) -> Arc<dyn Fn(&str) -> bool + Send + Sync> {
+pub fn state_dir_liveness(
+    paths: beacon_paths::BeaconPaths,
+) -> Arc<dyn Fn(&str) -> bool + Send + Sync> {
     Arc::new(move |id: &str| paths.sandbox_state(id).exists())
 }

@@ -85,7 +85,7 @@ impl PoolBitmap {
         let mut idx = start;
         for _ in 0..size {
             // Skip whole bytes that are full.
-            if idx % 8 == 0 && self.bits[(idx / 8) as usize] == 0xff && idx + 8 <= size {
+            if idx.is_multiple_of(8) && self.bits[(idx / 8) as usize] == 0xff && idx + 8 <= size {
                 idx = (idx + 8) % size;
                 continue;
             }

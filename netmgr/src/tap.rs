@@ -60,7 +60,13 @@ fn bind(name: &str, flags: libc::c_short) -> Result<File> {
     Ok(file)
 }
 
-fn set_int(file: &File, name: &str, request: libc::c_ulong, value: libc::c_ulong, action: &'static str) -> Result<()> {
+fn set_int(
+    file: &File,
+    name: &str,
+    request: libc::c_ulong,
+    value: libc::c_ulong,
+    action: &'static str,
+) -> Result<()> {
     // SAFETY: `file` is a tun fd bound to a device; these requests take an integer
     // argument by value and touch no memory of ours.
     let rc = unsafe { libc::ioctl(file.as_raw_fd(), request, value) };
@@ -76,8 +82,20 @@ pub fn create_persistent_tap(name: &str) -> Result<()> {
     let file = bind(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)?;
     // SAFETY: geteuid/getegid cannot fail and have no preconditions.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-    set_int(&file, name, TUNSETOWNER, libc::c_ulong::from(uid), "set the owner of")?;
-    set_int(&file, name, TUNSETGROUP, libc::c_ulong::from(gid), "set the group of")?;
+    set_int(
+        &file,
+        name,
+        TUNSETOWNER,
+        libc::c_ulong::from(uid),
+        "set the owner of",
+    )?;
+    set_int(
+        &file,
+        name,
+        TUNSETGROUP,
+        libc::c_ulong::from(gid),
+        "set the group of",
+    )?;
     set_int(&file, name, TUNSETPERSIST, 1, "make persistent")?;
     Ok(())
 }

@@ -5,7 +5,11 @@ use crate::error::{NetError, Result};
 use crate::leasedb::IpLease;
 use crate::manager::{NetworkAttachment, NetworkManager};
 
-pub(crate) async fn setup(_m: &NetworkManager, _c: &CniConfig, _id: &str) -> Result<NetworkAttachment> {
+pub(crate) async fn setup(
+    _m: &NetworkManager,
+    _c: &CniConfig,
+    _id: &str,
+) -> Result<NetworkAttachment> {
     Err(NetError::Config("CNI mode is not available yet".into()))
 }
 

@@ -1,0 +1,121 @@
+//! Runs test bodies inside a fresh network (and mount) namespace: the test re-executes
+//! its own binary under `unshare --net --mount`, with a private /sys, and checks the
+//! child ran exactly that one test and passed. Nothing here touches the host's links
+//! or nftables.
+
+use std::os::unix::fs::MetadataExt;
+use std::process::Command;
+
+const CHILD_ENV: &str = "BEACON_NETMGR_NETNS_CHILD";
+
+/// Run `body` in a fresh network namespace. `name` is the test's path without the
+/// crate (`module::test`).
+pub fn in_fresh_netns(name: &str, body: impl FnOnce()) {
+    let mine = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
+    if let Some(parent) = std::env::var_os(CHILD_ENV) {
+        assert_ne!(
+            parent.to_string_lossy(),
+            mine.to_string(),
+            "refusing to run a network test in the parent's namespace"
+        );
+        body();
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new("unshare")
+        .args([
+            "--net",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+        ])
+        .arg("mount -t sysfs sysfs /sys && exec \"$0\" \"$@\"")
+        .arg(&exe)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, mine.to_string())
+        .output()
+        .expect("run unshare (util-linux)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "test {name} in a fresh netns failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        out.status
+    );
+}
+
+/// Declare a `#[test]` whose body runs in a fresh network namespace.
+#[macro_export]
+macro_rules! netns_test {
+    ($(#[$meta:meta])* fn $name:ident() $body:block) => {
+        $(#[$meta])*
+        #[test]
+        fn $name() {
+            let path = module_path!();
+            let module = path.split_once("::").map_or("", |(_, m)| m);
+            let name = if module.is_empty() {
+                stringify!($name).to_string()
+            } else {
+                format!("{module}::{}", stringify!($name))
+            };
+            $crate::harness::in_fresh_netns(&name, || $body);
+        }
+    };
+}
+
+/// A current-thread tokio runtime (everything stays on the test's thread and namespace).
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A legacy configuration with its database in `dir`.
+pub fn legacy_config(dir: &std::path::Path) -> beacon_netmgr::NetConfig {
+    let mut cfg = beacon_netmgr::NetConfig::legacy(&beacon_paths::BeaconPaths::under(dir));
+    cfg.dns = vec!["192.0.2.53".parse().unwrap()];
+    cfg
+}
+
+/// `nft -j list ruleset` of the current namespace.
+pub fn nft_ruleset() -> serde_json::Value {
+    let out = Command::new("nft")
+        .args(["-j", "list", "ruleset"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Count the (table, kind) objects of family ip in a ruleset.
+pub fn count(ruleset: &serde_json::Value, kind: &str, table: &str) -> usize {
+    ruleset["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| {
+            let obj = &o[kind];
+            let t = if kind == "table" {
+                &obj["name"]
+            } else {
+                &obj["table"]
+            };
+            t.as_str() == Some(table)
+        })
+        .count()
+}
+
+/// Read a `/sys/class/net/<dev>/<attr>` value (needs the private /sys of the harness).
+pub fn sysfs(dev: &str, attr: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/sys/class/net/{dev}/{attr}"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}

@@ -1,0 +1,8 @@
+//! Integration tests of beacon-netmgr against a real kernel. Every test that touches
+//! links or nftables runs in its own network namespace (see `harness`).
+
+mod harness;
+
+mod concurrency;
+mod legacy;
+mod traffic;
