@@ -17,6 +17,9 @@ pub mod devices;
 pub mod memory;
 pub mod vcpu;
 
+#[cfg(test)]
+mod tests;
+
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
@@ -82,6 +85,22 @@ fn hv(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     }
 }
 
+/// Refuse more vCPUs than this host's KVM runs in one VM (KVM_CAP_MAX_VCPUS).
+fn check_vcpu_limit(asked: u8, kvm_max: usize) -> Result<(), VmError> {
+    if usize::from(asked) <= kvm_max {
+        return Ok(());
+    }
+    Err(VmError::Hypervisor {
+        what: "checking the vCPU count".into(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "this host's KVM runs at most {kvm_max} vCPUs per VM (KVM_CAP_MAX_VCPUS), {asked} were asked for; lower --cpus/--max-cpus"
+            ),
+        ),
+    })
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -94,19 +113,7 @@ impl KvmVm {
         let kvm =
             Kvm::new().map_err(|e| VmError::KvmUnavailable(format!("opening /dev/kvm: {e}")))?;
 
-        let max_vcpus = kvm.get_max_vcpus();
-        if usize::from(config.vcpus.max) > max_vcpus {
-            return Err(VmError::Hypervisor {
-                what: "checking the vCPU count".into(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!(
-                        "this host's KVM runs at most {max_vcpus} vCPUs per VM (KVM_CAP_MAX_VCPUS), {} were asked for; lower --cpus/--max-cpus",
-                        config.vcpus.max
-                    ),
-                ),
-            });
-        }
+        check_vcpu_limit(config.vcpus.max, kvm.get_max_vcpus())?;
 
         let vm = kvm.create_vm().map_err(hv("KVM_CREATE_VM"))?;
         let mem_bytes = config.memory.size_mib << 20;

@@ -1,0 +1,402 @@
+//! Tests of the assembled backend: the boot path end to end in test memory (with
+//! fabricated kernels), and the VM lifecycle against this host's `/dev/kvm`.
+//!
+//! The lifecycle tests run tiny hand-written guests. Where `/dev/kvm` cannot run
+//! them (this project's dev hosts have a paravirtual PVM hypervisor, which only
+//! runs PVM-patched guests and reports other code as an emulation failure) they
+//! still check what matters for the VMM: the failure is reported as
+//! [`VmExit::Crashed`] with registers, `wait` returns, and no thread or KVM fd
+//! is left behind.
+
+use std::path::{Path, PathBuf};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::boot::layout::{
+    CMDLINE_ADDR, GDT_ADDR, PML4_ADDR, PVH_INFO_ADDR, PVH_MODLIST_ADDR, ZERO_PAGE_ADDR,
+};
+use super::boot::{self, BootEntry};
+use super::KvmVm;
+use crate::backend::{VmBackend, VmError, VmExit};
+use crate::config::{ConsoleConfig, KernelFormat, VmConfig};
+
+const MIB: u64 = 1 << 20;
+const KERNEL_PADDR: u64 = 0x100_0000;
+
+/// A minimal x86_64 ELF "kernel": one PT_LOAD of `code` at 16 MiB with `memsz`
+/// bytes in memory, and optionally a PVH note pointing at `code + 0x10`.
+fn fake_elf(code: &[u8], memsz: u64, pvh: bool) -> Vec<u8> {
+    let phnum: u16 = if pvh { 2 } else { 1 };
+    let mut f = Vec::new();
+    f.extend_from_slice(b"\x7fELF\x02\x01\x01\0");
+    f.extend_from_slice(&[0; 8]);
+    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f.extend_from_slice(&0x3eu16.to_le_bytes()); // EM_X86_64
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&KERNEL_PADDR.to_le_bytes()); // e_entry
+    f.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    f.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    f.extend_from_slice(&0u32.to_le_bytes());
+    for v in [64u16, 56, phnum, 64, 0, 0] {
+        f.extend_from_slice(&v.to_le_bytes());
+    }
+    let note_off = 64 + 56 * u64::from(phnum);
+    let code_off = 0x1000u64;
+    let phdr = |f: &mut Vec<u8>, ty: u32, off: u64, paddr: u64, filesz: u64, memsz: u64| {
+        f.extend_from_slice(&ty.to_le_bytes());
+        f.extend_from_slice(&5u32.to_le_bytes());
+        for v in [
+            off,
+            paddr | 0xffff_ffff_8000_0000,
+            paddr,
+            filesz,
+            memsz,
+            0x1000,
+        ] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+    };
+    phdr(&mut f, 1, code_off, KERNEL_PADDR, code.len() as u64, memsz);
+    if pvh {
+        phdr(&mut f, 4, note_off, 0, 20, 20);
+        // namesz, descsz, type 18 (XEN_ELFNOTE_PHYS32_ENTRY), "Xen\0", entry.
+        for v in [4u32, 4, 18] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+        f.extend_from_slice(b"Xen\0");
+        f.extend_from_slice(&((KERNEL_PADDR + 0x10) as u32).to_le_bytes());
+    }
+    f.resize(code_off as usize, 0);
+    f.extend_from_slice(code);
+    f
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).expect("write test file");
+    p
+}
+
+fn test_memory(bytes: u64) -> GuestMemoryMmap {
+    GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), bytes as usize)]).expect("memory")
+}
+
+#[test]
+fn elf_with_pvh_note_boots_through_pvh() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut config = VmConfig::new(write(
+        tmp.path(),
+        "vmlinux",
+        &fake_elf(&[0x90; 64], 4 * MIB, true),
+    ));
+    let initrd: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+    config.initrd = Some(write(tmp.path(), "initrd", &initrd));
+    config.cmdline = "console=ttyS0 reboot=k".into();
+    config.memory.size_mib = 64;
+    let mem = test_memory(64 * MIB);
+    let entry = boot::load(&mem, 64 * MIB, &config, KernelFormat::Elf).expect("load");
+    assert_eq!(
+        entry,
+        BootEntry::Pvh {
+            entry: KERNEL_PADDR + 0x10
+        }
+    );
+
+    let magic: u32 = mem.read_obj(GuestAddress(PVH_INFO_ADDR)).expect("read");
+    assert_eq!(magic, 0x336e_c578);
+    let cmdline_paddr: u64 = mem
+        .read_obj(GuestAddress(PVH_INFO_ADDR + 24))
+        .expect("read");
+    assert_eq!(cmdline_paddr, CMDLINE_ADDR);
+    let mut cmdline = vec![0u8; 23];
+    mem.read_slice(&mut cmdline, GuestAddress(CMDLINE_ADDR))
+        .expect("read");
+    assert_eq!(&cmdline, b"console=ttyS0 reboot=k\0");
+
+    // The module list names the initrd, which sits high, page-aligned, intact.
+    let addr: u64 = mem.read_obj(GuestAddress(PVH_MODLIST_ADDR)).expect("read");
+    let size: u64 = mem
+        .read_obj(GuestAddress(PVH_MODLIST_ADDR + 8))
+        .expect("read");
+    assert_eq!(size, 5000);
+    assert_eq!(addr % 4096, 0);
+    assert!(addr + size <= 64 * MIB && addr + size > 64 * MIB - 4096);
+    let mut back = vec![0u8; 5000];
+    mem.read_slice(&mut back, GuestAddress(addr)).expect("read");
+    assert_eq!(back, initrd);
+
+    // PVH GDT (32-bit code) and the MP table.
+    let code: u64 = mem.read_obj(GuestAddress(GDT_ADDR + 8)).expect("read");
+    assert_eq!(code, 0x00cf_9b00_0000_ffff);
+    let mut mp = [0u8; 4];
+    mem.read_slice(&mut mp, GuestAddress(0x9fc00))
+        .expect("read");
+    assert_eq!(&mp, b"_MP_");
+}
+
+#[test]
+fn elf_without_note_boots_through_the_64_bit_entry() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut config = VmConfig::new(write(
+        tmp.path(),
+        "vmlinux",
+        &fake_elf(&[0x90; 64], 4 * MIB, false),
+    ));
+    config.initrd = Some(write(tmp.path(), "initrd", &[7u8; 10000]));
+    config.cmdline = "panic=-1".into();
+    let mem = test_memory(128 * MIB);
+    let entry = boot::load(&mem, 128 * MIB, &config, KernelFormat::Elf).expect("load");
+    assert_eq!(
+        entry,
+        BootEntry::Linux64 {
+            entry: KERNEL_PADDR
+        }
+    );
+
+    let params: linux_loader::loader::bootparam::boot_params =
+        mem.read_obj(GuestAddress(ZERO_PAGE_ADDR)).expect("read");
+    assert_eq!({ params.hdr.header }, 0x5372_6448);
+    assert_eq!({ params.hdr.boot_flag }, 0xaa55);
+    assert_eq!({ params.hdr.type_of_loader }, 0xff);
+    assert_eq!({ params.hdr.cmd_line_ptr }, CMDLINE_ADDR as u32);
+    assert_eq!({ params.hdr.cmdline_size }, 8);
+    assert_eq!({ params.hdr.ramdisk_size }, 10000);
+    let image = u64::from(params.hdr.ramdisk_image);
+    assert_eq!(image % 4096, 0);
+    let mut byte = [0u8; 1];
+    mem.read_slice(&mut byte, GuestAddress(image + 9999))
+        .expect("read");
+    assert_eq!(byte, [7]);
+    assert_eq!({ params.e820_entries }, 2);
+    // Long-mode GDT and page tables are in place.
+    let code: u64 = mem.read_obj(GuestAddress(GDT_ADDR + 8)).expect("read");
+    assert_eq!(code, 0x00af_9b00_0000_ffff);
+    let pml4: u64 = mem.read_obj(GuestAddress(PML4_ADDR)).expect("read");
+    assert_eq!(pml4 & !0xfff, 0xa000);
+}
+
+#[test]
+fn initrd_that_does_not_fit_is_a_clear_error() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // The kernel occupies 16..48 MiB; a 32 MiB initrd cannot fit in 64 MiB.
+    let mut config = VmConfig::new(write(
+        tmp.path(),
+        "vmlinux",
+        &fake_elf(&[0x90; 16], 32 * MIB, false),
+    ));
+    let initrd = tmp.path().join("initrd");
+    std::fs::File::create(&initrd)
+        .and_then(|f| f.set_len(32 * MIB))
+        .expect("sparse initrd");
+    config.initrd = Some(initrd);
+    config.memory.size_mib = 64;
+    config.validate().expect("the config itself is valid");
+    let mem = test_memory(64 * MIB);
+    let err = boot::load(&mem, 64 * MIB, &config, KernelFormat::Elf).expect_err("must not fit");
+    assert!(matches!(err, VmError::Memory(_)), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("does not fit") && msg.contains("more memory"),
+        "{msg}"
+    );
+
+    // Through the backend: the same error before any vCPU exists (or, on a host
+    // without usable KVM, the error saying so).
+    match KvmVm::create(config) {
+        Err(VmError::Memory(msg)) => assert!(msg.contains("does not fit"), "{msg}"),
+        Err(VmError::KvmUnavailable(msg)) => assert!(msg.contains("/dev/kvm"), "{msg}"),
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("an initrd that does not fit was accepted"),
+    }
+}
+
+#[test]
+fn kernel_larger_than_memory_is_a_clear_error() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = VmConfig::new(write(
+        tmp.path(),
+        "vmlinux",
+        &fake_elf(&[0x90; 16], MIB, false),
+    ));
+    // RAM ends below the kernel's load address.
+    let mem = test_memory(8 * MIB);
+    let err = boot::load(&mem, 8 * MIB, &config, KernelFormat::Elf).expect_err("no room");
+    assert!(matches!(err, VmError::KernelLoad(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("larger than guest memory"),
+        "{err}"
+    );
+}
+
+/// Names of this process's threads and the KVM fds it holds.
+fn vcpu_threads_and_kvm_fds() -> (usize, usize) {
+    let threads = std::fs::read_dir("/proc/self/task")
+        .expect("tasks")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.starts_with("beacon-vcpu"))
+        .count();
+    let fds = std::fs::read_dir("/proc/self/fd")
+        .expect("fds")
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().contains("kvm"))
+        .count();
+    (threads, fds)
+}
+
+/// 64-bit guest code: mark the boot timer (123 to port 0x440), then reset
+/// through the i8042 (0xfe to port 0x64), then halt forever.
+const TIMER_THEN_RESET: &[u8] = &[
+    0xb0, 0x7b, // mov al, 123
+    0x66, 0xba, 0x40, 0x04, // mov dx, 0x440
+    0xee, // out dx, al
+    0xb0, 0xfe, // mov al, 0xfe
+    0xe6, 0x64, // out 0x64, al
+    0xf4, // hlt
+    0xeb, 0xfd, // jmp back to hlt
+];
+
+/// 64-bit guest code that faults with no IDT: a triple fault.
+const TRIPLE_FAULT: &[u8] = &[0x0f, 0x0b]; // ud2
+
+/// 64-bit guest code that spins forever.
+const SPIN: &[u8] = &[0xeb, 0xfe]; // jmp $
+
+/// 64-bit guest code that halts forever with interrupts off (what a Linux
+/// `poweroff` without ACPI ends in).
+const HALT_FOREVER: &[u8] = &[0xfa, 0xf4, 0xeb, 0xfd]; // cli; hlt; jmp back
+
+/// VM tests count this process's vCPU threads and KVM fds: one at a time.
+static VM_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A created (not started) VM running `code`; None if this host has no usable KVM.
+fn guest(code: &[u8], vcpus: u8) -> Option<KvmVm> {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut config = VmConfig::new(write(tmp.path(), "vmlinux", &fake_elf(code, MIB, false)));
+    config.memory.size_mib = 64;
+    config.vcpus.boot = vcpus;
+    config.vcpus.max = vcpus;
+    config.console = ConsoleConfig::Off;
+    match KvmVm::create(config) {
+        Ok(vm) => Some(vm),
+        Err(VmError::KvmUnavailable(msg)) => {
+            // Only acceptable where /dev/kvm really cannot be opened.
+            assert!(std::fs::File::open("/dev/kvm").is_err(), "{msg}");
+            None
+        }
+        Err(e) => panic!("creating the VM failed: {e}"),
+    }
+}
+
+/// Run `code` to its end.
+fn run_guest(code: &[u8], vcpus: u8) -> Option<(VmExit, crate::backend::BootTimes)> {
+    let vm = guest(code, vcpus)?;
+    assert!(
+        matches!(vm.wait(), Err(VmError::WrongState { .. })),
+        "wait before start"
+    );
+    vm.start().expect("start");
+    assert!(
+        matches!(vm.start(), Err(VmError::WrongState { .. })),
+        "second start"
+    );
+    let exit = vm.wait().expect("wait");
+    let times = vm.boot_times();
+    eprintln!(
+        "guest {:02x?} on {vcpus} vCPU(s) ended: {exit:?}, {times:?}",
+        &code[..2]
+    );
+    assert!(times.first_run.is_some(), "first KVM_RUN recorded");
+    drop(vm);
+    Some((exit, times))
+}
+
+#[test]
+fn guest_exits_end_the_vm_and_leave_nothing_behind() {
+    let _one_at_a_time = VM_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+    let (threads_before, fds_before) = vcpu_threads_and_kvm_fds();
+    // Two vCPUs: the second never gets a SIPI and sits in KVM_RUN until kicked.
+    if let Some((exit, times)) = run_guest(TIMER_THEN_RESET, 2) {
+        assert_eq!(exit, VmExit::Reboot);
+        assert!(times.init_reached.is_some(), "boot timer seen");
+        assert!(times.init_reached >= times.first_run);
+    }
+    if let Some((exit, times)) = run_guest(TRIPLE_FAULT, 1) {
+        let VmExit::Crashed(msg) = exit else {
+            panic!("a faulting guest must crash, got {exit:?}");
+        };
+        assert!(msg.contains("triple fault"), "{msg}");
+        assert!(
+            msg.contains("rip=0x1000000") && msg.contains("efer=0x500"),
+            "{msg}"
+        );
+        assert!(times.init_reached.is_none());
+    }
+    assert_eq!(vcpu_threads_and_kvm_fds(), (threads_before, fds_before));
+}
+
+#[test]
+fn pause_resume_kill_and_shutdown_never_hang() {
+    let _one_at_a_time = VM_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+    let (threads_before, fds_before) = vcpu_threads_and_kvm_fds();
+    let Some(vm) = guest(SPIN, 2) else {
+        return;
+    };
+    assert!(matches!(
+        vm.pause(),
+        Err(VmError::WrongState {
+            actual: "created",
+            ..
+        })
+    ));
+    vm.start().expect("start");
+    vm.pause().expect("pause");
+    assert!(matches!(
+        vm.pause(),
+        Err(VmError::WrongState {
+            actual: "paused",
+            ..
+        })
+    ));
+    vm.resume().expect("resume");
+    assert!(matches!(
+        vm.resume(),
+        Err(VmError::WrongState {
+            actual: "running",
+            ..
+        })
+    ));
+    vm.pause().expect("pause again");
+    vm.kill().expect("kill while paused");
+    assert_eq!(vm.wait().expect("wait"), VmExit::PowerOff);
+    assert_eq!(vm.wait().expect("wait twice"), VmExit::PowerOff);
+    drop(vm);
+
+    // Halted with interrupts off: KVM keeps the vCPU inside KVM_RUN.
+    let Some(vm) = guest(HALT_FOREVER, 1) else {
+        return;
+    };
+    vm.start().expect("start");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    vm.shutdown().expect("shutdown");
+    assert_eq!(vm.wait().expect("wait"), VmExit::PowerOff);
+    drop(vm);
+
+    // Dropped while running, without wait: threads are still joined.
+    let Some(vm) = guest(SPIN, 1) else {
+        return;
+    };
+    vm.start().expect("start");
+    drop(vm);
+    assert_eq!(vcpu_threads_and_kvm_fds(), (threads_before, fds_before));
+}
+
+#[test]
+fn vcpu_limit_check() {
+    assert!(super::check_vcpu_limit(8, 8).is_ok());
+    let err = super::check_vcpu_limit(9, 8).expect_err("over the limit");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("at most 8 vCPUs") && msg.contains("lower --cpus"),
+        "{msg}"
+    );
+}
