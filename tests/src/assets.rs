@@ -37,3 +37,31 @@ pub fn folder_from_script(script: &Path) -> Result<PathBuf, String> {
 pub fn beacon_kernel_dir() -> Result<PathBuf, String> {
     folder_from_script(&repo_root().join("kernel-config/build.sh"))
 }
+
+/// A folder for test files that the nested lab can also see: under the target
+/// directory (the lab's own /tmp is a fresh tmpfs, so host temp dirs are invisible).
+pub fn lab_visible_tempdir() -> Result<tempfile::TempDir, String> {
+    let base = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+        .join("lab-tmp");
+    std::fs::create_dir_all(&base).map_err(|e| format!("creating {}: {e}", base.display()))?;
+    tempfile::Builder::new()
+        .prefix("t.")
+        .tempdir_in(&base)
+        .map_err(|e| format!("temp dir in {}: {e}", base.display()))
+}
+
+/// Build the hello initrd (resources/hello-init + busybox) into `dir`.
+pub fn hello_initrd(dir: &Path) -> Result<PathBuf, String> {
+    let out = dir.join("hello-initrd.gz");
+    let spec = beacon_initrd::InitrdSpec {
+        init: repo_root().join("resources/hello-init"),
+        busybox: Some(PathBuf::from("/bin/busybox")),
+        ..Default::default()
+    };
+    let mut file =
+        std::fs::File::create(&out).map_err(|e| format!("creating {}: {e}", out.display()))?;
+    beacon_initrd::build(&spec, &mut file).map_err(|e| e.to_string())?;
+    Ok(out)
+}

@@ -364,6 +364,72 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// Run `argv` where a real KVM is: directly on hardware-KVM hosts, else in the lab.
+/// Either way the result has the same shape.
+pub fn run_with_kvm<S: AsRef<std::ffi::OsStr>>(
+    argv: &[S],
+    timeout: Duration,
+) -> Result<LabOutput, LabError> {
+    match kvm_host() {
+        KvmHost::Lab => Lab {
+            timeout,
+            ..Lab::new()
+        }
+        .run(argv),
+        KvmHost::Hardware => run_direct(argv, timeout),
+    }
+}
+
+fn run_direct<S: AsRef<std::ffi::OsStr>>(
+    argv: &[S],
+    timeout: Duration,
+) -> Result<LabOutput, LabError> {
+    let (program, rest) = argv.split_first().ok_or(LabError::EmptyCommand)?;
+    let mut cmd = Command::new(program);
+    cmd.args(rest)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: runs in the forked child before exec; prctl(2) is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let start = Instant::now();
+    let mut child = cmd.spawn().map_err(io_err("starting the command"))?;
+    let output = Arc::new(Mutex::new(String::new()));
+    let readers = spawn_readers(&mut child, &output, false);
+    let status = wait_deadline(&mut child, start + timeout);
+    for r in readers {
+        let _ = r.join();
+    }
+    let output = output.lock().map(|o| o.clone()).unwrap_or_default();
+    let status = match status {
+        Some(s) => s.map_err(io_err("waiting for the command"))?,
+        None => {
+            return Err(LabError::Timeout {
+                after: timeout,
+                console_tail: tail(&output, 30),
+            })
+        }
+    };
+    use std::os::unix::process::ExitStatusExt;
+    let exit_code = status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(-1);
+    Ok(LabOutput {
+        exit_code,
+        console: output.clone(),
+        output,
+        elapsed: start.elapsed(),
+    })
+}
+
 /// Parse `K=V` pairs for [`Lab::env`].
 pub fn parse_env(pairs: &[String]) -> Result<Vec<(String, String)>, String> {
     pairs
