@@ -11,6 +11,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Notify;
 
 use vminitd::events::EventHub;
+use vminitd::pid1::cmdline::BootParams;
 use vminitd::reaper::Reaper;
 use vminitd::streams::{self, StdioHub};
 use vminitd::task::runtime::{Runtime, RuntimeConfig};
@@ -70,19 +71,21 @@ fn main() -> anyhow::Result<()> {
         Mode::Pid1 => true,
         Mode::Host => false,
     };
+    let boot = pid1.then(vminitd::pid1::early_setup);
+    let filter = boot
+        .as_ref()
+        .and_then(|b| b.log.clone())
+        .unwrap_or_else(|| args.log.clone());
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_ansi(false)
         .with_writer(std::io::stderr)
         .init();
-    if pid1 {
-        vminitd::pid1::early_setup();
-    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("Building the tokio runtime")?;
-    let result = rt.block_on(run(args, pid1));
+    let result = rt.block_on(run(args, boot));
     if let Err(e) = &result {
         tracing::error!("vminitd failed: {e:#}");
     }
@@ -93,13 +96,14 @@ fn main() -> anyhow::Result<()> {
     result
 }
 
-async fn run(args: Args, pid1: bool) -> anyhow::Result<()> {
+async fn run(args: Args, boot: Option<BootParams>) -> anyhow::Result<()> {
+    let pid1 = boot.is_some();
     if args.cgroup_parent.is_empty() || args.cgroup_parent.contains('/') {
         anyhow::bail!("--cgroup-parent must be one path component");
     }
     let reaper = Reaper::start().context("Starting the reaper")?;
-    if pid1 {
-        vminitd::pid1::setup(&args.shares_dir).await;
+    if let Some(boot) = &boot {
+        vminitd::pid1::setup(boot, &args.shares_dir, &args.cgroup_mount);
     } else {
         nix::sys::prctl::set_child_subreaper(true).context("Becoming a child subreaper")?;
     }

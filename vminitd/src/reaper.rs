@@ -153,6 +153,8 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn late_subscriber_gets_unclaimed_exit() {
         let reaper = Reaper::start().expect("reaper");
+        // The reaper, not Child::wait, collects this child: that is the test.
+        #[allow(clippy::zombie_processes)]
         let child = std::process::Command::new("/bin/sh")
             .args(["-c", "exit 7"])
             .spawn()
