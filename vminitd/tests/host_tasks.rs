@@ -316,6 +316,7 @@ async fn exec_into_running_container_and_pids() {
         .expect("state");
     assert_eq!(st.status.enum_value(), Ok(Status::RUNNING));
 
+    v.assert_no_zombies();
     c.kill(ctx(), &kill("x1", "", 9)).await.expect("kill");
     assert_eq!(
         c.wait(ctx(), &wait("x1", ""))
@@ -533,6 +534,7 @@ async fn twenty_containers_concurrently() {
         assert_eq!(e, "");
         assert_eq!(st, i % 7);
     }
+    v.assert_no_zombies();
     v.stop();
     v.assert_clean();
 }

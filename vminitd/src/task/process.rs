@@ -59,6 +59,7 @@ pub struct Process {
     pub exec_spec: Option<serde_json::Value>,
     inner: Mutex<Inner>,
     exit_tx: watch::Sender<Option<ExitInfo>>,
+    start_claimed: std::sync::atomic::AtomicBool,
 }
 
 impl Process {
@@ -73,7 +74,21 @@ impl Process {
                 io: None,
             }),
             exit_tx: watch::channel(None).0,
+            start_claimed: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// True for exactly one caller: the one allowed to start the process.
+    pub fn claim_start(&self) -> bool {
+        !self
+            .start_claimed
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// Gives the start back after a failed attempt.
+    pub fn release_start(&self) {
+        self.start_claimed
+            .store(false, std::sync::atomic::Ordering::Release);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

@@ -208,7 +208,11 @@ impl Runtime {
                 ))
             })?,
         };
-        let spec = bundle::parse_json("config.json", &spec_bytes)?;
+        let mut spec = bundle::parse_json("config.json", &spec_bytes)?;
+        if let Some(process) = spec.get_mut("process").filter(|p| p.is_object()) {
+            // The request's terminal flag decides; crun reads the spec's.
+            process["terminal"] = Value::Bool(p.names.terminal);
+        }
         let spec = bundle::rewrite_spec(
             spec,
             &self.cfg.shares_dir,
@@ -272,12 +276,26 @@ impl Runtime {
     pub async fn start(&self, id: &str, exec_id: &str) -> TaskResult<u32> {
         let c = self.get(id)?;
         let proc = c.process(exec_id)?;
-        if proc.state() != ProcState::Created {
+        if proc.state() != ProcState::Created || !proc.claim_start() {
             return Err(TaskError::FailedPrecondition(format!(
                 "process {} of {id} was already started",
                 if exec_id.is_empty() { id } else { exec_id }
             )));
         }
+        let r = self.start_claimed(&c, &proc, exec_id).await;
+        if r.is_err() {
+            proc.release_start();
+        }
+        r
+    }
+
+    async fn start_claimed(
+        &self,
+        c: &Container,
+        proc: &Arc<Process>,
+        exec_id: &str,
+    ) -> TaskResult<u32> {
+        let id = c.id.as_str();
         if exec_id.is_empty() {
             self.crun.start(id).await?;
             proc.set_running();
@@ -338,8 +356,10 @@ impl Runtime {
             )));
         }
         let c = self.get(id)?;
-        let spec = bundle::parse_json("exec process spec", spec)?;
+        let mut spec = bundle::parse_json("exec process spec", spec)?;
         bundle::check_process(&spec)?;
+        // The request's terminal flag decides; crun reads the JSON's.
+        spec["terminal"] = Value::Bool(names.terminal);
         let mut execs = c.execs();
         if execs.contains_key(exec_id) {
             return Err(TaskError::AlreadyExists(format!("exec {exec_id} in {id}")));

@@ -145,6 +145,24 @@ impl Vminitd {
         }
     }
 
+    /// Asserts vminitd has no zombie children (it reaps every orphan that
+    /// lands on it), allowing a moment for in-flight reaps.
+    pub fn assert_no_zombies(&self) {
+        let pid = self.child.as_ref().expect("running").id();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let zombies = zombie_children(pid);
+            if zombies.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "zombie children of vminitd: {zombies:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Asserts nothing of vminitd's is left: crun state, bundles, cgroups.
     pub fn assert_clean(&self) {
         let crun_root = self.state.join("crun");
@@ -165,6 +183,32 @@ impl Drop for Vminitd {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Pids of zombie children of `parent`.
+pub fn zombie_children(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+    {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised command: state, ppid, ...
+        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
+            continue;
+        };
+        let mut f = rest.split(' ');
+        let (state, ppid) = (f.next(), f.next().and_then(|p| p.parse::<u32>().ok()));
+        if state == Some("Z") && ppid == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 /// A minimal OCI spec for busybox; `network` is included on purpose (vminitd
