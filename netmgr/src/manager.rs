@@ -190,6 +190,27 @@ impl NetworkManager {
         Ok(())
     }
 
+    /// Verify a sandbox's network: CNI CHECK over the chain in CNI mode; in legacy
+    /// mode that its TAP exists and sits on the bridge.
+    pub async fn check(&self, sandbox_id: &str) -> Result<()> {
+        let lease = self.db.get(sandbox_id)?.ok_or_else(|| NetError::Netlink {
+            action: format!("checking sandbox {sandbox_id:?}"),
+            detail: "it has no lease".into(),
+        })?;
+        if lease.mode == LeaseMode::Cni {
+            return crate::cni::check(self, &lease).await;
+        }
+        let bridge = link::link_index(&self.handle, &self.cfg.bridge).await?;
+        let tap = link::get_link(&self.handle, &lease.tap).await?;
+        match (bridge, tap) {
+            (Some(b), Some(t)) if link::link_controller(&t) == Some(b) => Ok(()),
+            _ => Err(NetError::Netlink {
+                action: format!("checking sandbox {sandbox_id:?}"),
+                detail: format!("TAP {} is missing or not on {}", lease.tap, self.cfg.bridge),
+            }),
+        }
+    }
+
     /// One reconciler pass: free the leases of sandboxes `is_alive` says are gone
     /// (deleting their TAPs, running CNI DEL), align the bitmap with the leases,
     /// delete `beacon-*` TAPs no lease owns, and refresh the nftables tables when

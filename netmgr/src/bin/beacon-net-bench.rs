@@ -1,1 +1,115 @@
-fn main() {}
+//! `beacon-net-bench`: times `setup` and `teardown` and prints medians. It always
+//! runs inside a private network namespace (it re-executes itself under
+//! `unshare --net`) with its database in a temporary folder, so it never touches the
+//! host's interfaces, nftables or state.
+//!
+//! Usage: `beacon-net-bench [iterations] [--cni BIN_DIR]` (default 50 iterations;
+//! with `--cni`, CNI mode with the bridge + host-local plugins from BIN_DIR is timed
+//! too).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use beacon_netmgr::{CniConfig, NetConfig, NetworkManager};
+
+const CHILD_ENV: &str = "BEACON_NET_BENCH_IN_NETNS";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if std::env::var_os(CHILD_ENV).is_none() {
+        let exe = std::env::current_exe()?;
+        let status = std::process::Command::new("unshare")
+            .args(["--net", "--mount", "--propagation", "private", "--"])
+            .arg(exe)
+            .args(&args)
+            .env(CHILD_ENV, "1")
+            .status()
+            .context("running unshare (util-linux)")?;
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    let iterations: usize = args
+        .first()
+        .filter(|a| !a.starts_with("--"))
+        .map(|a| a.parse())
+        .transpose()
+        .context("iterations must be a number")?
+        .unwrap_or(50);
+    let cni_bin = args
+        .iter()
+        .position(|a| a == "--cni")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let dir = tempfile::tempdir()?;
+        let paths = beacon_paths::BeaconPaths::under(dir.path());
+        let cfg = NetConfig::legacy(&paths);
+        bench("legacy", cfg, iterations).await?;
+        if let Some(bin) = cni_bin {
+            let mut cfg = NetConfig::legacy(&paths);
+            cfg.db_path = dir.path().join("cni-network.db");
+            let conf_dir = dir.path().join("cni-conf");
+            std::fs::create_dir_all(&conf_dir)?;
+            std::fs::write(
+                conf_dir.join("10-beacon.conflist"),
+                beacon_netmgr::cni::example_conflist(
+                    "beacon-net",
+                    "cni-bench0",
+                    "10.99.0.0/16",
+                    &dir.path().join("ipam"),
+                ),
+            )?;
+            cfg.cni = Some(CniConfig {
+                conf_dir,
+                bin_dir: bin.into(),
+                network: "beacon-net".into(),
+                netns_dir: dir.path().join("netns"),
+                ifname: "eth0".into(),
+            });
+            bench("cni", cfg, iterations.min(20)).await?;
+        }
+        Ok(())
+    })
+}
+
+fn median(mut v: Vec<Duration>) -> (Duration, Duration) {
+    v.sort();
+    let p90 = v[(v.len() * 9 / 10).min(v.len() - 1)];
+    (v[v.len() / 2], p90)
+}
+
+async fn bench(label: &str, cfg: NetConfig, iterations: usize) -> Result<()> {
+    let mgr = NetworkManager::new(cfg)?;
+    let t = Instant::now();
+    mgr.setup("warmup").await?;
+    let first = t.elapsed();
+    mgr.teardown("warmup").await?;
+    let mut setups = Vec::with_capacity(iterations);
+    let mut teardowns = Vec::with_capacity(iterations);
+    for i in 0..iterations {
+        let id = format!("bench-{i}");
+        let t = Instant::now();
+        mgr.setup(&id).await?;
+        setups.push(t.elapsed());
+        let t = Instant::now();
+        mgr.teardown(&id).await?;
+        teardowns.push(t.elapsed());
+    }
+    let (s50, s90) = median(setups);
+    let (t50, t90) = median(teardowns);
+    println!(
+        "{label}: first setup (creates host network) {:.2} ms; setup median {:.2} ms (p90 {:.2}); teardown median {:.2} ms (p90 {:.2}); n={iterations}",
+        ms(first),
+        ms(s50),
+        ms(s90),
+        ms(t50),
+        ms(t90)
+    );
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod cni;
 mod concurrency;
 mod legacy;
 mod traffic;

@@ -13,7 +13,7 @@ use beacon_netmgr::{tap, MacAddr, NetworkManager};
 use crate::harness::{legacy_config, rt};
 use crate::netns_test;
 
-fn arp_request(mac: MacAddr, sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+pub fn arp_request(mac: MacAddr, sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
     let mut f = Vec::with_capacity(60);
     f.extend_from_slice(&[0xff; 6]);
     f.extend_from_slice(&mac.0);
@@ -53,7 +53,7 @@ pub fn wait_frame(
     None
 }
 
-fn is_arp(frame: &[u8], oper: u8, spa: Ipv4Addr, tpa: Ipv4Addr) -> bool {
+pub fn is_arp(frame: &[u8], oper: u8, spa: Ipv4Addr, tpa: Ipv4Addr) -> bool {
     frame.len() >= 42
         && frame[12..14] == [0x08, 0x06]
         && frame[21] == oper
