@@ -2,9 +2,10 @@
 //! one sandbox's network (lease first, then TAP, then attach; the reverse on
 //! teardown) and the reconciler that repairs what a crash left behind.
 //!
-//! Order matters for crash safety: a TAP only exists while its lease is committed,
-//! so a `beacon-*` TAP without a lease is always an orphan the reconciler may delete,
-//! and a lease whose sandbox is gone is freed together with its TAP.
+//! Order matters for crash safety: setup commits the lease before it creates the
+//! TAP, so a `beacon-*` TAP without a lease is always an orphan (a crashed setup or
+//! teardown) the reconciler may delete, and a lease whose sandbox is gone is freed
+//! together with its TAP.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -83,6 +84,17 @@ impl NetworkManager {
             db,
             bridge_index: Mutex::new(None),
         })
+    }
+
+    /// Do the slow one-time work ahead of the first `setup`: open and verify the
+    /// lease database, and (legacy mode) make sure the bridge and nftables tables
+    /// exist. A shim can call this at startup, in parallel with its other work.
+    pub async fn prepare(&self) -> Result<()> {
+        self.db.open_now()?;
+        if self.cfg.cni.is_none() {
+            self.ensure_host(false).await?;
+        }
+        Ok(())
     }
 
     pub fn config(&self) -> &NetConfig {
@@ -183,7 +195,19 @@ impl NetworkManager {
                 let tap_name = lease
                     .as_ref()
                     .map_or_else(|| naming::tap_name(sandbox_id), |l| l.tap.clone());
-                link::delete_link(&self.handle, &tap_name).await?;
+                // The kernel needs ~15 ms to unregister a netdev and the commit
+                // ~5-10 ms of fsync: run them side by side. Should we crash in
+                // between, a TAP without a lease is an orphan the reconciler deletes.
+                let db = self.db.clone();
+                let id = sandbox_id.to_string();
+                let release = tokio::task::spawn_blocking(move || db.release(&id));
+                let deleted = link::delete_link(&self.handle, &tap_name).await;
+                release.await.map_err(|e| NetError::Database {
+                    path: self.db.path().to_path_buf(),
+                    detail: format!("release task failed: {e}"),
+                })??;
+                deleted?;
+                return Ok(());
             }
         }
         self.db.release(sandbox_id)?;
@@ -215,6 +239,10 @@ impl NetworkManager {
     /// (deleting their TAPs, running CNI DEL), align the bitmap with the leases,
     /// delete `beacon-*` TAPs no lease owns, and refresh the nftables tables when
     /// the bridge exists.
+    ///
+    /// Contract for `is_alive`: a sandbox must count as alive from before its
+    /// `setup` starts (e.g. its state folder is created first), or a reconciler in
+    /// another process may free a lease that is being set up.
     pub async fn reconcile(
         &self,
         is_alive: &(dyn Fn(&str) -> bool + Send + Sync),
@@ -230,8 +258,12 @@ impl NetworkManager {
             }
         }
         report.repair = self.db.repair()?;
+        let links = link::list_links(&self.handle).await?;
+        // Read the leases only after listing the links: a setup commits its lease
+        // before it creates its TAP, so every TAP listed above has its lease visible
+        // now and a concurrent setup's fresh TAP is never taken for an orphan.
         let owned: Vec<String> = self.db.list()?.into_iter().map(|l| l.tap).collect();
-        for msg in link::list_links(&self.handle).await? {
+        for msg in links {
             let Some(name) = link::link_name(&msg) else {
                 continue;
             };

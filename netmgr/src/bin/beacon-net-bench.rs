@@ -81,7 +81,7 @@ fn median(mut v: Vec<Duration>) -> (Duration, Duration) {
 }
 
 async fn bench(label: &str, cfg: NetConfig, iterations: usize) -> Result<()> {
-    let mgr = NetworkManager::new(cfg)?;
+    let mgr = NetworkManager::new(cfg.clone())?;
     let t = Instant::now();
     mgr.setup("warmup").await?;
     let first = t.elapsed();
@@ -106,6 +106,66 @@ async fn bench(label: &str, cfg: NetConfig, iterations: usize) -> Result<()> {
         ms(s90),
         ms(t50),
         ms(t90)
+    );
+    // Where the time goes: the database alone, and TAP create/delete alone.
+    let (mut alloc, mut release, mut tap_add, mut tap_del) = (vec![], vec![], vec![], vec![]);
+    let handle = beacon_netmgr::link::connect()?;
+    for i in 0..iterations {
+        let id = format!("parts-{i}");
+        let tap = beacon_netmgr::naming::tap_name(&id);
+        let t = Instant::now();
+        mgr.leases()
+            .allocate(&id, &tap, beacon_netmgr::naming::guest_mac(&id))?;
+        alloc.push(t.elapsed());
+        let t = Instant::now();
+        mgr.leases().release(&id)?;
+        release.push(t.elapsed());
+        let t = Instant::now();
+        beacon_netmgr::tap::create_persistent_tap(&tap)?;
+        tap_add.push(t.elapsed());
+        let t = Instant::now();
+        beacon_netmgr::link::delete_link(&handle, &tap).await?;
+        tap_del.push(t.elapsed());
+    }
+    println!(
+        "{label}: parts medians: db allocate {:.2} ms, db release {:.2} ms, TAP create {:.2} ms, TAP delete {:.2} ms",
+        ms(median(alloc).0),
+        ms(median(release).0),
+        ms(median(tap_add).0),
+        ms(median(tap_del).0)
+    );
+    // A shim is one process per sandbox: time setup with a brand-new manager (opens
+    // the database with its integrity check, connects netlink, checks nftables).
+    let mut cold = Vec::new();
+    for i in 0..iterations.min(20) {
+        let id = format!("cold-{i}");
+        let t = Instant::now();
+        let fresh = NetworkManager::new(cfg.clone())?;
+        fresh.setup(&id).await?;
+        cold.push(t.elapsed());
+        fresh.teardown(&id).await?;
+    }
+    let (c50, c90) = median(cold);
+    let mut prepared = Vec::new();
+    for i in 0..iterations.min(20) {
+        let id = format!("prepared-{i}");
+        let fresh = NetworkManager::new(cfg.clone())?;
+        fresh.prepare().await?;
+        let t = Instant::now();
+        fresh.setup(&id).await?;
+        prepared.push(t.elapsed());
+        fresh.teardown(&id).await?;
+    }
+    let (p50, p90) = median(prepared);
+    println!(
+        "{label}: setup after NetworkManager::prepare() in a fresh manager median {:.2} ms (p90 {:.2})",
+        ms(p50),
+        ms(p90)
+    );
+    println!(
+        "{label}: cold setup (new manager, as a fresh shim process) median {:.2} ms (p90 {:.2})",
+        ms(c50),
+        ms(c90)
     );
     Ok(())
 }
