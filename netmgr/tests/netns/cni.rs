@@ -206,3 +206,78 @@ netns_test! {
         });
     }
 }
+
+netns_test! {
+    fn a_tap_in_the_chain_result_is_used_directly() {
+        let env = Env::new();
+        // Stand-in for tc-redirect-tap: makes a TAP in the sandbox and reports it.
+        let script = r#"#!/bin/sh
+set -e
+cat >/dev/null
+if [ "$CNI_COMMAND" = ADD ]; then
+  nsenter --net="$CNI_NETNS" ip tuntap add dev tap0 mode tap
+  nsenter --net="$CNI_NETNS" ip link set tap0 address 02:aa:bb:cc:dd:ee
+  echo "{\"cniVersion\":\"1.0.0\",\"interfaces\":[{\"name\":\"tap0\",\"mac\":\"02:aa:bb:cc:dd:ee\",\"sandbox\":\"$CNI_NETNS\"}],\"ips\":[{\"address\":\"10.77.0.5/24\",\"gateway\":\"10.77.0.1\",\"interface\":0}],\"dns\":{\"nameservers\":[\"10.77.0.53\"]}}"
+fi
+"#;
+        let bin = bin_dir_with(&env, "fake-tap", script);
+        let list = serde_json::json!({"cniVersion": "1.0.0", "name": "beacon-net", "plugins": [{"type": "fake-tap"}]});
+        rt().block_on(async {
+            let mgr = NetworkManager::new(env.config(&list.to_string(), &bin)).unwrap();
+            let a = mgr.setup("tapped").await.unwrap();
+            assert_eq!(a.tap, "tap0");
+            assert_eq!(a.mac.to_string(), "02:aa:bb:cc:dd:ee");
+            assert_eq!(a.ip, "10.77.0.5".parse::<Ipv4Addr>().unwrap());
+            assert_eq!((a.prefix, a.gateway), (24, "10.77.0.1".parse().unwrap()));
+            assert_eq!(a.dns, vec!["10.77.0.53".parse::<Ipv4Addr>().unwrap()]);
+            assert!(tap_in_netns(&a));
+            // No extra TAP was made next to it.
+            let extra = beacon_netmgr::naming::tap_name("tapped");
+            let probe = NetworkAttachment { tap: extra, ..a.clone() };
+            assert!(!tap_in_netns(&probe));
+            let ns = a.netns.clone().unwrap();
+            mgr.teardown("tapped").await.unwrap();
+            assert!(!ns.exists());
+        });
+    }
+}
+
+netns_test! {
+    fn sigkill_in_the_middle_of_add_is_cleaned_by_the_reconciler() {
+        let env = Env::new();
+        let bin = bin_dir_with(&env, "hang", "#!/bin/sh\ncat >/dev/null\n[ \"$CNI_COMMAND\" = ADD ] && exec sleep 5\nexit 0\n");
+        let cfg = env.config(&two_plugin_list(&env, "hang"), &bin);
+        let cni = cfg.cni.clone().unwrap();
+        let state = env.dir.path().join("state");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_beacon-net"))
+            .args(["setup", "interrupted"])
+            .env("BEACON_STATE_DIR", &state)
+            .env("BEACON_CNI_MODE", "1")
+            .env("BEACON_CNI_CONF_DIR", &cni.conf_dir)
+            .env("BEACON_CNI_BIN_DIR", &cni.bin_dir)
+            .env("BEACON_CNI_NETNS_DIR", &cni.netns_dir)
+            .spawn()
+            .unwrap();
+        // Wait until the bridge plugin has reserved an address, then crash.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while env.reserved().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(env.reserved().len(), 1, "bridge ADD ran");
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        rt().block_on(async {
+            let mgr = NetworkManager::new(cfg).unwrap();
+            let leases = mgr.leases().list().unwrap();
+            assert_eq!(leases.len(), 1, "the pending lease was committed before ADD");
+            assert!(leases[0].ip.is_unspecified());
+            let report = mgr.reconcile(&|_: &str| false).await.unwrap();
+            assert_eq!(report.released, vec!["interrupted".to_string()], "{report:?}");
+            assert!(env.reserved().is_empty(), "DEL freed the address");
+            assert!(mgr.leases().list().unwrap().is_empty());
+            let leftovers: Vec<_> = std::fs::read_dir(&cni.netns_dir).unwrap().collect();
+            assert!(leftovers.is_empty(), "namespace removed");
+        });
+    }
+}

@@ -1,6 +1,7 @@
 //! Many processes share one network.db: concurrent allocations never collide, and
 //! a process killed with SIGKILL in the middle of allocating leaves a consistent
-//! database. These use only the database (no links), so they need no namespace.
+//! database. The allocations touch only the database; the final reconciler pass
+//! runs in a fresh network namespace.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
@@ -9,6 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use beacon_netmgr::{LeaseDb, NetConfig, RepairReport};
+
+use crate::netns_test;
 
 const BIN: &str = env!("CARGO_BIN_EXE_beacon-net");
 
@@ -59,8 +62,8 @@ fn fifty_concurrent_processes_get_distinct_ips() {
     assert_eq!(d.repair().unwrap(), RepairReport::default());
 }
 
-#[test]
-fn sigkill_during_allocation_leaves_the_database_consistent() {
+netns_test! {
+    fn sigkill_during_allocation_leaves_the_database_consistent() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let mut committed: HashMap<String, Ipv4Addr> = HashMap::new();
@@ -150,5 +153,16 @@ fn sigkill_during_allocation_leaves_the_database_consistent() {
             .unwrap();
         assert!(!committed.values().any(|ip| *ip == next.ip));
         committed.insert(format!("after-{round}"), next.ip);
+    }
+    // A full reconciler pass (everything alive) finds nothing to fix either.
+    let mut cfg = cfg(&state);
+    cfg.dns = Vec::new();
+    crate::harness::rt().block_on(async {
+        let mgr = beacon_netmgr::NetworkManager::new(cfg).unwrap();
+        let before = mgr.leases().list().unwrap();
+        let report = mgr.reconcile(&|_: &str| true).await.unwrap();
+        assert_eq!(report, beacon_netmgr::ReconcileReport::default());
+        assert_eq!(mgr.leases().list().unwrap(), before);
+    });
     }
 }

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod cli;
 mod cni;
 mod concurrency;
 mod legacy;
