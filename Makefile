@@ -1,0 +1,64 @@
+# beaconbox: `make run` runs the main job, `make test` runs every test.
+# Both set up a fresh Debian 12 machine on first use (resources/install.sh).
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+PREFIX ?= /usr/local
+BEACON_SHARE_DIR ?= /usr/share/beacon
+CARGO ?= cargo
+BUILD ?= $(CURDIR)/build
+export CARGO_TARGET_DIR ?= $(CURDIR)/target
+
+# Binaries `make install` puts in $(PREFIX)/bin.
+BINS := beacon-vmm beacon-initrd
+
+.PHONY: all setup kernel hello-initrd run test lint unit install clean
+
+all: kernel
+	$(CARGO) build --workspace --release
+
+# Debian packages and virtiofsd; a no-op when everything is present.
+setup:
+	resources/install.sh
+
+# The beacon kernel, cached by config hash under ~/.cache/beaconbox/kernel.
+kernel: setup
+	dir=$$(kernel-config/build.sh); mkdir -p $(BUILD)/kernel; \
+	ln -sfn $$dir/vmlinux $(BUILD)/kernel/vmlinux; \
+	ln -sfn $$dir/bzImage $(BUILD)/kernel/bzImage; \
+	ln -sfn $$dir/config $(BUILD)/kernel/config
+
+# An initrd whose init greets and ends the VM (the main job until the shim lands).
+hello-initrd: setup
+	$(CARGO) build -q -p beacon-initrd
+	mkdir -p $(BUILD)
+	$(CARGO_TARGET_DIR)/debug/beacon-initrd --init resources/hello-init \
+	    --busybox /bin/busybox --output $(BUILD)/hello-initrd.gz
+
+# The main job: boot the beacon kernel with the hello initrd (in the nested KVM lab
+# when this host has no hardware KVM). BACKEND=qemu|kvm.
+run: kernel hello-initrd
+	resources/run-hello $(BUILD)/kernel/vmlinux $(BUILD)/hello-initrd.gz
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -q -- -D warnings
+
+unit:
+	$(CARGO) test --workspace --lib --bins
+
+# Every test: lint, unit, integration, and the VM tests (lab or hardware KVM).
+test: setup kernel lint
+	$(CARGO) test --workspace --no-fail-fast
+
+install: kernel
+	$(CARGO) build --workspace --release
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(BEACON_SHARE_DIR)/kernel
+	for b in $(BINS); do install -m 0755 $(CARGO_TARGET_DIR)/release/$$b $(DESTDIR)$(PREFIX)/bin/$$b; done
+	install -m 0644 $(BUILD)/kernel/vmlinux $(DESTDIR)$(BEACON_SHARE_DIR)/kernel/beacon-kernel-x86_64
+	$(CARGO_TARGET_DIR)/release/beacon-initrd --init resources/hello-init --busybox /bin/busybox \
+	    --crun /usr/bin/crun --output $(DESTDIR)$(BEACON_SHARE_DIR)/kernel/beacon-initrd
+
+clean:
+	rm -rf $(BUILD)
+	$(CARGO) clean
