@@ -5,6 +5,29 @@
 //! [`NetworkManager::teardown`] after the VM stopped, and runs
 //! [`spawn_reconciler`] so leases of vanished sandboxes come back. Operators use
 //! the `beacon-net` binary.
+//!
+//! ```no_run
+//! # async fn shim(sandbox_id: &str) -> Result<(), beacon_netmgr::NetError> {
+//! use std::sync::Arc;
+//! use beacon_netmgr::{NetConfig, NetworkManager};
+//!
+//! let paths = beacon_paths::BeaconPaths::from_env();
+//! // The sandbox must count as alive before setup (see `NetworkManager::reconcile`).
+//! std::fs::create_dir_all(paths.sandbox_state(sandbox_id)).ok();
+//! let net = Arc::new(NetworkManager::new(NetConfig::from_env()?)?);
+//! net.prepare().await?; // optional: open the database and host network early
+//! let _reconciler = beacon_netmgr::spawn_reconciler(
+//!     net.clone(),
+//!     beacon_netmgr::DEFAULT_RECONCILE_INTERVAL,
+//!     beacon_netmgr::state_dir_liveness(paths.clone()),
+//! );
+//! let att = net.setup(sandbox_id).await?;
+//! let tap = att.open_tap()?; // virtio-net backend; guest: att.ip/att.prefix via att.gateway
+//! // ... run the VM ...
+//! drop(tap);
+//! net.teardown(sandbox_id).await?;
+//! # Ok(()) }
+//! ```
 
 pub mod cni;
 pub mod config;

@@ -38,6 +38,12 @@ pub struct NetworkAttachment {
 }
 
 impl NetworkAttachment {
+    /// Open the TAP for the VMM (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`), from inside
+    /// the sandbox namespace in CNI mode.
+    pub fn open_tap(&self) -> Result<std::fs::File> {
+        tap::open_tap_for_vm(&self.tap, self.netns.as_deref())
+    }
+
     fn from_lease(lease: &IpLease, dns: Vec<Ipv4Addr>) -> Self {
         NetworkAttachment {
             tap: lease.tap.clone(),

@@ -100,6 +100,37 @@ pub fn create_persistent_tap(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Open a queue of the TAP `name` as the VMM's virtio-net backend needs it
+/// (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`). When `netns` is given (CNI mode) the TAP
+/// is opened from a short-lived thread inside that namespace; the returned file
+/// keeps working from any thread.
+pub fn open_tap_for_vm(name: &str, netns: Option<&std::path::Path>) -> Result<File> {
+    let flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+    let Some(ns) = netns else {
+        return bind(name, flags);
+    };
+    let ns_file = File::open(ns).map_err(|e| NetError::Netns {
+        path: ns.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    let owned = name.to_string();
+    let shown = ns.to_path_buf();
+    std::thread::spawn(move || {
+        nix::sched::setns(&ns_file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+            NetError::Netns {
+                path: shown,
+                detail: format!("setns: {e}"),
+            }
+        })?;
+        bind(&owned, flags)
+    })
+    .join()
+    .map_err(|_| NetError::Netns {
+        path: ns.to_path_buf(),
+        detail: "TAP opening thread panicked".into(),
+    })?
+}
+
 /// Open an existing TAP for packet I/O without the virtio-net header (tests and
 /// diagnostics; the VMM opens its own queue with `IFF_VNET_HDR`).
 pub fn open_tap_plain(name: &str) -> Result<File> {

@@ -105,6 +105,8 @@ netns_test! {
             // Frames go TAP -> tc redirect -> veth -> bridge and the reply comes back.
             assert!(arp_through_tap(&a), "the CNI bridge answered through the TAP");
             mgr.check(id).await.unwrap();
+            // The VMM opens the TAP from inside the namespace.
+            drop(a.open_tap().unwrap());
             // Setup again returns the same attachment.
             assert_eq!(mgr.setup(id).await.unwrap(), a);
 

@@ -75,6 +75,8 @@ netns_test! {
             let ifflags = u32::from_str_radix(sysfs(&a.tap, "flags").unwrap().trim_start_matches("0x"), 16).unwrap();
             assert_eq!(ifflags & 1, 1, "IFF_UP");
 
+            // The VMM can open it with the virtio-net header.
+            drop(a.open_tap().unwrap());
             // Setup again: same attachment, nothing new.
             assert_eq!(mgr.setup(id).await.unwrap(), a);
             assert_eq!(mgr.leases().list().unwrap().len(), 1);
