@@ -20,11 +20,15 @@ fn errno(err: &rtnetlink::Error) -> Option<i32> {
 /// Open a netlink connection in the current namespace; the connection task runs on
 /// the current tokio runtime.
 pub fn connect() -> Result<Handle> {
+    let runtime = tokio::runtime::Handle::try_current().map_err(|_| NetError::Netlink {
+        action: "opening a netlink socket".into(),
+        detail: "no tokio runtime: create the NetworkManager inside one".into(),
+    })?;
     let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| NetError::Netlink {
         action: "opening a netlink socket".into(),
         detail: e.to_string(),
     })?;
-    tokio::spawn(conn);
+    runtime.spawn(conn);
     Ok(handle)
 }
 

@@ -330,3 +330,14 @@ pub fn state_dir_liveness(
 ) -> Arc<dyn Fn(&str) -> bool + Send + Sync> {
     Arc::new(move |id: &str| paths.sandbox_state(id).exists())
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn manager_outside_a_runtime_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::NetConfig::legacy(&beacon_paths::BeaconPaths::under(dir.path()));
+        let err = crate::NetworkManager::new(cfg).err().expect("no runtime");
+        assert!(err.to_string().contains("tokio runtime"), "{err}");
+    }
+}
