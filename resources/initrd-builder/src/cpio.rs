@@ -73,22 +73,20 @@ fn pad4(out: &mut impl Write, len: usize) -> io::Result<()> {
     out.write_all(&[0u8; 3][..pad])
 }
 
+/// Header and name of one member (`ino`, `nlink`, `mtime` are archive-level choices).
 fn write_header(
     out: &mut impl Write,
+    entry: &Entry,
     ino: u32,
-    entry_mode: u32,
     nlink: u32,
     mtime: u32,
-    size: usize,
-    rdev: (u32, u32),
-    name: &str,
 ) -> io::Result<()> {
-    let size = u32::try_from(size)
+    let size = u32::try_from(entry.data.len())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "cpio member over 4 GiB"))?;
-    let name_len = name.len() + 1;
+    let name_len = entry.path.len() + 1;
     let fields = [
         ino,
-        entry_mode,
+        entry.mode,
         0, // uid: root
         0, // gid: root
         nlink,
@@ -96,8 +94,8 @@ fn write_header(
         size,
         0, // devmajor
         0, // devminor
-        rdev.0,
-        rdev.1,
+        entry.rdev.0,
+        entry.rdev.1,
         name_len as u32,
         0, // check
     ];
@@ -105,7 +103,7 @@ fn write_header(
     for f in fields {
         write!(out, "{f:08x}")?;
     }
-    out.write_all(name.as_bytes())?;
+    out.write_all(entry.path.as_bytes())?;
     out.write_all(&[0])?;
     pad4(out, 110 + name_len)
 }
@@ -114,20 +112,17 @@ fn write_header(
 pub fn write_archive(out: &mut impl Write, entries: &[Entry], mtime: u32) -> io::Result<()> {
     for (i, e) in entries.iter().enumerate() {
         let nlink = if e.is_dir() { 2 } else { 1 };
-        write_header(
-            out,
-            (i + 1) as u32,
-            e.mode,
-            nlink,
-            mtime,
-            e.data.len(),
-            e.rdev,
-            &e.path,
-        )?;
+        write_header(out, e, (i + 1) as u32, nlink, mtime)?;
         out.write_all(&e.data)?;
         pad4(out, e.data.len())?;
     }
-    write_header(out, 0, 0, 1, 0, 0, (0, 0), TRAILER)
+    let trailer = Entry {
+        path: TRAILER.to_string(),
+        mode: 0,
+        data: Vec::new(),
+        rdev: (0, 0),
+    };
+    write_header(out, &trailer, 0, 1, 0)
 }
 
 /// Read every member up to the trailer (used by `--list` and by tests).
