@@ -76,6 +76,8 @@ pub struct NetworkManager {
     db: LeaseDb,
     handle: Handle,
     bridge_index: Mutex<Option<u32>>,
+    /// The namespace the manager was created in (for background deletions).
+    netns: Arc<std::fs::File>,
 }
 
 impl NetworkManager {
@@ -84,11 +86,17 @@ impl NetworkManager {
     pub fn new(cfg: NetConfig) -> Result<Self> {
         cfg.validate()?;
         let db = LeaseDb::new(cfg.db_path.clone(), cfg.pool, cfg.gateway, cfg.prefix);
+        let ns_path = "/proc/thread-self/ns/net";
+        let netns = std::fs::File::open(ns_path).map_err(|source| NetError::Io {
+            path: ns_path.into(),
+            source,
+        })?;
         Ok(NetworkManager {
             handle: link::connect()?,
             cfg,
             db,
             bridge_index: Mutex::new(None),
+            netns: Arc::new(netns),
         })
     }
 
@@ -239,6 +247,45 @@ impl NetworkManager {
                 detail: format!("TAP {} is missing or not on {}", lease.tap, self.cfg.bridge),
             }),
         }
+    }
+
+    /// Legacy-mode teardown that does not wait for the kernel: the lease is released
+    /// (durably) before this returns, and the TAP is deleted by a background thread
+    /// (unregistering a netdev takes the kernel ~15 ms). Should the process exit
+    /// before that thread ran, the TAP is an orphan the reconciler deletes. Join the
+    /// handle to know when the TAP is gone. CNI leases are torn down fully, inline.
+    pub async fn teardown_deferred(
+        &self,
+        sandbox_id: &str,
+    ) -> Result<Option<std::thread::JoinHandle<Result<bool>>>> {
+        naming::validate_sandbox_id(sandbox_id)?;
+        let lease = self.db.get(sandbox_id)?;
+        if lease.as_ref().is_some_and(|l| l.mode == LeaseMode::Cni) {
+            self.teardown(sandbox_id).await?;
+            return Ok(None);
+        }
+        let tap_name = lease.map_or_else(|| naming::tap_name(sandbox_id), |l| l.tap);
+        self.db.release(sandbox_id)?;
+        let netns = self.netns.clone();
+        Ok(Some(std::thread::spawn(move || {
+            nix::sched::setns(netns.as_ref(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(
+                |e| NetError::Netns {
+                    path: "/proc/thread-self/ns/net".into(),
+                    detail: format!("setns: {e}"),
+                },
+            )?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| NetError::Netlink {
+                    action: "starting the TAP deletion thread".into(),
+                    detail: e.to_string(),
+                })?;
+            rt.block_on(async {
+                let handle = link::connect()?;
+                link::delete_link(&handle, &tap_name).await
+            })
+        })))
     }
 
     /// One reconciler pass: free the leases of sandboxes `is_alive` says are gone

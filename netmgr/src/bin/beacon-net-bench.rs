@@ -97,6 +97,17 @@ async fn bench(label: &str, cfg: NetConfig, iterations: usize) -> Result<()> {
         mgr.teardown(&id).await?;
         teardowns.push(t.elapsed());
     }
+    let mut deferred = Vec::with_capacity(iterations);
+    for i in 0..iterations {
+        let id = format!("deferred-{i}");
+        mgr.setup(&id).await?;
+        let t = Instant::now();
+        let deleting = mgr.teardown_deferred(&id).await?;
+        deferred.push(t.elapsed());
+        if let Some(thread) = deleting {
+            let _ = thread.join();
+        }
+    }
     let (s50, s90) = median(setups);
     let (t50, t90) = median(teardowns);
     println!(
@@ -107,6 +118,14 @@ async fn bench(label: &str, cfg: NetConfig, iterations: usize) -> Result<()> {
         ms(t50),
         ms(t90)
     );
+    if label == "legacy" {
+        let (d50, d90) = median(deferred);
+        println!(
+            "{label}: teardown_deferred (lease released, TAP deleted in the background) median {:.2} ms (p90 {:.2})",
+            ms(d50),
+            ms(d90)
+        );
+    }
     // Where the time goes: the database alone, and TAP create/delete alone.
     let (mut alloc, mut release, mut tap_add, mut tap_del) = (vec![], vec![], vec![], vec![]);
     let handle = beacon_netmgr::link::connect()?;

@@ -88,6 +88,13 @@ netns_test! {
             mgr.teardown(id).await.unwrap();
             mgr.teardown("never-existed").await.unwrap();
 
+            // Deferred teardown: the lease is gone at once, the TAP once the thread ends.
+            let b = mgr.setup("deferred").await.unwrap();
+            let thread = mgr.teardown_deferred("deferred").await.unwrap().expect("legacy");
+            assert!(mgr.leases().get("deferred").unwrap().is_none());
+            assert!(thread.join().unwrap().unwrap(), "the TAP existed and was deleted");
+            assert!(link::get_link(&h, &b.tap).await.unwrap().is_none());
+
             assert!(matches!(mgr.setup("").await, Err(NetError::InvalidSandboxId(_))));
             assert!(matches!(mgr.setup("a\0b").await, Err(NetError::InvalidSandboxId(_))));
         });
