@@ -165,6 +165,8 @@ impl Lab {
             .map_err(io_err("creating the shared folder"))?;
         std::fs::write(shared.path().join("cmd.sh"), self.script(argv))
             .map_err(io_err("writing cmd.sh"))?;
+        std::fs::write(shared.path().join("keep"), self.keep_list())
+            .map_err(io_err("writing the keep list"))?;
 
         let mut cmd = Command::new(&qemu);
         cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "1"])
@@ -242,6 +244,35 @@ impl Lab {
             console,
             elapsed,
         })
+    }
+
+    /// Host folders the command needs even when they sit under /tmp or /run (which
+    /// are fresh tmpfs in the lab): the working directory, the repository and the
+    /// cargo target directory. The lab init re-exposes those under /tmp or /run.
+    fn keep_list(&self) -> String {
+        let mut keep = vec![self.cwd.clone(), repo_root()];
+        if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+            keep.push(PathBuf::from(t));
+        }
+        let mut keep: Vec<PathBuf> = keep
+            .into_iter()
+            .map(|p| p.canonicalize().unwrap_or(p))
+            .filter(|p| p.starts_with("/tmp/") || p.starts_with("/run/"))
+            .filter(|p| !p.to_string_lossy().contains('\n'))
+            .collect();
+        // Parents first; a folder inside one already kept comes along with it.
+        keep.sort();
+        let mut out = String::new();
+        let mut kept: Vec<PathBuf> = Vec::new();
+        for p in keep {
+            if kept.iter().any(|k| p.starts_with(k)) {
+                continue;
+            }
+            out.push_str(&p.to_string_lossy());
+            out.push('\n');
+            kept.push(p);
+        }
+        out
     }
 
     /// The shell script the lab init runs in its chroot.
@@ -470,6 +501,24 @@ mod tests {
         assert!(!s.contains("BAD KEY"));
         assert!(s.contains("cd '/work dir' || exit 125\n"));
         assert!(s.ends_with("exec 'echo' 'hi there'\n"));
+    }
+
+    #[test]
+    fn keep_list_only_names_hidden_folders_once() {
+        let lab = Lab {
+            cwd: PathBuf::from("/tmp/nonexistent-clone/tests"),
+            ..Lab::new()
+        };
+        let keep = lab.keep_list();
+        assert!(keep
+            .lines()
+            .all(|l| l.starts_with("/tmp/") || l.starts_with("/run/")));
+        assert_eq!(
+            keep.lines()
+                .filter(|l| l.starts_with("/tmp/nonexistent-clone"))
+                .count(),
+            1
+        );
     }
 
     #[test]
