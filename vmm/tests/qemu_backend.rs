@@ -57,7 +57,10 @@ fn bad_input_fails_before_anything_runs() {
     std::fs::write(&not_kernel, b"not a kernel").expect("write");
     for (args, needle) in [
         (vec!["--kernel", "/nonexistent/vmlinux"], "cannot be read"),
-        (vec!["--kernel", not_kernel.to_str().expect("utf8")], "neither an ELF"),
+        (
+            vec!["--kernel", not_kernel.to_str().expect("utf8")],
+            "neither an ELF",
+        ),
         (vec!["--kernel", "/bin/ls", "--cpus", "0"], "at least 1"),
         (vec!["--kernel", "/bin/ls", "--memory", "8"], "too small"),
     ] {
