@@ -214,7 +214,9 @@ impl KvmVm {
     fn join_all(&self) -> Option<String> {
         self.control.wait_all_finished();
         let mut panic_note = None;
-        for handle in lock(&self.threads).drain(..) {
+        // Held while joining, so a second waiter returns only after the joins.
+        let mut threads = lock(&self.threads);
+        for handle in threads.drain(..) {
             if let Err(payload) = handle.join() {
                 let msg = payload
                     .downcast_ref::<&str>()

@@ -202,12 +202,26 @@ fn initrd_that_does_not_fit_is_a_clear_error() {
 
     // Through the backend: the same error before any vCPU exists (or, on a host
     // without usable KVM, the error saying so).
-    match KvmVm::create(config) {
+    let _one_at_a_time = VM_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+    let before = vcpu_threads_and_kvm_fds();
+    match KvmVm::create(config.clone()) {
         Err(VmError::Memory(msg)) => assert!(msg.contains("does not fit"), "{msg}"),
         Err(VmError::KvmUnavailable(msg)) => assert!(msg.contains("/dev/kvm"), "{msg}"),
         Err(other) => panic!("unexpected error {other}"),
         Ok(_) => panic!("an initrd that does not fit was accepted"),
     }
+
+    // Guest RAM larger than the host (1 TiB passes config validation).
+    config.initrd = None;
+    config.memory.size_mib = crate::config::MAX_MEMORY_MIB;
+    config.validate().expect("valid as a config");
+    match KvmVm::create(config) {
+        Err(VmError::Memory(msg)) => assert!(msg.contains("lower --memory"), "{msg}"),
+        Err(VmError::KvmUnavailable(msg)) => assert!(msg.contains("/dev/kvm"), "{msg}"),
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("1 TiB of guest RAM was accepted on this host"),
+    }
+    assert_eq!(vcpu_threads_and_kvm_fds(), before, "nothing left behind");
 }
 
 #[test]
