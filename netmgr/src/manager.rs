@@ -64,6 +64,8 @@ pub struct ReconcileReport {
     pub released: Vec<String>,
     /// `beacon-*` TAPs deleted because no lease owned them.
     pub orphan_taps: Vec<String>,
+    /// CNI namespace files no lease named, now removed.
+    pub orphan_netns: Vec<PathBuf>,
     /// Bitmap and index fixes.
     pub repair: RepairReport,
     /// Sandboxes whose teardown failed (kept for the next pass), with the error.
@@ -311,6 +313,19 @@ impl NetworkManager {
             }
         }
         report.repair = self.db.repair()?;
+        if let Some(cni) = &self.cfg.cni {
+            let candidates = crate::cni::orphan_namespaces(cni);
+            let named: Vec<PathBuf> = self
+                .db
+                .list()?
+                .into_iter()
+                .filter_map(|l| l.netns)
+                .collect();
+            for ns in candidates.into_iter().filter(|ns| !named.contains(ns)) {
+                crate::cni::netns::remove(&ns)?;
+                report.orphan_netns.push(ns);
+            }
+        }
         let links = link::list_links(&self.handle).await?;
         // Read the leases only after listing the links: a setup commits its lease
         // before it creates its TAP, so every TAP listed above has its lease visible

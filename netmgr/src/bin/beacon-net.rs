@@ -99,6 +99,11 @@ async fn run(command: Command, cfg: NetConfig) -> Result<()> {
             let report = mgr.reconcile(alive.as_ref()).await?;
             writeln!(out, "released: {:?}", report.released)?;
             writeln!(out, "orphan taps deleted: {:?}", report.orphan_taps)?;
+            writeln!(
+                out,
+                "orphan CNI namespaces removed: {:?}",
+                report.orphan_netns
+            )?;
             writeln!(out, "bitmap bits cleared: {:?}", report.repair.bits_cleared)?;
             writeln!(out, "bitmap bits set: {:?}", report.repair.bits_set)?;
             for (id, err) in &report.failed {

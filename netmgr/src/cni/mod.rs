@@ -135,6 +135,11 @@ pub(crate) async fn setup(
         if lease.mode == LeaseMode::Cni && !lease.ip.is_unspecified() {
             return Ok(attachment(&lease, m.config().dns.clone()));
         }
+        if lease.mode == LeaseMode::Cni {
+            // A setup of this sandbox crashed mid-ADD: DEL what it made first, so
+            // the IPAM plugin does not keep a second address for it.
+            teardown(m, &lease).await?;
+        }
     }
     let list = ConfList::load(&cni.conf_dir, &cni.network)?;
     let cid = container_id(sandbox_id);
@@ -282,6 +287,24 @@ pub(crate) async fn teardown(_m: &NetworkManager, lease: &IpLease) -> Result<()>
         netns::remove(&ns)?;
     }
     Ok(())
+}
+
+/// Remove namespace files in the CNI namespace folder that no lease names (left by
+/// a crash between a DEL and the lease release). `leased` lists the namespaces the
+/// leases name, read *after* the folder was listed: setup commits its lease before
+/// it creates the namespace, so a concurrent setup is never mistaken for an orphan.
+pub(crate) fn orphan_namespaces(cni: &CniConfig) -> Vec<PathBuf> {
+    std::fs::read_dir(&cni.netns_dir)
+        .map(|dir| {
+            dir.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("beacon") && !n.contains('.'))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Run CHECK over the chain for a set-up sandbox.

@@ -136,8 +136,13 @@ netns_test! {
             assert!(netns::is_mounted(&ns));
             assert_eq!(env.reserved().len(), 1);
             let mgr = NetworkManager::new(env.standard()).unwrap();
+            // A namespace no lease names (crash between DEL and the lease release).
+            let orphan = ns.parent().unwrap().join("beacon0123orphan");
+            netns::create(&orphan).unwrap();
             let report = mgr.reconcile(&|_: &str| false).await.unwrap();
             assert_eq!(report.released, vec!["crashed".to_string()]);
+            assert_eq!(report.orphan_netns, vec![orphan.clone()]);
+            assert!(!orphan.exists());
             assert!(report.failed.is_empty(), "{:?}", report.failed);
             assert!(!ns.exists());
             assert!(env.reserved().is_empty());
@@ -244,31 +249,41 @@ fi
     }
 }
 
+/// Start `beacon-net setup interrupted` in CNI mode with a chain whose second
+/// plugin hangs, and SIGKILL it once the bridge plugin has reserved an address.
+fn crash_mid_add(env: &Env) -> beacon_netmgr::NetConfig {
+    let bin = bin_dir_with(
+        env,
+        "hang",
+        "#!/bin/sh\ncat >/dev/null\n[ \"$CNI_COMMAND\" = ADD ] && exec sleep 5\nexit 0\n",
+    );
+    let cfg = env.config(&two_plugin_list(env, "hang"), &bin);
+    let cni = cfg.cni.clone().unwrap();
+    let state = env.dir.path().join("state");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_beacon-net"))
+        .args(["setup", "interrupted"])
+        .env("BEACON_STATE_DIR", &state)
+        .env("BEACON_CNI_MODE", "1")
+        .env("BEACON_CNI_CONF_DIR", &cni.conf_dir)
+        .env("BEACON_CNI_BIN_DIR", &cni.bin_dir)
+        .env("BEACON_CNI_NETNS_DIR", &cni.netns_dir)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while env.reserved().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(env.reserved().len(), 1, "bridge ADD ran");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    cfg
+}
+
 netns_test! {
     fn sigkill_in_the_middle_of_add_is_cleaned_by_the_reconciler() {
         let env = Env::new();
-        let bin = bin_dir_with(&env, "hang", "#!/bin/sh\ncat >/dev/null\n[ \"$CNI_COMMAND\" = ADD ] && exec sleep 5\nexit 0\n");
-        let cfg = env.config(&two_plugin_list(&env, "hang"), &bin);
-        let cni = cfg.cni.clone().unwrap();
-        let state = env.dir.path().join("state");
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_beacon-net"))
-            .args(["setup", "interrupted"])
-            .env("BEACON_STATE_DIR", &state)
-            .env("BEACON_CNI_MODE", "1")
-            .env("BEACON_CNI_CONF_DIR", &cni.conf_dir)
-            .env("BEACON_CNI_BIN_DIR", &cni.bin_dir)
-            .env("BEACON_CNI_NETNS_DIR", &cni.netns_dir)
-            .spawn()
-            .unwrap();
-        // Wait until the bridge plugin has reserved an address, then crash.
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while env.reserved().is_empty() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert_eq!(env.reserved().len(), 1, "bridge ADD ran");
-        child.kill().unwrap();
-        child.wait().unwrap();
-
+        let cfg = crash_mid_add(&env);
+        let netns_dir = cfg.cni.clone().unwrap().netns_dir;
         rt().block_on(async {
             let mgr = NetworkManager::new(cfg).unwrap();
             let leases = mgr.leases().list().unwrap();
@@ -278,8 +293,23 @@ netns_test! {
             assert_eq!(report.released, vec!["interrupted".to_string()], "{report:?}");
             assert!(env.reserved().is_empty(), "DEL freed the address");
             assert!(mgr.leases().list().unwrap().is_empty());
-            let leftovers: Vec<_> = std::fs::read_dir(&cni.netns_dir).unwrap().collect();
+            let leftovers: Vec<_> = std::fs::read_dir(&netns_dir).unwrap().collect();
             assert!(leftovers.is_empty(), "namespace removed");
+        });
+    }
+}
+
+netns_test! {
+    fn setup_again_after_a_crash_mid_add_does_not_leak_an_address() {
+        let env = Env::new();
+        crash_mid_add(&env);
+        rt().block_on(async {
+            let mgr = NetworkManager::new(env.standard()).unwrap();
+            let a = mgr.setup("interrupted").await.unwrap();
+            assert_eq!(env.reserved(), vec![a.ip.to_string()], "the first address was DELeted");
+            assert!(arp_through_tap(&a));
+            mgr.teardown("interrupted").await.unwrap();
+            assert!(env.reserved().is_empty());
         });
     }
 }
