@@ -313,3 +313,29 @@ netns_test! {
         });
     }
 }
+
+fn iptables_rules() -> String {
+    let out = std::process::Command::new("iptables")
+        .arg("-S")
+        .output()
+        .expect("iptables (Debian package iptables)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+netns_test! {
+    fn bridge_host_local_and_firewall_chain() {
+        let env = Env::new();
+        let list = two_plugin_list(&env, "firewall");
+        rt().block_on(async {
+            let mgr = NetworkManager::new(env.config(&list, &plugin_dir())).unwrap();
+            let a = mgr.setup("fw").await.unwrap();
+            let rules = iptables_rules();
+            assert!(rules.contains("CNI-FORWARD") && rules.contains(&format!("{}/32", a.ip)), "{rules}");
+            assert!(arp_through_tap(&a));
+            mgr.check("fw").await.unwrap();
+            mgr.teardown("fw").await.unwrap();
+            assert!(!iptables_rules().contains(&format!("{}/32", a.ip)));
+            assert!(env.reserved().is_empty());
+        });
+    }
+}
