@@ -1,0 +1,271 @@
+//! Boot benchmark: the in-process KVM backend against QEMU microvm, same kernel,
+//! same initrd, same run, interleaved. Prints numbers and kvm/qemu ratios; asserts
+//! nothing (timings on a shared machine, and inside the nested lab, are noisy).
+//!
+//! ```text
+//! cargo build --release -p beacon-vmm --bin beacon-vmm --example boot_bench
+//! tests/lab/run -- target/release/examples/boot_bench --kernel VMLINUX --initrd HELLO_INITRD
+//! ```
+//!
+//! Per backend it spawns `beacon-vmm run` (so process start is included) and records:
+//! - wall: process start to exit, guest ends right after init (the hello init);
+//! - first run: VMM start to the first KVM_RUN (QEMU: to QMP's RESUME), from its log;
+//! - init: VMM start to the guest writing the boot-timer port, from its log;
+//! - overhead: the VMM process's RSS minus the resident pages of its guest RAM
+//!   memfd mappings, sampled 1 s after init while the guest idles (beacon.hold=3).
+//!   For QEMU that is the qemu process (the beacon-vmm parent is not counted).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+struct Args {
+    #[arg(long)]
+    kernel: PathBuf,
+    #[arg(long)]
+    initrd: PathBuf,
+    /// Boots per backend (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    #[arg(long, default_value_t = 2)]
+    cpus: u8,
+    #[arg(long, default_value_t = 512)]
+    memory: u64,
+    /// beacon-vmm binary (default: next to this example's folder).
+    #[arg(long)]
+    vmm: Option<PathBuf>,
+    /// Skip the memory runs.
+    #[arg(long)]
+    no_memory: bool,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Sample {
+    wall: Duration,
+    first_run_us: Option<u64>,
+    init_us: Option<u64>,
+}
+
+const BACKENDS: [&str; 2] = ["kvm", "qemu"];
+
+fn cmdline(backend: &str, hold: u32) -> String {
+    // microvm has no i8042: QEMU ends through the ACPI reset; ours through i8042.
+    let reboot = if backend == "kvm" { " reboot=k" } else { "" };
+    format!("console=ttyS0{reboot} panic=-1 quiet beacon.hold={hold}")
+}
+
+fn vmm_command(args: &Args, vmm: &Path, backend: &str, hold: u32) -> Command {
+    let mut c = Command::new(vmm);
+    c.arg("run")
+        .args(["--backend", backend, "--console", "off"])
+        .args(["--cpus", &args.cpus.to_string()])
+        .args(["--memory", &args.memory.to_string()])
+        .arg("--kernel")
+        .arg(&args.kernel)
+        .arg("--initrd")
+        .arg(&args.initrd)
+        .args(["--cmdline", &cmdline(backend, hold)])
+        .env("BEACON_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// The number before " µs" in a log line containing `marker`.
+fn micros_after(line: &str, marker: &str) -> Option<u64> {
+    let rest = &line[line.find(marker)? + marker.len()..];
+    rest.trim_start()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn boot_once(args: &Args, vmm: &Path, backend: &str) -> anyhow::Result<Sample> {
+    let start = Instant::now();
+    let out = vmm_command(args, vmm, backend, 0)
+        .output()
+        .with_context(|| format!("running {}", vmm.display()))?;
+    let wall = start.elapsed();
+    let log = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!("{backend} boot failed ({}):\n{log}", out.status);
+    }
+    let mut s = Sample {
+        wall,
+        ..Default::default()
+    };
+    for line in log.lines() {
+        s.first_run_us = s
+            .first_run_us
+            .or(micros_after(line, "first vCPU run after"));
+        s.init_us = s.init_us.or(micros_after(line, "guest init reached after"));
+    }
+    Ok(s)
+}
+
+/// (total Rss, Rss of /memfd: mappings) in KiB from /proc/PID/smaps.
+fn rss_split(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .with_context(|| format!("reading /proc/{pid}/smaps"))?;
+    let (mut total, mut guest) = (0, 0);
+    let mut in_memfd = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            in_memfd = line.contains("/memfd:");
+        } else if let Some(v) = line.strip_prefix("Rss:") {
+            let kib: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+            total += kib;
+            if in_memfd {
+                guest += kib;
+            }
+        }
+    }
+    Ok((total, guest))
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+        }
+    }
+    out
+}
+
+/// Overhead in KiB: boot with the guest held idle, sample 1 s after init.
+fn overhead_once(args: &Args, vmm: &Path, backend: &str) -> anyhow::Result<u64> {
+    let mut child = vmm_command(args, vmm, backend, 3)
+        .spawn()
+        .context("spawning beacon-vmm")?;
+    let stderr = child.stderr.take().context("stderr")?;
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("guest init reached") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let result = (|| {
+        rx.recv_timeout(Duration::from_secs(120))
+            .context("the guest never reached init")?;
+        std::thread::sleep(Duration::from_secs(1));
+        let pid = if backend == "qemu" {
+            *children(child.id())
+                .first()
+                .context("no qemu child process")?
+        } else {
+            child.id()
+        };
+        let (total, guest) = rss_split(pid)?;
+        Ok(total.saturating_sub(guest))
+    })();
+    let _ = child.wait();
+    let _ = reader.join();
+    result
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Some(v[v.len() / 2])
+}
+
+fn fmt(v: Option<f64>, unit: &str) -> String {
+    v.map(|x| format!("{x:.1} {unit}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let vmm = match &args.vmm {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .and_then(Path::parent)
+            .context("locating beacon-vmm")?
+            .join("beacon-vmm"),
+    };
+    let mut samples: [Vec<Sample>; 2] = [Vec::new(), Vec::new()];
+    let mut overhead: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    // Interleave the backends so drift in the machine's load hits both alike.
+    for run in 0..args.runs {
+        for (i, backend) in BACKENDS.iter().enumerate() {
+            let s = boot_once(&args, &vmm, backend)?;
+            println!(
+                "run {run} {backend:>4}: wall {:.3} s, first run {} µs, init {} µs",
+                s.wall.as_secs_f64(),
+                s.first_run_us.map_or("-".into(), |v| v.to_string()),
+                s.init_us.map_or("-".into(), |v| v.to_string())
+            );
+            samples[i].push(s);
+            if !args.no_memory {
+                let kib = overhead_once(&args, &vmm, backend)?;
+                println!(
+                    "run {run} {backend:>4}: overhead {:.1} MiB",
+                    kib as f64 / 1024.0
+                );
+                overhead[i].push(kib as f64 / 1024.0);
+            }
+        }
+    }
+    let stat = |i: usize| {
+        (
+            median(samples[i].iter().map(|s| s.wall.as_secs_f64()).collect()),
+            median(
+                samples[i]
+                    .iter()
+                    .filter_map(|s| s.first_run_us)
+                    .map(|v| v as f64 / 1000.0)
+                    .collect(),
+            ),
+            median(
+                samples[i]
+                    .iter()
+                    .filter_map(|s| s.init_us)
+                    .map(|v| v as f64 / 1000.0)
+                    .collect(),
+            ),
+            median(overhead[i].clone()),
+        )
+    };
+    let (k, q) = (stat(0), stat(1));
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "-".into(),
+    };
+    println!(
+        "\nmedians of {} runs, {} vCPUs, {} MiB:",
+        args.runs, args.cpus, args.memory
+    );
+    println!("{:<22}{:>14}{:>14}{:>10}", "", "kvm", "qemu", "kvm/qemu");
+    for (name, a, b, unit) in [
+        ("wall (start to exit)", k.0, q.0, "s"),
+        ("first run", k.1, q.1, "ms"),
+        ("init reached", k.2, q.2, "ms"),
+        ("memory overhead", k.3, q.3, "MiB"),
+    ] {
+        println!(
+            "{name:<22}{:>14}{:>14}{:>10}",
+            fmt(a, unit),
+            fmt(b, unit),
+            ratio(a, b)
+        );
+    }
+    Ok(())
+}
