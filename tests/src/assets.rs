@@ -52,12 +52,30 @@ pub fn lab_visible_tempdir() -> Result<tempfile::TempDir, String> {
         .map_err(|e| format!("temp dir in {}: {e}", base.display()))
 }
 
+/// Debian's cloud kernel (a stock bzImage), fetched on demand.
+pub fn stock_kernel() -> Result<PathBuf, String> {
+    Ok(folder_from_script(&repo_root().join("tests/lab/stock-kernel"))?.join("vmlinuz"))
+}
+
 /// Build the hello initrd (resources/hello-init + busybox) into `dir`.
 pub fn hello_initrd(dir: &Path) -> Result<PathBuf, String> {
+    hello_initrd_with_marker(dir, None)
+}
+
+/// The hello initrd with `/etc/beacon-marker` holding `marker`, which the init prints
+/// as `BEACON-HELLO-MARKER: ...` (proof that the initrd's files are visible).
+pub fn hello_initrd_with_marker(dir: &Path, marker: Option<&str>) -> Result<PathBuf, String> {
     let out = dir.join("hello-initrd.gz");
+    let mut extra = Vec::new();
+    if let Some(m) = marker {
+        let f = dir.join("beacon-marker");
+        std::fs::write(&f, m).map_err(|e| format!("writing {}: {e}", f.display()))?;
+        extra.push((f, "/etc/beacon-marker".to_string()));
+    }
     let spec = beacon_initrd::InitrdSpec {
         init: repo_root().join("resources/hello-init"),
         busybox: Some(PathBuf::from("/bin/busybox")),
+        extra,
         ..Default::default()
     };
     let mut file =
