@@ -59,6 +59,9 @@ struct Args {
     /// Parent cgroup of all containers (a single path component).
     #[arg(long, env = "VMINITD_CGROUP_PARENT", default_value = "vminitd")]
     cgroup_parent: String,
+    /// Where PID 1 reads its `beacon.*` parameters (tests point it at a file).
+    #[arg(long, env = "VMINITD_CMDLINE_FILE", default_value = "/proc/cmdline")]
+    cmdline_file: PathBuf,
     /// Log filter (tracing env-filter syntax).
     #[arg(long, env = "VMINITD_LOG", default_value = "info")]
     log: String,
@@ -71,7 +74,7 @@ fn main() -> anyhow::Result<()> {
         Mode::Pid1 => true,
         Mode::Host => false,
     };
-    let boot = pid1.then(vminitd::pid1::early_setup);
+    let boot = pid1.then(|| vminitd::pid1::early_setup(&args.cmdline_file));
     let filter = boot
         .as_ref()
         .and_then(|b| b.log.clone())

@@ -448,6 +448,14 @@ async fn create_to_running_latency() {
         ours[0]
     );
     assert!(ours_median < Duration::from_secs(1), "{ours_median:?}");
+    let pid = v.child.as_ref().expect("running").id();
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find(|l| l.starts_with("VmRSS"))
+        .map(str::to_string)
+        .unwrap_or_default();
+    eprintln!("vminitd after {RUNS} containers: {rss}");
     v.stop();
     v.assert_clean();
 }

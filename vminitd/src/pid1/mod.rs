@@ -13,10 +13,14 @@ use cmdline::BootParams;
 
 /// Before logging exists: the API file systems and a console on fds 0-2
 /// (an initramfs without /dev/console starts init with none).
-pub fn early_setup() -> BootParams {
+pub fn early_setup(cmdline_file: &Path) -> BootParams {
     mounts::mount_api_filesystems();
     attach_console();
-    let text = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    // Ctrl-Alt-Del becomes SIGINT to us: a clean power-off, not a reset.
+    if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
+        eprintln!("vminitd: disabling Ctrl-Alt-Del: {e}");
+    }
+    let text = std::fs::read_to_string(cmdline_file).unwrap_or_default();
     let (params, complaints) = cmdline::parse(&text);
     for c in complaints {
         // Logging is not up yet; the console is.

@@ -30,6 +30,7 @@ static SERIAL: AtomicU32 = AtomicU32::new(0);
 /// Busybox applets linked into every test rootfs.
 const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "sleep", "true", "false", "stty", "head", "dd", "kill", "ls", "tail",
+    "hostname",
 ];
 
 /// One vminitd process and its directories.
