@@ -459,3 +459,57 @@ async fn create_to_running_latency() {
     v.stop();
     v.assert_clean();
 }
+
+/// The guest transport: both listeners bind `vsock://-1:PORT` (this host has
+/// no vsock loopback, so nothing connects; binding and serving is checked).
+#[test]
+fn serves_on_vsock_any_cid() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = 40_000 + std::process::id() % 20_000;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vminitd"))
+        .args(["--mode", "host"])
+        .arg(format!("--task-addr=vsock://-1:{port}"))
+        .arg(format!("--stream-addr=vsock://-1:{}", port + 1))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--shares-dir")
+        .arg(dir.path().join("shares"))
+        .arg("--cgroup-parent")
+        .arg(format!("vminitd-vsock-test-{port}"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    let serving = loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(l) if l.contains("vminitd serving") => break true,
+            Ok(l) => seen.push(l),
+            Err(_) if Instant::now() > deadline => break false,
+            Err(_) => {
+                if child.try_wait().expect("try_wait").is_some() {
+                    break false;
+                }
+            }
+        }
+    };
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid")),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let status = child.wait().expect("wait");
+    let _ = reader.join();
+    assert!(serving, "vminitd did not serve on vsock: {seen:?}");
+    assert!(status.success(), "{status:?}");
+}
