@@ -221,7 +221,7 @@ fn initrd_that_does_not_fit_is_a_clear_error() {
         Err(other) => panic!("unexpected error {other}"),
         Ok(_) => panic!("1 TiB of guest RAM was accepted on this host"),
     }
-    assert_eq!(vcpu_threads_and_kvm_fds(), before, "nothing left behind");
+    assert_eq!(settle_to(before), before, "nothing left behind");
 }
 
 #[test]
@@ -242,7 +242,21 @@ fn kernel_larger_than_memory_is_a_clear_error() {
     );
 }
 
-/// Names of this process's threads and the KVM fds it holds.
+/// Wait (up to 2 s) until this process's vCPU threads and KVM fds are back to
+/// `expected`, and return what was seen last. A joined thread can stay listed in
+/// /proc for a moment while the kernel reaps it, hence the short poll.
+fn settle_to(expected: (usize, usize)) -> (usize, usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let now = vcpu_threads_and_kvm_fds();
+        if now == expected || std::time::Instant::now() > deadline {
+            return now;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// How many vCPU threads this process has and how many KVM fds it holds.
 fn vcpu_threads_and_kvm_fds() -> (usize, usize) {
     let threads = std::fs::read_dir("/proc/self/task")
         .expect("tasks")
@@ -345,7 +359,10 @@ fn guest_exits_end_the_vm_and_leave_nothing_behind() {
         );
         assert!(times.init_reached.is_none());
     }
-    assert_eq!(vcpu_threads_and_kvm_fds(), (threads_before, fds_before));
+    assert_eq!(
+        settle_to((threads_before, fds_before)),
+        (threads_before, fds_before)
+    );
 }
 
 #[test]
@@ -401,7 +418,10 @@ fn pause_resume_kill_and_shutdown_never_hang() {
     };
     vm.start().expect("start");
     drop(vm);
-    assert_eq!(vcpu_threads_and_kvm_fds(), (threads_before, fds_before));
+    assert_eq!(
+        settle_to((threads_before, fds_before)),
+        (threads_before, fds_before)
+    );
 }
 
 #[test]
