@@ -10,7 +10,7 @@ BUILD ?= $(CURDIR)/build
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
 
 # Binaries `make install` puts in $(PREFIX)/bin.
-BINS := beacon-vmm beacon-initrd
+BINS := beacon-vmm beacon-initrd beacon-net
 
 .PHONY: all setup kernel hello-initrd run test lint unit install clean
 

@@ -37,8 +37,13 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Some(path) = cli.list {
         let file = std::fs::File::open(&path).with_context(|| format!("opening {path:?}"))?;
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
         for e in read(file).with_context(|| format!("reading {path:?}"))? {
-            println!("{:06o} {:>9} {}", e.mode, e.data.len(), e.path);
+            // A closed pipe (`| head`) ends the listing quietly.
+            if writeln!(out, "{:06o} {:>9} {}", e.mode, e.data.len(), e.path).is_err() {
+                break;
+            }
         }
         return Ok(());
     }
