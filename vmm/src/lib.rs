@@ -5,6 +5,7 @@
 //! sandboxes: the shim turns a container into a [`VmConfig`] and drives a
 //! [`VmBackend`].
 
+pub mod acpi;
 pub mod backend;
 pub mod config;
 pub mod kvm;

@@ -1,0 +1,212 @@
+//! ACPI tables for a hardware-reduced x86 microVM: RSDP, XSDT, FADT, MADT, DSDT.
+//!
+//! This module owns the bytes of the tables and where they sit in guest memory; it
+//! never touches KVM or the device buses. The tables tell the guest:
+//! - which vCPUs exist (MADT: enabled at boot, "online capable" up to the maximum
+//!   for hotplug), where the IOAPIC is, and that ISA IRQ 0 arrives on GSI 2 (KVM's
+//!   PIT routing);
+//! - how to power off (FADT hardware-reduced sleep control/status registers on
+//!   I/O ports [`SLEEP_CONTROL_PORT`]/[`SLEEP_STATUS_PORT`], `\_S5` = [`S5_SLEEP_TYPE`])
+//!   and reset ([`RESET_PORT`], value [`RESET_VALUE`]);
+//! - which virtio-mmio devices exist (DSDT devices `LNRO0005` with their MMIO window
+//!   and interrupt), so no `virtio_mmio.device=` parameters are needed.
+
+use acpi_tables::aml::{
+    self, Device, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate,
+};
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+
+/// Where the RSDP goes: the BIOS read-only area Linux scans (0xE0000..0xFFFFF).
+pub const RSDP_ADDR: u64 = 0x000e_0000;
+/// The tables must all end below this (the end of the legacy BIOS area).
+pub const ACPI_REGION_END: u64 = 0x0010_0000;
+/// Guest writes `SLP_TYP << 2 | SLP_EN` here to sleep; S5 means power off.
+pub const SLEEP_CONTROL_PORT: u16 = 0x3c0;
+/// Sleep status register (WAK_STS); reads as 0.
+pub const SLEEP_STATUS_PORT: u16 = 0x3c1;
+/// Writing [`RESET_VALUE`] here resets (ends) the VM.
+pub const RESET_PORT: u16 = 0x3c2;
+pub const RESET_VALUE: u8 = 0x42;
+/// The SLP_TYP value the DSDT's `\_S5` package advertises.
+pub const S5_SLEEP_TYPE: u8 = 5;
+/// SLP_EN bit of the sleep control register.
+pub const SLEEP_ENABLE: u8 = 1 << 5;
+
+/// DSDT device names are `V000`..`VFFF`.
+pub const MAX_MMIO_DEVICES: usize = 0x1000;
+
+const OEM_ID: [u8; 6] = *b"BEACON";
+const OEM_TABLE_ID: [u8; 8] = *b"BEACONVM";
+const OEM_REVISION: u32 = 1;
+
+/// A virtio-mmio device to describe in the DSDT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioDevice {
+    pub base: u32,
+    pub size: u32,
+    pub gsi: u32,
+}
+
+/// What the tables describe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcpiConfig {
+    pub boot_vcpus: u8,
+    pub max_vcpus: u8,
+    pub ioapic_addr: u32,
+    pub lapic_addr: u32,
+    pub mmio_devices: Vec<MmioDevice>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AcpiError {
+    #[error("ACPI tables need {needed} bytes but only {available} fit below 1 MiB")]
+    TooLarge { needed: u64, available: u64 },
+    #[error("{0} virtio-mmio devices is more than the {MAX_MMIO_DEVICES} the DSDT can name")]
+    TooManyDevices(usize),
+    #[error("boot vCPUs ({boot}) must be between 1 and the maximum ({max})")]
+    BadVcpus { boot: u8, max: u8 },
+}
+
+/// One table and its guest-physical address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacedTable {
+    pub addr: u64,
+    pub bytes: Vec<u8>,
+}
+
+fn align16(x: u64) -> u64 {
+    (x + 15) & !15
+}
+
+fn to_bytes(t: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    t.to_aml_bytes(&mut v);
+    v
+}
+
+fn io_gas(port: u16) -> GAS {
+    GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(port),
+    )
+}
+
+fn madt(cfg: &AcpiConfig) -> Vec<u8> {
+    const PCAT_COMPAT: u32 = 1;
+    let mut body = Vec::new();
+    body.extend_from_slice(&cfg.lapic_addr.to_le_bytes());
+    body.extend_from_slice(&PCAT_COMPAT.to_le_bytes());
+    for id in 0..cfg.max_vcpus {
+        // Processor Local APIC: type 0, length 8, uid, apic id, flags.
+        // Flags: bit 0 enabled; bit 1 online capable (hotplug later).
+        let flags: u32 = if id < cfg.boot_vcpus { 1 } else { 2 };
+        body.extend_from_slice(&[0, 8, id, id]);
+        body.extend_from_slice(&flags.to_le_bytes());
+    }
+    // I/O APIC: type 1, length 12, id (after the CPUs' ids), reserved, address, GSI base.
+    body.extend_from_slice(&[1, 12, cfg.max_vcpus, 0]);
+    body.extend_from_slice(&cfg.ioapic_addr.to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes());
+    // Interrupt Source Override: type 2, length 10, bus 0 (ISA), IRQ 0 -> GSI 2,
+    // flags 0 (conforming): KVM wires the PIT to IOAPIC pin 2.
+    body.extend_from_slice(&[2, 10, 0, 0]);
+    body.extend_from_slice(&2u32.to_le_bytes());
+    body.extend_from_slice(&0u16.to_le_bytes());
+    let mut sdt = Sdt::new(*b"APIC", 36, 5, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    sdt.append_slice(&body);
+    sdt.as_slice().to_vec()
+}
+
+fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
+    let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    let s5 = Name::new(
+        Path::new("_S5_"),
+        &Package::new(vec![&S5_SLEEP_TYPE, &0u8, &0u8, &0u8]),
+    );
+    let mut body = to_bytes(&s5);
+    for (i, d) in cfg.mmio_devices.iter().enumerate() {
+        let name = format!("V{i:03X}");
+        let hid = Name::new(Path::new("_HID"), &"LNRO0005");
+        let uid_value = i as u32;
+        let uid = Name::new(Path::new("_UID"), &uid_value);
+        let mem = Memory32Fixed::new(true, d.base, d.size);
+        let irq = Interrupt::new(true, true, false, false, d.gsi);
+        let crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&mem, &irq]));
+        let dev = Device::new(Path::new(&name), vec![&hid, &uid, &crs]);
+        body.extend(to_bytes(&dev));
+    }
+    let sb = aml::Scope::new(Path::new("\\_SB_"), vec![]);
+    // An empty \_SB_ scope is legal and keeps the namespace conventional.
+    body.extend(to_bytes(&sb));
+    sdt.append_slice(&body);
+    sdt.as_slice().to_vec()
+}
+
+fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let mut b = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    b.sleep_control_reg = io_gas(SLEEP_CONTROL_PORT);
+    b.sleep_status_reg = io_gas(SLEEP_STATUS_PORT);
+    b.reset_reg = io_gas(RESET_PORT);
+    b.reset_value = RESET_VALUE;
+    // "KVMKVMKVM" is what Linux checks for in CPUID, not here; the field is optional.
+    to_bytes(&b.finalize())
+}
+
+/// Build every table and place it: RSDP at [`RSDP_ADDR`], the rest after it,
+/// 16-byte aligned, all below [`ACPI_REGION_END`].
+pub fn build(cfg: &AcpiConfig) -> Result<Vec<PlacedTable>, AcpiError> {
+    if cfg.boot_vcpus == 0 || cfg.boot_vcpus > cfg.max_vcpus {
+        return Err(AcpiError::BadVcpus {
+            boot: cfg.boot_vcpus,
+            max: cfg.max_vcpus,
+        });
+    }
+    if cfg.mmio_devices.len() > MAX_MMIO_DEVICES {
+        return Err(AcpiError::TooManyDevices(cfg.mmio_devices.len()));
+    }
+    let mut next = align16(RSDP_ADDR + Rsdp::len() as u64);
+    let mut place = |bytes: Vec<u8>| {
+        let addr = next;
+        next = align16(addr + bytes.len() as u64);
+        PlacedTable { addr, bytes }
+    };
+    let dsdt = place(dsdt(cfg));
+    let fadt = place(fadt(dsdt.addr));
+    let madt = place(madt(cfg));
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt.addr);
+    xsdt.add_entry(madt.addr);
+    let xsdt = place(to_bytes(&xsdt));
+    if next > ACPI_REGION_END {
+        return Err(AcpiError::TooLarge {
+            needed: next - RSDP_ADDR,
+            available: ACPI_REGION_END - RSDP_ADDR,
+        });
+    }
+    let rsdp = PlacedTable {
+        addr: RSDP_ADDR,
+        bytes: to_bytes(&Rsdp::new(OEM_ID, xsdt.addr)),
+    };
+    Ok(vec![rsdp, xsdt, fadt, madt, dsdt])
+}
+
+/// Decode a write to the sleep control register: true when the guest asks for S5.
+pub fn is_poweroff_request(value: u8) -> bool {
+    value & SLEEP_ENABLE != 0 && (value >> 2) & 0x7 == S5_SLEEP_TYPE
+}
+
+#[cfg(test)]
+mod tests;
