@@ -5,6 +5,7 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,13 +54,14 @@ pub struct ProcessIo {
 }
 
 impl StdioSetup {
-    /// Makes pipes (or a console socket in `dir` for a terminal) and returns
-    /// the descriptors crun hands to the process.
+    /// Makes pipes (or a console socket in `console_dir` for a terminal) and
+    /// returns the descriptors crun hands to the process. Socket names are
+    /// short serial numbers: unix socket paths are limited to 108 bytes.
     pub fn prepare(
         container: &str,
         exec: &str,
         req: StdioRequest,
-        dir: &Path,
+        console_dir: &Path,
     ) -> TaskResult<(StdioSetup, ProcessStdio, Option<PathBuf>)> {
         let mut setup = StdioSetup {
             container: container.to_string(),
@@ -77,8 +79,9 @@ impl StdioSetup {
         };
         let pipe_err = |e| TaskError::io("create stdio pipe", e);
         if req.terminal {
-            let name = if exec.is_empty() { "init" } else { exec };
-            let path = dir.join(format!("console-{name}.sock"));
+            static SERIAL: AtomicU64 = AtomicU64::new(0);
+            let n = SERIAL.fetch_add(1, Ordering::Relaxed);
+            let path = console_dir.join(format!("{n}.sock"));
             let _ = std::fs::remove_file(&path);
             let l = UnixListener::bind(&path)
                 .map_err(|e| TaskError::io(format!("bind {}", path.display()), e))?;

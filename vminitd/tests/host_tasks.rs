@@ -480,6 +480,44 @@ async fn pty_with_resize() {
             .exit_status,
         4
     );
+    // An exec with its own pty (the container must be running for exec).
+    v.rootfs("t3");
+    c.create(
+        ctx(),
+        &create_req("t3", &spec(&["sleep", "100"], false), false, false, false),
+    )
+    .await
+    .expect("create");
+    c.start(ctx(), &start("t3", "")).await.expect("start");
+    c.exec(
+        ctx(),
+        &exec_req(
+            "t3",
+            "tty",
+            &["sh", "-c", "test -t 0 && test -t 1 && echo isatty"],
+            false,
+            true,
+        ),
+    )
+    .await
+    .expect("exec");
+    let eout = stream(&v, "t3", "tty", "stdout").await;
+    c.start(ctx(), &start("t3", "tty"))
+        .await
+        .expect("start exec");
+    let text = read_all(eout).await;
+    assert_eq!(text, "isatty\r\n");
+    assert_eq!(
+        c.wait(ctx(), &wait("t3", "tty"))
+            .await
+            .expect("wait")
+            .exit_status,
+        0
+    );
+    c.kill(ctx(), &kill("t3", "", 9)).await.expect("kill");
+    c.wait(ctx(), &wait("t3", "")).await.expect("wait");
+    c.delete(ctx(), &delete("t3", "")).await.expect("delete");
+
     // Resizing a process without a terminal is refused clearly.
     v.rootfs("t2");
     c.create(
@@ -567,4 +605,30 @@ async fn futures_join_all<F: std::future::Future>(fs: impl Iterator<Item = F>) -
     .await;
     out.extend(results.into_iter().flatten());
     out
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn output_is_complete_when_wait_returns() {
+    let mut v = Vminitd::spawn();
+    let c = v.client().await;
+    v.rootfs("big");
+    let out = stream(&v, "big", "", "stdout").await;
+    let s = spec(&["dd", "if=/dev/zero", "bs=1000", "count=1000"], false);
+    c.create(ctx(), &create_req("big", &s, false, true, false))
+        .await
+        .expect("create");
+    c.start(ctx(), &start("big", "")).await.expect("start");
+    let reader = tokio::spawn(read_all(out));
+    let w = c.wait(ctx(), &wait("big", "")).await.expect("wait");
+    assert_eq!(w.exit_status, 0);
+    // The exit is reported only after every byte went to the stream and the
+    // stream was closed: the reader finishes without waiting on anything.
+    let text = tokio::time::timeout(Duration::from_secs(2), reader)
+        .await
+        .expect("stream already complete")
+        .expect("reader");
+    assert_eq!(text.len(), 1_000_000);
+    c.delete(ctx(), &delete("big", "")).await.expect("delete");
+    v.stop();
+    v.assert_clean();
 }

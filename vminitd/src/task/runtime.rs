@@ -118,7 +118,7 @@ impl Runtime {
         hub: StdioHub,
         events: EventHub,
     ) -> TaskResult<Runtime> {
-        for d in ["crun", "bundles", "logs"] {
+        for d in ["crun", "bundles", "logs", "consoles"] {
             let p = cfg.state_dir.join(d);
             std::fs::create_dir_all(&p)
                 .map_err(|e| TaskError::io(format!("create {}", p.display()), e))?;
@@ -137,6 +137,10 @@ impl Runtime {
             events,
             table: Mutex::new(HashMap::new()),
         })
+    }
+
+    fn consoles_dir(&self) -> PathBuf {
+        self.cfg.state_dir.join("consoles")
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
@@ -227,7 +231,8 @@ impl Runtime {
             .to_string();
         bundle::write_bundle(dir, &spec)?;
 
-        let (setup, child_stdio, console) = StdioSetup::prepare(&p.id, "", p.names.request(), dir)?;
+        let (setup, child_stdio, console) =
+            StdioSetup::prepare(&p.id, "", p.names.request(), &self.consoles_dir())?;
         let pid_file = dir.join("init.pid");
         self.crun
             .create(&p.id, dir, &pid_file, console.as_deref(), child_stdio)
@@ -316,7 +321,7 @@ impl Runtime {
         std::fs::write(&spec_file, bytes)
             .map_err(|e| TaskError::io(format!("write {}", spec_file.display()), e))?;
         let (setup, child_stdio, console) =
-            StdioSetup::prepare(id, exec_id, proc.names.request(), &c.dir)?;
+            StdioSetup::prepare(id, exec_id, proc.names.request(), &self.consoles_dir())?;
         let pid_file = c.dir.join(format!("exec-{exec_id}.pid"));
         let res = self
             .crun
@@ -335,7 +340,17 @@ impl Runtime {
             })?;
         let _ = std::fs::remove_file(&pid_file);
         let exited = self.reaper.subscribe(i32::try_from(pid).unwrap_or(-1));
-        let io = setup.activate(&self.hub).await?;
+        let io = match setup.activate(&self.hub).await {
+            Ok(io) => io,
+            Err(e) => {
+                // Do not leave an untracked process behind.
+                if let Some(p) = target_pid(pid) {
+                    let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+                }
+                self.hub.forget(id, exec_id);
+                return Err(e);
+            }
+        };
         proc.attach(
             pid,
             io,
@@ -392,11 +407,10 @@ impl Runtime {
         }
         let sig = nix::sys::signal::Signal::try_from(i32::try_from(signal).unwrap_or(-1))
             .map_err(|_| TaskError::InvalidArgument(format!("bad signal {signal}")))?;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(-1)),
-            sig,
-        )
-        .map_err(|e| TaskError::io(format!("kill exec {exec_id}"), e.into()))
+        let target = target_pid(pid)
+            .ok_or_else(|| TaskError::FailedPrecondition(format!("exec {exec_id} has no pid")))?;
+        nix::sys::signal::kill(target, sig)
+            .map_err(|e| TaskError::io(format!("kill exec {exec_id}"), e.into()))
     }
 
     /// Delete: removes a stopped exec, or a stopped (or never started)
@@ -490,6 +504,15 @@ impl Runtime {
             self.forget(&c);
         }
     }
+}
+
+/// A pid that is safe to signal: never 0 or negative, which kill(2) would
+/// read as a process group or every process.
+fn target_pid(pid: u32) -> Option<nix::unistd::Pid> {
+    i32::try_from(pid)
+        .ok()
+        .filter(|p| *p > 1)
+        .map(nix::unistd::Pid::from_raw)
 }
 
 /// `crun exec --detach` writes the pid file before returning; a short wait
