@@ -105,6 +105,10 @@ async fn run(args: Args, boot: Option<BootParams>) -> anyhow::Result<()> {
         anyhow::bail!("--cgroup-parent must be one path component");
     }
     let reaper = Reaper::start().context("Starting the reaper")?;
+    // Before anything announces readiness: a SIGTERM from then on must mean
+    // an orderly stop, never the default (immediate death).
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     if let Some(boot) = &boot {
         vminitd::pid1::setup(boot, &args.shares_dir, &args.cgroup_mount);
     } else {
@@ -146,8 +150,6 @@ async fn run(args: Args, boot: Option<BootParams>) -> anyhow::Result<()> {
     server.start().await.context("Starting the Task API")?;
     tracing::info!(task = %args.task_addr, streams = %args.stream_addr, pid1, "vminitd serving");
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
         _ = shutdown.notified() => {}
         _ = term.recv() => tracing::info!("SIGTERM"),

@@ -162,16 +162,21 @@ pub async fn serve(mut listener: StreamListener, hub: StdioHub, events: EventHub
     }
 }
 
-async fn read_line(stream: &mut BoxStream) -> std::io::Result<String> {
+/// Reads the handshake line; None if the peer closed without sending any.
+async fn read_line(stream: &mut BoxStream) -> std::io::Result<Option<String>> {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     // Byte by byte: whatever follows the newline belongs to the process.
     while line.len() < MAX_HANDSHAKE {
         if stream.read(&mut byte).await? == 0 {
+            if line.is_empty() {
+                return Ok(None);
+            }
             break;
         }
         if byte[0] == b'\n' {
             return String::from_utf8(line)
+                .map(Some)
                 .map_err(|_| std::io::Error::other("handshake is not UTF-8"));
         }
         line.push(byte[0]);
@@ -180,7 +185,10 @@ async fn read_line(stream: &mut BoxStream) -> std::io::Result<String> {
 }
 
 async fn route(mut stream: BoxStream, hub: &StdioHub, events: &EventHub) -> std::io::Result<()> {
-    let line = read_line(&mut stream).await?;
+    let Some(line) = read_line(&mut stream).await? else {
+        // A connect-and-close probe (readiness checks): nothing to do.
+        return Ok(());
+    };
     match parse_handshake(&line) {
         Ok(Handshake::Events) => {
             stream.write_all(b"OK\n").await?;

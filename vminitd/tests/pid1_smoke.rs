@@ -102,7 +102,9 @@ async fn pid1_sets_up_the_namespace_runs_a_container_and_powers_off() {
     let mut guard = NamespaceGuard(child, cgroup_parent.clone());
     let child = &mut guard.0;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !(p("task.sock").exists() && p("streams.sock").exists()) {
+    while !(std::os::unix::net::UnixStream::connect(p("task.sock")).is_ok()
+        && std::os::unix::net::UnixStream::connect(p("streams.sock")).is_ok())
+    {
         assert!(Instant::now() < deadline, "PID 1 vminitd did not come up");
         assert!(
             child.try_wait().expect("try_wait").is_none(),

@@ -77,7 +77,10 @@ impl Vminitd {
             .spawn()
             .expect("spawn vminitd");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !(task_sock.exists() && stream_sock.exists()) {
+        // The socket files appear at bind(); serving starts at listen().
+        while !(std::os::unix::net::UnixStream::connect(&task_sock).is_ok()
+            && std::os::unix::net::UnixStream::connect(&stream_sock).is_ok())
+        {
             assert!(Instant::now() < deadline, "vminitd did not come up");
             std::thread::sleep(Duration::from_millis(5));
         }
