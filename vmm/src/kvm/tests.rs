@@ -434,3 +434,49 @@ fn vcpu_limit_check() {
         "{msg}"
     );
 }
+
+#[test]
+fn a_panicking_vcpu_thread_crashes_the_vm_and_stops_the_others() {
+    use std::os::unix::thread::JoinHandleExt;
+    use std::sync::Arc;
+
+    use super::control::{install_kick_handler, VcpuControl};
+    use super::FinishGuard;
+
+    install_kick_handler().expect("handler");
+    let control = Arc::new(VcpuControl::new());
+    // A healthy "vCPU" blocked until told to stop, and one that panics.
+    let c = control.clone();
+    let healthy = std::thread::spawn(move || {
+        let _guard = FinishGuard {
+            control: c.clone(),
+            id: 0,
+        };
+        while !c.should_stop() {
+            // SAFETY: plain libc call with a valid timespec; a kick interrupts it.
+            unsafe {
+                let ts = libc::timespec {
+                    tv_sec: 30,
+                    tv_nsec: 0,
+                };
+                libc::nanosleep(&ts, std::ptr::null_mut());
+            }
+        }
+    });
+    control.register_thread(healthy.as_pthread_t());
+    let c = control.clone();
+    let broken = std::thread::spawn(move || {
+        let _guard = FinishGuard { control: c, id: 1 };
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        panic!("device model bug");
+    });
+    control.register_thread(broken.as_pthread_t());
+
+    control.wait_all_finished();
+    assert!(healthy.join().is_ok());
+    assert!(broken.join().is_err());
+    assert_eq!(
+        control.exit(),
+        Some(VmExit::Crashed("vCPU 1 thread panicked".into()))
+    );
+}
