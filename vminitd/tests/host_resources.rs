@@ -251,6 +251,32 @@ async fn stats_pause_resume_update() {
         })
     };
     c.update(ctx(), &upd("{}")).await.expect("empty update");
+    // hugetlb is the one controller this host's v2 hierarchy has: a real
+    // limit goes through `crun update` into the container's cgroup.
+    let huge = v.cgroup_dir("s1").join("hugetlb.2MB.max");
+    let hugetlb = std::fs::read_to_string("/sys/fs/cgroup/unified/cgroup.controllers")
+        .map(|s| s.split_whitespace().any(|c| c == "hugetlb"))
+        .unwrap_or(false);
+    if hugetlb {
+        assert!(huge.exists(), "crun did not delegate hugetlb");
+        c.update(
+            ctx(),
+            &upd("{\"hugepageLimits\":[{\"pageSize\":\"2MB\",\"limit\":0}]}"),
+        )
+        .await
+        .expect("hugetlb update");
+        assert_eq!(std::fs::read_to_string(&huge).expect("read").trim(), "0");
+        c.update(
+            ctx(),
+            &upd("{\"hugepageLimits\":[{\"pageSize\":\"2MB\",\"limit\":4194304}]}"),
+        )
+        .await
+        .expect("hugetlb update");
+        assert_eq!(
+            std::fs::read_to_string(&huge).expect("read").trim(),
+            "4194304"
+        );
+    }
     let r = c
         .update(ctx(), &upd("{\"memory\":{\"limit\":67108864}}"))
         .await;
