@@ -13,7 +13,7 @@
 //! finished: a `pthread_t` is never used after its thread was joined.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, Once};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::backend::VmExit;
@@ -30,15 +30,14 @@ extern "C" fn on_kick(_signal: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *
     // Nothing to do: being interrupted is the whole point.
 }
 
-/// Install the (empty) kick handler once per process.
+/// Install the (empty) kick handler once per process. Every call reports the
+/// outcome of the one installation.
 pub fn install_kick_handler() -> Result<(), std::io::Error> {
-    static INSTALL: Once = Once::new();
-    let mut result = Ok(());
-    INSTALL.call_once(|| {
-        result = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
-            .map_err(std::io::Error::from);
+    static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
+    let outcome = INSTALLED.get_or_init(|| {
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno())
     });
-    result
+    outcome.map_err(std::io::Error::from_raw_os_error)
 }
 
 struct Thread {
