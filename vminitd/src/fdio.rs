@@ -3,7 +3,7 @@
 //! what flows through it is the stdio module's business.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -27,11 +27,6 @@ impl FdStream {
         // keeps its number for the AsyncFd's whole life.
         let inner = unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)?;
         Ok(FdStream { inner, eio_is_eof })
-    }
-
-    /// The descriptor, for ioctls such as TIOCSWINSZ.
-    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.inner.get_ref().as_fd()
     }
 }
 

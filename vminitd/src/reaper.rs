@@ -81,11 +81,6 @@ impl Reaper {
         rx
     }
 
-    /// Drops interest in `pid` (its exit will be kept as unclaimed).
-    pub fn unsubscribe(&self, pid: i32) {
-        self.lock().waiters.remove(&pid);
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         // A poisoned lock only means a panic elsewhere; the table stays valid.
         self.table.lock().unwrap_or_else(|e| e.into_inner())
