@@ -33,6 +33,26 @@ pub struct Crun {
     log_dir: PathBuf,
     reaper: Reaper,
     serial: AtomicU64,
+    /// `crun create --no-pivot`: our root is the initramfs, where
+    /// pivot_root(2) fails with EINVAL (the rootfs mount has no parent).
+    no_pivot: bool,
+}
+
+/// Whether `/` is the kernel's initial `rootfs` (an initramfs never
+/// switched away from), judged from the text of `/proc/self/mountinfo`:
+/// the last mount on `/` is the visible one.
+pub fn root_is_initramfs(mountinfo: &str) -> bool {
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            let mount_point = f.nth(4)?;
+            let (_, after) = l.split_once(" - ")?;
+            let fstype = after.split(' ').next()?;
+            Some((mount_point, fstype))
+        })
+        .rfind(|(mp, _)| *mp == "/")
+        .is_some_and(|(_, fstype)| fstype == "rootfs")
 }
 
 impl Crun {
@@ -44,6 +64,9 @@ impl Crun {
             log_dir,
             reaper,
             serial: AtomicU64::new(0),
+            no_pivot: std::fs::read_to_string("/proc/self/mountinfo")
+                .map(|m| root_is_initramfs(&m))
+                .unwrap_or(false),
         }
     }
 
@@ -118,6 +141,9 @@ impl Crun {
         stdio: ProcessStdio,
     ) -> TaskResult<()> {
         let mut args: Vec<OsString> = vec!["create".into(), "--bundle".into(), bundle.into()];
+        if self.no_pivot {
+            args.push("--no-pivot".into());
+        }
         args.push("--pid-file".into());
         args.push(pid_file.into());
         if let Some(sock) = console_socket {
@@ -266,5 +292,19 @@ mod tests {
         let e = map_error("start", 1, "");
         assert_eq!(e.code(), ttrpc::Code::INTERNAL);
         assert!(e.to_string().contains("exit status 1"));
+    }
+
+    #[test]
+    fn initramfs_root_is_detected() {
+        let initramfs = "1 1 0:2 / / rw - rootfs rootfs rw,size=120k\n\
+                         20 1 0:5 / /dev rw,nosuid - devtmpfs devtmpfs rw\n";
+        assert!(root_is_initramfs(initramfs));
+        let disk = "1 1 0:2 / / rw - rootfs rootfs rw\n\
+                    25 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n\
+                    26 25 0:5 / /dev rw - devtmpfs devtmpfs rw\n";
+        assert!(!root_is_initramfs(disk));
+        let host = "22 1 0:21 / / rw - overlay overlay rw\n";
+        assert!(!root_is_initramfs(host));
+        assert!(!root_is_initramfs(""));
     }
 }

@@ -59,13 +59,6 @@ fn state_of(s: &containerd_shim_protos::api::StateResponse) -> Status {
     s.status.enum_value().expect("known status")
 }
 
-/// Whether this host's cgroup v2 hierarchy has the memory controller.
-fn memory_controller() -> bool {
-    std::fs::read_to_string("/sys/fs/cgroup/unified/cgroup.controllers")
-        .map(|s| s.split_whitespace().any(|c| c == "memory"))
-        .unwrap_or(false)
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn bad_input_gets_clear_errors_and_others_are_untouched() {
     let mut v = Vminitd::spawn();
@@ -206,11 +199,19 @@ async fn stats_pause_resume_update() {
         m.cpu.is_some(),
         "cpu.stat is core cgroup v2: must be reported"
     );
-    // The memory controller is bound to cgroup v1 on this host; in the VM
-    // (pure cgroup v2) it is enabled and memory must show.
-    assert_eq!(m.memory.is_some(), memory_controller());
-    if memory_controller() {
-        assert!(m.memory.usage > 0);
+    // memory, pids and io are bound to cgroup v1 on this host; with pure
+    // cgroup v2 (the lab, the VM) they are enabled and must show.
+    // VMINITD_REQUIRE_CGROUP2=1 turns their absence into a failure.
+    let full = cgroup2_controllers_or_required();
+    assert_eq!(m.memory.is_some(), has_controller("memory"));
+    if full {
+        assert!(m.memory.usage > 0, "memory usage: {:?}", m.memory);
+        assert!(m.pids.current >= 1, "pids: {:?}", m.pids);
+        assert!(m.io.is_some(), "io.stat must be reported");
+        eprintln!(
+            "CGROUP2-CHECKED stats: memory.usage={} pids.current={}",
+            m.memory.usage, m.pids.current
+        );
     }
 
     let freeze = v.cgroup_dir("s1").join("cgroup.freeze");
@@ -254,9 +255,7 @@ async fn stats_pause_resume_update() {
     // hugetlb is the one controller this host's v2 hierarchy has: a real
     // limit goes through `crun update` into the container's cgroup.
     let huge = v.cgroup_dir("s1").join("hugetlb.2MB.max");
-    let hugetlb = std::fs::read_to_string("/sys/fs/cgroup/unified/cgroup.controllers")
-        .map(|s| s.split_whitespace().any(|c| c == "hugetlb"))
-        .unwrap_or(false);
+    let hugetlb = has_controller("hugetlb");
     if hugetlb {
         assert!(huge.exists(), "crun did not delegate hugetlb");
         c.update(
@@ -280,10 +279,11 @@ async fn stats_pause_resume_update() {
     let r = c
         .update(ctx(), &upd("{\"memory\":{\"limit\":67108864}}"))
         .await;
-    if memory_controller() {
+    if full {
         r.expect("memory update");
         let max = std::fs::read_to_string(v.cgroup_dir("s1").join("memory.max")).expect("max");
         assert_eq!(max.trim(), "67108864");
+        eprintln!("CGROUP2-CHECKED update: memory.max={}", max.trim());
     } else {
         assert!(
             r.is_err(),
@@ -297,10 +297,11 @@ async fn stats_pause_resume_update() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn memory_limit_oom_raises_oom_event() {
-    if !memory_controller() {
+    if !cgroup2_controllers_or_required() {
         // Lab-only: this host binds memory to cgroup v1, so no cgroup v2
-        // memory.events exists. The event path itself is covered by
-        // cgroup::tests::oom_kill_increase_raises_one_event.
+        // memory.events exists. tests/lab_cgroup.rs runs this test in the
+        // nested lab with VMINITD_REQUIRE_CGROUP2=1; the event path itself is
+        // also covered by cgroup::tests::oom_kill_increase_raises_one_event.
         eprintln!("LAB-ONLY: no cgroup v2 memory controller on this host");
         return;
     }
@@ -343,6 +344,7 @@ async fn memory_limit_oom_raises_oom_event() {
         topics.push(v["topic"].as_str().unwrap_or_default().to_string());
     }
     assert!(topics.contains(&"/tasks/oom".to_string()), "{topics:?}");
+    eprintln!("CGROUP2-CHECKED oom: events {topics:?}");
     c.delete(ctx(), &id_req::<DeleteRequest>(|r| r.id = "oom".into()))
         .await
         .expect("delete");

@@ -10,7 +10,7 @@
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -32,6 +32,50 @@ const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "sleep", "true", "false", "stty", "head", "dd", "kill", "ls", "tail",
     "hostname",
 ];
+
+/// With this set to `1`, tests that need the cgroup v2 memory, pids and io
+/// controllers fail when those are missing instead of skipping their checks
+/// (`tests/lab_cgroup.rs` sets it where they must run).
+pub const REQUIRE_CGROUP2_ENV: &str = "VMINITD_REQUIRE_CGROUP2";
+
+/// Whether /sys/fs/cgroup is a pure cgroup v2 mount (not this host's hybrid
+/// v1 layout with `unified` beside it).
+pub fn pure_cgroup2() -> bool {
+    nix::sys::statfs::statfs("/sys/fs/cgroup")
+        .map(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+        .unwrap_or(false)
+}
+
+/// The cgroup v2 hierarchy as the test process sees it.
+pub fn cgroup_root() -> PathBuf {
+    if pure_cgroup2() {
+        PathBuf::from("/sys/fs/cgroup")
+    } else {
+        PathBuf::from("/sys/fs/cgroup/unified")
+    }
+}
+
+/// Whether the cgroup v2 hierarchy offers `controller`.
+pub fn has_controller(controller: &str) -> bool {
+    std::fs::read_to_string(cgroup_root().join("cgroup.controllers"))
+        .map(|s| s.split_whitespace().any(|c| c == controller))
+        .unwrap_or(false)
+}
+
+/// Whether memory, pids and io are all usable through cgroup v2. Panics
+/// when they are not and [`REQUIRE_CGROUP2_ENV`] is `1`: a run that must
+/// check them may not quietly skip.
+pub fn cgroup2_controllers_or_required() -> bool {
+    let all = ["memory", "pids", "io"].iter().all(|c| has_controller(c));
+    if !all && std::env::var(REQUIRE_CGROUP2_ENV).as_deref() == Ok("1") {
+        panic!(
+            "{REQUIRE_CGROUP2_ENV}=1 but the cgroup v2 hierarchy {} offers only {:?}",
+            cgroup_root().display(),
+            std::fs::read_to_string(cgroup_root().join("cgroup.controllers")).unwrap_or_default()
+        );
+    }
+    all
+}
 
 /// One vminitd process and its directories.
 pub struct Vminitd {
@@ -61,9 +105,15 @@ impl Vminitd {
             std::process::id(),
             SERIAL.fetch_add(1, Ordering::Relaxed)
         );
+        // Where /sys/fs/cgroup already is cgroup2 it stays as it is.
+        let setup = if pure_cgroup2() {
+            "exec \"$0\" \"$@\""
+        } else {
+            "mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec \"$0\" \"$@\""
+        };
         let child = Command::new("unshare")
             .args(["-m", "--propagation", "private", "sh", "-c"])
-            .arg("mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec \"$0\" \"$@\"")
+            .arg(setup)
             .arg(env!("CARGO_BIN_EXE_vminitd"))
             .args(["--mode", "host", "--log", "vminitd=debug"])
             .arg(format!("--task-addr=unix://{}", task_sock.display()))
@@ -76,7 +126,9 @@ impl Vminitd {
             .arg(&cgroup_parent)
             .spawn()
             .expect("spawn vminitd");
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Generous: under emulation (the nested lab) loading the debug
+        // binary alone takes seconds.
+        let deadline = Instant::now() + Duration::from_secs(60);
         // The socket files appear at bind(); serving starts at listen().
         while !(std::os::unix::net::UnixStream::connect(&task_sock).is_ok()
             && std::os::unix::net::UnixStream::connect(&stream_sock).is_ok())
@@ -106,9 +158,7 @@ impl Vminitd {
 
     /// The container's cgroup directory as the test process sees it.
     pub fn cgroup_dir(&self, id: &str) -> PathBuf {
-        Path::new("/sys/fs/cgroup/unified")
-            .join(&self.cgroup_parent)
-            .join(id)
+        cgroup_root().join(&self.cgroup_parent).join(id)
     }
 
     /// Builds `<shares>/<id>/rootfs` with busybox and its applets.
@@ -178,7 +228,7 @@ impl Vminitd {
             .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
             .unwrap_or_default();
         assert!(bundles.is_empty(), "bundles left behind: {bundles:?}");
-        let cg = Path::new("/sys/fs/cgroup/unified").join(&self.cgroup_parent);
+        let cg = cgroup_root().join(&self.cgroup_parent);
         assert!(!cg.exists(), "cgroup {} left behind", cg.display());
     }
 }

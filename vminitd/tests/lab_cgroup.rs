@@ -1,0 +1,178 @@
+//! The cgroup-v2-only checks of `host_resources` (Stats with memory, pids
+//! and io; a memory limit through Update read back from `memory.max`; the
+//! OOM event) run for real where every controller is there.
+//!
+//! This host mounts cgroup v1 with a v2 hierarchy holding only `hugetlb`, so
+//! those checks skip here (`LAB-ONLY`). This test runs the `host_resources`
+//! test binary with `VMINITD_REQUIRE_CGROUP2=1` (missing controllers become
+//! failures) and a filter naming the two tests: inside the nested lab (pure
+//! cgroup2 at /sys/fs/cgroup) when /sys/fs/cgroup here is not a pure cgroup2
+//! mount with memory, pids and io; directly otherwise. It then asserts both
+//! tests passed and that each check reported its values.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use beacon_tests::assets::lab_visible_tempdir;
+use beacon_tests::lab::{Lab, LabOutput};
+use common::{has_controller, pure_cgroup2, REQUIRE_CGROUP2_ENV};
+
+const TESTS: &[&str] = &[
+    "stats_pause_resume_update",
+    "memory_limit_oom_raises_oom_event",
+];
+
+/// The `host_resources` test binary cargo built beside this one (in the
+/// same `deps` folder; the newest if several builds are there).
+fn host_resources_binary() -> PathBuf {
+    let me = std::env::current_exe().expect("current exe");
+    let deps = me.parent().expect("deps folder");
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(deps)
+        .expect("read deps folder")
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("host_resources-")
+                .is_some_and(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_hexdigit()))
+        })
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            use std::os::unix::fs::PermissionsExt;
+            (meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+                .then(|| Some((meta.modified().ok()?, e.path())))
+                .flatten()
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, p)| p).unwrap_or_else(|| {
+        panic!(
+            "no host_resources test binary in {}; build with `cargo test -p vminitd`",
+            deps.display()
+        )
+    })
+}
+
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The text between `=== BEGIN name` and `=== END name`.
+fn section<'a>(output: &'a str, name: &str) -> Option<&'a str> {
+    let begin = format!("=== BEGIN {name}\n");
+    let start = output.find(&begin)? + begin.len();
+    let end = start + output[start..].find(&format!("=== END {name}"))?;
+    Some(&output[start..end])
+}
+
+#[test]
+fn cgroup_v2_checks_pass_where_cgroup_v2_is_complete() {
+    let bin = host_resources_binary();
+    let tmp = lab_visible_tempdir().expect("lab-visible tempdir");
+    // The test binary's stdout (libtest's report) and stderr (vminitd's
+    // logs) go to separate files so the report lines stay whole.
+    let mut cmd = vec![
+        quote(&bin.display().to_string()),
+        "--exact".into(),
+        "--test-threads=1".into(),
+        "--show-output".into(),
+    ];
+    cmd.extend(TESTS.iter().map(|t| quote(t)));
+    let script = format!(
+        "d=$(mktemp -d) || exit 90\n\
+         export {REQUIRE_CGROUP2_ENV}=1\n\
+         echo \"cgroup controllers: $(cat /sys/fs/cgroup/cgroup.controllers 2>&1)\"\n\
+         {cmd} >\"$d/out\" 2>\"$d/err\"\n\
+         rc=$?\n\
+         echo '=== BEGIN stderr'; cat \"$d/err\"; echo '=== END stderr'\n\
+         echo '=== BEGIN report'; cat \"$d/out\"; echo '=== END report'\n\
+         rm -rf \"$d\"\n\
+         exit $rc\n",
+        cmd = cmd.join(" ")
+    );
+    let script_path = tmp.path().join("cgroup-checks.sh");
+    std::fs::write(&script_path, script).expect("write script");
+    let argv = ["sh".to_string(), script_path.display().to_string()];
+
+    let complete = pure_cgroup2() && ["memory", "pids", "io"].iter().all(|c| has_controller(c));
+    let (out, where_) = if complete {
+        let o = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .output()
+            .expect("run the checks");
+        let mut text = String::from_utf8_lossy(&o.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&o.stderr));
+        (
+            LabOutput {
+                exit_code: o.status.code().unwrap_or(-1),
+                console: text.clone(),
+                output: text,
+                elapsed: Duration::ZERO,
+            },
+            "this host",
+        )
+    } else {
+        let mut lab = Lab {
+            timeout: Duration::from_secs(1200),
+            ..Lab::new()
+        };
+        lab.env.push((REQUIRE_CGROUP2_ENV.into(), "1".into()));
+        (lab.run(&argv).expect("lab run"), "the nested lab")
+    };
+
+    let report = section(&out.output, "report").unwrap_or_else(|| {
+        panic!(
+            "no test report from {where_} (exit {}):\n{}",
+            out.exit_code, out.console
+        )
+    });
+    let stderr = section(&out.output, "stderr").unwrap_or_default();
+    let context = || format!("report:\n{report}\nstderr (tail):\n{}", tail(stderr, 60));
+    assert_eq!(
+        out.exit_code,
+        0,
+        "the cgroup v2 checks failed in {where_}:\n{}",
+        context()
+    );
+    for t in TESTS {
+        assert!(
+            report.contains(&format!("test {t} ... ok")),
+            "{t} did not pass in {where_}:\n{}",
+            context()
+        );
+    }
+    assert!(
+        report.contains(&format!("test result: ok. {} passed", TESTS.len())),
+        "{}",
+        context()
+    );
+    for check in [
+        "CGROUP2-CHECKED stats: memory.usage=",
+        "CGROUP2-CHECKED update: memory.max=67108864",
+        "CGROUP2-CHECKED oom: events",
+    ] {
+        assert!(
+            report.contains(check),
+            "missing {check:?} in {where_}:\n{}",
+            context()
+        );
+    }
+    assert!(
+        !report.contains("LAB-ONLY"),
+        "a check skipped:\n{}",
+        context()
+    );
+    for l in report.lines().filter(|l| l.contains("CGROUP2-CHECKED")) {
+        eprintln!("{l}");
+    }
+    eprintln!(
+        "cgroup v2 checks passed in {where_} ({:.1} s)",
+        out.elapsed.as_secs_f64()
+    );
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
