@@ -167,6 +167,39 @@ mod tests {
     }
 
     #[test]
+    fn ram_above_the_gap_continues_at_4g_in_the_same_memfd() {
+        // Sparse: nothing is allocated until touched.
+        let bytes = (3 << 30) + (512 << 20);
+        let ram = match GuestRam::new(bytes) {
+            Ok(ram) => ram,
+            // A host with less than 3.5 GiB of RAM refuses, and says why.
+            Err(e) => return assert!(e.to_string().contains("lower --memory"), "{e}"),
+        };
+        let regions: Vec<_> = ram
+            .memory()
+            .iter()
+            .map(|r| (r.start_addr().0, r.len()))
+            .collect();
+        assert_eq!(regions, vec![(0, 3 << 30), (4 << 30, 512 << 20)]);
+        ram.memory()
+            .write_obj(0x5a5a_u16, GuestAddress(4 << 30))
+            .expect("write above 4 GiB");
+        let mut buf = [0u8; 2];
+        ram.memfd()
+            .read_exact_at(&mut buf, 3 << 30)
+            .expect("read memfd");
+        assert_eq!(
+            u16::from_le_bytes(buf),
+            0x5a5a,
+            "region 1 starts at file offset 3 GiB"
+        );
+        assert!(
+            ram.memory().write_obj(1u8, GuestAddress(3 << 30)).is_err(),
+            "the gap is not RAM"
+        );
+    }
+
+    #[test]
     fn absurd_sizes_fail_clearly() {
         let err = GuestRam::new(1 << 50).expect_err("petabyte");
         assert!(err.to_string().contains("lower --memory"), "{err}");
