@@ -40,6 +40,9 @@ struct Args {
     /// How long to keep trying to connect (the VM may still be booting).
     #[arg(long, default_value_t = 240)]
     wait_secs: u64,
+    /// Limit for the whole command, connecting included.
+    #[arg(long, default_value_t = 420)]
+    timeout_secs: u64,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -219,10 +222,16 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("Building the tokio runtime")?;
+    let limit = Duration::from_secs(a.timeout_secs);
     rt.block_on(async {
-        match &a.cmd {
-            Cmd::Run { id, args } => run(&a, id, args).await,
-            Cmd::Shutdown => shutdown(&a).await,
-        }
+        let work = async {
+            match &a.cmd {
+                Cmd::Run { id, args } => run(&a, id, args).await,
+                Cmd::Shutdown => shutdown(&a).await,
+            }
+        };
+        tokio::time::timeout(limit, work)
+            .await
+            .unwrap_or_else(|_| bail!("no answer within {limit:?}"))
     })
 }
