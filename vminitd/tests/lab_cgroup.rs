@@ -3,12 +3,13 @@
 //! OOM event) run for real where every controller is there.
 //!
 //! This host mounts cgroup v1 with a v2 hierarchy holding only `hugetlb`, so
-//! those checks skip here (`LAB-ONLY`). This test runs the `host_resources`
-//! test binary with `VMINITD_REQUIRE_CGROUP2=1` (missing controllers become
-//! failures) and a filter naming the two tests: inside the nested lab (pure
-//! cgroup2 at /sys/fs/cgroup) when /sys/fs/cgroup here is not a pure cgroup2
-//! mount with memory, pids and io; directly otherwise. It then asserts both
-//! tests passed and that each check reported its values.
+//! those checks skip here (`LAB-ONLY`). This test has cargo build (or find
+//! fresh) the `host_resources` test binary and runs it with
+//! `VMINITD_REQUIRE_CGROUP2=1` (missing controllers become failures) and a
+//! filter naming the two tests: inside the nested lab (pure cgroup2 at
+//! /sys/fs/cgroup) when /sys/fs/cgroup here is not a pure cgroup2 mount with
+//! memory, pids and io; directly otherwise. It then asserts both tests
+//! passed and that each check reported its values.
 
 mod common;
 
@@ -24,34 +25,35 @@ const TESTS: &[&str] = &[
     "memory_limit_oom_raises_oom_event",
 ];
 
-/// The `host_resources` test binary cargo built beside this one (in the
-/// same `deps` folder; the newest if several builds are there).
+/// The `host_resources` test binary, built (or found fresh) by cargo for
+/// the same profile as this test: `cargo test --no-run` reports its path.
 fn host_resources_binary() -> PathBuf {
     let me = std::env::current_exe().expect("current exe");
-    let deps = me.parent().expect("deps folder");
-    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(deps)
-        .expect("read deps folder")
-        .filter_map(Result::ok)
-        .filter(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.strip_prefix("host_resources-")
-                .is_some_and(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_hexdigit()))
-        })
-        .filter_map(|e| {
-            let meta = e.metadata().ok()?;
-            use std::os::unix::fs::PermissionsExt;
-            (meta.is_file() && meta.permissions().mode() & 0o111 != 0)
-                .then(|| Some((meta.modified().ok()?, e.path())))
-                .flatten()
-        })
-        .collect();
-    found.sort();
-    found.pop().map(|(_, p)| p).unwrap_or_else(|| {
-        panic!(
-            "no host_resources test binary in {}; build with `cargo test -p vminitd`",
-            deps.display()
-        )
-    })
+    let release = me.components().any(|c| c.as_os_str() == "release");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args([
+        "test",
+        "-p",
+        "vminitd",
+        "--test",
+        "host_resources",
+        "--no-run",
+    ])
+    .arg("--message-format=json-render-diagnostics")
+    .current_dir(env!("CARGO_MANIFEST_DIR"))
+    .stderr(std::process::Stdio::inherit());
+    if release {
+        cmd.arg("--release");
+    }
+    let out = cmd.output().expect("run cargo");
+    assert!(out.status.success(), "cargo test --no-run failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "host_resources")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .expect("cargo reported no host_resources test executable")
 }
 
 fn quote(s: &str) -> String {
@@ -69,6 +71,7 @@ fn section<'a>(output: &'a str, name: &str) -> Option<&'a str> {
 #[test]
 fn cgroup_v2_checks_pass_where_cgroup_v2_is_complete() {
     let bin = host_resources_binary();
+    eprintln!("running {} {TESTS:?}", bin.display());
     let tmp = lab_visible_tempdir().expect("lab-visible tempdir");
     // The test binary's stdout (libtest's report) and stderr (vminitd's
     // logs) go to separate files so the report lines stay whole.
