@@ -8,11 +8,13 @@
 //! - how to power off (FADT hardware-reduced sleep control/status registers on
 //!   I/O ports [`SLEEP_CONTROL_PORT`]/[`SLEEP_STATUS_PORT`], `\_S5` = [`S5_SLEEP_TYPE`])
 //!   and reset ([`RESET_PORT`], value [`RESET_VALUE`]);
+//! - where COM1 is and which interrupt it raises (DSDT `PNP0501`): hardware-reduced
+//!   ACPI has no legacy PIC, so Linux routes no ISA IRQ that the DSDT does not name;
 //! - which virtio-mmio devices exist (DSDT devices `LNRO0005` with their MMIO window
 //!   and interrupt), so no `virtio_mmio.device=` parameters are needed.
 
 use acpi_tables::aml::{
-    self, Device, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate,
+    self, Device, EISAName, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -31,11 +33,8 @@ pub const SLEEP_CONTROL_PORT: u16 = 0x3c0;
 pub const SLEEP_STATUS_PORT: u16 = 0x3c1;
 /// Writing [`RESET_VALUE`] here resets (ends) the VM.
 pub const RESET_PORT: u16 = 0x3c2;
-pub const RESET_VALUE: u8 = 0x42;
-/// The SLP_TYP value the DSDT's `\_S5` package advertises.
-pub const S5_SLEEP_TYPE: u8 = 5;
-/// SLP_EN bit of the sleep control register.
-pub const SLEEP_ENABLE: u8 = 1 << 5;
+// The register semantics belong to the device that decodes them.
+pub use beacon_devices::acpi_pm::{RESET_VALUE, S5_SLEEP_TYPE};
 
 /// DSDT device names are `V000`..`VFFF`.
 pub const MAX_MMIO_DEVICES: usize = 0x1000;
@@ -52,6 +51,13 @@ pub struct MmioDevice {
     pub gsi: u32,
 }
 
+/// A 16550 UART on the I/O bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LegacySerial {
+    pub port: u16,
+    pub gsi: u32,
+}
+
 /// What the tables describe.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcpiConfig {
@@ -59,6 +65,7 @@ pub struct AcpiConfig {
     pub max_vcpus: u8,
     pub ioapic_addr: u32,
     pub lapic_addr: u32,
+    pub serial: Option<LegacySerial>,
     pub mmio_devices: Vec<MmioDevice>,
 }
 
@@ -132,6 +139,17 @@ fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
         &Package::new(vec![&S5_SLEEP_TYPE, &0u8, &0u8, &0u8]),
     );
     let mut body = to_bytes(&s5);
+    if let Some(com) = cfg.serial {
+        let hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0501"));
+        let uid = Name::new(Path::new("_UID"), &0u8);
+        let io = IO::new(com.port, com.port, 1, 8);
+        let irq = Interrupt::new(true, true, false, false, com.gsi);
+        let crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&io, &irq]));
+        body.extend(to_bytes(&Device::new(
+            Path::new("COM1"),
+            vec![&hid, &uid, &crs],
+        )));
+    }
     for (i, d) in cfg.mmio_devices.iter().enumerate() {
         let name = format!("V{i:03X}");
         let hid = Name::new(Path::new("_HID"), &"LNRO0005");
@@ -203,10 +221,14 @@ pub fn build(cfg: &AcpiConfig) -> Result<Vec<PlacedTable>, AcpiError> {
     Ok(vec![rsdp, xsdt, fadt, madt, dsdt])
 }
 
-/// Decode a write to the sleep control register: true when the guest asks for S5.
-pub fn is_poweroff_request(value: u8) -> bool {
-    value & SLEEP_ENABLE != 0 && (value >> 2) & 0x7 == S5_SLEEP_TYPE
-}
+/// Port ranges must match the device's layout (control, status, reset in a row).
+const _: () = {
+    assert!(
+        SLEEP_STATUS_PORT as u64
+            == SLEEP_CONTROL_PORT as u64 + beacon_devices::acpi_pm::SLEEP_STATUS_OFFSET
+    );
+    assert!(RESET_PORT as u64 == SLEEP_CONTROL_PORT as u64 + beacon_devices::acpi_pm::RESET_OFFSET);
+};
 
 #[cfg(test)]
 mod tests;

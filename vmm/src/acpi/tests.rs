@@ -6,6 +6,10 @@ fn cfg(boot: u8, max: u8) -> AcpiConfig {
         max_vcpus: max,
         ioapic_addr: 0xfec0_0000,
         lapic_addr: 0xfee0_0000,
+        serial: Some(LegacySerial {
+            port: 0x3f8,
+            gsi: 4,
+        }),
         mmio_devices: vec![
             MmioDevice {
                 base: 0xd000_0000,
@@ -132,6 +136,14 @@ fn dsdt_has_s5_and_virtio_mmio_devices() {
     let dsdt = &by_sig(&tables, b"DSDT").bytes;
     let find = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
     assert!(find(b"_S5_"));
+    assert!(
+        find(b"COM1"),
+        "COM1 must be described: no legacy PIC routes IRQ 4"
+    );
+    // EISAID("PNP0501") encodes to 0x0105D041 (little endian 41 D0 05 01).
+    assert!(find(&[0x41, 0xd0, 0x05, 0x01]));
+    // IO descriptor for 0x3f8 (min, max) and an extended interrupt for GSI 4.
+    assert!(find(&[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03]));
     assert!(find(b"V000") && find(b"V001"));
     assert!(find(b"LNRO0005"));
     // The first device's MMIO base inside its Memory32Fixed descriptor.
@@ -153,12 +165,4 @@ fn bad_vcpus_and_oversize_are_errors() {
     assert!(matches!(build(&big), Err(AcpiError::TooLarge { .. })));
     big.mmio_devices = vec![big.mmio_devices[0]; MAX_MMIO_DEVICES + 1];
     assert!(matches!(build(&big), Err(AcpiError::TooManyDevices(_))));
-}
-
-#[test]
-fn poweroff_request_decoding() {
-    assert!(is_poweroff_request(S5_SLEEP_TYPE << 2 | SLEEP_ENABLE));
-    assert!(!is_poweroff_request(S5_SLEEP_TYPE << 2));
-    assert!(!is_poweroff_request(3 << 2 | SLEEP_ENABLE));
-    assert!(!is_poweroff_request(!SLEEP_ENABLE));
 }

@@ -1,5 +1,6 @@
 //! VMM-side wiring of the legacy devices: where they sit on the I/O bus, which
-//! IRQ they raise, where the console goes, and what a reset request does.
+//! IRQ they raise, where the console goes, and what a reset or ACPI power-off
+//! request does.
 //!
 //! The device models themselves live in `beacon-devices`; this module only
 //! connects them to KVM (irqfd) and to the VM's control.
@@ -9,6 +10,7 @@ use std::io::{LineWriter, Write};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use beacon_devices::acpi_pm::{AcpiPm, ACPI_PM_PORT_LEN};
 use beacon_devices::legacy::i8042::I8042_PORT_LEN;
 use beacon_devices::legacy::serial::SERIAL_PORT_LEN;
 use beacon_devices::legacy::{BootTimer, SerialDevice, I8042};
@@ -54,7 +56,7 @@ fn console_writer(console: &ConsoleConfig) -> Result<Box<dyn Write + Send>, VmEr
     })
 }
 
-/// Build the I/O bus with serial, i8042 and boot timer.
+/// Build the I/O bus with serial, i8042, boot timer and ACPI PM registers.
 pub fn build(
     vm: &VmFd,
     console: &ConsoleConfig,
@@ -84,6 +86,11 @@ pub fn build(
     })?;
     let serial = SerialDevice::new(serial_evt, console_writer(console)?);
 
+    let (off, reset) = (Arc::clone(&control), Arc::clone(&control));
+    let acpi_pm = AcpiPm::new(
+        Box::new(move || off.request_stop(VmExit::PowerOff)),
+        Box::new(move || reset.request_stop(VmExit::Reboot)),
+    );
     let i8042 = I8042::new(Box::new(move || control.request_stop(VmExit::Reboot)));
     let timer = BootTimer::new(created, init_reached);
 
@@ -94,6 +101,12 @@ pub fn build(
         .map_err(device_err("i8042"))?;
     bus.insert(BOOT_TIMER_PORT, 1, Arc::new(Mutex::new(timer)))
         .map_err(device_err("boot timer"))?;
+    bus.insert(
+        u64::from(crate::acpi::SLEEP_CONTROL_PORT),
+        ACPI_PM_PORT_LEN,
+        Arc::new(Mutex::new(acpi_pm)),
+    )
+    .map_err(device_err("ACPI power management"))?;
     Ok(LegacyDevices {
         io_bus: Arc::new(bus),
         _serial_irq: serial_irq,

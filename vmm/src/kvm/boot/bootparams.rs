@@ -84,6 +84,8 @@ pub fn linux_boot_params(
     params.e820_table = table;
     // Fits: checked against the table length (128) above.
     params.e820_entries = map.len() as u8;
+    // Boot protocol 2.14+: where the ACPI tables start (older kernels scan for it).
+    params.acpi_rsdp_addr = crate::acpi::RSDP_ADDR;
     Ok(params)
 }
 
@@ -127,7 +129,7 @@ pub fn pvh_start_info(
             PVH_MODLIST_ADDR
         },
         cmdline_paddr: CMDLINE_ADDR,
-        rsdp_paddr: 0,
+        rsdp_paddr: crate::acpi::RSDP_ADDR,
         memmap_paddr: PVH_MEMMAP_ADDR,
         memmap_entries: memmap.len() as u32,
         reserved: 0,
