@@ -52,6 +52,9 @@ struct State {
     finished: usize,
     exit: Option<VmExit>,
     threads: Vec<Thread>,
+    /// Threads that finished before their spawner registered them (a vCPU that
+    /// sees the stop flag at once can beat `register_thread`).
+    finished_unregistered: Vec<libc::pthread_t>,
 }
 
 /// Shared by the VM handle and all its vCPU threads.
@@ -83,10 +86,17 @@ impl VcpuControl {
 
     /// Remember a spawned vCPU thread so it can be kicked.
     pub fn register_thread(&self, id: libc::pthread_t) {
-        self.lock().threads.push(Thread {
-            id,
-            finished: false,
-        });
+        let mut state = self.lock();
+        let finished = match state.finished_unregistered.iter().position(|t| *t == id) {
+            Some(i) => {
+                state.finished_unregistered.swap_remove(i);
+                state.finished += 1;
+                true
+            }
+            None => false,
+        };
+        state.threads.push(Thread { id, finished });
+        self.changed.notify_all();
     }
 
     /// Threads registered so far.
@@ -133,6 +143,10 @@ impl VcpuControl {
         if let Some(t) = state.threads.iter_mut().find(|t| t.id == id && !t.finished) {
             t.finished = true;
             state.finished += 1;
+        } else {
+            // Not registered yet: count it when the spawner registers it. The id
+            // cannot be reused before the thread is joined, which comes later.
+            state.finished_unregistered.push(id);
         }
         self.changed.notify_all();
     }
@@ -246,6 +260,32 @@ mod tests {
             h.join().expect("join");
         }
         assert_eq!(control.exit(), Some(VmExit::Reboot));
+    }
+
+    #[test]
+    fn a_thread_that_finishes_before_it_is_registered_is_counted() {
+        let control = Arc::new(VcpuControl::new());
+        let c = control.clone();
+        let handle = std::thread::spawn(move || {
+            // SAFETY: pthread_self has no preconditions.
+            c.thread_finished(unsafe { libc::pthread_self() });
+        });
+        // Make sure the thread is done before registering it (the race, forced).
+        while !handle.is_finished() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        control.register_thread(handle.as_pthread_t());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let c = control.clone();
+        std::thread::spawn(move || {
+            c.wait_all_finished();
+            let _ = tx.send(());
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "wait_all_finished hung on a thread that finished before registration"
+        );
+        handle.join().expect("join");
     }
 
     #[test]
