@@ -23,6 +23,11 @@ use std::time::{Duration, Instant};
 
 use crate::assets::{folder_from_script, repo_root};
 
+/// A lab VM whose heartbeat is older than this has frozen.
+pub const HEARTBEAT_STALE: Duration = Duration::from_secs(90);
+/// A lab VM with no heartbeat this long after QEMU started has frozen while booting.
+pub const FIRST_HEARTBEAT_WITHIN: Duration = Duration::from_secs(180);
+
 /// Forces [`kvm_host`]: `hardware` (use this host's /dev/kvm) or `lab`.
 pub const KVM_MODE_ENV: &str = "BEACON_KVM";
 /// QEMU binary to run the lab with (default `qemu-system-x86_64` from PATH).
@@ -99,6 +104,11 @@ pub enum LabError {
     },
     #[error("the lab command needs at least a program name")]
     EmptyCommand,
+    #[error("the lab VM froze (no heartbeat for {stale:?}) on every try; QEMU was killed. Last console lines:\n{console_tail}")]
+    Frozen {
+        stale: Duration,
+        console_tail: String,
+    },
 }
 
 fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> LabError + '_ {
@@ -120,6 +130,8 @@ pub struct Lab {
     pub env: Vec<(String, String)>,
     /// Echo the console to this process's stderr while the lab runs.
     pub echo_console: bool,
+    /// How often to start over when the lab VM itself froze (not the command).
+    pub retries_on_freeze: u32,
 }
 
 impl Default for Lab {
@@ -145,11 +157,34 @@ impl Lab {
             cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
             env,
             echo_console: false,
+            retries_on_freeze: 1,
         }
     }
 
-    /// Run `argv` inside the lab and wait for it (or the timeout).
+    /// Run `argv` inside the lab and wait for it (or the timeout). A lab VM that
+    /// freezes (its heartbeat stops) is killed and the run starts over, up to
+    /// [`Lab::retries_on_freeze`] times, with a warning on stderr.
     pub fn run<S: AsRef<std::ffi::OsStr>>(&self, argv: &[S]) -> Result<LabOutput, LabError> {
+        let mut attempt = 0;
+        loop {
+            match self.run_once(argv) {
+                Err(LabError::Frozen {
+                    stale,
+                    console_tail,
+                }) if attempt < self.retries_on_freeze => {
+                    attempt += 1;
+                    eprintln!(
+                        "beacon-lab: WARNING: the lab VM froze (no heartbeat for {stale:?}); \
+                         starting over ({attempt} of {}). Last console lines:\n{console_tail}",
+                        self.retries_on_freeze
+                    );
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn run_once<S: AsRef<std::ffi::OsStr>>(&self, argv: &[S]) -> Result<LabOutput, LabError> {
         if argv.is_empty() {
             return Err(LabError::EmptyCommand);
         }
@@ -204,17 +239,33 @@ impl Lab {
         })?;
         let console = Arc::new(Mutex::new(String::new()));
         let readers = spawn_readers(&mut child, &console, self.echo_console);
-        let status = wait_deadline(&mut child, start + self.timeout);
+        let heartbeat = shared.path().join("heartbeat");
+        let status = wait_watched(
+            &mut child,
+            start + self.timeout,
+            Some(Heartbeat {
+                path: &heartbeat,
+                stale: HEARTBEAT_STALE,
+                first_within: FIRST_HEARTBEAT_WITHIN,
+            }),
+            start,
+        );
         for r in readers {
             let _ = r.join();
         }
         let elapsed = start.elapsed();
         let console = console.lock().map(|c| c.clone()).unwrap_or_default();
         let status = match status {
-            Some(s) => s.map_err(io_err("waiting for QEMU"))?,
-            None => {
+            Waited::Exited(s) => s.map_err(io_err("waiting for QEMU"))?,
+            Waited::TimedOut => {
                 return Err(LabError::Timeout {
                     after: self.timeout,
+                    console_tail: tail(&console, 30),
+                })
+            }
+            Waited::Frozen(stale) => {
+                return Err(LabError::Frozen {
+                    stale,
                     console_tail: tail(&console, 30),
                 })
             }
@@ -370,26 +421,56 @@ fn spawn_readers(
     handles
 }
 
-/// Wait until the child exits or the deadline passes; on the deadline kill and reap
-/// it and return None.
-fn wait_deadline(
+enum Waited {
+    Exited(std::io::Result<std::process::ExitStatus>),
+    TimedOut,
+    /// The heartbeat went stale for this long.
+    Frozen(Duration),
+}
+
+/// How long ago the heartbeat file was last written, if it exists.
+fn heartbeat_age(path: &Path) -> Option<Duration> {
+    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok()?;
+    Some(modified.elapsed().unwrap_or_default())
+}
+
+/// Wait until the child exits, the deadline passes, or (with a heartbeat file) the
+/// lab VM stops beating; in the last two cases kill and reap it.
+/// A heartbeat file and how stale it may get.
+struct Heartbeat<'a> {
+    path: &'a Path,
+    stale: Duration,
+    first_within: Duration,
+}
+
+fn wait_watched(
     child: &mut Child,
     deadline: Instant,
-) -> Option<std::io::Result<std::process::ExitStatus>> {
+    heartbeat: Option<Heartbeat<'_>>,
+    start: Instant,
+) -> Waited {
+    let end = |child: &mut Child, outcome: Waited| {
+        let _ = child.kill();
+        let _ = child.wait();
+        outcome
+    };
     loop {
         match child.try_wait() {
-            Ok(Some(status)) => return Some(Ok(status)),
+            Ok(Some(status)) => return Waited::Exited(Ok(status)),
             Ok(None) => {}
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Some(Err(e));
-            }
+            Err(e) => return end(child, Waited::Exited(Err(e))),
         }
         if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
+            return end(child, Waited::TimedOut);
+        }
+        if let Some(hb) = &heartbeat {
+            match heartbeat_age(hb.path) {
+                Some(age) if age > hb.stale => return end(child, Waited::Frozen(age)),
+                None if start.elapsed() > hb.first_within => {
+                    return end(child, Waited::Frozen(start.elapsed()))
+                }
+                _ => {}
+            }
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -431,14 +512,14 @@ fn run_direct<S: AsRef<std::ffi::OsStr>>(
     let mut child = cmd.spawn().map_err(io_err("starting the command"))?;
     let output = Arc::new(Mutex::new(String::new()));
     let readers = spawn_readers(&mut child, &output, false);
-    let status = wait_deadline(&mut child, start + timeout);
+    let status = wait_watched(&mut child, start + timeout, None, start);
     for r in readers {
         let _ = r.join();
     }
     let output = output.lock().map(|o| o.clone()).unwrap_or_default();
     let status = match status {
-        Some(s) => s.map_err(io_err("waiting for the command"))?,
-        None => {
+        Waited::Exited(s) => s.map_err(io_err("waiting for the command"))?,
+        Waited::TimedOut | Waited::Frozen(_) => {
             return Err(LabError::Timeout {
                 after: timeout,
                 console_tail: tail(&output, 30),
@@ -516,6 +597,75 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    fn sleeper() -> Child {
+        Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep")
+    }
+
+    #[test]
+    fn stale_or_missing_heartbeat_means_frozen_and_kills() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hb = dir.path().join("heartbeat");
+        let file = std::fs::File::create(&hb).expect("create");
+        file.set_modified(std::time::SystemTime::now() - Duration::from_secs(10))
+            .expect("age the heartbeat");
+        let start = Instant::now();
+        let mut child = sleeper();
+        let watch = Heartbeat {
+            path: &hb,
+            stale: Duration::from_secs(1),
+            first_within: Duration::from_secs(60),
+        };
+        let outcome = wait_watched(
+            &mut child,
+            start + Duration::from_secs(20),
+            Some(watch),
+            start,
+        );
+        assert!(matches!(outcome, Waited::Frozen(_)));
+        assert!(start.elapsed() < Duration::from_secs(10));
+        assert!(child.try_wait().expect("reaped").is_some(), "child killed");
+
+        let start = Instant::now();
+        let mut child = sleeper();
+        let watch = Heartbeat {
+            path: &dir.path().join("never-written"),
+            stale: Duration::from_secs(60),
+            first_within: Duration::from_millis(200),
+        };
+        let outcome = wait_watched(
+            &mut child,
+            start + Duration::from_secs(20),
+            Some(watch),
+            start,
+        );
+        assert!(matches!(outcome, Waited::Frozen(_)));
+        assert!(child.try_wait().expect("reaped").is_some(), "child killed");
+    }
+
+    #[test]
+    fn a_fresh_heartbeat_lets_the_command_finish() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hb = dir.path().join("heartbeat");
+        std::fs::write(&hb, "1").expect("write");
+        let start = Instant::now();
+        let mut child = Command::new("true").spawn().expect("spawn");
+        let watch = Heartbeat {
+            path: &hb,
+            stale: Duration::from_secs(60),
+            first_within: Duration::from_secs(60),
+        };
+        let outcome = wait_watched(
+            &mut child,
+            start + Duration::from_secs(20),
+            Some(watch),
+            start,
+        );
+        assert!(matches!(outcome, Waited::Exited(Ok(s)) if s.success()));
     }
 
     #[test]
