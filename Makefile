@@ -56,8 +56,9 @@ install: kernel
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(BEACON_SHARE_DIR)/kernel
 	for b in $(BINS); do install -m 0755 $(CARGO_TARGET_DIR)/release/$$b $(DESTDIR)$(PREFIX)/bin/$$b; done
 	install -m 0644 $(BUILD)/kernel/vmlinux $(DESTDIR)$(BEACON_SHARE_DIR)/kernel/beacon-kernel-x86_64
-	$(CARGO_TARGET_DIR)/release/beacon-initrd --init resources/hello-init --busybox /bin/busybox \
-	    --crun /usr/bin/crun --output $(DESTDIR)$(BEACON_SHARE_DIR)/kernel/beacon-initrd
+	$(CARGO_TARGET_DIR)/release/beacon-initrd --init $(CARGO_TARGET_DIR)/release/vminitd \
+	    --busybox /bin/busybox --crun /usr/bin/crun \
+	    --output $(DESTDIR)$(BEACON_SHARE_DIR)/kernel/beacon-initrd
 
 clean:
 	rm -rf $(BUILD)
