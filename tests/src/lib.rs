@@ -1,8 +1,10 @@
 //! Test support for beaconbox: where a real KVM is ([`kvm_host`]), the nested KVM
 //! lab ([`lab`]) that provides one on hosts without it, and the project's built
-//! assets ([`assets`]: the beacon kernel).
+//! assets ([`assets`]: the beacon kernel), and helpers for generated test scripts
+//! ([`script`]).
 
 pub mod assets;
 pub mod lab;
+pub mod script;
 
 pub use lab::{kvm_host, KvmHost, Lab, LabError, LabOutput};

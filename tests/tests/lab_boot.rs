@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use beacon_tests::assets::{beacon_kernel_dir, hello_initrd, lab_visible_tempdir};
 use beacon_tests::lab::run_with_kvm;
+use beacon_tests::script::qemu_microvm_argv;
 
 #[test]
 fn qemu_microvm_boots_beacon_kernel_to_init() {
@@ -15,36 +16,7 @@ fn qemu_microvm_boots_beacon_kernel_to_init() {
     let initrd = hello_initrd(tmp.path()).expect("hello initrd");
     // No reboot=k: microvm has no i8042; its ACPI reset register ends QEMU (-no-reboot).
     let cmdline = "console=ttyS0 panic=-1 quiet beacon.marker=cmdline-intact";
-    let argv: Vec<String> = [
-        "qemu-system-x86_64",
-        "-M",
-        "microvm",
-        "-enable-kvm",
-        "-cpu",
-        "host",
-        "-smp",
-        "2",
-        "-m",
-        "256",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-kernel",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([
-        kernel.display().to_string(),
-        "-initrd".into(),
-        initrd.display().to_string(),
-        "-append".into(),
-        cmdline.into(),
-    ])
-    .collect();
+    let argv = qemu_microvm_argv(&kernel, &initrd, cmdline, 2, 256);
     let out = run_with_kvm(&argv, Duration::from_secs(420)).expect("lab run");
     assert_eq!(out.exit_code, 0, "QEMU failed:\n{}", out.console);
     assert!(

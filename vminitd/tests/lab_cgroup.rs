@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use beacon_tests::assets::lab_visible_tempdir;
 use beacon_tests::lab::{Lab, LabOutput};
+use beacon_tests::script::{section, sh_quote as quote};
 use common::{has_controller, pure_cgroup2, REQUIRE_CGROUP2_ENV};
 
 const TESTS: &[&str] = &[
@@ -54,18 +55,6 @@ fn host_resources_binary() -> PathBuf {
         .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "host_resources")
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
         .expect("cargo reported no host_resources test executable")
-}
-
-fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
-/// The text between `=== BEGIN name` and `=== END name`.
-fn section<'a>(output: &'a str, name: &str) -> Option<&'a str> {
-    let begin = format!("=== BEGIN {name}\n");
-    let start = output.find(&begin)? + begin.len();
-    let end = start + output[start..].find(&format!("=== END {name}"))?;
-    Some(&output[start..end])
 }
 
 #[test]

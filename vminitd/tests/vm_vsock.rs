@@ -17,22 +17,11 @@ use std::time::Duration;
 
 use beacon_tests::assets::{beacon_kernel_dir, lab_visible_tempdir};
 use beacon_tests::lab::run_with_kvm;
+use beacon_tests::script::{qemu_microvm_argv, section, sh_command, sh_quote as quote};
 use serde_json::Value;
 
 const VMINITD: &str = env!("CARGO_BIN_EXE_vminitd");
 const CLIENT: &str = env!("CARGO_BIN_EXE_vminitd-vsock-client");
-
-fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
-/// The text between `=== BEGIN name` and `=== END name`.
-fn section<'a>(output: &'a str, name: &str) -> Option<&'a str> {
-    let begin = format!("=== BEGIN {name}\n");
-    let start = output.find(&begin)? + begin.len();
-    let end = start + output[start..].find(&format!("=== END {name}"))?;
-    Some(&output[start..end])
-}
 
 /// The client's JSON result line in a section.
 fn result_of(text: &str) -> Option<Value> {
@@ -86,42 +75,13 @@ fn container_runs_in_a_vm_over_vsock() {
     // this keeps parallel runs apart.
     let cid = 1000 + std::process::id() % 50_000;
     let cmdline = "console=ttyS0 panic=-1 quiet VMINITD_SHARES_DIR=/shares beacon.log=debug";
-    let qemu = [
-        "timeout",
-        "900",
-        "qemu-system-x86_64",
-        "-M",
-        "microvm",
-        "-enable-kvm",
-        "-cpu",
-        "host",
-        "-smp",
-        "2",
-        "-m",
-        "512",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-kernel",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([
-        kernel.display().to_string(),
-        "-initrd".into(),
-        initrd.display().to_string(),
-        "-append".into(),
-        cmdline.into(),
+    let mut qemu_argv = vec!["timeout".to_string(), "900".to_string()];
+    qemu_argv.extend(qemu_microvm_argv(&kernel, &initrd, cmdline, 2, 512));
+    qemu_argv.extend([
         "-device".into(),
         format!("vhost-vsock-device,guest-cid={cid}"),
-    ])
-    .map(|a| quote(&a))
-    .collect::<Vec<_>>()
-    .join(" ");
+    ]);
+    let qemu = sh_command(&qemu_argv);
     let client = format!(
         "{} --cid {cid} --wait-secs 180 --timeout-secs 300",
         quote(CLIENT)

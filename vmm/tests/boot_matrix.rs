@@ -12,6 +12,7 @@ use beacon_tests::assets::{
     beacon_kernel_dir, hello_initrd_with_marker, lab_visible_tempdir, stock_kernel,
 };
 use beacon_tests::lab::run_with_kvm;
+use beacon_tests::script::{section, section_exit_code, sh_command, sh_section};
 
 const VMM: &str = env!("CARGO_BIN_EXE_beacon-vmm");
 
@@ -23,23 +24,6 @@ struct Case {
     max_cpus: u8,
     memory_mib: u64,
     poweroff: bool,
-}
-
-fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
-fn section<'a>(output: &'a str, name: &str) -> Option<(&'a str, i32)> {
-    let begin = format!("=== BEGIN {name}\n");
-    let start = output.find(&begin)? + begin.len();
-    let end_marker = format!("=== END {name} rc=");
-    let end = start + output[start..].find(&end_marker)?;
-    let rc = output[end + end_marker.len()..]
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some((&output[start..end], rc))
 }
 
 #[test]
@@ -118,12 +102,8 @@ fn both_backends_boot_beacon_and_stock_kernels() {
             "--cmdline".into(),
             cmdline,
         ];
-        let line: Vec<String> = argv.iter().map(|a| quote(a)).collect();
-        script.push_str(&format!(
-            "echo '=== BEGIN {n}'\nNO_COLOR=1 {cmd} 2>&1\necho \"=== END {n} rc=$?\"\n",
-            n = c.name,
-            cmd = line.join(" ")
-        ));
+        let command = format!("NO_COLOR=1 {} 2>&1", sh_command(&argv));
+        script.push_str(&sh_section(&c.name, &command));
     }
     let script_path = tmp.path().join("matrix.sh");
     std::fs::write(&script_path, script).expect("write script");
@@ -135,7 +115,10 @@ fn both_backends_boot_beacon_and_stock_kernels() {
 
     let mut failures = Vec::new();
     for c in &cases {
-        let Some((text, rc)) = section(&out.output, &c.name) else {
+        let (Some(text), Some(rc)) = (
+            section(&out.output, &c.name),
+            section_exit_code(&out.output, &c.name),
+        ) else {
             failures.push(format!("{}: no output section", c.name));
             continue;
         };
