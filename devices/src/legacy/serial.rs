@@ -47,6 +47,28 @@ impl<W: Write + Send> SerialDevice<W> {
     pub fn sink(&self) -> &W {
         self.uart.writer()
     }
+
+    /// Free space in the receive FIFO.
+    pub fn input_room(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+
+    /// Offer host input to the guest; returns how many leading bytes the receive
+    /// FIFO took. The caller keeps the rest and offers it again once the guest has
+    /// read (nothing is dropped here).
+    pub fn queue_input(&mut self, bytes: &[u8]) -> usize {
+        let fits = bytes.len().min(self.uart.fifo_capacity());
+        match self.uart.enqueue_raw_bytes(bytes) {
+            Ok(n) => n,
+            Err(vm_superio::serial::Error::FullFifo) => 0,
+            // The bytes are queued before the interrupt is raised, so a failed
+            // trigger still consumed them.
+            Err(e) => {
+                tracing::warn!("serial: raising the receive interrupt failed: {e:?}");
+                fits
+            }
+        }
+    }
 }
 
 impl<W: Write + Send> BusDevice for SerialDevice<W> {
@@ -120,6 +142,34 @@ mod tests {
         let mut lsr = [0u8];
         dev.read(5, &mut lsr);
         assert_ne!(lsr[0] & 0x20, 0, "THR empty bit set");
+    }
+
+    #[test]
+    fn host_input_fills_the_fifo_and_the_guest_reads_it_in_order() {
+        let (mut dev, irq) = device();
+        // IER: enable the "received data available" interrupt.
+        dev.write(1, &[0x01]);
+        let room = dev.input_room();
+        assert!(room > 0);
+        let input: Vec<u8> = (0..room + 10).map(|i| i as u8).collect();
+        let taken = dev.queue_input(&input);
+        assert_eq!(taken, room, "exactly the free space is taken");
+        assert_eq!(
+            dev.queue_input(&input[taken..]),
+            0,
+            "a full FIFO takes nothing"
+        );
+        assert!(irq.read().expect("receive interrupt raised") >= 1);
+        for expected in &input[..taken] {
+            let mut byte = [0u8];
+            dev.read(0, &mut byte);
+            assert_eq!(byte[0], *expected);
+        }
+        assert_eq!(
+            dev.queue_input(&input[taken..]),
+            10,
+            "room again after reads"
+        );
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub const BOOT_TIMER_PORT: u64 = 0x440;
 /// The legacy devices of one VM; keeps what must live as long as the VM.
 pub struct LegacyDevices {
     pub io_bus: Arc<Bus>,
+    /// COM1, also fed by the console input of the device event loop.
+    pub serial: super::console_input::SharedSerial,
     /// Registered as irqfd for [`SERIAL_IRQ`]; kept so the fd stays open.
     _serial_irq: EventFd,
 }
@@ -84,7 +86,10 @@ pub fn build(
         device: "serial".into(),
         reason: format!("cloning its interrupt eventfd: {e}"),
     })?;
-    let serial = SerialDevice::new(serial_evt, console_writer(console)?);
+    let serial: super::console_input::SharedSerial = Arc::new(Mutex::new(SerialDevice::new(
+        serial_evt,
+        console_writer(console)?,
+    )));
 
     let (off, reset) = (Arc::clone(&control), Arc::clone(&control));
     let acpi_pm = AcpiPm::new(
@@ -95,7 +100,7 @@ pub fn build(
     let timer = BootTimer::new(created, init_reached);
 
     let mut bus = Bus::new();
-    bus.insert(SERIAL_PORT, SERIAL_PORT_LEN, Arc::new(Mutex::new(serial)))
+    bus.insert(SERIAL_PORT, SERIAL_PORT_LEN, serial.clone())
         .map_err(device_err("serial"))?;
     bus.insert(I8042_PORT, I8042_PORT_LEN, Arc::new(Mutex::new(i8042)))
         .map_err(device_err("i8042"))?;
@@ -109,6 +114,7 @@ pub fn build(
     .map_err(device_err("ACPI power management"))?;
     Ok(LegacyDevices {
         io_bus: Arc::new(bus),
+        serial,
         _serial_irq: serial_irq,
     })
 }

@@ -12,6 +12,7 @@
 //! serial input; virtio devices.
 
 pub mod boot;
+pub mod console_input;
 pub mod control;
 pub mod devices;
 pub mod memory;
@@ -68,6 +69,8 @@ pub struct KvmVm {
     /// vCPUs created and configured, waiting for `start`.
     pending: Mutex<Vec<VcpuFd>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The device event loop (console input); joined after the vCPUs.
+    events: Mutex<Option<JoinHandle<()>>>,
     first_run: Arc<OnceLock<Duration>>,
     init_reached: Arc<OnceLock<Duration>>,
     io_bus: Arc<Bus>,
@@ -182,6 +185,7 @@ impl KvmVm {
             lifecycle: Mutex::new(Lifecycle::Created),
             pending: Mutex::new(vcpus),
             threads: Mutex::new(Vec::new()),
+            events: Mutex::new(None),
             first_run: Arc::new(OnceLock::new()),
             init_reached,
             io_bus: legacy.io_bus.clone(),
@@ -226,6 +230,12 @@ impl KvmVm {
                 panic_note = Some(msg);
             }
         }
+        // The event loop notices the stop within one tick.
+        if let Some(events) = lock(&self.events).take() {
+            if events.join().is_err() {
+                tracing::warn!("the device event loop thread panicked");
+            }
+        }
         panic_note
     }
 }
@@ -265,6 +275,22 @@ impl VmBackend for KvmVm {
         }
         *lifecycle = Lifecycle::Running;
         drop(lifecycle);
+        // Console input only when the console is this process's terminal side.
+        let input = match self.config.console {
+            crate::config::ConsoleConfig::Stdout => console_input::stdin_dup(),
+            _ => None,
+        };
+        match console_input::spawn_event_loop(
+            input,
+            self._legacy.serial.clone(),
+            self.control.clone(),
+        ) {
+            Ok(handle) => *lock(&self.events) = Some(handle),
+            Err(e) => {
+                *lock(&self.lifecycle) = Lifecycle::Ended;
+                return Err(e);
+            }
+        }
         let vcpus = std::mem::take(&mut *lock(&self.pending));
         for (id, fd) in (0u8..).zip(vcpus) {
             let thread = VcpuThread {
