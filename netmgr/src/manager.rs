@@ -44,7 +44,7 @@ impl NetworkAttachment {
         tap::open_tap_for_vm(&self.tap, self.netns.as_deref())
     }
 
-    fn from_lease(lease: &IpLease, dns: Vec<Ipv4Addr>) -> Self {
+    pub(crate) fn from_lease(lease: &IpLease, dns: Vec<Ipv4Addr>) -> Self {
         NetworkAttachment {
             tap: lease.tap.clone(),
             mac: lease.mac,

@@ -133,7 +133,10 @@ pub(crate) async fn setup(
 ) -> Result<NetworkAttachment> {
     if let Some(lease) = m.leases().get(sandbox_id)? {
         if lease.mode == LeaseMode::Cni && !lease.ip.is_unspecified() {
-            return Ok(attachment(&lease, m.config().dns.clone()));
+            return Ok(NetworkAttachment::from_lease(
+                &lease,
+                m.config().dns.clone(),
+            ));
         }
         if lease.mode == LeaseMode::Cni {
             // A setup of this sandbox crashed mid-ADD: DEL what it made first, so
@@ -182,7 +185,7 @@ pub(crate) async fn setup(
                 addr.dns
             };
             m.leases().record(&lease)?;
-            Ok(attachment(&lease, dns))
+            Ok(NetworkAttachment::from_lease(&lease, dns))
         }
         Err(e) => {
             if let Err(cleanup) = teardown(m, &lease).await {
@@ -222,18 +225,6 @@ fn add(cni: &CniConfig, list: &ConfList, cid: &str, ns: &Path, tap_name: &str) -
     let tap_owned = tap_name.to_string();
     let (tap, mac) = netns::run_in(ns, move || redirect::plug(ifname, tap_owned))?;
     Ok((result, addr, tap, mac))
-}
-
-fn attachment(lease: &IpLease, dns: Vec<Ipv4Addr>) -> NetworkAttachment {
-    NetworkAttachment {
-        tap: lease.tap.clone(),
-        mac: lease.mac,
-        ip: lease.ip,
-        prefix: lease.prefix,
-        gateway: lease.gateway,
-        dns,
-        netns: lease.netns.clone(),
-    }
 }
 
 struct Stored {
