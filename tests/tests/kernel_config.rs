@@ -1,5 +1,8 @@
 //! The built beacon kernel's .config carries every option kernel-config/beacon.config
-//! asks for (Kconfig silently drops options whose dependencies are missing).
+//! asks for (Kconfig silently drops options whose dependencies are missing), and
+//! leaves out every option the fragment turns off with `# CONFIG_X is not set`
+//! (olddefconfig would otherwise switch some back on by default, as it does with
+//! the vsock loopback transport).
 
 use std::collections::HashMap;
 
@@ -11,6 +14,41 @@ fn parse(text: &str) -> HashMap<String, String> {
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+/// Options the text turns off with `# CONFIG_X is not set`.
+fn turned_off(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# "))
+        .filter_map(|l| l.strip_suffix(" is not set"))
+        .filter(|k| k.starts_with("CONFIG_"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn every_option_turned_off_stays_off() {
+    let dir = beacon_kernel_dir().expect("building the beacon kernel");
+    let built = parse(&std::fs::read_to_string(dir.join("config")).expect("read .config"));
+    let off = turned_off(
+        &std::fs::read_to_string(repo_root().join("kernel-config/beacon.config"))
+            .expect("read fragment"),
+    );
+    assert!(
+        off.iter().any(|k| k == "CONFIG_VSOCKETS_LOOPBACK"),
+        "the fragment must keep the vsock loopback transport out (containers could reach vminitd through it)"
+    );
+    let on: Vec<String> = off
+        .iter()
+        .filter_map(|k| built.get(k).map(|v| format!("{k}={v}")))
+        .collect();
+    assert!(on.is_empty(), "options the fragment turns off are on: {on:?}");
+}
+
+#[test]
+fn turned_off_lines_are_recognised() {
+    let off = turned_off("# CONFIG_A is not set\nCONFIG_B=y\n# a comment is not set\n");
+    assert_eq!(off, vec!["CONFIG_A".to_string()]);
 }
 
 #[test]
