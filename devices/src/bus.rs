@@ -1,12 +1,14 @@
 //! An address bus that routes guest accesses (port I/O or MMIO) to devices.
 //!
 //! The bus owns the address map only: which range belongs to which device. It is
-//! filled while the VM is built and then shared read-only by all vCPU threads;
-//! each device sits behind its own mutex, so vCPUs touching different devices do
-//! not contend. The bus never interprets the bytes.
+//! shared by all vCPU threads and the VMM's device manager, which may add or
+//! remove devices while the VM runs (hotplug): the map sits behind a read-write
+//! lock that accesses take for reading only, and each device sits behind its own
+//! mutex, so vCPUs touching different devices do not contend. The bus never
+//! interprets the bytes.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// A device that answers accesses inside its range.
 ///
@@ -47,14 +49,14 @@ struct Entry {
 /// A map from address ranges to devices.
 #[derive(Default)]
 pub struct Bus {
-    ranges: BTreeMap<u64, Entry>,
+    ranges: RwLock<BTreeMap<u64, Entry>>,
 }
 
 impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list()
             .entries(
-                self.ranges
+                self.map()
                     .iter()
                     .map(|(base, e)| format!("{base:#x}+{:#x}", e.len)),
             )
@@ -68,17 +70,27 @@ impl Bus {
         Self::default()
     }
 
-    /// Place `device` at `[base, base + len)`.
-    pub fn insert(&mut self, base: u64, len: u64, device: SharedDevice) -> Result<(), BusError> {
+    // The map is consistent at every unlock, so a panicked holder leaves it usable.
+    fn map(&self) -> RwLockReadGuard<'_, BTreeMap<u64, Entry>> {
+        self.ranges.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn map_mut(&self) -> RwLockWriteGuard<'_, BTreeMap<u64, Entry>> {
+        self.ranges.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Place `device` at `[base, base + len)`; may be called while vCPUs run.
+    pub fn insert(&self, base: u64, len: u64, device: SharedDevice) -> Result<(), BusError> {
         if len == 0 {
             return Err(BusError::EmptyRange { base });
         }
         let end = base
             .checked_add(len - 1)
             .ok_or(BusError::Overflow { base, len })?;
+        let mut ranges = self.map_mut();
         // The only candidates for overlap: the last range starting at or before
         // `end`. Ranges never overlap each other, so checking it suffices.
-        if let Some((&other_base, other)) = self.ranges.range(..=end).next_back() {
+        if let Some((&other_base, other)) = ranges.range(..=end).next_back() {
             if other_base + (other.len - 1) >= base {
                 return Err(BusError::Overlap {
                     base,
@@ -88,15 +100,22 @@ impl Bus {
                 });
             }
         }
-        self.ranges.insert(base, Entry { len, device });
+        ranges.insert(base, Entry { len, device });
         Ok(())
     }
 
+    /// Take the device placed at exactly `base` off the bus (hot unplug); None if
+    /// no range starts there.
+    pub fn remove(&self, base: u64) -> Option<SharedDevice> {
+        self.map_mut().remove(&base).map(|e| e.device)
+    }
+
     /// The device covering `addr` and the offset of `addr` inside its range.
-    fn resolve(&self, addr: u64) -> Option<(&SharedDevice, u64)> {
-        let (&base, entry) = self.ranges.range(..=addr).next_back()?;
+    fn resolve(&self, addr: u64) -> Option<(SharedDevice, u64)> {
+        let ranges = self.map();
+        let (&base, entry) = ranges.range(..=addr).next_back()?;
         let offset = addr - base;
-        (offset < entry.len).then_some((&entry.device, offset))
+        (offset < entry.len).then(|| (entry.device.clone(), offset))
     }
 
     /// Route a read. Returns false (and leaves `data` untouched) when no device
@@ -104,7 +123,7 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.resolve(addr) {
             Some((device, offset)) => {
-                lock(device).read(offset, data);
+                lock(&device).read(offset, data);
                 true
             }
             None => false,
@@ -115,7 +134,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr) {
             Some((device, offset)) => {
-                lock(device).write(offset, data);
+                lock(&device).write(offset, data);
                 true
             }
             None => false,
@@ -126,10 +145,7 @@ impl Bus {
 /// Lock a device even if a previous holder panicked: a device's state is plain
 /// data and the VM is being torn down in that case anyway.
 fn lock(device: &SharedDevice) -> MutexGuard<'_, dyn BusDevice + 'static> {
-    match device.lock() {
-        Ok(guard) => guard,
-        Err(poisoned) => poisoned.into_inner(),
-    }
+    beacon_common::lock(device)
 }
 
 #[cfg(test)]
@@ -153,7 +169,7 @@ mod tests {
 
     #[test]
     fn routes_by_range_with_relative_offsets() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         let a = Arc::new(Mutex::new(Probe::default()));
         let b = Arc::new(Mutex::new(Probe::default()));
         bus.insert(0x3f8, 8, a.clone()).expect("insert a");
@@ -174,7 +190,7 @@ mod tests {
 
     #[test]
     fn rejects_overlap_empty_and_wrapping_ranges() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(0x100, 0x10, Arc::new(Mutex::new(Probe::default())))
             .expect("insert");
         let dev = || Arc::new(Mutex::new(Probe::default()));
@@ -203,5 +219,36 @@ mod tests {
         bus.insert(u64::MAX, 1, dev()).expect("last byte");
         let mut data = [0u8; 8];
         assert!(bus.read(u64::MAX, &mut data));
+    }
+
+    #[test]
+    fn devices_come_and_go_while_others_use_the_bus() {
+        let bus = Arc::new(Bus::new());
+        let probe = Arc::new(Mutex::new(Probe::default()));
+        bus.insert(0x1000, 0x100, probe.clone()).expect("insert");
+        let reader = {
+            let bus = bus.clone();
+            std::thread::spawn(move || {
+                let mut hits = 0;
+                for _ in 0..10_000 {
+                    let mut d = [0u8; 4];
+                    if bus.read(0x1004, &mut d) {
+                        hits += 1;
+                    }
+                }
+                hits
+            })
+        };
+        for _ in 0..100 {
+            let dev = bus.remove(0x2000);
+            assert!(dev.is_none());
+            bus.insert(0x2000, 0x10, Arc::new(Mutex::new(Probe::default())))
+                .expect("add while in use");
+            assert!(bus.remove(0x2000).is_some());
+        }
+        assert_eq!(reader.join().expect("reader"), 10_000);
+        assert!(bus.remove(0x1001).is_none(), "only exact bases remove");
+        assert!(bus.remove(0x1000).is_some());
+        assert!(!bus.read(0x1004, &mut [0u8; 4]));
     }
 }

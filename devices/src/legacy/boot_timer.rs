@@ -12,6 +12,9 @@ use crate::bus::BusDevice;
 
 /// The byte the guest writes to mark "init reached" (Firecracker's convention).
 pub const BOOT_TIMER_MAGIC: u8 = 123;
+/// The I/O port the guest writes it to, on every backend (guest inits write
+/// through `/dev/port`; the QEMU backend listens there with `isa-debugcon`).
+pub const BOOT_TIMER_PORT: u16 = 0x440;
 
 /// The boot-timer device.
 pub struct BootTimer {

@@ -6,6 +6,6 @@ pub mod boot_timer;
 pub mod i8042;
 pub mod serial;
 
-pub use boot_timer::{BootTimer, BOOT_TIMER_MAGIC};
+pub use boot_timer::{BootTimer, BOOT_TIMER_MAGIC, BOOT_TIMER_PORT};
 pub use i8042::I8042;
-pub use serial::{EventFdTrigger, SerialDevice};
+pub use serial::{EventFdTrigger, InputRoom, SerialDevice};

@@ -3,10 +3,13 @@
 //! The register model is vm-superio's; this wrapper adapts it to [`BusDevice`]
 //! (byte accesses at offsets 0..8) and raises the interrupt through an eventfd the
 //! VMM registers as an irqfd. Guest output goes to any `Write` sink; a failing
-//! sink loses bytes but never stops the guest.
+//! sink loses bytes but never stops the guest. When the guest has read the
+//! receive FIFO empty, an optional "room" eventfd is written, so whoever feeds
+//! host input can wait for room instead of polling.
 
 use std::io::Write;
 
+use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -27,9 +30,24 @@ impl Trigger for EventFdTrigger {
     }
 }
 
+/// Signals "the receive FIFO has room again" through an eventfd.
+#[derive(Debug)]
+pub struct InputRoom(Option<EventFd>);
+
+impl SerialEvents for InputRoom {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        if let Some(evt) = &self.0 {
+            let _ = evt.write(1);
+        }
+    }
+}
+
 /// A UART whose output goes to `W`.
 pub struct SerialDevice<W: Write + Send> {
-    uart: Serial<EventFdTrigger, vm_superio::serial::NoEvents, W>,
+    uart: Serial<EventFdTrigger, InputRoom, W>,
     /// Writes the sink refused, reported once so a full disk does not flood the log.
     lost_warned: bool,
 }
@@ -37,8 +55,14 @@ pub struct SerialDevice<W: Write + Send> {
 impl<W: Write + Send> SerialDevice<W> {
     /// A UART raising `interrupt` and writing guest output to `out`.
     pub fn new(interrupt: EventFd, out: W) -> Self {
+        Self::with_input_room(interrupt, out, None)
+    }
+
+    /// Like [`Self::new`], and writes `room` each time the guest has emptied the
+    /// receive FIFO.
+    pub fn with_input_room(interrupt: EventFd, out: W, room: Option<EventFd>) -> Self {
         Self {
-            uart: Serial::new(EventFdTrigger(interrupt), out),
+            uart: Serial::with_events(EventFdTrigger(interrupt), InputRoom(room), out),
             lost_warned: false,
         }
     }
@@ -170,6 +194,20 @@ mod tests {
             10,
             "room again after reads"
         );
+    }
+
+    #[test]
+    fn emptying_the_fifo_signals_room() {
+        let irq = EventFd::new(libc_nonblock()).expect("eventfd");
+        let room = EventFd::new(libc_nonblock()).expect("eventfd");
+        let mut dev =
+            SerialDevice::with_input_room(irq, Vec::new(), Some(room.try_clone().expect("clone")));
+        dev.queue_input(b"ab");
+        let mut byte = [0u8];
+        dev.read(0, &mut byte);
+        assert!(room.read().is_err(), "one byte still in the FIFO");
+        dev.read(0, &mut byte);
+        assert_eq!(room.read().expect("room signalled"), 1);
     }
 
     #[test]
