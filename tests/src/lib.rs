@@ -1,9 +1,10 @@
 //! Test support for beaconbox: where a real KVM is ([`kvm_host`]), the nested KVM
 //! lab ([`lab`]) that provides one on hosts without it, and the project's built
-//! assets ([`assets`]: the beacon kernel), and helpers for generated test scripts
-//! ([`script`]).
+//! assets ([`assets`]: the beacon kernel), guest initrds for device tests
+//! ([`guest`]), and helpers for generated test scripts ([`script`]).
 
 pub mod assets;
+pub mod guest;
 pub mod lab;
 pub mod script;
 

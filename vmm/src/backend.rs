@@ -74,6 +74,8 @@ pub enum VmError {
     Device { device: String, reason: String },
     #[error("QEMU: {0}")]
     Qemu(String),
+    #[error("not supported: {0}")]
+    Unsupported(String),
     #[error("the VM is {actual}, but {operation} needs it {expected}")]
     WrongState {
         operation: &'static str,

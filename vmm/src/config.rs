@@ -5,7 +5,7 @@
 //! sizes are in range, device settings do not collide. It never opens `/dev/kvm`.
 
 use std::collections::HashSet;
-use std::fmt;
+
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -40,6 +40,11 @@ pub struct VmConfig {
     pub console: ConsoleConfig,
     #[serde(default)]
     pub devices: Vec<DeviceConfig>,
+    /// Also name the virtio-mmio devices on the kernel command line
+    /// (`virtio_mmio.device=`), for kernels built without ACPI. The KVM backend
+    /// always describes them in the DSDT.
+    #[serde(default)]
+    pub virtio_mmio_cmdline: bool,
 }
 
 /// Boot and hotpluggable vCPUs.
@@ -127,62 +132,7 @@ fn default_fs_queue_size() -> u16 {
     1024
 }
 
-/// A 48-bit Ethernet address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct MacAddr(pub [u8; 6]);
-
-impl MacAddr {
-    /// A locally administered unicast address.
-    pub fn is_valid_unicast(&self) -> bool {
-        self.0[0] & 0x01 == 0
-    }
-}
-
-impl fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let b = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            b[0], b[1], b[2], b[3], b[4], b[5]
-        )
-    }
-}
-
-impl FromStr for MacAddr {
-    type Err = ConfigError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || ConfigError::BadMac(s.to_string());
-        let mut out = [0u8; 6];
-        let mut parts = s.split(':');
-        for byte in out.iter_mut() {
-            let part = parts.next().ok_or_else(bad)?;
-            if part.len() != 2 {
-                return Err(bad());
-            }
-            *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
-        }
-        if parts.next().is_some() {
-            return Err(bad());
-        }
-        Ok(Self(out))
-    }
-}
-
-impl TryFrom<String> for MacAddr {
-    type Error = ConfigError;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
-    }
-}
-
-impl From<MacAddr> for String {
-    fn from(m: MacAddr) -> Self {
-        m.to_string()
-    }
-}
+pub use beacon_common::MacAddr;
 
 /// What a kernel image file turned out to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -261,8 +211,8 @@ pub enum ConfigError {
     CmdlineTooLong(usize),
     #[error("kernel command line contains a NUL byte")]
     CmdlineNul,
-    #[error("{0:?} is not a MAC address; use six hex pairs such as 02:00:00:00:00:01")]
-    BadMac(String),
+    #[error(transparent)]
+    BadMac(#[from] beacon_common::MacParseError),
     #[error("MAC {0} is a multicast address; the first octet must be even")]
     MulticastMac(MacAddr),
     #[error("vsock guest CID {0} is reserved; use 3 or above")]
@@ -290,6 +240,7 @@ impl VmConfig {
             memory: MemoryConfig::default(),
             console: ConsoleConfig::default(),
             devices: Vec::new(),
+            virtio_mmio_cmdline: false,
         }
     }
 
@@ -370,7 +321,7 @@ impl VmConfig {
                     {
                         return Err(ConfigError::BadTapName(tap.clone()));
                     }
-                    if !mac.is_valid_unicast() {
+                    if !mac.is_unicast() {
                         return Err(ConfigError::MulticastMac(*mac));
                     }
                 }
@@ -506,22 +457,6 @@ mod tests {
         );
         c.cmdline = "console=ttyS0\0".into();
         assert_eq!(c.validate(), Err(ConfigError::CmdlineNul));
-    }
-
-    #[test]
-    fn mac_parsing() {
-        let m: MacAddr = "02:00:0a:58:00:02".parse().expect("mac");
-        assert_eq!(m.0, [2, 0, 0x0a, 0x58, 0, 2]);
-        assert_eq!(m.to_string(), "02:00:0a:58:00:02");
-        for bad in [
-            "",
-            "02:00",
-            "02:00:00:00:00:00:00",
-            "zz:00:00:00:00:00",
-            "2:0:0:0:0:0",
-        ] {
-            assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
-        }
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! `beacon-vmm`: run one VM from the command line, a thin CLI over the library.
 //!
 //! Exit codes: 0 when the guest powered off or asked to reboot, 1 when the VM
-//! crashed, 2 when the configuration was refused before anything ran.
+//! crashed, 2 when the configuration was refused before anything ran (invalid,
+//! or not supported by the chosen backend).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use beacon_vmm::{create_backend, BackendKind, ConsoleConfig, VmConfig, VmError, VmExit};
+use beacon_vmm::{
+    create_backend, BackendKind, ConsoleConfig, DeviceConfig, VmConfig, VmError, VmExit,
+};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -48,6 +51,14 @@ struct RunArgs {
     /// Where the serial console goes: stdout, off, or a file path.
     #[arg(long, default_value = "stdout")]
     console: ConsoleConfig,
+    /// Add a virtio-rng device fed from the host's getrandom.
+    #[arg(long)]
+    rng: bool,
+    /// Also name the virtio-mmio devices on the kernel command line
+    /// (virtio_mmio.device=), for kernels without ACPI; the KVM backend always
+    /// describes them in the DSDT.
+    #[arg(long)]
+    virtio_cmdline: bool,
 }
 
 fn main() -> ExitCode {
@@ -69,7 +80,7 @@ fn main() -> ExitCode {
             eprintln!("beacon-vmm: the VM crashed: {why}");
             ExitCode::from(1)
         }
-        Err(e @ VmError::Config(_)) => {
+        Err(e @ (VmError::Config(_) | VmError::Unsupported(_))) => {
             eprintln!("beacon-vmm: {e}");
             ExitCode::from(2)
         }
@@ -88,6 +99,10 @@ fn run(args: RunArgs) -> Result<VmExit, VmError> {
     config.vcpus.max = args.max_cpus.unwrap_or(args.cpus);
     config.memory.size_mib = args.memory;
     config.console = args.console;
+    config.virtio_mmio_cmdline = args.virtio_cmdline;
+    if args.rng {
+        config.devices.push(DeviceConfig::Rng);
+    }
     let vm = create_backend(args.backend, config)?;
     vm.start()?;
     let exit = vm.wait()?;

@@ -8,10 +8,13 @@
 //! - how to power off (FADT hardware-reduced sleep control/status registers on
 //!   I/O ports [`SLEEP_CONTROL_PORT`]/[`SLEEP_STATUS_PORT`], `\_S5` = [`S5_SLEEP_TYPE`])
 //!   and reset ([`RESET_PORT`], value [`RESET_VALUE`]);
-//! - where COM1 is and which interrupt it raises (DSDT `PNP0501`): hardware-reduced
-//!   ACPI has no legacy PIC, so Linux routes no ISA IRQ that the DSDT does not name;
-//! - which virtio-mmio devices exist (DSDT devices `LNRO0005` with their MMIO window
-//!   and interrupt), so no `virtio_mmio.device=` parameters are needed.
+//! - every device in the VM, as AML inside `\_SB_` that the device manager
+//!   contributes after it attached them ([`AcpiConfig::devices_aml`]), built with the
+//!   helpers here: COM1 ([`com1_aml`], `PNP0501`: hardware-reduced ACPI has no legacy
+//!   PIC, so Linux routes no ISA IRQ that the DSDT does not name) and each
+//!   virtio-mmio device ([`virtio_mmio_aml`], `LNRO0005` with its MMIO window and
+//!   interrupt), so a stock kernel whose virtio drivers are modules finds them and
+//!   no `virtio_mmio.device=` parameters are needed.
 
 use acpi_tables::aml::{
     self, Device, EISAName, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate, IO,
@@ -43,21 +46,6 @@ const OEM_ID: [u8; 6] = *b"BEACON";
 const OEM_TABLE_ID: [u8; 8] = *b"BEACONVM";
 const OEM_REVISION: u32 = 1;
 
-/// A virtio-mmio device to describe in the DSDT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MmioDevice {
-    pub base: u32,
-    pub size: u32,
-    pub gsi: u32,
-}
-
-/// A 16550 UART on the I/O bus.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LegacySerial {
-    pub port: u16,
-    pub gsi: u32,
-}
-
 /// What the tables describe.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcpiConfig {
@@ -65,18 +53,58 @@ pub struct AcpiConfig {
     pub max_vcpus: u8,
     pub ioapic_addr: u32,
     pub lapic_addr: u32,
-    pub serial: Option<LegacySerial>,
-    pub mmio_devices: Vec<MmioDevice>,
+    /// AML of every device, placed inside `\_SB_` (see [`com1_aml`], [`virtio_mmio_aml`]).
+    pub devices_aml: Vec<u8>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AcpiError {
     #[error("ACPI tables need {needed} bytes but only {available} fit below 1 MiB")]
     TooLarge { needed: u64, available: u64 },
-    #[error("{0} virtio-mmio devices is more than the {MAX_MMIO_DEVICES} the DSDT can name")]
+    #[error("virtio-mmio device number {0} is more than the {MAX_MMIO_DEVICES} the DSDT can name")]
     TooManyDevices(usize),
     #[error("boot vCPUs ({boot}) must be between 1 and the maximum ({max})")]
     BadVcpus { boot: u8, max: u8 },
+}
+
+/// A 16550 UART on I/O `port` raising `gsi`, as DSDT device `COM1`.
+pub fn com1_aml(port: u16, gsi: u32) -> Vec<u8> {
+    let hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0501"));
+    let uid = Name::new(Path::new("_UID"), &0u8);
+    let io = IO::new(port, port, 1, 8);
+    let irq = Interrupt::new(true, true, false, false, gsi);
+    let crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&io, &irq]));
+    to_bytes(&Device::new(Path::new("COM1"), vec![&hid, &uid, &crs]))
+}
+
+/// The `index`th virtio-mmio device (DSDT device `Vnnn`, `LNRO0005`): its register
+/// window and its edge-triggered, active-high interrupt.
+pub fn virtio_mmio_aml(index: usize, base: u32, size: u32, gsi: u32) -> Result<Vec<u8>, AcpiError> {
+    if index >= MAX_MMIO_DEVICES {
+        return Err(AcpiError::TooManyDevices(index));
+    }
+    let name = format!("V{index:03X}");
+    let hid = Name::new(Path::new("_HID"), &"LNRO0005");
+    let uid_value = index as u32;
+    let uid = Name::new(Path::new("_UID"), &uid_value);
+    let mem = Memory32Fixed::new(true, base, size);
+    let irq = Interrupt::new(true, true, false, false, gsi);
+    let crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&mem, &irq]));
+    Ok(to_bytes(&Device::new(
+        Path::new(&name),
+        vec![&hid, &uid, &crs],
+    )))
+}
+
+/// An AML blob already serialised (the devices' AML inside `\_SB_`).
+struct RawAml<'a>(&'a [u8]);
+
+impl Aml for RawAml<'_> {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        for b in self.0 {
+            sink.byte(*b);
+        }
+    }
 }
 
 /// One table and its guest-physical address.
@@ -139,31 +167,11 @@ fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
         &Package::new(vec![&S5_SLEEP_TYPE, &0u8, &0u8, &0u8]),
     );
     let mut body = to_bytes(&s5);
-    if let Some(com) = cfg.serial {
-        let hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0501"));
-        let uid = Name::new(Path::new("_UID"), &0u8);
-        let io = IO::new(com.port, com.port, 1, 8);
-        let irq = Interrupt::new(true, true, false, false, com.gsi);
-        let crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&io, &irq]));
-        body.extend(to_bytes(&Device::new(
-            Path::new("COM1"),
-            vec![&hid, &uid, &crs],
-        )));
-    }
-    for (i, d) in cfg.mmio_devices.iter().enumerate() {
-        let name = format!("V{i:03X}");
-        let hid = Name::new(Path::new("_HID"), &"LNRO0005");
-        let uid_value = i as u32;
-        let uid = Name::new(Path::new("_UID"), &uid_value);
-        let mem = Memory32Fixed::new(true, d.base, d.size);
-        let irq = Interrupt::new(true, true, false, false, d.gsi);
-        let crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&mem, &irq]));
-        let dev = Device::new(Path::new(&name), vec![&hid, &uid, &crs]);
-        body.extend(to_bytes(&dev));
-    }
-    let sb = aml::Scope::new(Path::new("\\_SB_"), vec![]);
-    // An empty \_SB_ scope is legal and keeps the namespace conventional.
-    body.extend(to_bytes(&sb));
+    let devices = RawAml(&cfg.devices_aml);
+    body.extend(to_bytes(&aml::Scope::new(
+        Path::new("\\_SB_"),
+        vec![&devices],
+    )));
     sdt.append_slice(&body);
     sdt.as_slice().to_vec()
 }
@@ -191,9 +199,6 @@ pub fn build(cfg: &AcpiConfig) -> Result<Vec<PlacedTable>, AcpiError> {
             boot: cfg.boot_vcpus,
             max: cfg.max_vcpus,
         });
-    }
-    if cfg.mmio_devices.len() > MAX_MMIO_DEVICES {
-        return Err(AcpiError::TooManyDevices(cfg.mmio_devices.len()));
     }
     let mut next = align16(RSDP_ADDR + Rsdp::len() as u64);
     let mut place = |bytes: Vec<u8>| {

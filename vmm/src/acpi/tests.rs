@@ -6,22 +6,12 @@ fn cfg(boot: u8, max: u8) -> AcpiConfig {
         max_vcpus: max,
         ioapic_addr: 0xfec0_0000,
         lapic_addr: 0xfee0_0000,
-        serial: Some(LegacySerial {
-            port: 0x3f8,
-            gsi: 4,
-        }),
-        mmio_devices: vec![
-            MmioDevice {
-                base: 0xd000_0000,
-                size: 0x1000,
-                gsi: 5,
-            },
-            MmioDevice {
-                base: 0xd000_1000,
-                size: 0x1000,
-                gsi: 6,
-            },
-        ],
+        devices_aml: [
+            com1_aml(0x3f8, 4),
+            virtio_mmio_aml(0, 0xd000_0000, 0x1000, 5).expect("V000"),
+            virtio_mmio_aml(1, 0xd000_1000, 0x1000, 6).expect("V001"),
+        ]
+        .concat(),
     }
 }
 
@@ -148,6 +138,18 @@ fn dsdt_has_s5_and_virtio_mmio_devices() {
     assert!(find(b"LNRO0005"));
     // The first device's MMIO base inside its Memory32Fixed descriptor.
     assert!(find(&0xd000_0000u32.to_le_bytes()));
+    // Everything sits in the \_SB_ scope: ScopeOp (0x10), a package length, then
+    // the root-prefixed name.
+    let sb = dsdt
+        .windows(5)
+        .position(|w| w == b"\\_SB_")
+        .expect("\\_SB_ scope");
+    assert!(
+        dsdt[sb.saturating_sub(5)..sb].contains(&0x10),
+        "ScopeOp (and its 1 to 4 byte length) before \\_SB_"
+    );
+    let com1 = dsdt.windows(4).position(|w| w == b"COM1").expect("COM1");
+    assert!(com1 > sb, "COM1 inside \\_SB_");
 }
 
 #[test]
@@ -155,14 +157,12 @@ fn bad_vcpus_and_oversize_are_errors() {
     assert!(matches!(build(&cfg(0, 1)), Err(AcpiError::BadVcpus { .. })));
     assert!(matches!(build(&cfg(3, 2)), Err(AcpiError::BadVcpus { .. })));
     let mut big = cfg(1, 1);
-    big.mmio_devices = (0..4000)
-        .map(|i| MmioDevice {
-            base: 0xd000_0000 + i * 0x1000,
-            size: 0x1000,
-            gsi: 5,
-        })
+    big.devices_aml = (0..4000)
+        .flat_map(|i| virtio_mmio_aml(i, 0xd000_0000 + i as u32 * 0x1000, 0x1000, 5).expect("aml"))
         .collect();
     assert!(matches!(build(&big), Err(AcpiError::TooLarge { .. })));
-    big.mmio_devices = vec![big.mmio_devices[0]; MAX_MMIO_DEVICES + 1];
-    assert!(matches!(build(&big), Err(AcpiError::TooManyDevices(_))));
+    assert!(matches!(
+        virtio_mmio_aml(MAX_MMIO_DEVICES, 0xd000_0000, 0x1000, 5),
+        Err(AcpiError::TooManyDevices(_))
+    ));
 }

@@ -14,6 +14,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+
 use std::time::{Duration, Instant};
 
 use crate::backend::VmExit;
@@ -81,7 +82,7 @@ impl VcpuControl {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state is plain data that stays consistent at every unlock.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        beacon_common::lock(&self.state)
     }
 
     /// Remember a spawned vCPU thread so it can be kicked.
@@ -298,8 +299,12 @@ mod tests {
         assert!(control.pause(Duration::from_secs(10)), "all parked");
         assert_eq!(control.lock().parked, 2);
         control.resume();
-        std::thread::sleep(Duration::from_millis(20));
-        assert_eq!(control.lock().parked, 0);
+        // Every parked thread leaves the park (waiting for it, not sleeping).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while control.lock().parked > 0 {
+            assert!(Instant::now() < deadline, "vCPUs still parked after resume");
+            std::thread::yield_now();
+        }
         control.request_stop(VmExit::PowerOff);
         control.wait_all_finished();
         for h in handles {

@@ -2,7 +2,8 @@
 //!
 //! A memfd (not anonymous memory) so that vhost-user back-ends such as virtiofsd
 //! can map the same pages: hand them [`GuestRam::memfd`] and each region's file
-//! offset. The memfd is sized with `ftruncate` and mapped `MAP_NORESERVE`, so pages
+//! offset. Devices see the RAM as a [`GuestMem`] (a `GuestMemoryAtomic`), so the
+//! region list can be swapped when memory is hotplugged without stopping them. The memfd is sized with `ftruncate` and mapped `MAP_NORESERVE`, so pages
 //! are only allocated when the guest touches them; we check up front that the
 //! size is plausible for this host, because an overcommitted guest would die later
 //! and far less clearly.
@@ -14,16 +15,18 @@ use std::sync::Arc;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap, MemoryRegionAddress,
+    FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress,
 };
+
+pub use beacon_devices::virtio::GuestMem;
 
 use super::boot::layout::ram_regions;
 use crate::backend::VmError;
 
 /// The guest's RAM and the file behind it.
 pub struct GuestRam {
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     memfd: Arc<File>,
     bytes: u64,
 }
@@ -95,15 +98,20 @@ impl GuestRam {
         let mem = GuestMemoryMmap::from_regions(regions)
             .map_err(|e| VmError::Memory(format!("assembling guest RAM: {e}")))?;
         Ok(Self {
-            mem,
+            mem: GuestMemoryAtomic::new(mem),
             memfd: file,
             bytes,
         })
     }
 
-    /// The guest memory for loaders and devices.
-    pub fn memory(&self) -> &GuestMemoryMmap {
-        &self.mem
+    /// A snapshot of the guest memory's regions (loaders, KVM registration).
+    pub fn memory(&self) -> vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap> {
+        self.mem.memory()
+    }
+
+    /// The guest memory as devices hold it.
+    pub fn shared(&self) -> GuestMem {
+        self.mem.clone()
     }
 
     /// The memfd behind all regions (region `i` starts at the sum of the
@@ -119,7 +127,8 @@ impl GuestRam {
 
     /// Tell KVM about every region, as slots 0, 1, ...
     pub fn register(&self, vm: &VmFd) -> Result<(), VmError> {
-        for (slot, region) in self.mem.iter().enumerate() {
+        let mem = self.mem.memory();
+        for (slot, region) in mem.iter().enumerate() {
             let host = region
                 .get_host_address(MemoryRegionAddress(0))
                 .map_err(|e| VmError::Memory(format!("host address of a RAM region: {e}")))?;
@@ -131,8 +140,9 @@ impl GuestRam {
                 userspace_addr: host as u64,
             };
             // SAFETY: the region is a live mapping of `memory_size` bytes owned by
-            // `self.mem`, which the VM (and so KVM's use of it) never outlives:
-            // `KvmVm` drops the VM fd before the memory.
+            // `self.mem` (and the devices' clones of it), which the VM (and so
+            // KVM's use of it) never outlives: `KvmVm` drops the VM fd before the
+            // memory, and the mapping is only unmapped when the last clone goes.
             unsafe { vm.set_user_memory_region(table) }.map_err(|e| VmError::Hypervisor {
                 what: format!(
                     "KVM_SET_USER_MEMORY_REGION slot {slot} at {:#x}",

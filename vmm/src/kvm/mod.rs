@@ -1,20 +1,22 @@
 //! The in-process KVM backend: a VM built from rust-vmm crates whose vCPUs run as
-//! threads of the calling process.
+//! threads of the calling process, with its devices served by one event-loop
+//! thread.
 //!
-//! [`KvmVm::create`] does everything that can fail before a vCPU runs (open KVM,
-//! check limits, allocate and load guest memory, create the irqchip, PIT, devices
-//! and vCPUs), so a bad config or an oversized initrd is a [`VmError`] with no
-//! thread started; every fd is released by drop. [`VmBackend::start`] spawns one
-//! thread per vCPU; [`VmBackend::wait`] joins them all.
+//! [`builder`] assembles a VM from its config (everything that can fail happens
+//! there, before a vCPU runs); this module holds only the running VM's
+//! lifecycle: [`VmBackend::start`] starts the device event loop and one thread
+//! per vCPU, [`VmBackend::wait`] joins them all, and pause, resume and kill park
+//! or stop the vCPUs through [`control`].
 //!
-//! Missing for now: ACPI (no PM1 sleep register, so a guest `poweroff` ends in a
-//! halt loop the VMM cannot see, and [`VmBackend::shutdown`] is a hard stop);
-//! serial input; virtio devices.
+//! Missing for now: an ACPI power button (so [`VmBackend::shutdown`] is a hard
+//! stop) and CPU and memory hotplug.
 
 pub mod boot;
-pub mod console_input;
+pub mod builder;
+pub mod console;
 pub mod control;
-pub mod devices;
+pub mod device_manager;
+pub mod event_loop;
 pub mod memory;
 pub mod vcpu;
 
@@ -22,21 +24,21 @@ pub mod vcpu;
 mod tests;
 
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use beacon_common::lock;
 use beacon_devices::Bus;
-use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{VcpuFd, VmFd};
 
 use crate::backend::{BackendKind, BootTimes, VmBackend, VmError, VmExit};
 use crate::config::VmConfig;
 
-use boot::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
 use control::VcpuControl;
+use device_manager::DeviceManager;
 use memory::GuestRam;
-use vcpu::{VcpuSetup, VcpuThread};
+use vcpu::VcpuThread;
 
 /// How long pause waits for every vCPU to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -69,131 +71,49 @@ pub struct KvmVm {
     /// vCPUs created and configured, waiting for `start`.
     pending: Mutex<Vec<VcpuFd>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    /// The device event loop (console input); joined after the vCPUs.
-    events: Mutex<Option<JoinHandle<()>>>,
     first_run: Arc<OnceLock<Duration>>,
     init_reached: Arc<OnceLock<Duration>>,
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
-    _legacy: devices::LegacyDevices,
-    // Field order is drop order: the VM fd goes before the memory it maps.
-    vm: VmFd,
+    // Field order is drop order: the devices (and their event loop) first, then
+    // the VM fd, then the memory it maps.
+    devices: Mutex<DeviceManager>,
+    vm: Arc<VmFd>,
     ram: GuestRam,
 }
 
-fn hv(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
-    move |e| VmError::Hypervisor {
-        what: what.into(),
-        source: e.into(),
-    }
-}
-
-/// Refuse more vCPUs than this host's KVM runs in one VM (KVM_CAP_MAX_VCPUS).
-fn check_vcpu_limit(asked: u8, kvm_max: usize) -> Result<(), VmError> {
-    if usize::from(asked) <= kvm_max {
-        return Ok(());
-    }
-    Err(VmError::Hypervisor {
-        what: "checking the vCPU count".into(),
-        source: std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!(
-                "this host's KVM runs at most {kvm_max} vCPUs per VM (KVM_CAP_MAX_VCPUS), {asked} were asked for; lower --cpus/--max-cpus"
-            ),
-        ),
-    })
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl KvmVm {
-    /// Build the VM; nothing runs until [`VmBackend::start`].
+    /// Build the VM ([`builder::build`]); nothing runs until [`VmBackend::start`].
     pub fn create(config: VmConfig) -> Result<Self, VmError> {
-        let created = Instant::now();
-        let format = config.validate()?;
-        let kvm =
-            Kvm::new().map_err(|e| VmError::KvmUnavailable(format!("opening /dev/kvm: {e}")))?;
+        builder::build(config)
+    }
 
-        check_vcpu_limit(config.vcpus.max, kvm.get_max_vcpus())?;
-
-        let vm = kvm.create_vm().map_err(hv("KVM_CREATE_VM"))?;
-        let mem_bytes = config.memory.size_mib << 20;
-        let ram = GuestRam::new(mem_bytes)?;
-        ram.register(&vm)?;
-
-        vm.set_tss_address(KVM_TSS_ADDR as usize)
-            .map_err(hv("KVM_SET_TSS_ADDR"))?;
-        if kvm.check_extension(Cap::SetIdentityMapAddr) {
-            vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
-                .map_err(hv("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        }
-        vm.create_irq_chip().map_err(hv("KVM_CREATE_IRQCHIP"))?;
-        vm.create_pit2(kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        })
-        .map_err(hv("KVM_CREATE_PIT2"))?;
-
-        let entry = boot::load(ram.memory(), mem_bytes, &config, format)?;
-        tracing::info!(?entry, ?format, "kernel loaded");
-
-        let control = Arc::new(VcpuControl::new());
-        let init_reached = Arc::new(OnceLock::new());
-        let legacy = devices::build(
-            &vm,
-            &config.console,
-            control.clone(),
-            created,
-            init_reached.clone(),
-        )?;
-
-        let supported_cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(hv("KVM_GET_SUPPORTED_CPUID"))?;
-        let msr_list = kvm
-            .get_msr_index_list()
-            .map_err(hv("KVM_GET_MSR_INDEX_LIST"))?;
-        let msrs = boot::msr::boot_msrs(msr_list.as_slice());
-        let setup = VcpuSetup {
-            vcpus: config.vcpus.boot,
-            entry,
-            supported_cpuid: &supported_cpuid,
-            msrs: &msrs,
-        };
-        let mut vcpus = Vec::with_capacity(usize::from(config.vcpus.boot));
-        for id in 0..config.vcpus.boot {
-            let fd = vm
-                .create_vcpu(u64::from(id))
-                .map_err(|e| VmError::Hypervisor {
-                    what: format!("KVM_CREATE_VCPU {id}"),
-                    source: e.into(),
-                })?;
-            vcpu::configure(&fd, id, &setup)?;
-            vcpus.push(fd);
-        }
-        control::install_kick_handler().map_err(|e| VmError::Hypervisor {
-            what: "installing the vCPU kick signal handler".into(),
-            source: e,
-        })?;
-
-        Ok(Self {
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        config: VmConfig,
+        created: Instant,
+        control: Arc<VcpuControl>,
+        vcpus: Vec<VcpuFd>,
+        init_reached: Arc<OnceLock<Duration>>,
+        devices: DeviceManager,
+        vm: Arc<VmFd>,
+        ram: GuestRam,
+    ) -> Self {
+        Self {
             config,
             created,
             control,
             lifecycle: Mutex::new(Lifecycle::Created),
             pending: Mutex::new(vcpus),
             threads: Mutex::new(Vec::new()),
-            events: Mutex::new(None),
             first_run: Arc::new(OnceLock::new()),
             init_reached,
-            io_bus: legacy.io_bus.clone(),
-            mmio_bus: Arc::new(Bus::new()),
-            _legacy: legacy,
+            io_bus: devices.io_bus().clone(),
+            mmio_bus: devices.mmio_bus().clone(),
+            devices: Mutex::new(devices),
             vm,
             ram,
-        })
+        }
     }
 
     /// The guest RAM (for devices that need to map it, such as vhost-user).
@@ -206,6 +126,11 @@ impl KvmVm {
         &self.vm
     }
 
+    /// Console bytes dropped because nobody read them in time.
+    pub fn console_dropped(&self) -> u64 {
+        lock(&self.devices).console_dropped()
+    }
+
     fn wrong_state(&self, operation: &'static str, expected: &'static str) -> VmError {
         VmError::WrongState {
             operation,
@@ -214,7 +139,7 @@ impl KvmVm {
         }
     }
 
-    /// Stop, wait for and join every vCPU thread.
+    /// Stop, wait for and join every vCPU thread, then end the device event loop.
     fn join_all(&self) -> Option<String> {
         self.control.wait_all_finished();
         let mut panic_note = None;
@@ -230,12 +155,8 @@ impl KvmVm {
                 panic_note = Some(msg);
             }
         }
-        // The event loop notices the stop within one tick.
-        if let Some(events) = lock(&self.events).take() {
-            if events.join().is_err() {
-                tracing::warn!("the device event loop thread panicked");
-            }
-        }
+        // No vCPU can touch a device any more: end the loop (it flushes the console).
+        lock(&self.devices).stop();
         panic_note
     }
 }
@@ -275,21 +196,9 @@ impl VmBackend for KvmVm {
         }
         *lifecycle = Lifecycle::Running;
         drop(lifecycle);
-        // Console input only when the console is this process's terminal side.
-        let input = match self.config.console {
-            crate::config::ConsoleConfig::Stdout => console_input::stdin_dup(),
-            _ => None,
-        };
-        match console_input::spawn_event_loop(
-            input,
-            self._legacy.serial.clone(),
-            self.control.clone(),
-        ) {
-            Ok(handle) => *lock(&self.events) = Some(handle),
-            Err(e) => {
-                *lock(&self.lifecycle) = Lifecycle::Ended;
-                return Err(e);
-            }
+        if let Err(e) = lock(&self.devices).start() {
+            *lock(&self.lifecycle) = Lifecycle::Ended;
+            return Err(e);
         }
         let vcpus = std::mem::take(&mut *lock(&self.pending));
         for (id, fd) in (0u8..).zip(vcpus) {

@@ -1,12 +1,13 @@
 //! Tests of the assembled backend: the boot path end to end in test memory (with
-//! fabricated kernels), and the VM lifecycle against this host's `/dev/kvm`.
+//! fabricated kernels), and the VM lifecycle with tiny hand-written guests (reset,
+//! triple fault with registers, pause/resume/kill, a console flood nobody reads,
+//! no leaked threads or fds).
 //!
-//! The lifecycle tests run tiny hand-written guests. Where `/dev/kvm` cannot run
-//! them (this project's dev hosts have a paravirtual PVM hypervisor, which only
-//! runs PVM-patched guests and reports other code as an emulation failure) they
-//! still check what matters for the VMM: the failure is reported as
-//! [`VmExit::Crashed`] with registers, `wait` returns, and no thread or KVM fd
-//! is left behind.
+//! The lifecycle tests need a `/dev/kvm` that runs such guests: this host's when
+//! it can be opened (hardware KVM, or a paravirtual PVM `/dev/kvm`, which runs
+//! these guests too), and otherwise they run themselves again inside the nested
+//! lab and pass only if they passed there ([`kvm_here_or_in_lab`]). They never
+//! pass without having run.
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::boot::layout::{
     CMDLINE_ADDR, GDT_ADDR, PML4_ADDR, PVH_INFO_ADDR, PVH_MODLIST_ADDR, ZERO_PAGE_ADDR,
 };
+use std::os::unix::fs::OpenOptionsExt;
+
 use super::boot::{self, BootEntry};
 use super::KvmVm;
 use crate::backend::{VmBackend, VmError, VmExit};
@@ -296,28 +299,63 @@ const HALT_FOREVER: &[u8] = &[0xfa, 0xf4, 0xeb, 0xfd]; // cli; hlt; jmp back
 /// VM tests count this process's vCPU threads and KVM fds: one at a time.
 static VM_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// A created (not started) VM running `code`; None if this host has no usable KVM.
-fn guest(code: &[u8], vcpus: u8) -> Option<KvmVm> {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let mut config = VmConfig::new(write(tmp.path(), "vmlinux", &fake_elf(code, MIB, false)));
+/// Set in the lab for a test binary re-run there: no second hop.
+const IN_LAB_ENV: &str = "BEACON_VMM_TEST_IN_LAB";
+
+/// True when this process can run tiny guests itself. Otherwise run `test` (this
+/// binary, that one test) inside the nested lab, assert it passed there, and
+/// return false: the caller then returns.
+fn kvm_here_or_in_lab(test: &str) -> bool {
+    match kvm_ioctls::Kvm::new() {
+        Ok(_) => return true,
+        Err(e) => assert!(
+            std::env::var_os(IN_LAB_ENV).is_none(),
+            "no usable /dev/kvm inside the nested lab either: {e}"
+        ),
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let mut lab = beacon_tests::lab::Lab::new();
+    lab.timeout = std::time::Duration::from_secs(900);
+    lab.env.push((IN_LAB_ENV.into(), "1".into()));
+    let exe = exe.display().to_string();
+    let out = lab
+        .run(&[
+            exe.as_str(),
+            "--exact",
+            test,
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .expect("running the test in the nested lab");
+    assert!(
+        out.success() && out.output.contains("test result: ok. 1 passed"),
+        "{test} failed in the nested lab (exit {}):\n{}",
+        out.exit_code,
+        out.output
+    );
+    eprintln!("{test}: ran and passed in the nested lab");
+    false
+}
+
+fn guest_config(code: &[u8], vcpus: u8, dir: &Path) -> VmConfig {
+    let mut config = VmConfig::new(write(dir, "vmlinux", &fake_elf(code, MIB, false)));
     config.memory.size_mib = 64;
     config.vcpus.boot = vcpus;
     config.vcpus.max = vcpus;
     config.console = ConsoleConfig::Off;
-    match KvmVm::create(config) {
-        Ok(vm) => Some(vm),
-        Err(VmError::KvmUnavailable(msg)) => {
-            // Only acceptable where /dev/kvm really cannot be opened.
-            assert!(std::fs::File::open("/dev/kvm").is_err(), "{msg}");
-            None
-        }
-        Err(e) => panic!("creating the VM failed: {e}"),
-    }
+    config
+}
+
+/// A created (not started) VM running `code` (callers made sure KVM is usable).
+fn guest(code: &[u8], vcpus: u8) -> KvmVm {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    KvmVm::create(guest_config(code, vcpus, tmp.path()))
+        .unwrap_or_else(|e| panic!("creating the VM failed: {e}"))
 }
 
 /// Run `code` to its end.
-fn run_guest(code: &[u8], vcpus: u8) -> Option<(VmExit, crate::backend::BootTimes)> {
-    let vm = guest(code, vcpus)?;
+fn run_guest(code: &[u8], vcpus: u8) -> (VmExit, crate::backend::BootTimes) {
+    let vm = guest(code, vcpus);
     assert!(
         matches!(vm.wait(), Err(VmError::WrongState { .. })),
         "wait before start"
@@ -335,30 +373,31 @@ fn run_guest(code: &[u8], vcpus: u8) -> Option<(VmExit, crate::backend::BootTime
     );
     assert!(times.first_run.is_some(), "first KVM_RUN recorded");
     drop(vm);
-    Some((exit, times))
+    (exit, times)
 }
 
 #[test]
 fn guest_exits_end_the_vm_and_leave_nothing_behind() {
+    if !kvm_here_or_in_lab("kvm::tests::guest_exits_end_the_vm_and_leave_nothing_behind") {
+        return;
+    }
     let _one_at_a_time = VM_TESTS.lock().unwrap_or_else(|p| p.into_inner());
     let (threads_before, fds_before) = vcpu_threads_and_kvm_fds();
     // Two vCPUs: the second never gets a SIPI and sits in KVM_RUN until kicked.
-    if let Some((exit, times)) = run_guest(TIMER_THEN_RESET, 2) {
-        assert_eq!(exit, VmExit::Reboot);
-        assert!(times.init_reached.is_some(), "boot timer seen");
-        assert!(times.init_reached >= times.first_run);
-    }
-    if let Some((exit, times)) = run_guest(TRIPLE_FAULT, 1) {
-        let VmExit::Crashed(msg) = exit else {
-            panic!("a faulting guest must crash, got {exit:?}");
-        };
-        assert!(msg.contains("triple fault"), "{msg}");
-        assert!(
-            msg.contains("rip=0x1000000") && msg.contains("efer=0x500"),
-            "{msg}"
-        );
-        assert!(times.init_reached.is_none());
-    }
+    let (exit, times) = run_guest(TIMER_THEN_RESET, 2);
+    assert_eq!(exit, VmExit::Reboot);
+    assert!(times.init_reached.is_some(), "boot timer seen");
+    assert!(times.init_reached >= times.first_run);
+    let (exit, times) = run_guest(TRIPLE_FAULT, 1);
+    let VmExit::Crashed(msg) = exit else {
+        panic!("a faulting guest must crash, got {exit:?}");
+    };
+    assert!(msg.contains("triple fault"), "{msg}");
+    assert!(
+        msg.contains("rip=0x1000000") && msg.contains("efer=0x500"),
+        "{msg}"
+    );
+    assert!(times.init_reached.is_none());
     assert_eq!(
         settle_to((threads_before, fds_before)),
         (threads_before, fds_before)
@@ -367,11 +406,12 @@ fn guest_exits_end_the_vm_and_leave_nothing_behind() {
 
 #[test]
 fn pause_resume_kill_and_shutdown_never_hang() {
+    if !kvm_here_or_in_lab("kvm::tests::pause_resume_kill_and_shutdown_never_hang") {
+        return;
+    }
     let _one_at_a_time = VM_TESTS.lock().unwrap_or_else(|p| p.into_inner());
     let (threads_before, fds_before) = vcpu_threads_and_kvm_fds();
-    let Some(vm) = guest(SPIN, 2) else {
-        return;
-    };
+    let vm = guest(SPIN, 2);
     assert!(matches!(
         vm.pause(),
         Err(VmError::WrongState {
@@ -403,19 +443,18 @@ fn pause_resume_kill_and_shutdown_never_hang() {
     drop(vm);
 
     // Halted with interrupts off: KVM keeps the vCPU inside KVM_RUN.
-    let Some(vm) = guest(HALT_FOREVER, 1) else {
-        return;
-    };
+    let vm = guest(HALT_FOREVER, 1);
     vm.start().expect("start");
-    std::thread::sleep(std::time::Duration::from_millis(20));
+    wait_until(
+        || vm.boot_times().first_run.is_some(),
+        "the vCPU entered the guest",
+    );
     vm.shutdown().expect("shutdown");
     assert_eq!(vm.wait().expect("wait"), VmExit::PowerOff);
     drop(vm);
 
     // Dropped while running, without wait: threads are still joined.
-    let Some(vm) = guest(SPIN, 1) else {
-        return;
-    };
+    let vm = guest(SPIN, 1);
     vm.start().expect("start");
     drop(vm);
     assert_eq!(
@@ -424,10 +463,85 @@ fn pause_resume_kill_and_shutdown_never_hang() {
     );
 }
 
+/// Poll `cond` until it holds (120 s at most, then fail naming `what`).
+fn wait_until(mut cond: impl FnMut() -> bool, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// 64-bit guest code that writes to COM1 forever.
+const FLOOD_COM1: &[u8] = &[
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xb0, 0x41, // mov al, 'A'
+    0xee, // out dx, al
+    0xeb, 0xfd, // jmp back to out
+];
+
+#[test]
+fn a_console_flood_nobody_reads_cannot_keep_kill_from_ending_the_vm() {
+    if !kvm_here_or_in_lab(
+        "kvm::tests::a_console_flood_nobody_reads_cannot_keep_kill_from_ending_the_vm",
+    ) {
+        return;
+    }
+    let _one_at_a_time = VM_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+    let (threads_before, fds_before) = vcpu_threads_and_kvm_fds();
+    // stdout of a VM is a pipe whose reader never reads.
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: pipe2 just returned these fds; nobody else owns them.
+    let (reader, writer) = unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut config = guest_config(FLOOD_COM1, 1, tmp.path());
+    config.console = ConsoleConfig::Stdout;
+    let vm = super::builder::build_with_console(
+        config,
+        super::console::ConsoleOutput::NonBlocking(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(format!(
+                    "/proc/self/fd/{}",
+                    std::os::fd::AsRawFd::as_raw_fd(&writer)
+                ))
+                .expect("non-blocking write end"),
+        ),
+    )
+    .expect("create");
+    drop(writer);
+    vm.start().expect("start");
+    // More than the pipe and the console buffer hold: the rest is dropped.
+    wait_until(
+        || vm.console_dropped() > 0,
+        "the guest overflowed the console",
+    );
+    vm.kill().expect("kill");
+    assert_eq!(vm.wait().expect("wait returns"), VmExit::PowerOff);
+    drop(vm);
+    drop(reader);
+    assert_eq!(
+        settle_to((threads_before, fds_before)),
+        (threads_before, fds_before)
+    );
+}
+
 #[test]
 fn vcpu_limit_check() {
-    assert!(super::check_vcpu_limit(8, 8).is_ok());
-    let err = super::check_vcpu_limit(9, 8).expect_err("over the limit");
+    assert!(super::builder::check_vcpu_limit(8, 8).is_ok());
+    let err = super::builder::check_vcpu_limit(9, 8).expect_err("over the limit");
     let msg = err.to_string();
     assert!(
         msg.contains("at most 8 vCPUs") && msg.contains("lower --cpus"),

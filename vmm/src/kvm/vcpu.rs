@@ -26,6 +26,7 @@ use super::boot::layout::{
     BOOT_STACK_POINTER, GDT_ADDR, IDT_ADDR, PML4_ADDR, PVH_INFO_ADDR, ZERO_PAGE_ADDR,
 };
 use super::boot::BootEntry;
+use super::builder::hv;
 use super::control::VcpuControl;
 use crate::backend::{VmError, VmExit};
 
@@ -40,14 +41,6 @@ const APIC_LVT_LINT0: usize = 0x350;
 const APIC_LVT_LINT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
-
-fn hv(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
-    let what = what.into();
-    move |e| VmError::Hypervisor {
-        what,
-        source: e.into(),
-    }
-}
 
 /// What every vCPU is set up from.
 pub struct VcpuSetup<'a> {

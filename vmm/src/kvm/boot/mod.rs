@@ -5,7 +5,8 @@
 //! An ELF `vmlinux` with a PVH note is entered at its PVH entry in 32-bit
 //! protected mode with `hvm_start_info`; any other ELF, and a bzImage, is entered
 //! at its 64-bit entry in long mode with `boot_params`, on identity page tables.
-//! This module owns guest-memory contents at boot; vCPU registers live in
+//! This module owns guest-memory contents at boot (the ACPI tables excepted: the
+//! builder writes those once every device is attached); vCPU registers live in
 //! `super::vcpu`, which asks [`BootEntry`] what to load.
 
 pub mod bootparams;
@@ -163,30 +164,7 @@ pub fn load(
         GuestAddress(mptable::MPTABLE_ADDR),
     )
     .map_err(mem_err("the MP table"))?;
-    write_acpi_tables(mem, config)?;
     Ok(entry)
-}
-
-/// ACPI tables describe the vCPUs (MADT, with room for hotplug), power off and
-/// reset (FADT); kernels built with ACPI prefer them over the MP table.
-fn write_acpi_tables(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<(), VmError> {
-    let tables = crate::acpi::build(&crate::acpi::AcpiConfig {
-        boot_vcpus: config.vcpus.boot,
-        max_vcpus: config.vcpus.max,
-        ioapic_addr: layout::IOAPIC_ADDR,
-        lapic_addr: layout::LAPIC_ADDR,
-        serial: Some(crate::acpi::LegacySerial {
-            port: super::devices::SERIAL_PORT as u16,
-            gsi: super::devices::SERIAL_IRQ,
-        }),
-        mmio_devices: Vec::new(),
-    })
-    .map_err(|e| VmError::Memory(format!("building the ACPI tables: {e}")))?;
-    for t in tables {
-        mem.write_slice(&t.bytes, GuestAddress(t.addr))
-            .map_err(mem_err("the ACPI tables"))?;
-    }
-    Ok(())
 }
 
 fn load_initrd(

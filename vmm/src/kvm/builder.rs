@@ -1,0 +1,219 @@
+//! Assembles a KVM microVM from a [`VmConfig`], in a fixed order:
+//! memory → VM and irqchip → device manager (legacy devices, then every
+//! `config.devices` entry) → kernel and initrd → MP table and ACPI tables
+//! generated from the device manager → vCPUs.
+//!
+//! Everything that can fail happens here, before a vCPU runs, so a bad config is
+//! a [`VmError`] with no thread started; every fd made so far is released by
+//! drop. The result is a [`KvmVm`] that only knows how to run.
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use beacon_devices::virtio::rng::Rng;
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::boot::{self, layout};
+use super::console::ConsoleOutput;
+use super::control::{self, VcpuControl};
+use super::device_manager::{DeviceManager, LegacyHooks};
+use super::memory::GuestRam;
+use super::vcpu::{self, VcpuSetup};
+use super::KvmVm;
+use crate::backend::VmError;
+use crate::config::{ConfigError, DeviceConfig, VmConfig, MAX_CMDLINE_LEN};
+
+pub(crate) fn hv(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    let what = what.into();
+    move |e| VmError::Hypervisor {
+        what,
+        source: e.into(),
+    }
+}
+
+/// Refuse more vCPUs than this host's KVM runs in one VM (KVM_CAP_MAX_VCPUS).
+pub(crate) fn check_vcpu_limit(asked: u8, kvm_max: usize) -> Result<(), VmError> {
+    if usize::from(asked) <= kvm_max {
+        return Ok(());
+    }
+    Err(VmError::Hypervisor {
+        what: "checking the vCPU count".into(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "this host's KVM runs at most {kvm_max} vCPUs per VM (KVM_CAP_MAX_VCPUS), {asked} were asked for; lower --cpus/--max-cpus"
+            ),
+        ),
+    })
+}
+
+/// What this backend cannot do yet, refused before anything is built.
+fn refuse_unsupported(config: &VmConfig) -> Result<(), VmError> {
+    if config.memory.hotplug_mib > 0 {
+        return Err(VmError::Unsupported(
+            "memory hotplug (hotplug room above 0 MiB) is not implemented in the KVM backend yet; drop the hotplug room".into(),
+        ));
+    }
+    for device in &config.devices {
+        let kind = match device {
+            DeviceConfig::Rng => continue,
+            DeviceConfig::Net { .. } => "virtio-net",
+            DeviceConfig::Vsock { .. } => "vsock",
+            DeviceConfig::Fs { .. } => "virtio-fs",
+            DeviceConfig::Block { .. } => "virtio-blk",
+        };
+        return Err(VmError::Unsupported(format!(
+            "{kind} is not implemented in the KVM backend yet; use --backend qemu for it"
+        )));
+    }
+    Ok(())
+}
+
+/// Attach every configured virtio device.
+fn attach_devices(dm: &mut DeviceManager, config: &VmConfig) -> Result<(), VmError> {
+    for device in &config.devices {
+        match device {
+            DeviceConfig::Rng => {
+                dm.attach_virtio("rng", Arc::new(Mutex::new(Rng::new())))?;
+            }
+            // Refused by `refuse_unsupported` before anything was built.
+            DeviceConfig::Net { .. }
+            | DeviceConfig::Vsock { .. }
+            | DeviceConfig::Fs { .. }
+            | DeviceConfig::Block { .. } => {}
+        }
+    }
+    Ok(())
+}
+
+fn write_acpi_tables(
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    dm: &DeviceManager,
+) -> Result<(), VmError> {
+    let tables = crate::acpi::build(&crate::acpi::AcpiConfig {
+        boot_vcpus: config.vcpus.boot,
+        max_vcpus: config.vcpus.max,
+        ioapic_addr: layout::IOAPIC_ADDR,
+        lapic_addr: layout::LAPIC_ADDR,
+        devices_aml: dm.dsdt_aml()?,
+    })
+    .map_err(|e| VmError::Memory(format!("building the ACPI tables: {e}")))?;
+    for t in tables {
+        mem.write_slice(&t.bytes, GuestAddress(t.addr))
+            .map_err(|e| VmError::Memory(format!("writing the ACPI tables: {e}")))?;
+    }
+    Ok(())
+}
+
+fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
+    let vm = kvm.create_vm().map_err(hv("KVM_CREATE_VM"))?;
+    vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
+        .map_err(hv("KVM_SET_TSS_ADDR"))?;
+    if kvm.check_extension(Cap::SetIdentityMapAddr) {
+        vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
+            .map_err(hv("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    }
+    vm.create_irq_chip().map_err(hv("KVM_CREATE_IRQCHIP"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(hv("KVM_CREATE_PIT2"))?;
+    Ok(vm)
+}
+
+/// Build the VM; nothing runs until it is started.
+pub fn build(config: VmConfig) -> Result<KvmVm, VmError> {
+    build_inner(config, None)
+}
+
+/// Like [`build`], with the console's output going to `console` instead of
+/// where `config.console` says (tests: a pipe nobody reads).
+#[doc(hidden)]
+pub fn build_with_console(config: VmConfig, console: ConsoleOutput) -> Result<KvmVm, VmError> {
+    build_inner(config, Some(console))
+}
+
+fn build_inner(config: VmConfig, console: Option<ConsoleOutput>) -> Result<KvmVm, VmError> {
+    let created = Instant::now();
+    let format = config.validate()?;
+    refuse_unsupported(&config)?;
+    let kvm = Kvm::new().map_err(|e| VmError::KvmUnavailable(format!("opening /dev/kvm: {e}")))?;
+    check_vcpu_limit(config.vcpus.max, kvm.get_max_vcpus())?;
+
+    // Memory, then the VM with its irqchip.
+    let vm = Arc::new(create_vm(&kvm)?);
+    let mem_bytes = config.memory.size_mib << 20;
+    let ram = GuestRam::new(mem_bytes)?;
+    ram.register(&vm)?;
+
+    // Devices.
+    let control = Arc::new(VcpuControl::new());
+    let init_reached = Arc::new(OnceLock::new());
+    let mut devices = DeviceManager::new(vm.clone(), ram.shared())?;
+    devices.attach_legacy(
+        &config.console,
+        console,
+        LegacyHooks {
+            control: control.clone(),
+            created,
+            init_reached: init_reached.clone(),
+        },
+    )?;
+    attach_devices(&mut devices, &config)?;
+
+    // Kernel, command line and initrd, then the tables that describe the devices.
+    let mut boot_config = config.clone();
+    if config.virtio_mmio_cmdline {
+        boot_config.cmdline.push_str(&devices.virtio_cmdline());
+        if boot_config.cmdline.len() >= MAX_CMDLINE_LEN {
+            return Err(ConfigError::CmdlineTooLong(boot_config.cmdline.len()).into());
+        }
+    }
+    let memory = ram.memory();
+    let entry = boot::load(&memory, mem_bytes, &boot_config, format)?;
+    write_acpi_tables(&memory, &config, &devices)?;
+    drop(memory);
+    tracing::info!(?entry, ?format, "kernel loaded");
+
+    // vCPUs.
+    let supported_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(hv("KVM_GET_SUPPORTED_CPUID"))?;
+    let msr_list = kvm
+        .get_msr_index_list()
+        .map_err(hv("KVM_GET_MSR_INDEX_LIST"))?;
+    let msrs = boot::msr::boot_msrs(msr_list.as_slice());
+    let setup = VcpuSetup {
+        vcpus: config.vcpus.boot,
+        entry,
+        supported_cpuid: &supported_cpuid,
+        msrs: &msrs,
+    };
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus.boot));
+    for id in 0..config.vcpus.boot {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(hv(format!("KVM_CREATE_VCPU {id}")))?;
+        vcpu::configure(&fd, id, &setup)?;
+        vcpus.push(fd);
+    }
+    control::install_kick_handler().map_err(|e| VmError::Hypervisor {
+        what: "installing the vCPU kick signal handler".into(),
+        source: e,
+    })?;
+
+    Ok(KvmVm::assemble(
+        config,
+        created,
+        control,
+        vcpus,
+        init_reached,
+        devices,
+        vm,
+        ram,
+    ))
+}
