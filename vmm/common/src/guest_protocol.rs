@@ -1,0 +1,297 @@
+//! The wire protocol between the host (the shim) and vminitd in the guest,
+//! beyond the Task API itself: the vsock ports, the stream port's handshake
+//! line, and the JSON event lines. Both sides use these definitions, so they
+//! cannot drift apart.
+//!
+//! Everything here parses input from the other side, which is not trusted:
+//! lines are length-capped and every field is checked.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// vsock port of the ttrpc Task API in the guest.
+pub const TASK_PORT: u32 = 1024;
+/// vsock port of the stdio and event streams in the guest.
+pub const STREAM_PORT: u32 = 1025;
+/// Longest handshake line, newline included.
+pub const MAX_HANDSHAKE_LINE: usize = 512;
+/// Longest event line, newline included.
+pub const MAX_EVENT_LINE: usize = 4096;
+/// Longest container or exec id (containerd's limit).
+pub const MAX_ID_LEN: usize = 76;
+
+/// Topic of an exit event (containerd's name).
+pub const TOPIC_EXIT: &str = "/tasks/exit";
+/// Topic of an OOM event (containerd's name).
+pub const TOPIC_OOM: &str = "/tasks/oom";
+
+/// Which of a process's streams a connection carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StdioStream {
+    Stdin,
+    Stdout,
+    Stderr,
+}
+
+impl StdioStream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stdin => "stdin",
+            Self::Stdout => "stdout",
+            Self::Stderr => "stderr",
+        }
+    }
+}
+
+/// The first line of a connection to [`STREAM_PORT`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamRequest {
+    /// `STDIO <container-id> <exec-id or -> <stdin|stdout|stderr>`
+    Stdio {
+        container: String,
+        /// None for the container's init process.
+        exec: Option<String>,
+        stream: StdioStream,
+    },
+    /// `EVENTS`
+    Events,
+}
+
+/// Why a line from the other side was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("line is longer than {0} bytes")]
+    TooLong(usize),
+    #[error("malformed line: {0}")]
+    Malformed(&'static str),
+    #[error("invalid id {0:?}: ids start with a letter or digit and hold only letters, digits, '.', '_' and '-' (at most 76)")]
+    BadId(String),
+    #[error("malformed event: {0}")]
+    BadEvent(String),
+}
+
+/// containerd's id rule: a leading ASCII letter or digit, then letters, digits,
+/// `.`, `_` or `-`, at most [`MAX_ID_LEN`] bytes. Ids that start with `-` would
+/// reach crun as options.
+pub fn valid_id(id: &str) -> bool {
+    let mut chars = id.chars();
+    id.len() <= MAX_ID_LEN
+        && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+fn check_id(id: &str) -> Result<String, ProtocolError> {
+    if valid_id(id) {
+        Ok(id.to_string())
+    } else {
+        Err(ProtocolError::BadId(id.chars().take(80).collect()))
+    }
+}
+
+impl StreamRequest {
+    /// The request as its line, newline included.
+    pub fn to_line(&self) -> String {
+        match self {
+            Self::Stdio {
+                container,
+                exec,
+                stream,
+            } => format!(
+                "STDIO {container} {} {}\n",
+                exec.as_deref().unwrap_or("-"),
+                stream.as_str()
+            ),
+            Self::Events => "EVENTS\n".to_string(),
+        }
+    }
+
+    /// Parse one line (with or without its newline).
+    pub fn parse(line: &str) -> Result<Self, ProtocolError> {
+        if line.len() > MAX_HANDSHAKE_LINE {
+            return Err(ProtocolError::TooLong(MAX_HANDSHAKE_LINE));
+        }
+        let line = line.strip_suffix('\n').unwrap_or(line);
+        let mut words = line.split(' ');
+        match words.next() {
+            Some("EVENTS") if words.next().is_none() => Ok(Self::Events),
+            Some("STDIO") => {
+                let (Some(c), Some(e), Some(s), None) =
+                    (words.next(), words.next(), words.next(), words.next())
+                else {
+                    return Err(ProtocolError::Malformed("STDIO takes three words"));
+                };
+                let stream = match s {
+                    "stdin" => StdioStream::Stdin,
+                    "stdout" => StdioStream::Stdout,
+                    "stderr" => StdioStream::Stderr,
+                    _ => return Err(ProtocolError::Malformed("unknown stream")),
+                };
+                Ok(Self::Stdio {
+                    container: check_id(c)?,
+                    exec: if e == "-" { None } else { Some(check_id(e)?) },
+                    stream,
+                })
+            }
+            _ => Err(ProtocolError::Malformed("expected STDIO or EVENTS")),
+        }
+    }
+}
+
+/// A point in time as containerd's protobuf Timestamp carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireTime {
+    pub seconds: u64,
+    pub nanos: u32,
+}
+
+impl From<SystemTime> for WireTime {
+    fn from(t: SystemTime) -> Self {
+        let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+        Self {
+            seconds: d.as_secs(),
+            nanos: d.subsec_nanos(),
+        }
+    }
+}
+
+impl WireTime {
+    pub fn to_system_time(self) -> SystemTime {
+        UNIX_EPOCH + Duration::new(self.seconds, self.nanos.min(999_999_999))
+    }
+}
+
+/// Something vminitd tells the host, one JSON object per line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "topic")]
+pub enum GuestEvent {
+    /// A container's init or exec process ended.
+    #[serde(rename = "/tasks/exit")]
+    Exit {
+        container_id: String,
+        /// The exec id, or the container id for the init process.
+        id: String,
+        pid: u32,
+        /// Exit code, or 128+N for death by signal N.
+        exit_status: u32,
+        exited_at: WireTime,
+    },
+    /// The container's cgroup saw an OOM kill.
+    #[serde(rename = "/tasks/oom")]
+    Oom { container_id: String },
+}
+
+impl GuestEvent {
+    /// The event as one JSON line, newline included.
+    pub fn to_line(&self) -> Vec<u8> {
+        // Serialising plain strings and numbers cannot fail.
+        let mut v = serde_json::to_vec(self).unwrap_or_default();
+        v.push(b'\n');
+        v
+    }
+
+    /// Parse and check one line from the guest.
+    pub fn parse(line: &[u8]) -> Result<Self, ProtocolError> {
+        if line.len() > MAX_EVENT_LINE {
+            return Err(ProtocolError::TooLong(MAX_EVENT_LINE));
+        }
+        let event: Self = serde_json::from_slice(line)
+            .map_err(|e| ProtocolError::BadEvent(e.to_string().chars().take(200).collect()))?;
+        match &event {
+            Self::Exit {
+                container_id, id, ..
+            } => {
+                check_id(container_id)?;
+                check_id(id)?;
+            }
+            Self::Oom { container_id } => {
+                check_id(container_id)?;
+            }
+        }
+        Ok(event)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_follow_containerds_rule() {
+        for ok in ["c1", "0abc", "a.b_c-d", &"x".repeat(76)] {
+            assert!(valid_id(ok), "{ok}");
+        }
+        for bad in ["", "-rf", ".hidden", "_x", "a/b", "a b", "a\n", &"x".repeat(77), "é"] {
+            assert!(!valid_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn stream_requests_round_trip_and_refuse_garbage() {
+        let reqs = [
+            StreamRequest::Events,
+            StreamRequest::Stdio {
+                container: "c1".into(),
+                exec: None,
+                stream: StdioStream::Stdout,
+            },
+            StreamRequest::Stdio {
+                container: "c1".into(),
+                exec: Some("e1".into()),
+                stream: StdioStream::Stdin,
+            },
+        ];
+        for r in reqs {
+            assert_eq!(StreamRequest::parse(&r.to_line()), Ok(r.clone()));
+        }
+        for bad in [
+            "",
+            "EVENTS x",
+            "STDIO c1 - stdout extra",
+            "STDIO c1 -",
+            "STDIO -c - stdout",
+            "STDIO c1 - stdwhat",
+            "HELLO",
+        ] {
+            assert!(StreamRequest::parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            StreamRequest::parse(&"E".repeat(600)),
+            Err(ProtocolError::TooLong(MAX_HANDSHAKE_LINE))
+        );
+    }
+
+    #[test]
+    fn events_round_trip_in_vminitds_format() {
+        let e = GuestEvent::Exit {
+            container_id: "c1".into(),
+            id: "c1".into(),
+            pid: 42,
+            exit_status: 137,
+            exited_at: WireTime {
+                seconds: 1_795_986_584,
+                nanos: 544_194_308,
+            },
+        };
+        let line = e.to_line();
+        let text = String::from_utf8(line.clone()).expect("utf8");
+        assert!(text.contains(r#""topic":"/tasks/exit""#), "{text}");
+        assert_eq!(GuestEvent::parse(line.trim_ascii_end()), Ok(e));
+        let oom = br#"{"topic":"/tasks/oom","container_id":"c1"}"#;
+        assert_eq!(
+            GuestEvent::parse(oom),
+            Ok(GuestEvent::Oom {
+                container_id: "c1".into()
+            })
+        );
+        for bad in [
+            &br#"{"topic":"/tasks/exit"}"#[..],
+            br#"{"topic":"/tasks/oom","container_id":"-x"}"#,
+            br#"{"topic":"/tasks/delete","container_id":"c1"}"#,
+            b"not json",
+        ] {
+            assert!(GuestEvent::parse(bad).is_err());
+        }
+        assert!(GuestEvent::parse(&vec![b' '; MAX_EVENT_LINE + 1]).is_err());
+    }
+}
