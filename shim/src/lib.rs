@@ -1,9 +1,10 @@
 //! containerd shim v2 for beaconbox.
 //!
-//! So far this crate owns the shim's inputs: how containerd invokes the binary
-//! ([`invocation`]: flags, the `start`/`delete` actions, the socket address the
-//! shim serves on) and the OCI bundle it is handed ([`bundle`]). The Task API
-//! server, the sandbox lifecycle and event forwarding build on these.
+//! - [`invocation`]: how containerd invokes the binary (flags, the `start` and
+//!   `delete` actions, the address the shim serves on);
+//! - [`bundle`]: the OCI bundle it is handed;
+//! - [`events`]: task events published to containerd, in order.
 
 pub mod bundle;
+pub mod events;
 pub mod invocation;
