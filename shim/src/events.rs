@@ -19,7 +19,7 @@ use containerd_shim_protos::events::task::{
 };
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
-use containerd_shim_protos::protobuf::{Message, MessageField};
+use containerd_shim_protos::protobuf::MessageField;
 use containerd_shim_protos::shim::event::Envelope;
 use containerd_shim_protos::shim_async::EventsClient;
 use tokio::sync::Notify;

@@ -3,8 +3,10 @@
 //! - [`invocation`]: how containerd invokes the binary (flags, the `start` and
 //!   `delete` actions, the address the shim serves on);
 //! - [`bundle`]: the OCI bundle it is handed;
-//! - [`events`]: task events published to containerd, in order.
+//! - [`events`]: task events published to containerd, in order;
+//! - [`guest`]: the connection to vminitd in the guest (Task API, streams, events).
 
 pub mod bundle;
 pub mod events;
+pub mod guest;
 pub mod invocation;

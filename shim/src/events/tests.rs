@@ -1,5 +1,7 @@
 use std::sync::Arc;
 
+use containerd_shim_protos::protobuf::Message;
+
 use async_trait::async_trait;
 use containerd_shim_protos::events::task::{TaskExit, TaskStart};
 use containerd_shim_protos::protobuf::well_known_types::empty::Empty;

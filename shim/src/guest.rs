@@ -1,0 +1,246 @@
+//! The shim's connection to vminitd, the guest's PID 1: the Task API client
+//! (ttrpc on guest port 1024), stdio streams and the event stream (port 1025).
+//!
+//! How bytes reach the guest is a [`GuestLink`]: the hybrid vsock backend's unix
+//! socket (connect, `CONNECT <port>\n`, wait for `OK <port>\n`), or plain unix
+//! sockets to a vminitd running as a host process (tests). Everything vminitd
+//! sends is bounded and time-limited: handshake lines are capped, every call
+//! has a timeout, and an event line that is malformed is dropped with a log line.
+//! This module never decides what to do with a container; it only carries.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use beacon_common::guest_protocol::{
+    GuestEvent, StreamRequest, MAX_EVENT_LINE, MAX_HANDSHAKE_LINE, STREAM_PORT, TASK_PORT,
+};
+use containerd_shim_protos::shim_async::TaskClient;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+/// How long one handshake (hybrid CONNECT, stream request) may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a Task API call to vminitd may take before the shim gives up on it.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the guest could not be reached or answered badly.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    #[error("cannot connect to {what}: {source}")]
+    Connect {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the guest refused {what}: {reply}")]
+    Refused { what: String, reply: String },
+    #[error("{what} took longer than {after:?}")]
+    Timeout { what: String, after: Duration },
+    #[error("vminitd did not come up within {0:?}; the VM log says why")]
+    NotUp(Duration),
+    #[error("the VM ended before vminitd came up; the VM log says why")]
+    VmEnded,
+}
+
+/// Where vminitd's two ports are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestLink {
+    /// The VM's hybrid vsock unix socket.
+    Hybrid { uds: PathBuf },
+    /// vminitd as a host process: its task and stream unix sockets.
+    Unix { task: PathBuf, streams: PathBuf },
+}
+
+/// Read one `\n`-terminated line of at most `max` bytes.
+async fn read_line<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> std::io::Result<String> {
+    let mut line = Vec::with_capacity(32);
+    let mut byte = [0u8; 1];
+    loop {
+        if r.read(&mut byte).await? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed before the end of the line",
+            ));
+        }
+        if byte[0] == b'\n' {
+            return Ok(String::from_utf8_lossy(&line).into_owned());
+        }
+        if line.len() >= max {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("line longer than {max} bytes"),
+            ));
+        }
+        line.push(byte[0]);
+    }
+}
+
+async fn timed<T>(
+    what: &str,
+    after: Duration,
+    f: impl std::future::Future<Output = Result<T, GuestError>>,
+) -> Result<T, GuestError> {
+    tokio::time::timeout(after, f)
+        .await
+        .map_err(|_| GuestError::Timeout {
+            what: what.to_string(),
+            after,
+        })?
+}
+
+impl GuestLink {
+    /// A connected byte stream to guest `port`.
+    pub async fn dial(&self, port: u32) -> Result<UnixStream, GuestError> {
+        match self {
+            Self::Unix { task, streams } => {
+                let path = if port == TASK_PORT { task } else { streams };
+                UnixStream::connect(path)
+                    .await
+                    .map_err(|source| GuestError::Connect {
+                        what: format!("vminitd at {}", path.display()),
+                        source,
+                    })
+            }
+            Self::Hybrid { uds } => {
+                let what = format!("guest port {port} through {}", uds.display());
+                timed(&what.clone(), HANDSHAKE_TIMEOUT, async {
+                    let mut s =
+                        UnixStream::connect(uds)
+                            .await
+                            .map_err(|source| GuestError::Connect {
+                                what: what.clone(),
+                                source,
+                            })?;
+                    let io = |source| GuestError::Connect {
+                        what: what.clone(),
+                        source,
+                    };
+                    s.write_all(format!("CONNECT {port}\n").as_bytes())
+                        .await
+                        .map_err(io)?;
+                    let reply = read_line(&mut s, 64).await.map_err(io)?;
+                    if reply.starts_with("OK ") {
+                        Ok(s)
+                    } else {
+                        Err(GuestError::Refused {
+                            what: what.clone(),
+                            reply: reply.chars().take(64).collect(),
+                        })
+                    }
+                })
+                .await
+            }
+        }
+    }
+
+    /// A stream of the stream port after its handshake was accepted.
+    pub async fn open_stream(&self, request: &StreamRequest) -> Result<UnixStream, GuestError> {
+        let what = request.to_line().trim_end().to_string();
+        let mut s = self.dial(STREAM_PORT).await?;
+        timed(&what.clone(), HANDSHAKE_TIMEOUT, async {
+            let io = |source| GuestError::Connect {
+                what: what.clone(),
+                source,
+            };
+            s.write_all(request.to_line().as_bytes())
+                .await
+                .map_err(io)?;
+            let reply = read_line(&mut s, MAX_HANDSHAKE_LINE).await.map_err(io)?;
+            if reply == "OK" {
+                Ok(())
+            } else {
+                Err(GuestError::Refused {
+                    what: what.clone(),
+                    reply: reply.chars().take(200).collect(),
+                })
+            }
+        })
+        .await?;
+        Ok(s)
+    }
+
+    /// Connect the Task API, retrying while the guest boots, until `limit` or
+    /// until `vm_ended()` says there is no guest any more.
+    pub async fn connect_task(
+        &self,
+        limit: Duration,
+        vm_ended: impl Fn() -> bool,
+    ) -> Result<TaskClient, GuestError> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if vm_ended() {
+                return Err(GuestError::VmEnded);
+            }
+            let last = match self.dial(TASK_PORT).await {
+                Ok(stream) => {
+                    let client = ttrpc::asynchronous::Client::new(
+                        ttrpc::asynchronous::transport::Socket::new(stream),
+                    );
+                    return Ok(TaskClient::new(client));
+                }
+                Err(e) => e,
+            };
+            if Instant::now() >= deadline {
+                tracing::warn!("last attempt to reach vminitd: {last}");
+                return Err(GuestError::NotUp(limit));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Subscribe to vminitd's events; each valid one is sent on the returned
+    /// channel in order. The channel closes when the stream ends.
+    pub async fn subscribe_events(&self) -> Result<mpsc::Receiver<GuestEvent>, GuestError> {
+        let stream = self.open_stream(&StreamRequest::Events).await?;
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let mut reader = BufReader::with_capacity(MAX_EVENT_LINE, stream);
+            let mut line = Vec::with_capacity(256);
+            loop {
+                line.clear();
+                // `take` bounds the line; a longer one is skipped to its end.
+                let n = match (&mut reader)
+                    .take(MAX_EVENT_LINE as u64)
+                    .read_until(b'\n', &mut line)
+                    .await
+                {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!("the guest's event stream failed: {e}");
+                        break;
+                    }
+                };
+                if line.last() != Some(&b'\n') {
+                    tracing::warn!(bytes = n, "dropping an over-long event line from the guest");
+                    let mut sink = Vec::new();
+                    if reader.read_until(b'\n', &mut sink).await.unwrap_or(0) == 0 {
+                        break;
+                    }
+                    continue;
+                }
+                match GuestEvent::parse(line.trim_ascii_end()) {
+                    Ok(event) => {
+                        if tx.send(event).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => tracing::warn!("dropping a malformed event from the guest: {e}"),
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
+
+/// A ttrpc context with the shim's call timeout.
+pub fn call_context() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(CALL_TIMEOUT.as_nanos() as i64)
+}
+
+#[cfg(test)]
+mod tests;
