@@ -3,13 +3,17 @@
 //! - [`invocation`]: how containerd invokes the binary (flags, the `start` and
 //!   `delete` actions, the address the shim serves on);
 //! - [`bundle`]: the OCI bundle it is handed;
+//! - [`config`]: the runtime config and how big each sandbox's VM is;
 //! - [`events`]: task events published to containerd, in order;
 //! - [`guest`]: the connection to vminitd in the guest (Task API, streams, events);
+//! - [`mounts`]: a container's files on both sides of the VM boundary;
 //! - [`stdio`]: a process's stdio between containerd's FIFOs (or files, or a
 //!   logging binary) and the guest's streams.
 
 pub mod bundle;
+pub mod config;
 pub mod events;
 pub mod guest;
 pub mod invocation;
+pub mod mounts;
 pub mod stdio;

@@ -20,6 +20,9 @@ pub const MAX_HANDSHAKE_LINE: usize = 512;
 pub const MAX_EVENT_LINE: usize = 4096;
 /// Longest container or exec id (containerd's limit).
 pub const MAX_ID_LEN: usize = 76;
+/// Where vminitd mounts the shares it is told about (`beacon.share=TAG:NAME`
+/// puts share NAME at `<GUEST_SHARES_DIR>/NAME`); container bundles live inside.
+pub const GUEST_SHARES_DIR: &str = "/run/vminitd/shares";
 
 /// Topic of an exit event (containerd's name).
 pub const TOPIC_EXIT: &str = "/tasks/exit";

@@ -1,0 +1,333 @@
+//! How big a sandbox's VM is and how it is run: built-in defaults, then the
+//! runtime's TOML config (the `ConfigPath` of containerd's runtime options, or
+//! `BEACON_RUNTIME_CONFIG`), then the OCI annotations `io.beaconbox.vm.*`, then
+//! the container's own CPU and memory limits (the VM grows to hold them).
+//!
+//! Every value a user can set is checked here, with an error naming the key.
+
+use std::path::{Path, PathBuf};
+
+use beacon_vmm::BackendKind;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// Environment variable naming a runtime config file when containerd passes none.
+pub const CONFIG_ENV: &str = "BEACON_RUNTIME_CONFIG";
+/// Annotation prefix for per-sandbox VM settings.
+pub const ANNOTATION_PREFIX: &str = "io.beaconbox.vm.";
+/// Guest memory the VM needs beyond a container's limit (kernel, vminitd, crun).
+pub const GUEST_OVERHEAD_MIB: u64 = 128;
+/// How large a VM may be made from annotations or limits.
+pub const MAX_VCPUS: u8 = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the runtime config {path:?}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("runtime config {path:?}: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("{key}: {reason}")]
+    Bad { key: String, reason: String },
+}
+
+fn bad(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Bad {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// How the shim reaches vminitd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VsockMode {
+    /// The VMM's unix socket (mode 0600, in a folder only the shim's user enters).
+    #[default]
+    Hybrid,
+    /// Kernel vhost-vsock with a CID per VM.
+    Vhost,
+}
+
+/// The guest's network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkMode {
+    /// netmgr's bridge, TAP and address pool.
+    #[default]
+    Bridge,
+    /// No network device (loopback only).
+    None,
+}
+
+/// The `[vm]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VmSettings {
+    pub backend: BackendKind,
+    pub cpus: u8,
+    pub max_cpus: u8,
+    pub memory_mib: u64,
+    pub hotplug_memory_mib: u64,
+    /// Defaults to the installed beacon kernel and initrd.
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    /// Appended to the kernel command line.
+    pub kernel_params: String,
+    /// How long the guest may take to answer on vsock.
+    pub boot_timeout_secs: u64,
+}
+
+impl Default for VmSettings {
+    fn default() -> Self {
+        Self {
+            backend: BackendKind::Kvm,
+            cpus: 1,
+            max_cpus: 1,
+            memory_mib: 512,
+            hotplug_memory_mib: 0,
+            kernel: None,
+            initrd: None,
+            kernel_params: String::new(),
+            boot_timeout_secs: 120,
+        }
+    }
+}
+
+/// The runtime config file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    pub vm: VmSettings,
+    pub vsock: VsockMode,
+    pub network: NetworkMode,
+    /// virtiofsd's `--cache` (auto, always, never).
+    pub virtiofs_cache: Option<String>,
+    /// Debug logging in the guest (`beacon.log=debug`).
+    pub guest_debug: bool,
+}
+
+impl RuntimeConfig {
+    /// Read `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// The config at `path`, else `BEACON_RUNTIME_CONFIG`, else the defaults.
+    pub fn resolve(path: Option<&Path>) -> Result<Self, ConfigError> {
+        match path {
+            Some(p) => Self::load(p),
+            None => match std::env::var_os(CONFIG_ENV).filter(|v| !v.is_empty()) {
+                Some(p) => Self::load(Path::new(&p)),
+                None => Ok(Self::default()),
+            },
+        }
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let vm = &self.vm;
+        if vm.cpus == 0 || vm.cpus > MAX_VCPUS {
+            return Err(bad("vm.cpus", format!("must be 1 to {MAX_VCPUS}")));
+        }
+        if vm.max_cpus < vm.cpus || vm.max_cpus > MAX_VCPUS {
+            return Err(bad(
+                "vm.max_cpus",
+                format!("must be vm.cpus to {MAX_VCPUS}"),
+            ));
+        }
+        if vm.memory_mib < 64 {
+            return Err(bad("vm.memory_mib", "must be at least 64"));
+        }
+        if vm.boot_timeout_secs == 0 {
+            return Err(bad("vm.boot_timeout_secs", "must be above 0"));
+        }
+        Ok(())
+    }
+
+    /// The VM settings for one sandbox: annotations (`io.beaconbox.vm.*`) over
+    /// this config, then grown to hold the container's limits from `spec`.
+    pub fn vm_for(&self, spec: &Value) -> Result<VmSettings, ConfigError> {
+        let mut vm = self.vm.clone();
+        let annotations = spec.get("annotations").and_then(Value::as_object);
+        for (key, value) in annotations.into_iter().flatten() {
+            let Some(name) = key.strip_prefix(ANNOTATION_PREFIX) else {
+                continue;
+            };
+            let text = value
+                .as_str()
+                .ok_or_else(|| bad(key, "annotation values are strings"))?;
+            let number = || {
+                text.parse::<u64>()
+                    .map_err(|_| bad(key, format!("{text:?} is not a number")))
+            };
+            let cpus = |n: u64| {
+                u8::try_from(n)
+                    .ok()
+                    .filter(|n| (1..=MAX_VCPUS).contains(n))
+                    .ok_or_else(|| bad(key, format!("must be 1 to {MAX_VCPUS}")))
+            };
+            match name {
+                "cpus" => vm.cpus = cpus(number()?)?,
+                "max_cpus" => vm.max_cpus = cpus(number()?)?,
+                "memory_mib" => vm.memory_mib = number()?,
+                "hotplug_memory_mib" => vm.hotplug_memory_mib = number()?,
+                "backend" => {
+                    vm.backend = match text {
+                        "kvm" => BackendKind::Kvm,
+                        "qemu" => BackendKind::Qemu,
+                        _ => return Err(bad(key, "must be kvm or qemu")),
+                    }
+                }
+                _ => {
+                    return Err(bad(
+                        key,
+                        "unknown setting; known: cpus, max_cpus, memory_mib, hotplug_memory_mib, backend",
+                    ))
+                }
+            }
+        }
+        // The container's own limits: the VM must hold them.
+        let resources = spec.pointer("/linux/resources");
+        if let Some(limit) = resources
+            .and_then(|r| r.pointer("/memory/limit"))
+            .and_then(Value::as_i64)
+            .filter(|l| *l > 0)
+        {
+            let need = (limit as u64).div_ceil(1 << 20) + GUEST_OVERHEAD_MIB;
+            vm.memory_mib = vm.memory_mib.max(need);
+        }
+        let quota = resources
+            .and_then(|r| r.pointer("/cpu/quota"))
+            .and_then(Value::as_i64);
+        let period = resources
+            .and_then(|r| r.pointer("/cpu/period"))
+            .and_then(Value::as_u64);
+        if let (Some(q), Some(p)) = (quota, period) {
+            if q > 0 && p > 0 {
+                let want = (q as u64).div_ceil(p).min(u64::from(MAX_VCPUS)) as u8;
+                vm.cpus = vm.cpus.max(want);
+            }
+        }
+        vm.max_cpus = vm.max_cpus.max(vm.cpus);
+        if vm.memory_mib < 64 {
+            return Err(bad("memory_mib", "must be at least 64"));
+        }
+        Ok(vm)
+    }
+}
+
+/// The `ConfigPath` inside containerd's `runtimeoptions.v1.Options` (field 2 of
+/// the message; the CRI plugin and `ctr --runtime-config-path` send it).
+pub fn runtime_options_config_path(type_url: &str, value: &[u8]) -> Option<PathBuf> {
+    if !type_url.ends_with("runtimeoptions.v1.Options") {
+        return None;
+    }
+    let mut input = protobuf::CodedInputStream::from_bytes(value);
+    while let Ok(Some(tag)) = input.read_raw_tag_or_eof() {
+        let (field, wire) = (tag >> 3, tag & 7);
+        if wire == 2 {
+            let bytes = input.read_bytes().ok()?;
+            if field == 2 {
+                let path = String::from_utf8(bytes).ok()?;
+                return (!path.is_empty()).then(|| PathBuf::from(path));
+            }
+        } else if input
+            .skip_field(protobuf::rt::WireType::new(wire)?)
+            .is_err()
+        {
+            return None;
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn defaults_then_file_then_annotations_then_limits() {
+        let cfg: RuntimeConfig = toml::from_str(
+            "vsock = \"hybrid\"\n[vm]\ncpus = 2\nmax_cpus = 4\nmemory_mib = 256\nbackend = \"qemu\"\n",
+        )
+        .expect("toml");
+        cfg.check().expect("valid");
+        let vm = cfg.vm_for(&json!({})).expect("vm");
+        assert_eq!((vm.cpus, vm.max_cpus, vm.memory_mib), (2, 4, 256));
+        assert_eq!(vm.backend, BackendKind::Qemu);
+        let spec = json!({
+            "annotations": {
+                "io.beaconbox.vm.cpus": "3",
+                "io.beaconbox.vm.memory_mib": "300",
+                "io.beaconbox.vm.backend": "kvm",
+                "other": "x"
+            },
+            "linux": {"resources": {"memory": {"limit": 1073741824i64}, "cpu": {"quota": 450000, "period": 100000}}}
+        });
+        let vm = cfg.vm_for(&spec).expect("vm");
+        assert_eq!(vm.backend, BackendKind::Kvm);
+        assert_eq!(
+            vm.memory_mib,
+            1024 + GUEST_OVERHEAD_MIB,
+            "grown to hold the limit"
+        );
+        assert_eq!(vm.cpus, 5, "4.5 CPUs of quota need 5 vCPUs");
+        assert_eq!(vm.max_cpus, 5);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cfg = RuntimeConfig::default();
+        for (k, v) in [
+            ("io.beaconbox.vm.cpus", "0"),
+            ("io.beaconbox.vm.cpus", "many"),
+            ("io.beaconbox.vm.backend", "xen"),
+            ("io.beaconbox.vm.colour", "blue"),
+        ] {
+            let err = cfg
+                .vm_for(&json!({"annotations": {k: v}}))
+                .expect_err("refused");
+            assert!(err.to_string().starts_with(k), "{err}");
+        }
+        let err = toml::from_str::<RuntimeConfig>("[vm]\ncpu = 1\n").expect_err("unknown key");
+        assert!(err.to_string().contains("cpu"), "{err}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("r.toml");
+        std::fs::write(&p, "[vm]\ncpus = 0\n").expect("write");
+        assert!(RuntimeConfig::load(&p).is_err());
+        assert!(RuntimeConfig::load(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn config_path_from_runtime_options() {
+        // field 1 (type_url) "x", field 2 (config_path) "/etc/b.toml".
+        let mut msg = vec![0x0a, 1, b'x', 0x12, 11];
+        msg.extend_from_slice(b"/etc/b.toml");
+        assert_eq!(
+            runtime_options_config_path("runtimeoptions.v1.Options", &msg),
+            Some(PathBuf::from("/etc/b.toml"))
+        );
+        assert_eq!(runtime_options_config_path("other.Type", &msg), None);
+        assert_eq!(
+            runtime_options_config_path("runtimeoptions.v1.Options", &[0xff, 0xff]),
+            None
+        );
+        assert_eq!(
+            runtime_options_config_path("runtimeoptions.v1.Options", &[]),
+            None
+        );
+    }
+}
