@@ -44,7 +44,7 @@ pub enum InvocationError {
     Required(&'static str),
     #[error("{what} {value:?} may only contain letters, digits, '.', '_' and '-'")]
     BadName { what: &'static str, value: String },
-    #[error("shim socket path {0:?} is longer than {MAX_SOCKET_PATH} bytes; set BEACON_STATE_DIR to a shorter folder")]
+    #[error("shim socket path {0:?} is longer than {MAX_SOCKET_PATH} bytes; set BEACON_SHIM_SOCKET_DIR to a shorter folder")]
     SocketPathTooLong(PathBuf),
 }
 
@@ -107,18 +107,20 @@ impl Invocation {
         })
     }
 
-    /// The unix socket this shim serves on: stable for (containerd address,
-    /// namespace, id), so `start` called twice finds the running shim.
-    pub fn socket_path(&self, state_dir: &Path) -> Result<PathBuf, InvocationError> {
-        let mut h = Sha256::new();
-        h.update(self.containerd_address.as_bytes());
-        h.update([0]);
-        h.update(self.namespace.as_bytes());
-        h.update([0]);
-        h.update(self.id.as_bytes());
-        let digest = h.finalize();
-        let name: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
-        let path = state_dir.join("s").join(format!("{name}.sock"));
+    /// The unix socket the shim of sandbox `sandbox_id` serves on, the way
+    /// containerd's own shims name it: `<dir>/<sha256(address/namespace/id)>`
+    /// (`dir` is `/run/containerd/s` unless [`SOCKET_DIR_ENV`] says otherwise).
+    /// Stable, so `start` for a second container of the sandbox finds it.
+    pub fn socket_path(&self, dir: &Path, sandbox_id: &str) -> Result<PathBuf, InvocationError> {
+        let joined = format!(
+            "{}/{}/{}",
+            self.containerd_address.trim_end_matches('/'),
+            self.namespace,
+            sandbox_id
+        );
+        let digest = Sha256::digest(joined.as_bytes());
+        let name: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        let path = dir.join(name);
         if path.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(InvocationError::SocketPathTooLong(path));
         }
@@ -127,9 +129,25 @@ impl Invocation {
 
     /// The address `start` prints: containerd 1.6 through 2.x accept a plain
     /// `unix://` address (the JSON form of newer shims is not understood by 1.6).
-    pub fn address(&self, state_dir: &Path) -> Result<String, InvocationError> {
-        Ok(format!("unix://{}", self.socket_path(state_dir)?.display()))
+    pub fn address(&self, dir: &Path, sandbox_id: &str) -> Result<String, InvocationError> {
+        Ok(format!(
+            "unix://{}",
+            self.socket_path(dir, sandbox_id)?.display()
+        ))
     }
+}
+
+/// Environment variable overriding where shim sockets go.
+pub const SOCKET_DIR_ENV: &str = "BEACON_SHIM_SOCKET_DIR";
+/// Where containerd's own shims put their sockets.
+pub const DEFAULT_SOCKET_DIR: &str = "/run/containerd/s";
+
+/// The folder for shim sockets.
+pub fn socket_dir() -> PathBuf {
+    std::env::var_os(SOCKET_DIR_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET_DIR))
 }
 
 /// Ids and namespaces become file names and ttrpc paths: keep them tame.
@@ -212,17 +230,26 @@ mod tests {
     }
 
     #[test]
-    fn socket_is_stable_distinct_and_short() {
-        let a = Invocation::parse(args("-namespace n -id a -address /x")).expect("a");
-        let b = Invocation::parse(args("-namespace n -id b -address /x")).expect("b");
-        let dir = Path::new("/var/lib/beacon");
-        assert_eq!(a.socket_path(dir), a.socket_path(dir));
-        assert_ne!(a.socket_path(dir), b.socket_path(dir));
-        let addr = a.address(dir).expect("address");
-        assert!(addr.starts_with("unix:///var/lib/beacon/s/") && addr.ends_with(".sock"));
+    fn socket_is_containerds_name_stable_distinct_and_short() {
+        let a = Invocation::parse(args(
+            "-namespace default -id a -address /run/containerd/containerd.sock",
+        ))
+        .expect("a");
+        let dir = Path::new("/run/containerd/s");
+        assert_eq!(a.socket_path(dir, "a").ok(), a.socket_path(dir, "a").ok());
+        assert_ne!(a.socket_path(dir, "a").ok(), a.socket_path(dir, "b").ok());
+        // containerd: sha256("/run/containerd/containerd.sock/default/a").
+        let expected: String = Sha256::digest(b"/run/containerd/containerd.sock/default/a")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            a.address(dir, "a").expect("address"),
+            format!("unix:///run/containerd/s/{expected}")
+        );
         let long = PathBuf::from(format!("/{}", "d".repeat(100)));
         assert!(matches!(
-            a.socket_path(&long),
+            a.socket_path(&long, "a"),
             Err(InvocationError::SocketPathTooLong(_))
         ));
     }

@@ -6,7 +6,12 @@
 //! - [`config`]: the runtime config and how big each sandbox's VM is;
 //! - [`events`]: task events published to containerd, in order;
 //! - [`guest`]: the connection to vminitd in the guest (Task API, streams, events);
+//! - [`lifecycle`]: the `start` and `delete` actions;
+//! - [`logfifo`]: the server's non-blocking log sink;
 //! - [`mounts`]: a container's files on both sides of the VM boundary;
+//! - [`sandbox`]: one sandbox's VM and what surrounds it on the host;
+//! - [`server`]: the long-running ttrpc server;
+//! - [`service`]: the Task API containerd calls, carried into the sandbox;
 //! - [`stdio`]: a process's stdio between containerd's FIFOs (or files, or a
 //!   logging binary) and the guest's streams.
 
@@ -15,5 +20,10 @@ pub mod config;
 pub mod events;
 pub mod guest;
 pub mod invocation;
+pub mod lifecycle;
+pub mod logfifo;
 pub mod mounts;
+pub mod sandbox;
+pub mod server;
+pub mod service;
 pub mod stdio;

@@ -55,14 +55,59 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> MountError + '_ {
     }
 }
 
-fn is_mountpoint(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let wanted = path.to_string_lossy();
-    info.lines()
+/// Every mount point of this process's mount namespace.
+fn mount_points() -> std::collections::HashSet<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
         .filter_map(|l| l.split(' ').nth(4))
-        .any(|mp| mp == wanted)
+        // mountinfo escapes blanks and backslashes as octal.
+        .map(|mp| {
+            PathBuf::from(
+                mp.replace("\\040", " ")
+                    .replace("\\011", "\t")
+                    .replace("\\012", "\n")
+                    .replace("\\134", "\\"),
+            )
+        })
+        .collect()
+}
+
+fn is_mountpoint(path: &Path) -> bool {
+    mount_points().contains(path)
+}
+
+/// Remove `root` and everything below it, but never anything on or under a
+/// mount point: a mount left behind (an unmount that failed) keeps its files,
+/// and the folders above it stay. Returns the mount points found in the way.
+pub fn remove_tree_within_mount(root: &Path) -> Vec<PathBuf> {
+    let mounts = mount_points();
+    let mut blocked = Vec::new();
+    fn walk(
+        p: &Path,
+        mounts: &std::collections::HashSet<PathBuf>,
+        blocked: &mut Vec<PathBuf>,
+    ) -> bool {
+        if mounts.contains(p) {
+            blocked.push(p.to_path_buf());
+            return false;
+        }
+        let Ok(meta) = std::fs::symlink_metadata(p) else {
+            return true;
+        };
+        if !meta.is_dir() {
+            return std::fs::remove_file(p).is_ok();
+        }
+        let mut all = true;
+        if let Ok(entries) = std::fs::read_dir(p) {
+            for e in entries.flatten() {
+                all &= walk(&e.path(), mounts, blocked);
+            }
+        }
+        all && std::fs::remove_dir(p).is_ok()
+    }
+    walk(root, &mounts, &mut blocked);
+    blocked
 }
 
 /// Make `share` a folder that is its own shared mount (idempotent).
@@ -311,6 +356,21 @@ pub fn rewrite_spec(spec: &mut Value) {
                     o.remove("path");
                 }
             }
+        }
+    }
+}
+
+/// Unmount every mount at or below `root`, deepest first (cleaning up after a
+/// shim that died without unmounting).
+pub fn unmount_under(root: &Path) {
+    let mut below: Vec<PathBuf> = mount_points()
+        .into_iter()
+        .filter(|m| m.starts_with(root))
+        .collect();
+    below.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    for m in below {
+        if let Err(e) = umount2(&m, MntFlags::MNT_DETACH) {
+            tracing::warn!("unmounting {}: {e}", m.display());
         }
     }
 }

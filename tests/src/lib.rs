@@ -1,11 +1,14 @@
 //! Test support for beaconbox: where a real KVM is ([`kvm_host`]), the nested KVM
 //! lab ([`lab`]) that provides one on hosts without it, and the project's built
 //! assets ([`assets`]: the beacon kernel), guest initrds for device tests
-//! ([`guest`]) and the runner of device scenarios ([`device_suite`]), and helpers for generated test scripts ([`script`]).
+//! ([`guest`]) and the runner of device scenarios ([`device_suite`]), a private
+//! containerd ([`containerd`]) and locally built images ([`images`]), and helpers for generated test scripts ([`script`]).
 
 pub mod assets;
+pub mod containerd;
 pub mod device_suite;
 pub mod guest;
+pub mod images;
 pub mod lab;
 pub mod script;
 

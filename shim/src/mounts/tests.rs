@@ -136,6 +136,33 @@ fn binds_and_rootfs_mount_and_unmount_in_a_private_namespace() {
     assert!(!cdir.join("rootfs/etc/hostname").exists());
     assert!(!cdir.join("mounts/1/new").exists());
 
+    // Removing a tree never crosses a mount point.
+    let keep = dir.path().join("keep");
+    std::fs::create_dir_all(&keep).expect("keep");
+    std::fs::write(keep.join("precious"), "x").expect("precious");
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("a/b")).expect("tree");
+    std::fs::write(tree.join("a/file"), "y").expect("file");
+    std::fs::create_dir_all(tree.join("m")).expect("m");
+    mount(
+        Some(&keep),
+        &tree.join("m"),
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .expect("bind");
+    let blocked = remove_tree_within_mount(&tree);
+    assert_eq!(blocked, vec![tree.join("m")]);
+    assert!(
+        keep.join("precious").exists(),
+        "nothing removed through the mount"
+    );
+    assert!(!tree.join("a").exists(), "the rest is gone");
+    unmount_all(&[tree.join("m")]);
+    assert!(remove_tree_within_mount(&tree).is_empty());
+    assert!(!tree.exists());
+
     // A missing bind source is a clear error.
     let mut bad =
         json!({"mounts": [{"type": "bind", "source": "/nonexistent/x", "destination": "/x"}]});

@@ -224,7 +224,17 @@ mod tests {
         for ok in ["c1", "0abc", "a.b_c-d", &"x".repeat(76)] {
             assert!(valid_id(ok), "{ok}");
         }
-        for bad in ["", "-rf", ".hidden", "_x", "a/b", "a b", "a\n", &"x".repeat(77), "é"] {
+        for bad in [
+            "",
+            "-rf",
+            ".hidden",
+            "_x",
+            "a/b",
+            "a b",
+            "a\n",
+            &"x".repeat(77),
+            "é",
+        ] {
             assert!(!valid_id(bad), "{bad:?}");
         }
     }

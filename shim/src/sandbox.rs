@@ -1,0 +1,430 @@
+//! One sandbox: a microVM and everything around it on the host (its network,
+//! its share folder and virtiofsd, its run folder), and the connection to
+//! vminitd inside it. Containers live in the sandbox; this module builds and
+//! tears down the sandbox only, never decides about containers.
+//!
+//! Building is a fixed sequence, each step recorded so that a failure undoes
+//! exactly what was done, in reverse: run folder (mode 0700) → network (netmgr)
+//! → share folder (a shared mount) → virtiofsd → VM (the in-process KVM backend,
+//! on threads of this process) → vminitd answering on vsock → event stream.
+//! Teardown is the same list backwards and keeps going when a step fails, so
+//! nothing leaks because something else went wrong.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use beacon_common::guest_protocol::GuestEvent;
+use beacon_netmgr::{NetworkAttachment, NetworkManager};
+use beacon_paths::BeaconPaths;
+use beacon_virtiofsd_launch::{ShareConfig, Virtiofsd};
+use beacon_vmm::{
+    create_backend, BackendKind, ConsoleConfig, DeviceConfig, VmBackend, VmConfig, VmExit,
+};
+use containerd_shim_protos::shim_async::TaskClient;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{NetworkMode, RuntimeConfig, VmSettings, VsockMode};
+use crate::guest::{GuestError, GuestLink};
+use crate::mounts::{self, MountError};
+
+/// Name of the one virtio-fs share (tag and guest folder name).
+pub const SHARE_NAME: &str = "sb";
+/// virtio-fs tag of the share.
+pub const SHARE_TAG: &str = "beacon";
+/// Guest CID used with the hybrid vsock backend (private to the VM).
+pub const HYBRID_GUEST_CID: u32 = 3;
+/// How long a VM gets to power off after vminitd was asked to shut down.
+const POWEROFF_GRACE: Duration = Duration::from_secs(10);
+
+/// Why a sandbox could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the guest kernel {0:?} is missing; run `make install` or set vm.kernel in the runtime config")]
+    NoKernel(PathBuf),
+    #[error("the guest initrd {0:?} is missing; run `make install` or set vm.initrd in the runtime config")]
+    NoInitrd(PathBuf),
+    #[error("network: {0}")]
+    Network(#[from] beacon_netmgr::NetError),
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error("virtiofsd: {0}")]
+    Virtiofsd(#[from] beacon_virtiofsd_launch::LaunchError),
+    #[error("the VM: {0}")]
+    Vm(#[from] beacon_vmm::VmError),
+    #[error("vminitd: {0}")]
+    Guest(#[from] GuestError),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// The host folders of one sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxDirs {
+    /// `<run>/sandboxes/<key>`: sockets (mode 0700, short enough for sun_path).
+    pub run: PathBuf,
+    /// `<run>/share`: what virtiofsd exports.
+    pub share: PathBuf,
+    /// The hybrid vsock socket.
+    pub vsock: PathBuf,
+    /// virtiofsd's vhost-user socket.
+    pub fs_socket: PathBuf,
+    /// The VM's console log.
+    pub vm_log: PathBuf,
+}
+
+/// Environment variable overriding the runtime folder for sockets and shares.
+pub const RUN_DIR_ENV: &str = "BEACON_RUN_DIR";
+/// Default runtime folder (a tmpfs: nothing survives a host reboot).
+pub const DEFAULT_RUN_DIR: &str = "/run/beacon";
+
+/// The runtime folder.
+pub fn run_root() -> PathBuf {
+    std::env::var_os(RUN_DIR_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR))
+}
+
+impl SandboxDirs {
+    /// The folders of `sandbox_id` (nothing is created).
+    pub fn of(paths: &BeaconPaths, run_root: &Path, sandbox_id: &str) -> Self {
+        let digest = Sha256::digest(sandbox_id.as_bytes());
+        let key: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let run = run_root.join("sandboxes").join(key);
+        Self {
+            share: run.join("share"),
+            vsock: run.join("vsock.sock"),
+            fs_socket: run.join("fs.sock"),
+            vm_log: paths.vm_log(sandbox_id),
+            run,
+        }
+    }
+}
+
+/// What the guest's eth0 gets.
+fn net_params(a: &NetworkAttachment) -> String {
+    let mut p = format!(" beacon.ip={}/{} beacon.gw={}", a.ip, a.prefix, a.gateway);
+    if !a.dns.is_empty() {
+        let dns: Vec<String> = a.dns.iter().map(Ipv4Addr::to_string).collect();
+        p.push_str(&format!(" beacon.dns={}", dns.join(",")));
+    }
+    p
+}
+
+/// What was built so far (undone in reverse).
+#[derive(Default)]
+struct Built {
+    run_dir: Option<PathBuf>,
+    network: Option<String>,
+    share: Option<PathBuf>,
+    virtiofsd: Option<Virtiofsd>,
+}
+
+/// A running sandbox.
+pub struct Sandbox {
+    pub id: String,
+    pub dirs: SandboxDirs,
+    pub link: GuestLink,
+    pub task: TaskClient,
+    pub network: Option<NetworkAttachment>,
+    vm: Arc<dyn VmBackend>,
+    vm_exit: watch::Receiver<Option<VmExit>>,
+    built: Built,
+    net: Option<Arc<NetworkManager>>,
+}
+
+/// Everything [`Sandbox::create`] needs.
+pub struct SandboxRequest<'a> {
+    pub id: &'a str,
+    pub paths: &'a BeaconPaths,
+    pub run_root: &'a Path,
+    pub config: &'a RuntimeConfig,
+    pub vm: VmSettings,
+    pub net: Option<Arc<NetworkManager>>,
+}
+
+impl Sandbox {
+    /// Build the sandbox and wait for vminitd. On error everything built so far
+    /// is undone before returning.
+    pub async fn create(
+        req: SandboxRequest<'_>,
+    ) -> Result<(Self, mpsc::Receiver<GuestEvent>), SandboxError> {
+        let mut built = Built::default();
+        match Self::build(&req, &mut built).await {
+            Ok(parts) => Ok(parts),
+            Err(e) => {
+                tracing::warn!(
+                    sandbox = req.id,
+                    "building the sandbox failed ({e}); undoing"
+                );
+                undo(built, req.net.as_deref(), req.id).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn build(
+        req: &SandboxRequest<'_>,
+        built: &mut Built,
+    ) -> Result<(Self, mpsc::Receiver<GuestEvent>), SandboxError> {
+        let dirs = SandboxDirs::of(req.paths, req.run_root, req.id);
+        let kernel = req.vm.kernel.clone().unwrap_or_else(|| req.paths.kernel());
+        let initrd = req.vm.initrd.clone().unwrap_or_else(|| req.paths.initrd());
+        if !kernel.is_file() {
+            return Err(SandboxError::NoKernel(kernel));
+        }
+        if !initrd.is_file() {
+            return Err(SandboxError::NoInitrd(initrd));
+        }
+        if req.config.vsock == VsockMode::Vhost || req.vm.backend == BackendKind::Qemu {
+            return Err(SandboxError::Unsupported(
+                "the shim reaches vminitd through the hybrid vsock backend of the KVM backend only, so far; set vsock = \"hybrid\" and vm.backend = \"kvm\"".into(),
+            ));
+        }
+
+        // Run folder: only this user may enter (the vsock socket is inside).
+        create_private_dir(&dirs.run)?;
+        built.run_dir = Some(dirs.run.clone());
+        if let Some(parent) = dirs.vm_log.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| SandboxError::Io {
+                what: format!("creating the log folder {}", parent.display()),
+                source,
+            })?;
+        }
+
+        // Network.
+        let network = match (req.config.network, &req.net) {
+            (NetworkMode::None, _) => None,
+            (NetworkMode::Bridge, Some(net)) => {
+                built.network = Some(req.id.to_string());
+                Some(net.setup(req.id).await?)
+            }
+            (NetworkMode::Bridge, None) => {
+                return Err(SandboxError::Unsupported(
+                    "bridge networking needs the network manager, which failed to start; see the shim log".into(),
+                ))
+            }
+        };
+
+        // The share, then virtiofsd.
+        mounts::prepare_share(&dirs.share)?;
+        built.share = Some(dirs.share.clone());
+        let mut share = ShareConfig::new(&dirs.share, &dirs.fs_socket);
+        if let Some(cache) = &req.config.virtiofs_cache {
+            share.cache = match cache.as_str() {
+                "never" => beacon_virtiofsd_launch::CachePolicy::Never,
+                "always" => beacon_virtiofsd_launch::CachePolicy::Always,
+                _ => beacon_virtiofsd_launch::CachePolicy::Auto,
+            };
+        }
+        let fsd = tokio::task::block_in_place(|| Virtiofsd::spawn(&share))?;
+        built.virtiofsd = Some(fsd);
+
+        // The VM.
+        let mut cmdline =
+            format!("console=ttyS0 reboot=k panic=-1 quiet beacon.share={SHARE_TAG}:{SHARE_NAME}");
+        if let Some(a) = &network {
+            cmdline.push_str(&net_params(a));
+        }
+        if req.config.guest_debug {
+            cmdline.push_str(" beacon.log=debug");
+        }
+        if !req.vm.kernel_params.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&req.vm.kernel_params);
+        }
+        let mut config = VmConfig::new(kernel);
+        config.initrd = Some(initrd);
+        config.cmdline = cmdline;
+        config.vcpus.boot = req.vm.cpus;
+        config.vcpus.max = req.vm.max_cpus;
+        config.memory.size_mib = req.vm.memory_mib;
+        config.memory.hotplug_mib = req.vm.hotplug_memory_mib;
+        config.console = ConsoleConfig::File(dirs.vm_log.clone());
+        config.devices.push(DeviceConfig::Vsock {
+            guest_cid: HYBRID_GUEST_CID,
+            uds_path: Some(dirs.vsock.clone()),
+        });
+        config.devices.push(DeviceConfig::Fs {
+            tag: SHARE_TAG.into(),
+            socket: dirs.fs_socket.clone(),
+            queue_size: 1024,
+        });
+        if let Some(a) = &network {
+            config.devices.push(DeviceConfig::Net {
+                tap: a.tap.clone(),
+                mac: beacon_vmm::MacAddr(a.mac.0),
+            });
+        }
+        let vm: Arc<dyn VmBackend> = Arc::from(tokio::task::block_in_place(|| {
+            create_backend(req.vm.backend, config)
+        })?);
+        let (exit_tx, vm_exit) = watch::channel(None);
+        vm.start()?;
+        let waiter = vm.clone();
+        std::thread::Builder::new()
+            .name("beacon-vm-wait".into())
+            .spawn(move || {
+                let exit = waiter
+                    .wait()
+                    .unwrap_or_else(|e| VmExit::Crashed(format!("waiting for the VM: {e}")));
+                let _ = exit_tx.send(Some(exit));
+            })
+            .map_err(|source| SandboxError::Io {
+                what: "starting the VM waiter thread".into(),
+                source,
+            })?;
+
+        // vminitd.
+        let link = GuestLink::Hybrid {
+            uds: dirs.vsock.clone(),
+        };
+        let ended = vm_exit.clone();
+        let connected = link
+            .connect_task(Duration::from_secs(req.vm.boot_timeout_secs), move || {
+                ended.borrow().is_some()
+            })
+            .await;
+        let task = match connected {
+            Ok(t) => t,
+            Err(e) => {
+                stop_vm(&vm, &vm_exit).await;
+                return Err(e.into());
+            }
+        };
+        let events = match link.subscribe_events().await {
+            Ok(rx) => rx,
+            Err(e) => {
+                stop_vm(&vm, &vm_exit).await;
+                return Err(e.into());
+            }
+        };
+        tracing::info!(sandbox = req.id, "sandbox VM up");
+        Ok((
+            Self {
+                id: req.id.to_string(),
+                dirs,
+                link,
+                task,
+                network,
+                vm,
+                vm_exit,
+                built: std::mem::take(built),
+                net: req.net.clone(),
+            },
+            events,
+        ))
+    }
+
+    /// How the VM ended, once it has.
+    pub fn vm_exit(&self) -> watch::Receiver<Option<VmExit>> {
+        self.vm_exit.clone()
+    }
+
+    /// The VM backend (pause, resume, stats).
+    pub fn vm(&self) -> &Arc<dyn VmBackend> {
+        &self.vm
+    }
+
+    /// Stop the VM (asking vminitd first when `graceful`) and undo everything.
+    pub async fn destroy(self, graceful: bool) {
+        if graceful && self.vm_exit.borrow().is_none() {
+            let req = containerd_shim_protos::api::ShutdownRequest {
+                id: self.id.clone(),
+                now: true,
+                ..Default::default()
+            };
+            let asked = tokio::time::timeout(
+                Duration::from_secs(5),
+                self.task.shutdown(crate::guest::call_context(), &req),
+            )
+            .await;
+            if !matches!(asked, Ok(Ok(_))) {
+                tracing::debug!(
+                    sandbox = self.id,
+                    "vminitd did not take the shutdown; stopping the VM"
+                );
+            }
+        }
+        stop_vm(&self.vm, &self.vm_exit).await;
+        undo(self.built, self.net.as_deref(), &self.id).await;
+    }
+}
+
+/// Wait a moment for the VM to end by itself, then end it; returns when it has.
+async fn stop_vm(vm: &Arc<dyn VmBackend>, exit: &watch::Receiver<Option<VmExit>>) {
+    let mut exit = exit.clone();
+    let ended = tokio::time::timeout(POWEROFF_GRACE, exit.wait_for(|e| e.is_some()))
+        .await
+        .is_ok();
+    if !ended {
+        if let Err(e) = vm.kill() {
+            tracing::warn!("ending the VM: {e}");
+        }
+        let _ = exit.wait_for(|e| e.is_some()).await;
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), SandboxError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).map_err(|source| SandboxError::Io {
+            what: format!("creating {}", parent.display()),
+            source,
+        })?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(
+                |source| SandboxError::Io {
+                    what: format!("making {} private", dir.display()),
+                    source,
+                },
+            )
+        }
+        Err(source) => Err(SandboxError::Io {
+            what: format!("creating {}", dir.display()),
+            source,
+        }),
+    }
+}
+
+/// Undo what was built, in reverse; every step runs even if one fails.
+async fn undo(built: Built, net: Option<&NetworkManager>, id: &str) {
+    if let Some(fsd) = built.virtiofsd {
+        let stopped = tokio::task::block_in_place(|| fsd.stop(Duration::from_secs(2)));
+        if let Err(e) = stopped {
+            tracing::warn!(sandbox = id, "stopping virtiofsd: {e}");
+        }
+    }
+    if let Some(share) = built.share {
+        mounts::unmount_all(std::slice::from_ref(&share));
+    }
+    if let (Some(sid), Some(net)) = (built.network, net) {
+        if let Err(e) = net.teardown(&sid).await {
+            tracing::warn!(
+                sandbox = id,
+                "network teardown: {e}; the reconciler will retry"
+            );
+        }
+    }
+    if let Some(run) = built.run_dir {
+        for m in mounts::remove_tree_within_mount(&run) {
+            tracing::warn!(
+                sandbox = id,
+                "{} is still mounted; it and the folders above it stay",
+                m.display()
+            );
+        }
+    }
+}
