@@ -556,6 +556,51 @@ pub fn os_args(args: &[String]) -> Vec<OsString> {
     args.iter().map(OsString::from).collect()
 }
 
+/// Set inside the lab for a test binary that re-ran itself there: no second hop.
+pub const RERUN_ENV: &str = "BEACON_TEST_IN_LAB";
+
+/// For tests that need what this host lacks (a KVM that runs real guests,
+/// capabilities the host's sandbox withholds): when `here` is true, return true
+/// and let the caller run. Otherwise run `test` of the calling test binary
+/// inside the nested lab with `env` added, assert it passed there, and return
+/// false (the caller then returns). `why` names what is missing, for the log.
+/// Inside the lab, `here` must hold: a test never passes without having run.
+pub fn here_or_in_lab(here: bool, why: &str, test: &str, env: &[(&str, String)]) -> bool {
+    if here {
+        return true;
+    }
+    assert!(
+        std::env::var_os(RERUN_ENV).is_none(),
+        "{test}: inside the nested lab and still {why}"
+    );
+    let exe = std::env::current_exe()
+        .expect("test binary path")
+        .display()
+        .to_string();
+    let mut lab = Lab::new();
+    lab.timeout = Duration::from_secs(1200);
+    lab.env.push((RERUN_ENV.into(), "1".into()));
+    lab.env
+        .extend(env.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    let out = lab
+        .run(&[
+            exe.as_str(),
+            "--exact",
+            test,
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .expect("running the test in the nested lab");
+    assert!(
+        out.success() && out.output.contains("test result: ok. 1 passed"),
+        "{test} failed in the nested lab (exit {}):\n{}",
+        out.exit_code,
+        out.output
+    );
+    eprintln!("{test}: {why} here; ran and passed in the nested lab");
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -690,49 +735,4 @@ mod tests {
         );
         assert!(parse_env(&["nope".into()]).is_err());
     }
-}
-
-/// Set inside the lab for a test binary that re-ran itself there: no second hop.
-pub const RERUN_ENV: &str = "BEACON_TEST_IN_LAB";
-
-/// For tests that need what this host lacks (a KVM that runs real guests,
-/// capabilities the host's sandbox withholds): when `here` is true, return true
-/// and let the caller run. Otherwise run `test` of the calling test binary
-/// inside the nested lab with `env` added, assert it passed there, and return
-/// false (the caller then returns). `why` names what is missing, for the log.
-/// Inside the lab, `here` must hold: a test never passes without having run.
-pub fn here_or_in_lab(here: bool, why: &str, test: &str, env: &[(&str, String)]) -> bool {
-    if here {
-        return true;
-    }
-    assert!(
-        std::env::var_os(RERUN_ENV).is_none(),
-        "{test}: inside the nested lab and still {why}"
-    );
-    let exe = std::env::current_exe()
-        .expect("test binary path")
-        .display()
-        .to_string();
-    let mut lab = Lab::new();
-    lab.timeout = Duration::from_secs(1200);
-    lab.env.push((RERUN_ENV.into(), "1".into()));
-    lab.env
-        .extend(env.iter().map(|(k, v)| (k.to_string(), v.clone())));
-    let out = lab
-        .run(&[
-            exe.as_str(),
-            "--exact",
-            test,
-            "--test-threads=1",
-            "--nocapture",
-        ])
-        .expect("running the test in the nested lab");
-    assert!(
-        out.success() && out.output.contains("test result: ok. 1 passed"),
-        "{test} failed in the nested lab (exit {}):\n{}",
-        out.exit_code,
-        out.output
-    );
-    eprintln!("{test}: {why} here; ran and passed in the nested lab");
-    false
 }
