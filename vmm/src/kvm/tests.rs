@@ -299,42 +299,15 @@ const HALT_FOREVER: &[u8] = &[0xfa, 0xf4, 0xeb, 0xfd]; // cli; hlt; jmp back
 /// VM tests count this process's vCPU threads and KVM fds: one at a time.
 static VM_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Set in the lab for a test binary re-run there: no second hop.
-const IN_LAB_ENV: &str = "BEACON_VMM_TEST_IN_LAB";
-
-/// True when this process can run tiny guests itself. Otherwise run `test` (this
-/// binary, that one test) inside the nested lab, assert it passed there, and
-/// return false: the caller then returns.
+/// True when this process can run tiny guests itself; otherwise the test runs
+/// inside the nested lab and the caller returns.
 fn kvm_here_or_in_lab(test: &str) -> bool {
-    match kvm_ioctls::Kvm::new() {
-        Ok(_) => return true,
-        Err(e) => assert!(
-            std::env::var_os(IN_LAB_ENV).is_none(),
-            "no usable /dev/kvm inside the nested lab either: {e}"
-        ),
-    }
-    let exe = std::env::current_exe().expect("test binary path");
-    let mut lab = beacon_tests::lab::Lab::new();
-    lab.timeout = std::time::Duration::from_secs(900);
-    lab.env.push((IN_LAB_ENV.into(), "1".into()));
-    let exe = exe.display().to_string();
-    let out = lab
-        .run(&[
-            exe.as_str(),
-            "--exact",
-            test,
-            "--test-threads=1",
-            "--nocapture",
-        ])
-        .expect("running the test in the nested lab");
-    assert!(
-        out.success() && out.output.contains("test result: ok. 1 passed"),
-        "{test} failed in the nested lab (exit {}):\n{}",
-        out.exit_code,
-        out.output
-    );
-    eprintln!("{test}: ran and passed in the nested lab");
-    false
+    beacon_tests::lab::here_or_in_lab(
+        kvm_ioctls::Kvm::new().is_ok(),
+        "/dev/kvm cannot be opened",
+        test,
+        &[],
+    )
 }
 
 fn guest_config(code: &[u8], vcpus: u8, dir: &Path) -> VmConfig {
