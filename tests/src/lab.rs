@@ -21,7 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::assets::{folder_from_script, repo_root};
+use crate::assets::{folder_from_script, lab_tmp_base, repo_root};
 
 /// A lab VM whose heartbeat is older than this has frozen.
 pub const HEARTBEAT_STALE: Duration = Duration::from_secs(90);
@@ -367,11 +367,14 @@ impl Lab {
     }
 
     /// Host folders the command needs even when they sit under /tmp or /run (which
-    /// are fresh tmpfs in the lab): the working directory, the repository and the
-    /// cargo target directory. The lab init re-exposes those under /tmp or /run.
+    /// are fresh tmpfs in the lab): the working directory, the repository, the
+    /// cargo target directory and the base of [`lab_visible_tempdir`]'s folders. The
+    /// lab init re-exposes those under /tmp or /run.
+    ///
+    /// [`lab_visible_tempdir`]: crate::assets::lab_visible_tempdir
     fn keep_list(&self) -> String {
-        let mut keep = vec![self.cwd.clone(), repo_root()];
-        if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+        let mut keep = vec![self.cwd.clone(), repo_root(), lab_tmp_base()];
+        if let Some(t) = std::env::var_os("CARGO_TARGET_DIR").filter(|v| !v.is_empty()) {
             keep.push(PathBuf::from(t));
         }
         let mut keep: Vec<PathBuf> = keep
