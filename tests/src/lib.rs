@@ -1,10 +1,11 @@
 //! Test support for beaconbox: where a real KVM is ([`kvm_host`]), the nested KVM
 //! lab ([`lab`]) that provides one on hosts without it, and the project's built
-//! assets ([`assets`]: the beacon kernel), and helpers for generated test scripts
-//! ([`script`]).
+//! assets ([`assets`]: the beacon kernel), helpers for generated test scripts
+//! ([`script`]), and `make test`'s timing report ([`report`]).
 
 pub mod assets;
 pub mod lab;
+pub mod report;
 pub mod script;
 
 pub use lab::{kvm_host, KvmHost, Lab, LabError, LabOutput};
