@@ -64,6 +64,8 @@ install: kernel
 	$(CARGO_TARGET_DIR)/release/beacon-initrd --init $(CARGO_TARGET_DIR)/release/vminitd \
 	    --busybox /bin/busybox --crun /usr/bin/crun \
 	    --output $(DESTDIR)$(BEACON_SHARE_DIR)/kernel/beacon-initrd
+	@echo "install: $(DESTDIR)$(BEACON_SHARE_DIR)/kernel/beacon-initrd is" \
+	    "$$(stat -c %s $(DESTDIR)$(BEACON_SHARE_DIR)/kernel/beacon-initrd) bytes"
 
 clean:
 	rm -rf $(BUILD)
