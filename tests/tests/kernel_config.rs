@@ -42,7 +42,10 @@ fn every_option_turned_off_stays_off() {
         .iter()
         .filter_map(|k| built.get(k).map(|v| format!("{k}={v}")))
         .collect();
-    assert!(on.is_empty(), "options the fragment turns off are on: {on:?}");
+    assert!(
+        on.is_empty(),
+        "options the fragment turns off are on: {on:?}"
+    );
 }
 
 #[test]
