@@ -296,10 +296,7 @@ impl Lab {
                 "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
             ])
             .arg("-virtfs")
-            .arg(format!(
-                "local,path={},mount_tag=lab,security_model=none,multidevs=remap",
-                shared.path().display()
-            ))
+            .arg(shared_folder_option(shared.path()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -418,6 +415,15 @@ impl Lab {
         s.push(b'\n');
         s
     }
+}
+
+/// The `-virtfs` option exporting the shared folder as `lab`. QEMU reads `,,` in a
+/// value as one comma (a `TMPDIR` with a comma in it would end the path early).
+fn shared_folder_option(path: &Path) -> String {
+    format!(
+        "local,path={},mount_tag=lab,security_model=none,multidevs=remap",
+        path.display().to_string().replace(',', ",,")
+    )
 }
 
 /// Make the child get SIGKILL when this process dies, so no VM outlives its caller.
@@ -660,6 +666,14 @@ mod tests {
         assert!(!s.contains("BAD KEY"));
         assert!(s.contains("cd '/work dir' || exit 125\n"));
         assert!(s.ends_with("exec 'echo' 'hi there'\n"));
+    }
+
+    #[test]
+    fn shared_folder_path_commas_are_escaped() {
+        assert_eq!(
+            shared_folder_option(Path::new("/tmp/x,y/beacon-lab.1")),
+            "local,path=/tmp/x,,y/beacon-lab.1,mount_tag=lab,security_model=none,multidevs=remap"
+        );
     }
 
     #[test]
