@@ -1,7 +1,8 @@
 //! What a test hands to the lab is visible inside it wherever the checkout and the
 //! target directory live. The lab's /tmp and /run are fresh tmpfs, so a checkout
-//! under /tmp needs the lab's keep list: `make test` runs this test again from a
-//! copy of the checkout under /tmp (`tests/run-all`, group `relocated`).
+//! under /tmp needs the lab's keep list. Only `make test` runs this test, from a
+//! copy of the checkout under /tmp (`tests/run-all`); `test = false` keeps it out
+//! of `cargo test --workspace`, where it would cost a lab boot to check little.
 
 use std::time::Duration;
 
