@@ -232,8 +232,7 @@ impl Lab {
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_default();
-        let mut command: String = command.chars().take(200).collect();
-        command.retain(|c| c != '\n');
+        let command: String = command.replace('\n', "; ").chars().take(200).collect();
         let line = format!(
             "beacon-lab: WARNING: the lab VM froze (no heartbeat for {:.0} s); started over \
              ({retry} of {}); test {test} in {exe}: {command}\n",
@@ -822,7 +821,7 @@ mod tests {
             text.contains("test lab::tests::a_frozen_lab_is_retried_and_every_retry_recorded"),
             "{text}"
         );
-        assert!(text.contains("sh -c 'xy'"), "one line per retry: {text}");
+        assert!(text.contains("sh -c 'x; y'"), "one line per retry: {text}");
         let stderr = String::from_utf8(stderr).expect("utf8");
         assert!(stderr.starts_with(text.as_str()), "{stderr}");
         assert!(stderr.contains("last words"), "{stderr}");
