@@ -31,8 +31,8 @@ fn os(s: impl Into<OsString>) -> OsString {
     s.into()
 }
 
-/// One QEMU option string: a leading word (a driver or backend name, or nothing)
-/// and `key=value` pairs whose values are escaped.
+/// One QEMU option string: a fixed leading item (a driver or backend name, or a
+/// constant `key=value`) and `key=value` pairs whose values are escaped.
 struct QemuOpts(Vec<u8>);
 
 impl QemuOpts {
