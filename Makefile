@@ -11,6 +11,8 @@ export CARGO_TARGET_DIR ?= $(CURDIR)/target
 
 # Binaries `make install` puts in $(PREFIX)/bin.
 BINS := beacon-vmm beacon-initrd beacon-net
+# When this make started (for `make test`'s total, which includes setup and kernel).
+TEST_START := $(shell date +%s.%N)
 
 .PHONY: all setup kernel hello-initrd run test lint unit install clean
 
@@ -47,9 +49,12 @@ lint:
 unit:
 	$(CARGO) test --workspace --lib --bins
 
-# Every test: lint, unit, integration, and the VM tests (lab or hardware KVM).
-test: setup kernel lint
-	$(CARGO) test --workspace --no-fail-fast
+# Every test: lint, unit, integration, and the VM tests (lab or hardware KVM), then
+# the location-sensitive tests from a copy of the checkout under /tmp; ends with
+# each test binary's wall time, the lab's freeze-and-retry warnings and a total
+# (tests/run-all).
+test: setup kernel
+	TEST_START=$(TEST_START) MAKE="$(MAKE)" CARGO="$(CARGO)" tests/run-all
 
 install: kernel
 	$(CARGO) build --workspace --release
@@ -59,6 +64,8 @@ install: kernel
 	$(CARGO_TARGET_DIR)/release/beacon-initrd --init $(CARGO_TARGET_DIR)/release/vminitd \
 	    --busybox /bin/busybox --crun /usr/bin/crun \
 	    --output $(DESTDIR)$(BEACON_SHARE_DIR)/kernel/beacon-initrd
+	@echo "install: $(DESTDIR)$(BEACON_SHARE_DIR)/kernel/beacon-initrd is" \
+	    "$$(stat -c %s $(DESTDIR)$(BEACON_SHARE_DIR)/kernel/beacon-initrd) bytes"
 
 clean:
 	rm -rf $(BUILD)

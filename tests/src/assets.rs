@@ -38,13 +38,22 @@ pub fn beacon_kernel_dir() -> Result<PathBuf, String> {
     folder_from_script(&repo_root().join("kernel-config/build.sh"))
 }
 
+/// Where [`lab_visible_tempdir`] makes its folders: `lab-tmp` in the target
+/// directory (`CARGO_TARGET_DIR`, else the repository's `target`). The lab re-exposes
+/// it when it lies under /tmp or /run (see `Lab`'s keep list), so it is visible
+/// wherever the checkout and the target directory live.
+pub fn lab_tmp_base() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+        .join("lab-tmp")
+}
+
 /// A folder for test files that the nested lab can also see: under the target
 /// directory (the lab's own /tmp is a fresh tmpfs, so host temp dirs are invisible).
 pub fn lab_visible_tempdir() -> Result<tempfile::TempDir, String> {
-    let base = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"))
-        .join("lab-tmp");
+    let base = lab_tmp_base();
     std::fs::create_dir_all(&base).map_err(|e| format!("creating {}: {e}", base.display()))?;
     tempfile::Builder::new()
         .prefix("t.")

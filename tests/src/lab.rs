@@ -21,7 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::assets::{folder_from_script, repo_root};
+use crate::assets::{folder_from_script, lab_tmp_base, repo_root};
 
 /// A lab VM whose heartbeat is older than this has frozen.
 pub const HEARTBEAT_STALE: Duration = Duration::from_secs(90);
@@ -32,6 +32,9 @@ pub const FIRST_HEARTBEAT_WITHIN: Duration = Duration::from_secs(180);
 pub const KVM_MODE_ENV: &str = "BEACON_KVM";
 /// QEMU binary to run the lab with (default `qemu-system-x86_64` from PATH).
 pub const QEMU_ENV: &str = "BEACON_LAB_QEMU";
+/// A file every freeze-and-retry is appended to, one line each (see
+/// [`Lab::warnings_file`]). `make test` sets it and prints the file at the end.
+pub const WARNINGS_FILE_ENV: &str = "BEACON_LAB_WARNINGS";
 
 /// Where VM tests get their KVM from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,18 +47,24 @@ pub enum KvmHost {
 
 /// Decide, from `BEACON_KVM` or the loaded modules, where VMs can run.
 pub fn kvm_host() -> KvmHost {
-    match std::env::var(KVM_MODE_ENV).as_deref() {
-        Ok("hardware") | Ok("direct") => return KvmHost::Hardware,
-        Ok("lab") => return KvmHost::Lab,
-        _ => {}
-    }
-    let hw = ["/sys/module/kvm_intel", "/sys/module/kvm_amd"]
+    let hardware_module = ["/sys/module/kvm_intel", "/sys/module/kvm_amd"]
         .iter()
         .any(|m| Path::new(m).exists());
-    if hw && Path::new("/dev/kvm").exists() {
-        KvmHost::Hardware
-    } else {
-        KvmHost::Lab
+    decide_kvm_host(
+        std::env::var(KVM_MODE_ENV).ok().as_deref(),
+        hardware_module,
+        Path::new("/dev/kvm").exists(),
+    )
+}
+
+/// [`kvm_host`]'s decision from what it found: a forced mode wins; otherwise only a
+/// hardware KVM module with `/dev/kvm` counts (a PVM `/dev/kvm` alone does not).
+fn decide_kvm_host(forced: Option<&str>, hardware_module: bool, dev_kvm: bool) -> KvmHost {
+    match forced {
+        Some("hardware") | Some("direct") => KvmHost::Hardware,
+        Some("lab") => KvmHost::Lab,
+        _ if hardware_module && dev_kvm => KvmHost::Hardware,
+        _ => KvmHost::Lab,
     }
 }
 
@@ -132,6 +141,12 @@ pub struct Lab {
     pub echo_console: bool,
     /// How often to start over when the lab VM itself froze (not the command).
     pub retries_on_freeze: u32,
+    /// Where each freeze-and-retry is also recorded, one line appended per retry
+    /// (default: `BEACON_LAB_WARNINGS`). The warning always goes to this process's
+    /// stderr too, written to the file descriptor itself so libtest's output
+    /// capture cannot hide it; the file lets `make test` list retries after a run
+    /// whose tests all passed.
+    pub warnings_file: Option<PathBuf>,
 }
 
 impl Default for Lab {
@@ -158,28 +173,90 @@ impl Lab {
             env,
             echo_console: false,
             retries_on_freeze: 1,
+            warnings_file: std::env::var_os(WARNINGS_FILE_ENV)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
         }
     }
 
     /// Run `argv` inside the lab and wait for it (or the timeout). A lab VM that
     /// freezes (its heartbeat stops) is killed and the run starts over, up to
-    /// [`Lab::retries_on_freeze`] times, with a warning on stderr.
+    /// [`Lab::retries_on_freeze`] times, with a warning (see [`Lab::warnings_file`]).
     pub fn run<S: AsRef<std::ffi::OsStr>>(&self, argv: &[S]) -> Result<LabOutput, LabError> {
-        let mut attempt = 0;
+        let command = argv
+            .iter()
+            .map(|a| a.as_ref().to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ");
+        self.retrying_on_freeze(&command, &mut std::io::stderr(), || self.run_once(argv))
+    }
+
+    /// Call `attempt` until it does not report a frozen lab VM, at most
+    /// 1 + [`Lab::retries_on_freeze`] times, reporting every retry to `stderr`
+    /// (this process's, written directly) and [`Lab::warnings_file`].
+    fn retrying_on_freeze<T>(
+        &self,
+        command: &str,
+        stderr: &mut dyn Write,
+        mut attempt: impl FnMut() -> Result<T, LabError>,
+    ) -> Result<T, LabError> {
+        let mut retries = 0;
         loop {
-            match self.run_once(argv) {
+            match attempt() {
                 Err(LabError::Frozen {
                     stale,
                     console_tail,
-                }) if attempt < self.retries_on_freeze => {
-                    attempt += 1;
-                    eprintln!(
-                        "beacon-lab: WARNING: the lab VM froze (no heartbeat for {stale:?}); \
-                         starting over ({attempt} of {}). Last console lines:\n{console_tail}",
-                        self.retries_on_freeze
-                    );
+                }) if retries < self.retries_on_freeze => {
+                    retries += 1;
+                    self.report_freeze(command, stale, retries, &console_tail, stderr);
                 }
                 other => return other,
+            }
+        }
+    }
+
+    /// Make a retry visible where a passing test's output is not: on the stderr
+    /// file descriptor (libtest captures only `print!`/`eprint!`, not writes to
+    /// `std::io::stderr()`) and as a line in [`Lab::warnings_file`].
+    fn report_freeze(
+        &self,
+        command: &str,
+        stale: Duration,
+        retry: u32,
+        console_tail: &str,
+        stderr: &mut dyn Write,
+    ) {
+        let current = std::thread::current();
+        let test = current.name().filter(|n| *n != "main").unwrap_or("-");
+        let exe = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_default();
+        let command: String = command.replace('\n', "; ").chars().take(200).collect();
+        let line = format!(
+            "beacon-lab: WARNING: the lab VM froze (no heartbeat for {:.0} s); started over \
+             ({retry} of {}); test {test} in {exe}: {command}\n",
+            stale.as_secs_f64(),
+            self.retries_on_freeze
+        );
+        let _ = stderr.write_all(
+            format!("{line}beacon-lab: last console lines of the frozen VM:\n{console_tail}\n")
+                .as_bytes(),
+        );
+        if let Some(path) = &self.warnings_file {
+            let written = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .and_then(|mut f| f.write_all(line.as_bytes()));
+            if let Err(e) = written {
+                let _ = stderr.write_all(
+                    format!(
+                        "beacon-lab: cannot record the warning in {} ({WARNINGS_FILE_ENV}): {e}\n",
+                        path.display()
+                    )
+                    .as_bytes(),
+                );
             }
         }
     }
@@ -218,10 +295,7 @@ impl Lab {
                 "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
             ])
             .arg("-virtfs")
-            .arg(format!(
-                "local,path={},mount_tag=lab,security_model=none,multidevs=remap",
-                shared.path().display()
-            ))
+            .arg(shared_folder_option(shared.path()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -289,11 +363,14 @@ impl Lab {
     }
 
     /// Host folders the command needs even when they sit under /tmp or /run (which
-    /// are fresh tmpfs in the lab): the working directory, the repository and the
-    /// cargo target directory. The lab init re-exposes those under /tmp or /run.
+    /// are fresh tmpfs in the lab): the working directory, the repository, the
+    /// cargo target directory and the base of [`lab_visible_tempdir`]'s folders. The
+    /// lab init re-exposes those under /tmp or /run.
+    ///
+    /// [`lab_visible_tempdir`]: crate::assets::lab_visible_tempdir
     fn keep_list(&self) -> String {
-        let mut keep = vec![self.cwd.clone(), repo_root()];
-        if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+        let mut keep = vec![self.cwd.clone(), repo_root(), lab_tmp_base()];
+        if let Some(t) = std::env::var_os("CARGO_TARGET_DIR").filter(|v| !v.is_empty()) {
             keep.push(PathBuf::from(t));
         }
         let mut keep: Vec<PathBuf> = keep
@@ -337,6 +414,15 @@ impl Lab {
         s.push(b'\n');
         s
     }
+}
+
+/// The `-virtfs` option exporting the shared folder as `lab`. QEMU reads `,,` in a
+/// value as one comma (a `TMPDIR` with a comma in it would end the path early).
+fn shared_folder_option(path: &Path) -> String {
+    format!(
+        "local,path={},mount_tag=lab,security_model=none,multidevs=remap",
+        path.display().to_string().replace(',', ",,")
+    )
 }
 
 /// Make the child get SIGKILL when this process dies, so no VM outlives its caller.
@@ -627,6 +713,14 @@ mod tests {
     }
 
     #[test]
+    fn shared_folder_path_commas_are_escaped() {
+        assert_eq!(
+            shared_folder_option(Path::new("/tmp/x,y/beacon-lab.1")),
+            "local,path=/tmp/x,,y/beacon-lab.1,mount_tag=lab,security_model=none,multidevs=remap"
+        );
+    }
+
+    #[test]
     fn keep_list_only_names_hidden_folders_once() {
         let lab = Lab {
             cwd: PathBuf::from("/tmp/nonexistent-clone/tests"),
@@ -714,10 +808,141 @@ mod tests {
     }
 
     #[test]
-    fn kvm_mode_can_be_detected() {
-        // Whatever the host, the answer is one of the two and does not panic.
-        let mode = kvm_host();
-        assert!(matches!(mode, KvmHost::Hardware | KvmHost::Lab));
+    fn forced_mode_wins_and_only_hardware_kvm_counts() {
+        use KvmHost::{Hardware, Lab};
+        for (forced, module, dev_kvm, want) in [
+            (Some("hardware"), false, false, Hardware),
+            (Some("direct"), false, true, Hardware),
+            (Some("lab"), true, true, Lab),
+            (None, true, true, Hardware),
+            // PVM: /dev/kvm without kvm_intel/kvm_amd boots only PVM guests.
+            (None, false, true, Lab),
+            (None, true, false, Lab),
+            (None, false, false, Lab),
+            (Some("something-else"), true, true, Hardware),
+            (Some("something-else"), false, true, Lab),
+        ] {
+            assert_eq!(
+                decide_kvm_host(forced, module, dev_kvm),
+                want,
+                "BEACON_KVM={forced:?}, hardware module {module}, /dev/kvm {dev_kvm}"
+            );
+        }
+    }
+
+    fn frozen() -> LabError {
+        LabError::Frozen {
+            stale: Duration::from_secs(93),
+            console_tail: "last words".into(),
+        }
+    }
+
+    #[test]
+    fn a_frozen_lab_is_retried_and_every_retry_recorded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("lab-warnings.log");
+        let lab = Lab {
+            retries_on_freeze: 1,
+            warnings_file: Some(log.clone()),
+            ..Lab::new()
+        };
+        let mut stderr = Vec::new();
+        let mut calls = 0;
+        let out = lab.retrying_on_freeze("sh -c 'x\ny'", &mut stderr, || {
+            calls += 1;
+            if calls == 1 {
+                Err(frozen())
+            } else {
+                Ok(7)
+            }
+        });
+        assert_eq!(out.expect("second try"), 7);
+        assert_eq!(calls, 2);
+        let text = std::fs::read_to_string(&log).expect("warnings file");
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains("froze (no heartbeat for 93 s)"), "{text}");
+        assert!(text.contains("(1 of 1)"), "{text}");
+        assert!(
+            text.contains("test lab::tests::a_frozen_lab_is_retried_and_every_retry_recorded"),
+            "{text}"
+        );
+        assert!(text.contains("sh -c 'x; y'"), "one line per retry: {text}");
+        let stderr = String::from_utf8(stderr).expect("utf8");
+        assert!(stderr.starts_with(text.as_str()), "{stderr}");
+        assert!(stderr.contains("last words"), "{stderr}");
+
+        // Frozen every time: one retry, then the error; one more line.
+        let mut calls = 0;
+        let err = lab
+            .retrying_on_freeze("true", &mut Vec::new(), || -> Result<(), LabError> {
+                calls += 1;
+                Err(frozen())
+            })
+            .expect_err("frozen twice");
+        assert!(matches!(err, LabError::Frozen { .. }));
+        assert_eq!(calls, 2);
+        let text = std::fs::read_to_string(&log).expect("warnings file");
+        assert_eq!(text.lines().count(), 2, "{text}");
+
+        // Other errors and successes are never retried.
+        let mut calls = 0;
+        let err = lab
+            .retrying_on_freeze("true", &mut Vec::new(), || -> Result<(), LabError> {
+                calls += 1;
+                Err(LabError::EmptyCommand)
+            })
+            .expect_err("not retried");
+        assert!(matches!(err, LabError::EmptyCommand));
+        assert_eq!(calls, 1);
+        let text = std::fs::read_to_string(&log).expect("warnings file");
+        assert_eq!(text.lines().count(), 2, "{text}");
+    }
+
+    /// A retry inside a test that passes, run the way `cargo test` runs it (output
+    /// captured), still reaches the run's output. Runs itself as a child test.
+    #[test]
+    fn a_retry_shows_in_the_output_of_a_passing_captured_test() {
+        const CHILD: &str = "BEACON_LAB_RETRY_CHILD";
+        let name = "lab::tests::a_retry_shows_in_the_output_of_a_passing_captured_test";
+        if std::env::var_os(CHILD).is_some() {
+            eprintln!("captured-by-libtest");
+            let lab = Lab {
+                warnings_file: None,
+                ..Lab::new()
+            };
+            let mut calls = 0;
+            let out = lab.retrying_on_freeze("child", &mut std::io::stderr(), || {
+                calls += 1;
+                if calls == 1 {
+                    Err(frozen())
+                } else {
+                    Ok(())
+                }
+            });
+            assert!(out.is_ok());
+            return;
+        }
+        let out = Command::new(std::env::current_exe().expect("current exe"))
+            .args(["--exact", name, "--test-threads=1"])
+            .env(CHILD, "1")
+            .env_remove("RUST_TEST_NOCAPTURE")
+            .output()
+            .expect("run the child test");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "child test failed:\n{text}");
+        assert!(text.contains("1 passed"), "child ran no test:\n{text}");
+        // The harness did capture this test's eprintln!, so the check below means
+        // something: the warning got past the capture.
+        assert!(!text.contains("captured-by-libtest"), "{text}");
+        assert!(
+            text.contains("beacon-lab: WARNING: the lab VM froze"),
+            "retry hidden by the capture:\n{text}"
+        );
+        assert!(text.contains("last words"), "{text}");
     }
 
     #[test]

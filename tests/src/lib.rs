@@ -1,8 +1,10 @@
 //! Test support for beaconbox: where a real KVM is ([`kvm_host`]), the nested KVM
 //! lab ([`lab`]) that provides one on hosts without it, and the project's built
 //! assets ([`assets`]: the beacon kernel), guest initrds for device tests
-//! ([`guest`]) and the runner of device scenarios ([`device_suite`]), a private
-//! containerd ([`containerd`]) and locally built images ([`images`]), and helpers for generated test scripts ([`script`]).
+//! ([`guest`]), the runner of device scenarios ([`device_suite`]), a private
+//! containerd ([`containerd`]), locally built images ([`images`]), helpers for
+//! generated test scripts ([`script`]), and `make test`'s timing report
+//! ([`report`]).
 
 pub mod assets;
 pub mod containerd;
@@ -10,6 +12,7 @@ pub mod device_suite;
 pub mod guest;
 pub mod images;
 pub mod lab;
+pub mod report;
 pub mod script;
 
 pub use lab::{kvm_host, KvmHost, Lab, LabError, LabOutput};

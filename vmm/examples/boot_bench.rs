@@ -14,6 +14,10 @@
 //! - overhead: the VMM process's RSS minus the resident pages of its guest RAM
 //!   memfd mappings, sampled 1 s after init while the guest idles (beacon.hold=3).
 //!   For QEMU that is the qemu process (the beacon-vmm parent is not counted).
+//!
+//! It also prints the size of the initrd it boots and of the one `make install`
+//! put in `$BEACON_SHARE_DIR/kernel/beacon-initrd` (every VM reads its whole
+//! initrd at boot, so its size is part of the boot cost).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -191,8 +195,31 @@ fn fmt(v: Option<f64>, unit: &str) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// `12.3 MiB (12897280 bytes)`, or why there is no size.
+fn file_size(path: &Path) -> String {
+    match std::fs::metadata(path) {
+        Ok(m) => format!(
+            "{:.1} MiB ({} bytes)",
+            m.len() as f64 / (1024.0 * 1024.0),
+            m.len()
+        ),
+        Err(e) => format!("- ({e})"),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    println!(
+        "initrd booted here: {} {}",
+        args.initrd.display(),
+        file_size(&args.initrd)
+    );
+    let installed = beacon_paths::BeaconPaths::from_env().initrd();
+    println!(
+        "initrd of make install: {} {}",
+        installed.display(),
+        file_size(&installed)
+    );
     let vmm = match &args.vmm {
         Some(p) => p.clone(),
         None => std::env::current_exe()?

@@ -1,5 +1,6 @@
 //! Just enough ELF64 reading to verify an initrd: is a file ELF, what is its
-//! program interpreter (`PT_INTERP`), which libraries does it need (`DT_NEEDED`).
+//! program interpreter (`PT_INTERP`), which libraries does it need (`DT_NEEDED`),
+//! and does it still carry symbols or debug information (section names).
 //!
 //! Resolution uses `ldd` (see [`crate::ldd`]); this parser exists so the result can
 //! be checked independently of the tool that produced it. Malformed input gives
@@ -110,6 +111,58 @@ fn needed_inner(d: &[u8]) -> Option<Vec<String>> {
         .collect()
 }
 
+/// One section header, as far as stripping cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Section {
+    pub name: String,
+    /// `SHF_ALLOC`: loaded at run time (strip must keep it).
+    pub alloc: bool,
+}
+
+const SHF_ALLOC: u64 = 0x2;
+
+/// The section headers, in file order. Empty for malformed files or files without
+/// section headers.
+pub fn sections(d: &[u8]) -> Vec<Section> {
+    sections_inner(d).unwrap_or_default()
+}
+
+fn sections_inner(d: &[u8]) -> Option<Vec<Section>> {
+    phdrs(d)?; // ELF64 little endian, as for everything else here
+    let shoff = usize::try_from(u64_at(d, 0x28)?).ok()?;
+    let shentsize = usize::from(u16_at(d, 0x3a)?);
+    let shnum = usize::from(u16_at(d, 0x3c)?);
+    let shstrndx = usize::from(u16_at(d, 0x3e)?);
+    if shoff == 0 || shnum == 0 || shentsize < 64 || shstrndx >= shnum {
+        return None;
+    }
+    let header = |i: usize| shoff.checked_add(i.checked_mul(shentsize)?);
+    let strtab = header(shstrndx)?;
+    let strtab = slice(d, u64_at(d, strtab + 0x18)?, u64_at(d, strtab + 0x20)?)?;
+    (0..shnum)
+        .map(|i| {
+            let base = header(i)?;
+            let name = usize::try_from(u32_at(d, base)?).ok()?;
+            let rest = strtab.get(name..)?;
+            let end = rest.iter().position(|&b| b == 0)?;
+            Some(Section {
+                name: String::from_utf8(rest[..end].to_vec()).ok()?,
+                alloc: u64_at(d, base + 8)? & SHF_ALLOC != 0,
+            })
+        })
+        .collect()
+}
+
+/// Does the file still carry what `strip` removes: a symbol table or debug
+/// sections that are not loaded at run time? (Rust's `.debug_gdb_scripts` is
+/// loaded, so it stays.) False for non-ELF and malformed input.
+pub fn has_symbols_or_debug(d: &[u8]) -> bool {
+    sections(d).iter().any(|s| {
+        s.name == ".symtab"
+            || (!s.alloc && (s.name.starts_with(".debug") || s.name.starts_with(".zdebug")))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,5 +193,30 @@ mod tests {
         let mut truncated = std::fs::read("/bin/ls").expect("read /bin/ls");
         truncated.truncate(100);
         assert!(needed(&truncated).is_empty());
+        assert!(sections(&truncated).is_empty());
+        assert!(!has_symbols_or_debug(&[0xffu8; 128]));
+    }
+
+    #[test]
+    fn section_names_tell_stripped_from_unstripped() {
+        // Debian's /bin/ls is stripped; this test binary (dev profile) is not.
+        let ls = std::fs::read("/bin/ls").expect("read /bin/ls");
+        let found = sections(&ls);
+        assert!(
+            found.iter().any(|s| s.name == ".text" && s.alloc),
+            "{found:?}"
+        );
+        assert!(!has_symbols_or_debug(&ls), "{found:?}");
+        let me = std::fs::read(std::env::current_exe().expect("exe")).expect("read self");
+        let found = sections(&me);
+        assert!(
+            found.iter().any(|s| s.name == ".symtab" && !s.alloc),
+            "{found:?}"
+        );
+        assert!(
+            found.iter().any(|s| s.name == ".debug_info" && !s.alloc),
+            "{found:?}"
+        );
+        assert!(has_symbols_or_debug(&me));
     }
 }

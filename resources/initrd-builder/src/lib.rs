@@ -1,7 +1,9 @@
 //! Build the beacon initrd: an init (later `vminitd`), optionally busybox (for
 //! debugging) and `crun`, the shared libraries they load (resolved with `ldd`), and
 //! extra files, packed as a reproducible newc cpio (sorted entries, fixed mtime,
-//! root ownership), gzip-compressed or not.
+//! root ownership), gzip-compressed or not. ELF files are stripped of symbols and
+//! debug information on the way in ([`strip`]; the sources stay as they are)
+//! unless [`InitrdSpec::keep_symbols`] asks otherwise.
 //!
 //! [`verify`] checks an archive independently of how it was built: every ELF's
 //! interpreter and every `DT_NEEDED` library must be inside.
@@ -9,12 +11,14 @@
 pub mod cpio;
 pub mod elf;
 pub mod ldd;
+pub mod strip;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use cpio::Entry;
+use strip::StripLevel;
 
 /// Folders every initrd has, so init can mount onto them.
 const BASE_DIRS: &[&str] = &[
@@ -51,6 +55,9 @@ pub struct InitrdSpec {
     pub compression: Compression,
     /// mtime of every member (seconds since the epoch); `SOURCE_DATE_EPOCH` or 0.
     pub mtime: u32,
+    /// Pack ELF files as they are, symbols and debug sections included (for
+    /// debugging inside the guest). By default they are stripped.
+    pub keep_symbols: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,12 +78,15 @@ pub enum BuildError {
     Write(#[from] std::io::Error),
     #[error("the archive is incomplete: {0}")]
     Incomplete(String),
+    #[error("stripping {path:?}: {reason}")]
+    Strip { path: PathBuf, reason: String },
 }
 
 /// Members being collected, keyed by path so duplicates are caught and output is sorted.
 #[derive(Default)]
 struct Tree {
     entries: BTreeMap<String, Entry>,
+    keep_symbols: bool,
 }
 
 impl Tree {
@@ -109,12 +119,27 @@ impl Tree {
         self.add(Entry::file(dest, perm, data))
     }
 
+    /// Add a file, with ELF symbols and debug sections stripped unless they are
+    /// kept (anything else, a `#!` script say, goes in as it is).
+    fn add_program(&mut self, src: &Path, dest: &str, level: StripLevel) -> Result<(), BuildError> {
+        let data = std::fs::read(src).map_err(|source| BuildError::Read {
+            path: src.to_path_buf(),
+            source,
+        })?;
+        let data = if self.keep_symbols {
+            data
+        } else {
+            strip::stripped(&data, src, level)?
+        };
+        self.add(Entry::file(dest, 0o755, data))
+    }
+
     /// Add a binary and every library ldd says it loads, at the same paths.
     fn add_binary(&mut self, src: &Path, dest: &str) -> Result<(), BuildError> {
-        self.add_host_file(src, dest, 0o755)?;
+        self.add_program(src, dest, StripLevel::All)?;
         for lib in ldd::resolve(src)? {
             let dest = lib.to_string_lossy().into_owned();
-            self.add_host_file(&lib, &dest, 0o755)?;
+            self.add_program(&lib, &dest, StripLevel::Unneeded)?;
         }
         Ok(())
     }
@@ -129,7 +154,10 @@ fn check_destination(dest: &str) -> Result<(), BuildError> {
 
 /// Collect every member of the initrd described by `spec`, sorted.
 pub fn collect(spec: &InitrdSpec) -> Result<Vec<Entry>, BuildError> {
-    let mut tree = Tree::default();
+    let mut tree = Tree {
+        keep_symbols: spec.keep_symbols,
+        ..Tree::default()
+    };
     for dir in BASE_DIRS {
         tree.add(Entry::dir(dir))?;
     }

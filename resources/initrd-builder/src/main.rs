@@ -22,6 +22,10 @@ struct Cli {
     /// Extra file as SRC=/DEST (repeatable); ELF files bring their libraries.
     #[arg(long = "add", value_name = "SRC=/DEST")]
     add: Vec<String>,
+    /// Pack ELF files with their symbols and debug sections (for debugging in the
+    /// guest); by default they are stripped (the source files are never changed).
+    #[arg(long)]
+    keep_symbols: bool,
     /// Compression of the archive.
     #[arg(long, value_enum, default_value_t = Compression::Gzip)]
     compress: Compression,
@@ -70,6 +74,7 @@ fn main() -> anyhow::Result<()> {
         extra,
         compression: cli.compress,
         mtime,
+        keep_symbols: cli.keep_symbols,
     };
     let tmp = output.with_extension("tmp");
     let mut file = std::fs::File::create(&tmp).with_context(|| format!("creating {tmp:?}"))?;

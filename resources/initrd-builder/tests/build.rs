@@ -12,6 +12,7 @@ fn spec(init: &Path) -> InitrdSpec {
         extra: Vec::new(),
         compression: Compression::Gzip,
         mtime: 0,
+        keep_symbols: false,
     }
 }
 
@@ -101,4 +102,81 @@ fn plain_cpio_when_asked() {
     let mut out = Vec::new();
     build(&s, &mut out).expect("build");
     assert!(out.starts_with(b"070701"));
+}
+
+/// This test binary: dynamically linked and (dev profile) full of symbols and
+/// debug information, like an unstripped `vminitd`.
+fn unstripped_elf() -> (PathBuf, Vec<u8>) {
+    let me = std::env::current_exe().expect("current exe");
+    let data = std::fs::read(&me).expect("read self");
+    assert!(
+        beacon_initrd::elf::has_symbols_or_debug(&data),
+        "this test needs an unstripped binary; {} has no .symtab",
+        me.display()
+    );
+    (me, data)
+}
+
+fn member<'a>(entries: &'a [beacon_initrd::cpio::Entry], path: &str) -> &'a [u8] {
+    &entries
+        .iter()
+        .find(|e| e.path == path)
+        .unwrap_or_else(|| panic!("{path} missing"))
+        .data
+}
+
+#[test]
+fn packed_binaries_are_stripped_and_their_sources_untouched() {
+    let (me, before) = unstripped_elf();
+    let mut s = spec(&me);
+    s.compression = Compression::None;
+    s.extra = vec![(me.clone(), "/usr/bin/extra-tool".into())];
+    let mut out = Vec::new();
+    build(&s, &mut out).expect("build");
+    let entries = read(&out[..]).expect("read back");
+    for path in ["init", "usr/bin/extra-tool"] {
+        let packed = member(&entries, path);
+        let sections = beacon_initrd::elf::sections(packed);
+        assert!(
+            sections.iter().any(|s| s.name == ".text"),
+            "{path}: {sections:?}"
+        );
+        // Only loaded sections may stay (Rust's .debug_gdb_scripts is one).
+        assert!(
+            !sections
+                .iter()
+                .any(|s| s.name == ".symtab" || (s.name.starts_with(".debug") && !s.alloc)),
+            "{path} still has symbols or debug sections: {sections:?}"
+        );
+        assert!(!beacon_initrd::elf::has_symbols_or_debug(packed));
+        assert!(
+            packed.len() < before.len() / 2,
+            "{path}: {} bytes",
+            packed.len()
+        );
+    }
+    assert_eq!(
+        std::fs::read(&me).expect("reread"),
+        before,
+        "source changed"
+    );
+    verify(&entries).expect("stripped binaries keep interpreter and libraries");
+    // Stripping is deterministic: the archive stays reproducible.
+    let mut again = Vec::new();
+    build(&s, &mut again).expect("build again");
+    assert!(again == out, "two builds differ");
+}
+
+#[test]
+fn symbols_are_kept_when_asked() {
+    let (me, before) = unstripped_elf();
+    let mut s = spec(&me);
+    s.compression = Compression::None;
+    s.busybox = None;
+    s.crun = None;
+    s.keep_symbols = true;
+    let mut out = Vec::new();
+    build(&s, &mut out).expect("build");
+    let entries = read(&out[..]).expect("read back");
+    assert!(member(&entries, "init") == before.as_slice());
 }

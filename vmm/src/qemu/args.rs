@@ -3,8 +3,16 @@
 //! Pure function of its inputs (no process is started here), so every mapping is
 //! unit-tested. Settings microvm cannot express are refused with a clear error
 //! instead of being silently dropped.
+//!
+//! Every value that goes into a QEMU option string (`driver,key=value,...`) goes
+//! through [`QemuOpts`], which doubles commas (QEMU reads `,,` as one literal comma),
+//! so a TAP name, an fs tag or a path cannot end the value early and smuggle in
+//! options of its own. Arguments QEMU takes whole (`-kernel`, `-initrd`, `-append`)
+//! pass unchanged. `-serial file:PATH` takes its path whole too, so a console file
+//! is a `file` chardev instead, where the path is an escaped option value.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
 
 use crate::backend::VmError;
@@ -21,6 +29,43 @@ pub struct QemuSockets<'a> {
 
 fn os(s: impl Into<OsString>) -> OsString {
     s.into()
+}
+
+/// One QEMU option string: a fixed leading item (a driver or backend name, or a
+/// constant `key=value`) and `key=value` pairs whose values are escaped.
+struct QemuOpts(Vec<u8>);
+
+impl QemuOpts {
+    /// Starts with `head`: a fixed driver or backend name (or first `key=value`),
+    /// never user input.
+    fn new(head: &str) -> Self {
+        Self(head.as_bytes().to_vec())
+    }
+
+    /// Appends `,key=value`.
+    fn set(mut self, key: &str, value: impl AsRef<OsStr>) -> Self {
+        self.0.push(b',');
+        self.0.extend_from_slice(key.as_bytes());
+        self.0.push(b'=');
+        self.0.extend_from_slice(&escape(value.as_ref()));
+        self
+    }
+
+    fn build(self) -> OsString {
+        OsString::from_vec(self.0)
+    }
+}
+
+/// A value as QEMU's option parser needs it: every `,` doubled.
+fn escape(value: &OsStr) -> Vec<u8> {
+    let mut out = Vec::with_capacity(value.len());
+    for &b in value.as_bytes() {
+        out.push(b);
+        if b == b',' {
+            out.push(b',');
+        }
+    }
+    out
 }
 
 /// Build the argument list (without the program name).
@@ -57,16 +102,21 @@ pub fn build_args(config: &VmConfig, sockets: &QemuSockets<'_>) -> Result<Vec<Os
     a.push(os(format!(
         "memory-backend-memfd,id=ram0,size={mem}M,share=on"
     )));
+    if let ConsoleConfig::File(p) = &config.console {
+        a.push(os("-chardev"));
+        a.push(
+            QemuOpts::new("file")
+                .set("id", "console")
+                .set("path", p)
+                .build(),
+        );
+    }
     a.push(os("-serial"));
-    a.push(match &config.console {
-        ConsoleConfig::Stdout => os("stdio"),
-        ConsoleConfig::Off => os("null"),
-        ConsoleConfig::File(p) => {
-            let mut s = os("file:");
-            s.push(p.as_os_str());
-            s
-        }
-    });
+    a.push(os(match &config.console {
+        ConsoleConfig::Stdout => "stdio",
+        ConsoleConfig::Off => "null",
+        ConsoleConfig::File(_) => "chardev:console",
+    }));
     a.push(os("-kernel"));
     a.push(config.kernel.clone().into_os_string());
     if let Some(initrd) = &config.initrd {
@@ -75,14 +125,19 @@ pub fn build_args(config: &VmConfig, sockets: &QemuSockets<'_>) -> Result<Vec<Os
     }
     a.push(os("-append"));
     a.push(os(config.cmdline.clone()));
-    a.push(os("-qmp"));
-    a.push(socket_chardev("unix:", sockets.qmp, ",server=on,wait=off"));
-    a.push(os("-chardev"));
-    a.push(socket_chardev(
-        "socket,id=boottimer,path=",
-        sockets.boot_timer,
-        ",server=on,wait=off",
-    ));
+    for (id, path) in [("qmp", sockets.qmp), ("boottimer", sockets.boot_timer)] {
+        a.push(os("-chardev"));
+        a.push(
+            QemuOpts::new("socket")
+                .set("id", id)
+                .set("path", path)
+                .set("server", "on")
+                .set("wait", "off")
+                .build(),
+        );
+    }
+    a.push(os("-mon"));
+    a.push(os("chardev=qmp,mode=control"));
     a.push(os("-device"));
     a.push(os(format!(
         "isa-debugcon,iobase={BOOT_TIMER_PORT:#x},chardev=boottimer"
@@ -93,31 +148,21 @@ pub fn build_args(config: &VmConfig, sockets: &QemuSockets<'_>) -> Result<Vec<Os
     Ok(a)
 }
 
-fn socket_chardev(prefix: &str, path: &Path, suffix: &str) -> OsString {
-    let mut s = os(prefix);
-    s.push(path.as_os_str());
-    s.push(suffix);
-    s
-}
-
 fn device_args(i: usize, device: &DeviceConfig) -> Result<Vec<OsString>, VmError> {
-    let comma_free = |p: &Path, what: &str| {
-        if p.to_string_lossy().contains(',') {
-            Err(VmError::Qemu(format!(
-                "{what} path {p:?} contains a comma, which QEMU's option syntax cannot carry"
-            )))
-        } else {
-            Ok(p.to_string_lossy().into_owned())
-        }
-    };
     Ok(match device {
         DeviceConfig::Net { tap, mac } => vec![
             os("-netdev"),
-            os(format!(
-                "tap,id=net{i},ifname={tap},script=no,downscript=no"
-            )),
+            QemuOpts::new("tap")
+                .set("id", format!("net{i}"))
+                .set("ifname", tap)
+                .set("script", "no")
+                .set("downscript", "no")
+                .build(),
             os("-device"),
-            os(format!("virtio-net-device,netdev=net{i},mac={mac}")),
+            QemuOpts::new("virtio-net-device")
+                .set("netdev", format!("net{i}"))
+                .set("mac", mac.to_string())
+                .build(),
         ],
         DeviceConfig::Vsock {
             guest_cid,
@@ -130,7 +175,9 @@ fn device_args(i: usize, device: &DeviceConfig) -> Result<Vec<OsString>, VmError
             }
             vec![
                 os("-device"),
-                os(format!("vhost-vsock-device,guest-cid={guest_cid}")),
+                QemuOpts::new("vhost-vsock-device")
+                    .set("guest-cid", guest_cid.to_string())
+                    .build(),
             ]
         }
         DeviceConfig::Fs {
@@ -139,30 +186,40 @@ fn device_args(i: usize, device: &DeviceConfig) -> Result<Vec<OsString>, VmError
             queue_size,
         } => vec![
             os("-chardev"),
-            os(format!(
-                "socket,id=fs{i},path={}",
-                comma_free(socket, "virtio-fs socket")?
-            )),
+            QemuOpts::new("socket")
+                .set("id", format!("fs{i}"))
+                .set("path", socket)
+                .build(),
             os("-device"),
-            os(format!(
-                "vhost-user-fs-device,chardev=fs{i},tag={tag},queue-size={queue_size}"
-            )),
+            QemuOpts::new("vhost-user-fs-device")
+                .set("chardev", format!("fs{i}"))
+                .set("tag", tag)
+                .set("queue-size", queue_size.to_string())
+                .build(),
         ],
         DeviceConfig::Block { path, read_only } => vec![
             os("-drive"),
-            os(format!(
-                "file={},if=none,id=blk{i},format=raw,readonly={}",
-                comma_free(path, "block device")?,
-                if *read_only { "on" } else { "off" }
-            )),
+            QemuOpts::new("if=none")
+                .set("file", path)
+                .set("id", format!("blk{i}"))
+                .set("format", "raw")
+                .set("readonly", if *read_only { "on" } else { "off" })
+                .build(),
             os("-device"),
-            os(format!("virtio-blk-device,drive=blk{i}")),
+            QemuOpts::new("virtio-blk-device")
+                .set("drive", format!("blk{i}"))
+                .build(),
         ],
         DeviceConfig::Rng => vec![
             os("-object"),
-            os(format!("rng-random,id=rng{i},filename=/dev/urandom")),
+            QemuOpts::new("rng-random")
+                .set("id", format!("rng{i}"))
+                .set("filename", "/dev/urandom")
+                .build(),
             os("-device"),
-            os(format!("virtio-rng-device,rng=rng{i}")),
+            QemuOpts::new("virtio-rng-device")
+                .set("rng", format!("rng{i}"))
+                .build(),
         ],
     })
 }
@@ -172,6 +229,7 @@ mod tests {
     use super::*;
     use crate::config::{MacAddr, VcpuConfig};
     use std::path::PathBuf;
+    use std::time::Duration;
 
     fn strings(args: &[OsString]) -> Vec<String> {
         args.iter()
@@ -218,9 +276,13 @@ mod tests {
         assert_eq!(after(&args, "-append"), ["console=ttyS0 quiet"]);
         assert_eq!(after(&args, "-serial"), ["stdio"]);
         assert_eq!(
-            after(&args, "-qmp"),
-            ["unix:/run/x/qmp.sock,server=on,wait=off"]
+            after(&args, "-chardev"),
+            [
+                "socket,id=qmp,path=/run/x/qmp.sock,server=on,wait=off",
+                "socket,id=boottimer,path=/run/x/bt.sock,server=on,wait=off"
+            ]
         );
+        assert_eq!(after(&args, "-mon"), ["chardev=qmp,mode=control"]);
         assert!(args.contains(&"-S".to_string()));
         assert!(
             after(&args, "-object").contains(&"memory-backend-memfd,id=ram0,size=256M,share=on")
@@ -263,7 +325,9 @@ mod tests {
             )
             .expect("args"),
         );
-        assert_eq!(after(&args, "-serial"), ["file:/log/vm.log"]);
+        assert_eq!(after(&args, "-serial"), ["chardev:console"]);
+        assert!(after(&args, "-chardev").contains(&"file,id=console,path=/log/vm.log"));
+        assert!(after(&args, "-chardev").contains(&"socket,id=fs2,path=/run/fs.sock"));
         let devices = after(&args, "-device");
         assert!(devices.contains(&"virtio-net-device,netdev=net0,mac=02:00:00:00:00:09"));
         assert!(devices.contains(&"vhost-vsock-device,guest-cid=7"));
@@ -273,7 +337,8 @@ mod tests {
         assert!(after(&args, "-netdev")
             .contains(&"tap,id=net0,ifname=beacon-ab,script=no,downscript=no"));
         assert!(after(&args, "-drive")
-            .contains(&"file=/img.erofs,if=none,id=blk3,format=raw,readonly=on"));
+            .contains(&"if=none,file=/img.erofs,id=blk3,format=raw,readonly=on"));
+        assert!(after(&args, "-object").contains(&"rng-random,id=rng4,filename=/dev/urandom"));
     }
 
     #[test]
@@ -295,12 +360,218 @@ mod tests {
             uds_path: Some("/run/v.sock".into()),
         }];
         assert!(build_args(&c, &s).is_err());
-        let mut c = VmConfig::new("/k");
-        c.devices = vec![DeviceConfig::Block {
-            path: "/a,b".into(),
-            read_only: false,
-        }];
-        let err = build_args(&c, &s).expect_err("comma");
-        assert!(err.to_string().contains("comma"));
+    }
+
+    /// Every value a user or the system chose, with commas in it.
+    fn comma_config() -> VmConfig {
+        let mut c = VmConfig::new("/k,1/vmlinux");
+        c.initrd = Some("/k,1/initrd".into());
+        c.cmdline = "console=ttyS0 x=a,b".into();
+        c.console = ConsoleConfig::File("/log,1/vm,2.log".into());
+        c.devices = vec![
+            DeviceConfig::Net {
+                tap: "t,ap".into(),
+                mac: MacAddr([2, 0, 0, 0, 0, 9]),
+            },
+            DeviceConfig::Fs {
+                tag: "root,fs=x".into(),
+                socket: "/run/f,s.sock".into(),
+                queue_size: 1024,
+            },
+            DeviceConfig::Block {
+                path: "/img,readonly=off".into(),
+                read_only: true,
+            },
+        ];
+        c
+    }
+
+    #[test]
+    fn commas_in_every_value_are_doubled() {
+        let c = comma_config();
+        let (q, b) = (PathBuf::from("/r,un/qmp"), PathBuf::from("/r,un/bt"));
+        let args = strings(
+            &build_args(
+                &c,
+                &QemuSockets {
+                    qmp: &q,
+                    boot_timer: &b,
+                },
+            )
+            .expect("args"),
+        );
+        assert_eq!(
+            after(&args, "-chardev"),
+            [
+                "file,id=console,path=/log,,1/vm,,2.log",
+                "socket,id=qmp,path=/r,,un/qmp,server=on,wait=off",
+                "socket,id=boottimer,path=/r,,un/bt,server=on,wait=off",
+                "socket,id=fs1,path=/run/f,,s.sock",
+            ]
+        );
+        assert_eq!(
+            after(&args, "-netdev"),
+            ["tap,id=net0,ifname=t,,ap,script=no,downscript=no"]
+        );
+        assert!(after(&args, "-device")
+            .contains(&"vhost-user-fs-device,chardev=fs1,tag=root,,fs=x,queue-size=1024"));
+        assert_eq!(
+            after(&args, "-drive"),
+            ["if=none,file=/img,,readonly=off,id=blk2,format=raw,readonly=on"]
+        );
+        // Taken whole by QEMU: unchanged.
+        assert_eq!(after(&args, "-kernel"), ["/k,1/vmlinux"]);
+        assert_eq!(after(&args, "-initrd"), ["/k,1/initrd"]);
+        assert_eq!(after(&args, "-append"), ["console=ttyS0 x=a,b"]);
+    }
+
+    #[test]
+    fn escaping_keeps_every_other_byte() {
+        let raw = OsStr::from_bytes(b",a,,b=c \xff,");
+        assert_eq!(escape(raw), b",,a,,,,b=c \xff,,".to_vec());
+        assert_eq!(
+            QemuOpts::new("x").set("k", raw).build().as_bytes(),
+            b"x,k=,,a,,,,b=c \xff,,"
+        );
+    }
+
+    /// QEMU 7.2 itself reads the escaped values back as the original ones: it
+    /// creates the QMP, boot-timer and console files at their comma paths, connects
+    /// to the virtio-fs socket, opens the block file and names the TAP. Runs QEMU
+    /// without KVM (`-M none -accel tcg -S`) in a private network namespace (the
+    /// TAP lives and dies there), with the options `build_args` produced.
+    #[test]
+    fn qemu_reads_escaped_values_back() {
+        use std::os::unix::fs::FileTypeExt;
+        use std::os::unix::process::CommandExt;
+        use std::process::{Command, Stdio};
+
+        let qemu = "qemu-system-x86_64";
+        let version = Command::new(qemu)
+            .arg("--version")
+            .output()
+            .unwrap_or_else(|e| panic!("{qemu} is required (Debian qemu-system-x86): {e}"));
+        assert!(version.status.success(), "{qemu} --version failed");
+
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("a,b");
+        std::fs::create_dir(&dir).expect("mkdir");
+        let qmp = dir.join("qmp,sock");
+        let boot_timer = dir.join("boot,timer");
+        let console = dir.join("con,sole.log");
+        let fs_sock = dir.join("fs,sock");
+        let disk = dir.join("d,isk.img");
+        std::fs::write(&disk, vec![0u8; 4096]).expect("disk");
+        let fs_listener = std::os::unix::net::UnixListener::bind(&fs_sock).expect("bind");
+
+        let mut c = VmConfig::new("/unused");
+        c.console = ConsoleConfig::File(console.clone());
+        c.devices = vec![
+            DeviceConfig::Net {
+                tap: "t,ap".into(),
+                mac: MacAddr([2, 0, 0, 0, 0, 9]),
+            },
+            DeviceConfig::Fs {
+                tag: "fs".into(),
+                socket: fs_sock.clone(),
+                queue_size: 1024,
+            },
+            DeviceConfig::Block {
+                path: disk.clone(),
+                read_only: true,
+            },
+        ];
+        let args = build_args(
+            &c,
+            &QemuSockets {
+                qmp: &qmp,
+                boot_timer: &boot_timer,
+            },
+        )
+        .expect("args");
+        // Everything but the microvm machine, KVM and its devices (-M none has no
+        // bus for them): the chardevs, the monitor, the serial port, the drive, the
+        // TAP.
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--net", "--", qemu, "-M", "none", "-accel", "tcg", "-S"])
+            .args(["-display", "none", "-nodefaults", "-no-user-config"]);
+        for pair in args.windows(2) {
+            if ["-chardev", "-mon", "-serial", "-drive", "-netdev"]
+                .iter()
+                .any(|f| pair[0] == OsStr::new(f))
+            {
+                cmd.args(pair);
+            }
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: runs in the forked child before exec; prctl(2) is async-signal-safe
+        // and the closure touches no parent memory.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn unshare + qemu (util-linux)");
+        struct Reap(std::process::Child);
+        impl Drop for Reap {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let mut child = Reap(child);
+
+        // QMP greets once every option has been set up; a QEMU that rejected its
+        // options exits instead.
+        let started = std::time::Instant::now();
+        let monitor = loop {
+            if let Some(status) = child.0.try_wait().expect("try_wait") {
+                use std::io::Read;
+                let mut said = String::new();
+                if let Some(mut err) = child.0.stderr.take() {
+                    let _ = err.read_to_string(&mut said);
+                }
+                panic!("QEMU exited ({status}) instead of serving QMP:\n{said}");
+            }
+            match super::super::qmp::Qmp::connect(&qmp, Duration::from_millis(200)) {
+                Ok(m) => break m,
+                Err(e) if started.elapsed() > Duration::from_secs(120) => {
+                    panic!("QMP on {qmp:?} never came up: {e}")
+                }
+                Err(_) => {}
+            }
+        };
+        assert!(std::fs::metadata(&boot_timer)
+            .expect("boot-timer socket at its comma path")
+            .file_type()
+            .is_socket());
+        assert!(console.is_file(), "console file at its comma path");
+        fs_listener.set_nonblocking(true).expect("nonblocking");
+        fs_listener
+            .accept()
+            .expect("QEMU connected to the virtio-fs socket at its comma path");
+        let blocks = monitor.execute("query-block").expect("query-block");
+        let file = blocks
+            .as_array()
+            .and_then(|b| b.iter().find(|d| d["device"] == "blk2"))
+            .and_then(|d| d["inserted"]["file"].as_str())
+            .map(str::to_string);
+        assert_eq!(
+            file.as_deref(),
+            Some(disk.to_str().expect("utf8")),
+            "{blocks}"
+        );
+        let pid = child.0.id();
+        let links = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).expect("net/dev");
+        assert!(
+            links.lines().any(|l| l.trim_start().starts_with("t,ap:")),
+            "no TAP named t,ap in QEMU's namespace:\n{links}"
+        );
+        let _ = monitor.execute("quit");
     }
 }
