@@ -18,8 +18,7 @@ use std::path::Path;
 use crate::backend::VmError;
 use crate::config::{ConsoleConfig, DeviceConfig, VmConfig};
 
-/// I/O port of the boot timer the guest init writes (same as the KVM backend).
-pub const BOOT_TIMER_PORT: u16 = 0x440;
+pub use beacon_devices::legacy::BOOT_TIMER_PORT;
 
 /// Private sockets QEMU is told to create.
 pub struct QemuSockets<'a> {

@@ -27,8 +27,6 @@ use qmp::Qmp;
 pub const QEMU_BINARY_ENV: &str = "BEACON_QEMU";
 /// How long the guest gets to power off after `shutdown()` before QEMU is killed.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-/// The byte the guest init writes to the boot-timer port.
-const BOOT_TIMER_MAGIC: u8 = 123;
 
 pub struct QemuVm {
     config: VmConfig,
@@ -227,7 +225,7 @@ fn watch_boot_timer(
             };
             let mut byte = [0u8; 1];
             while let Ok(1) = stream.read(&mut byte) {
-                if byte[0] == BOOT_TIMER_MAGIC {
+                if byte[0] == beacon_devices::legacy::BOOT_TIMER_MAGIC {
                     let t = created.elapsed();
                     if let Ok(mut s) = slot.lock() {
                         if s.is_none() {
