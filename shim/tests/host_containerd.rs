@@ -8,7 +8,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use beacon_tests::containerd::{workspace_bin, Containerd, ContainerdSpec, RUNTIME};
+mod common;
+
+use beacon_tests::containerd::{workspace_bin, Containerd, ContainerdSpec};
 use beacon_tests::images::{busybox_archive, BUSYBOX_IMAGE};
 
 const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-beaconbox-v1");
@@ -93,15 +95,6 @@ fn start_vminitd(dir: &Path) -> Vminitd {
     Vminitd(child)
 }
 
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 #[test]
 fn ctr_runs_containers_through_the_shim_and_vminitd_on_the_host() {
     let vminitd = workspace_bin("vminitd", "vminitd").expect("vminitd binary");
@@ -165,141 +158,9 @@ fn ctr_runs_containers_through_the_shim_and_vminitd_on_the_host() {
     let import = containerd
         .ctr(&["images", "import", &archive.display().to_string()])
         .expect("ctr import");
-    assert!(import.status.success(), "import: {}", text(&import));
+    assert!(import.status.success(), "import: {}", common::text(&import));
 
-    let run = |id: &str, args: &[&str]| {
-        let mut a = vec!["run", "--rm", "--runtime", RUNTIME, BUSYBOX_IMAGE, id];
-        a.extend_from_slice(args);
-        containerd.ctr(&a).expect("ctr run")
-    };
-    let failure = |what: &str, o: &std::process::Output| {
-        format!(
-            "{what}: {}\ncontainerd log:\n{}",
-            text(o),
-            containerd.log_tail(60)
-        )
-    };
-
-    // Exact output.
-    let o = run("c1", &["echo", "hello-from-the-shim"]);
-    assert_eq!(
-        String::from_utf8_lossy(&o.stdout),
-        "hello-from-the-shim\n",
-        "{}",
-        failure("echo", &o)
-    );
-    assert!(o.status.success(), "{}", failure("echo", &o));
-
-    // Exit codes propagate.
-    let o = run("c2", &["sh", "-c", "echo to-stderr >&2; exit 7"]);
-    assert_eq!(o.status.code(), Some(7), "{}", failure("exit 7", &o));
-    assert_eq!(String::from_utf8_lossy(&o.stderr), "to-stderr\n");
-
-    // 10 MiB of stdout arrive byte for byte.
-    let o = run(
-        "c3",
-        &["sh", "-c", "yes 0123456789abcde | head -c 10485760"],
-    );
-    assert!(o.status.success(), "{}", failure("10 MiB", &o));
-    assert_eq!(o.stdout.len(), 10 << 20, "{}", failure("10 MiB length", &o));
-    assert!(o
-        .stdout
-        .chunks(16)
-        .all(|c| c == &b"0123456789abcde\n"[..c.len()]));
-
-    // stdin piped in reaches the process, and its EOF ends it.
-    let o = containerd
-        .ctr_stdin(
-            &[
-                "run",
-                "--rm",
-                "--runtime",
-                RUNTIME,
-                BUSYBOX_IMAGE,
-                "c4",
-                "sh",
-                "-c",
-                "wc -c; cat",
-            ],
-            b"abc",
-        )
-        .expect("ctr run with stdin");
-    assert_eq!(
-        String::from_utf8_lossy(&o.stdout).trim(),
-        "3",
-        "{}",
-        failure("stdin", &o)
-    );
-
-    // A detached container, an exec into it, kill, delete.
-    let o = containerd
-        .ctr(&[
-            "run",
-            "-d",
-            "--runtime",
-            RUNTIME,
-            BUSYBOX_IMAGE,
-            "c5",
-            "sleep",
-            "1000",
-        ])
-        .expect("ctr run -d");
-    assert!(o.status.success(), "{}", failure("run -d", &o));
-    let o = containerd
-        .ctr(&[
-            "task",
-            "exec",
-            "--exec-id",
-            "e1",
-            "c5",
-            "sh",
-            "-c",
-            "echo exec-ok; exit 3",
-        ])
-        .expect("exec");
-    assert_eq!(
-        String::from_utf8_lossy(&o.stdout),
-        "exec-ok\n",
-        "{}",
-        failure("exec", &o)
-    );
-    assert_eq!(o.status.code(), Some(3), "{}", failure("exec exit", &o));
-    let o = containerd.ctr(&["task", "ls"]).expect("task ls");
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("c5"),
-        "{}",
-        failure("task ls", &o)
-    );
-    let o = containerd
-        .ctr(&["task", "kill", "-s", "SIGKILL", "c5"])
-        .expect("kill");
-    assert!(o.status.success(), "{}", failure("kill", &o));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let o = containerd.ctr(&["task", "rm", "c5"]).expect("task rm");
-        if o.status.success() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{}", failure("task rm", &o));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let o = containerd.ctr(&["containers", "rm", "c5"]).expect("rm");
-    assert!(o.status.success(), "{}", failure("container rm", &o));
-
-    // A container id that starts with '-' never reaches the guest.
-    let o = containerd
-        .ctr(&[
-            "run",
-            "--rm",
-            "--runtime",
-            RUNTIME,
-            BUSYBOX_IMAGE,
-            "--",
-            "-x",
-            "true",
-        ])
-        .expect("ctr run -x");
-    assert!(!o.status.success());
+    common::basic_scenarios(&containerd);
 
     // Nothing is left: no mounts under the run folder, no shim server.
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");

@@ -1,0 +1,330 @@
+//! containerd → shim → its own microVM (the in-process KVM backend) → vminitd →
+//! crun: the product's main job, end to end, with Debian's containerd 1.6.20,
+//! `ctr`, the beacon kernel and an initrd with vminitd as /init, netmgr's
+//! bridge, virtiofsd and hybrid vsock. It needs a KVM that runs real guests, so
+//! on hosts without hardware KVM it runs inside the nested lab.
+//!
+//! Scenarios: the basic ones the host-mode test also runs (exact output, exit
+//! codes, 10 MiB, stdin, exec, kill, a bad id), then what only a VM has: the
+//! network to the bridge, metrics, pause and resume, bind mounts (read-only
+//! and read-write), a terminal with its size, SIGTERM, several containers at
+//! once, and afterwards nothing left behind (TAP, lease, mounts, virtiofsd,
+//! shim, run folders).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use beacon_tests::assets::{beacon_kernel_dir, lab_visible_tempdir};
+use beacon_tests::containerd::{workspace_bin, Containerd, ContainerdSpec, RUNTIME};
+use beacon_tests::images::{busybox_archive, BUSYBOX_IMAGE};
+use beacon_tests::lab::{here_or_in_lab, kvm_host, KvmHost};
+
+const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-beaconbox-v1");
+const SHARE_ENV: &str = "BEACON_TEST_SHARE_DIR";
+
+/// Kernel and initrd laid out the way `make install` does, under `dir`.
+fn install_guest(dir: &Path) -> PathBuf {
+    let share = dir.join("share");
+    let kernel_dir = share.join("kernel");
+    std::fs::create_dir_all(&kernel_dir).expect("share folder");
+    let kernel = beacon_kernel_dir().expect("beacon kernel").join("vmlinux");
+    std::fs::copy(&kernel, kernel_dir.join(beacon_paths::KERNEL_FILE)).expect("kernel");
+    let vminitd = workspace_bin("vminitd", "vminitd").expect("vminitd");
+    let spec = beacon_initrd::InitrdSpec {
+        init: vminitd,
+        busybox: Some(PathBuf::from("/bin/busybox")),
+        crun: Some(PathBuf::from("/usr/bin/crun")),
+        ..Default::default()
+    };
+    let mut out =
+        std::fs::File::create(kernel_dir.join(beacon_paths::INITRD_FILE)).expect("initrd file");
+    beacon_initrd::build(&spec, &mut out).expect("initrd");
+    share
+}
+
+fn has_hardware_kvm_and_caps() -> bool {
+    kvm_host() == KvmHost::Hardware
+        && std::fs::read_to_string("/proc/self/status")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .is_some_and(|c| c & (1 << 24) != 0)
+}
+
+fn sh(script: &str) -> String {
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .expect("sh");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
+    // Built on the host (cargo and the kernel build are too slow under emulation).
+    let share = match std::env::var_os(SHARE_ENV) {
+        Some(s) => PathBuf::from(s),
+        None => {
+            let dir = lab_visible_tempdir().expect("tempdir").keep();
+            install_guest(&dir)
+        }
+    };
+    if !here_or_in_lab(
+        has_hardware_kvm_and_caps(),
+        "there is no KVM that runs real guests",
+        "ctr_runs_containers_in_microvms_of_our_own_vmm",
+        &[(SHARE_ENV, share.display().to_string())],
+    ) {
+        let _ = std::fs::remove_dir_all(share.parent().unwrap_or(&share));
+        return;
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("beacon-shim-vm")
+        .tempdir()
+        .expect("tempdir");
+    let dir = tmp.path().to_path_buf();
+    let shim_dir = Path::new(SHIM).parent().expect("shim dir").to_path_buf();
+    let run_dir = dir.join("run");
+    let env = vec![
+        ("BEACON_SHARE_DIR".to_string(), share.display().to_string()),
+        (
+            "BEACON_SHIM_SOCKET_DIR".into(),
+            dir.join("s").display().to_string(),
+        ),
+        ("BEACON_RUN_DIR".into(), run_dir.display().to_string()),
+        (
+            "BEACON_STATE_DIR".into(),
+            dir.join("state").display().to_string(),
+        ),
+        (
+            "BEACON_LOG_DIR".into(),
+            dir.join("log").display().to_string(),
+        ),
+        ("BEACON_LOG".into(), "debug".into()),
+    ];
+    let containerd = Containerd::start(
+        &dir.join("containerd"),
+        &ContainerdSpec {
+            shim_dir,
+            env,
+            cri: false,
+        },
+    )
+    .expect("containerd");
+    let archive = busybox_archive(&dir, BUSYBOX_IMAGE, &[]).expect("image");
+    let import = containerd
+        .ctr(&["images", "import", &archive.display().to_string()])
+        .expect("ctr import");
+    assert!(import.status.success(), "import: {}", common::text(&import));
+    let failure = |what: &str, o: &std::process::Output| {
+        let logs = sh(&format!(
+            "tail -n 40 {}/log/*.log 2>/dev/null",
+            dir.display()
+        ));
+        format!(
+            "{}\nVM logs:\n{logs}",
+            common::failure(&containerd, what, o)
+        )
+    };
+
+    let started = Instant::now();
+    let o = common::run(&containerd, "first", &["echo", "first-container"]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "first-container\n",
+        "{}",
+        failure("first container", &o)
+    );
+    eprintln!("first container: {:.1} s", started.elapsed().as_secs_f64());
+
+    common::basic_scenarios(&containerd);
+
+    // The guest reaches the bridge (the host end of its network).
+    let o = common::run(
+        &containerd,
+        "net",
+        &["ping", "-c", "1", "-W", "10", "10.88.0.1"],
+    );
+    assert!(o.status.success(), "{}", failure("ping the bridge", &o));
+
+    // Bind mounts: read-write visible both ways, read-only refused.
+    let data = dir.join("data");
+    let ro = dir.join("ro");
+    std::fs::create_dir_all(&data).expect("data");
+    std::fs::create_dir_all(&ro).expect("ro");
+    std::fs::write(ro.join("hello"), "from-the-host\n").expect("ro file");
+    let rw_mount = format!(
+        "type=bind,src={},dst=/data,options=rbind:rw",
+        data.display()
+    );
+    let ro_mount = format!("type=bind,src={},dst=/ro,options=rbind:ro", ro.display());
+    let o = containerd
+        .ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--mount",
+            &rw_mount,
+            "--mount",
+            &ro_mount,
+            BUSYBOX_IMAGE,
+            "binds",
+            "sh",
+            "-c",
+            "cat /ro/hello && echo written > /data/out && ! touch /ro/x 2>/dev/null",
+        ])
+        .expect("ctr run --mount");
+    assert!(o.status.success(), "{}", failure("bind mounts", &o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "from-the-host\n");
+    assert_eq!(
+        std::fs::read_to_string(data.join("out")).expect("written"),
+        "written\n"
+    );
+
+    // A terminal, with the size ctr's side has.
+    let o = Command::new("script")
+        .args(["-qec"])
+        .arg(format!(
+            "stty rows 40 cols 100; ctr --address {} run --rm -t --runtime {RUNTIME} {BUSYBOX_IMAGE} tty stty size",
+            containerd.socket.display()
+        ))
+        .arg("/dev/null")
+        .output()
+        .expect("script");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("40 100"),
+        "{}",
+        failure("terminal size", &o)
+    );
+
+    // A long-running container: metrics, pause and resume, SIGTERM.
+    let o = containerd
+        .ctr(&[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            BUSYBOX_IMAGE,
+            "long",
+            "sh",
+            "-c",
+            "trap 'exit 42' TERM; while true; do sleep 1; done",
+        ])
+        .expect("run -d");
+    assert!(o.status.success(), "{}", failure("run -d", &o));
+    let o = containerd
+        .ctr(&["task", "metrics", "long"])
+        .expect("metrics");
+    let metrics = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success() && metrics.contains("memory"),
+        "{}",
+        failure("metrics", &o)
+    );
+    let o = containerd.ctr(&["task", "pause", "long"]).expect("pause");
+    assert!(o.status.success(), "{}", failure("pause", &o));
+    let o = containerd.ctr(&["task", "ls"]).expect("ls");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("PAUSED"),
+        "{}",
+        failure("paused state", &o)
+    );
+    let o = containerd.ctr(&["task", "resume", "long"]).expect("resume");
+    assert!(o.status.success(), "{}", failure("resume", &o));
+    let o = containerd
+        .ctr(&["task", "kill", "-s", "SIGTERM", "long"])
+        .expect("kill");
+    assert!(o.status.success(), "{}", failure("SIGTERM", &o));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let o = containerd.ctr(&["task", "ls"]).expect("ls");
+        let ls = String::from_utf8_lossy(&o.stdout).to_string();
+        if ls
+            .lines()
+            .any(|l| l.starts_with("long") && l.contains("STOPPED"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            failure("stopped after SIGTERM", &o)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    common::remove(&containerd, "long");
+
+    // Several containers (and so several VMs) at once.
+    let many: Vec<_> = (0..3)
+        .map(|i| {
+            let socket = containerd.socket.clone();
+            std::thread::spawn(move || {
+                Command::new("ctr")
+                    .arg("--address")
+                    .arg(&socket)
+                    .args([
+                        "run",
+                        "--rm",
+                        "--runtime",
+                        RUNTIME,
+                        BUSYBOX_IMAGE,
+                        &format!("many{i}"),
+                        "echo",
+                        &format!("many-{i}"),
+                    ])
+                    .output()
+                    .expect("ctr")
+            })
+        })
+        .collect();
+    for (i, h) in many.into_iter().enumerate() {
+        let o = h.join().expect("thread");
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            format!("many-{i}\n"),
+            "{}",
+            failure("parallel", &o)
+        );
+    }
+
+    // Nothing is left behind.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let shims = sh(&format!("pgrep -f '{SHIM} -namespace' || true"));
+        let fsd = sh("pgrep -x virtiofsd || true");
+        if shims.trim().is_empty() && fsd.trim().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running: shims [{shims}] virtiofsd [{fsd}]"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let taps = sh("ip -o link show | grep -o 'beacon-[0-9a-f]*' || true");
+    assert!(taps.trim().is_empty(), "TAPs left: {taps}");
+    let mounts = sh(&format!(
+        "grep -c '{}' /proc/self/mountinfo || true",
+        run_dir.display()
+    ));
+    assert_eq!(
+        mounts.trim(),
+        "0",
+        "mounts left under {}",
+        run_dir.display()
+    );
+    let leftovers = sh(&format!(
+        "find {} -mindepth 2 2>/dev/null",
+        run_dir.join("sandboxes").display()
+    ));
+    assert!(
+        leftovers.trim().is_empty(),
+        "sandbox run folders left: {leftovers}"
+    );
+}
