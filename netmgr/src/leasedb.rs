@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use beacon_common::MacAddr;
 use nix::fcntl::{Flock, FlockArg};
 use redb::{
     ConcurrencyMode, Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
@@ -25,7 +26,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::PoolRange;
 use crate::error::{NetError, Result};
-use crate::naming::MacAddr;
 use crate::pool::PoolBitmap;
 
 const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
@@ -95,11 +95,7 @@ struct OpenDb {
 
 impl Drop for OpenDb {
     fn drop(&mut self) {
-        let db = self
-            .db
-            .get_mut()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+        let db = beacon_common::lock(&self.db).take();
         if let Some(db) = db {
             let _lock = lock_file(&self.lock_path);
             drop(db);
@@ -265,11 +261,7 @@ impl LeaseDb {
     /// Run `f` with the open database (opening it first if needed). A storage error
     /// drops the handle so the next call opens the file afresh.
     fn with_db<T>(&self, f: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
-        let mut slot = self
-            .open_db
-            .db
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut slot = beacon_common::lock(&self.open_db.db);
         if slot.is_none() {
             *slot = Some(self.open()?);
         }
@@ -546,11 +538,7 @@ impl LeaseDb {
     /// file, or `None` when there was no file.
     pub fn recover(&self) -> Result<Option<PathBuf>> {
         let _lock = self.lock()?;
-        *self
-            .open_db
-            .db
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        *beacon_common::lock(&self.open_db.db) = None;
         if !self.path.exists() {
             return Ok(None);
         }

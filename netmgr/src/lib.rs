@@ -40,6 +40,8 @@ pub mod naming;
 pub mod pool;
 pub mod tap;
 
+/// The guest MAC type (defined once, in `beacon-common`).
+pub use beacon_common::MacAddr;
 pub use config::{CniConfig, NetConfig, PoolRange};
 pub use error::{NetError, Result};
 pub use leasedb::{IpLease, LeaseDb, LeaseMode, RepairReport};
@@ -47,4 +49,3 @@ pub use manager::{
     spawn_reconciler, state_dir_liveness, NetworkAttachment, NetworkManager, ReconcileReport,
     DEFAULT_RECONCILE_INTERVAL,
 };
-pub use naming::MacAddr;

@@ -18,7 +18,9 @@ use tokio::sync::Mutex;
 use crate::config::NetConfig;
 use crate::error::{NetError, Result};
 use crate::leasedb::{IpLease, LeaseDb, LeaseMode, RepairReport};
-use crate::naming::{self, MacAddr};
+use beacon_common::MacAddr;
+
+use crate::naming;
 use crate::{firewall, link, tap};
 
 /// What the VMM and the guest need to know about one sandbox's network.

@@ -198,7 +198,7 @@ pub(crate) async fn setup(
     }
 }
 
-type Added = (Value, ResultAddress, String, crate::naming::MacAddr);
+type Added = (Value, ResultAddress, String, beacon_common::MacAddr);
 
 fn add(cni: &CniConfig, list: &ConfList, cid: &str, ns: &Path, tap_name: &str) -> Result<Added> {
     netns::create(ns)?;

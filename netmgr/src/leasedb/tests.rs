@@ -152,3 +152,40 @@ fn repair_aligns_bitmap_with_leases() {
     assert_eq!(report.bits_set, vec![a.ip]);
     assert_eq!(d.repair().unwrap(), RepairReport::default());
 }
+
+#[test]
+fn leases_written_with_the_old_mac_format_still_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = db(dir.path(), "10.88.0.9");
+    let lease = d.allocate("old", "beacon-0000000a", mac()).unwrap();
+    // The record exactly as netmgr stored it while it had its own MacAddr (a
+    // six-number array), before the type moved to beacon-common.
+    let old = br#"{"sandbox_id":"old","ip":"10.88.0.2","prefix":16,"gateway":"10.88.0.1","tap":"beacon-0000000a","mac":[2,0,0,0,0,1],"created_unix":1764000000,"mode":"legacy","netns":null,"cni":null}"#;
+    d.write(|me, txn| {
+        let mut leases = txn.open_table(LEASES).map_err(|e| me.err(e))?;
+        leases.insert("old", &old[..]).map_err(|e| me.err(e))?;
+        Ok(())
+    })
+    .unwrap();
+    drop(d);
+    let reopened = db(dir.path(), "10.88.0.9");
+    let listed = reopened.list().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].mac, mac());
+    assert_eq!(listed[0].ip, lease.ip);
+    assert_eq!(listed[0].created_unix, 1_764_000_000);
+    // Written back, the address is stored as text from now on.
+    reopened.record(&listed[0]).unwrap();
+    let raw = reopened
+        .with_db(|db| {
+            let txn = db.begin_read().map_err(|e| reopened.err(e))?;
+            let leases = txn.open_table(LEASES).map_err(|e| reopened.err(e))?;
+            let v = leases.get("old").map_err(|e| reopened.err(e))?;
+            Ok(v.map(|v| v.value().to_vec()))
+        })
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    assert!(text.contains(r#""mac":"02:00:00:00:00:01""#), "{text}");
+    assert_eq!(reopened.release("old").unwrap().unwrap().mac, mac());
+}
