@@ -29,6 +29,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod attachment;
 pub mod cni;
 pub mod config;
 pub mod error;
@@ -40,12 +41,13 @@ pub mod naming;
 pub mod pool;
 pub mod tap;
 
+pub use attachment::NetworkAttachment;
 /// The guest MAC type (defined once, in `beacon-common`).
 pub use beacon_common::MacAddr;
 pub use config::{CniConfig, NetConfig, PoolRange};
 pub use error::{NetError, Result};
 pub use leasedb::{IpLease, LeaseDb, LeaseMode, RepairReport};
 pub use manager::{
-    spawn_reconciler, state_dir_liveness, NetworkAttachment, NetworkManager, ReconcileReport,
+    spawn_reconciler, state_dir_liveness, NetworkManager, ReconcileReport,
     DEFAULT_RECONCILE_INTERVAL,
 };

@@ -7,7 +7,6 @@
 //! teardown) the reconciler may delete, and a lease whose sandbox is gone is freed
 //! together with its TAP.
 
-use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,49 +14,12 @@ use std::time::Duration;
 use rtnetlink::Handle;
 use tokio::sync::Mutex;
 
+use crate::attachment::NetworkAttachment;
 use crate::config::NetConfig;
 use crate::error::{NetError, Result};
-use crate::leasedb::{IpLease, LeaseDb, LeaseMode, RepairReport};
-use beacon_common::MacAddr;
-
+use crate::leasedb::{LeaseDb, LeaseMode, RepairReport};
 use crate::naming;
 use crate::{firewall, link, tap};
-
-/// What the VMM and the guest need to know about one sandbox's network.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetworkAttachment {
-    /// TAP device name (persistent; open it with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`).
-    pub tap: String,
-    /// MAC address to give the guest's virtio-net device.
-    pub mac: MacAddr,
-    /// Guest address.
-    pub ip: Ipv4Addr,
-    pub prefix: u8,
-    pub gateway: Ipv4Addr,
-    pub dns: Vec<Ipv4Addr>,
-    /// CNI mode: the namespace the TAP lives in (open the TAP from inside it).
-    pub netns: Option<PathBuf>,
-}
-
-impl NetworkAttachment {
-    /// Open the TAP for the VMM (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`), from inside
-    /// the sandbox namespace in CNI mode.
-    pub fn open_tap(&self) -> Result<std::fs::File> {
-        tap::open_tap_for_vm(&self.tap, self.netns.as_deref())
-    }
-
-    pub(crate) fn from_lease(lease: &IpLease, dns: Vec<Ipv4Addr>) -> Self {
-        NetworkAttachment {
-            tap: lease.tap.clone(),
-            mac: lease.mac,
-            ip: lease.ip,
-            prefix: lease.prefix,
-            gateway: lease.gateway,
-            dns,
-            netns: lease.netns.clone(),
-        }
-    }
-}
 
 /// What one reconciler pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -161,7 +123,7 @@ impl NetworkManager {
     pub async fn setup(&self, sandbox_id: &str) -> Result<NetworkAttachment> {
         naming::validate_sandbox_id(sandbox_id)?;
         if let Some(cni) = &self.cfg.cni {
-            return crate::cni::setup(self, cni, sandbox_id).await;
+            return crate::cni::setup(&self.db, &self.cfg.dns, cni, sandbox_id);
         }
         let bridge = self.ensure_host(false).await?;
         let tap_name = naming::tap_name(sandbox_id);
@@ -206,7 +168,7 @@ impl NetworkManager {
         match lease.as_ref().map(|l| l.mode) {
             Some(LeaseMode::Cni) => {
                 if let Some(lease) = &lease {
-                    crate::cni::teardown(self, lease).await?;
+                    crate::cni::teardown(lease)?;
                 }
             }
             _ => {
@@ -240,7 +202,7 @@ impl NetworkManager {
             detail: "it has no lease".into(),
         })?;
         if lease.mode == LeaseMode::Cni {
-            return crate::cni::check(self, &lease).await;
+            return crate::cni::check(&lease);
         }
         let bridge = link::link_index(&self.handle, &self.cfg.bridge).await?;
         let tap = link::get_link(&self.handle, &lease.tap).await?;
