@@ -45,6 +45,20 @@ pub enum LeaseMode {
     Cni,
 }
 
+/// Who keeps a lease alive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeaseOwner {
+    /// A running process holding the sandbox's liveness lock (the shim, or
+    /// `beacon-net setup --hold`); the reconciler frees the lease once the lock is
+    /// free. Leases stored before owners were recorded are of this kind.
+    #[default]
+    Shim,
+    /// An operator (`beacon-net setup`/`allocate`): kept until `beacon-net
+    /// teardown`/`release`; the reconciler never frees it.
+    Cli,
+}
+
 /// One sandbox's network lease as stored in the database.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IpLease {
@@ -63,6 +77,8 @@ pub struct IpLease {
     /// CNI mode: what DEL needs after a crash (network config and ADD result).
     #[serde(default)]
     pub cni: Option<serde_json::Value>,
+    #[serde(default)]
+    pub owner: LeaseOwner,
 }
 
 /// What [`LeaseDb::repair`] changed.
@@ -376,8 +392,15 @@ impl LeaseDb {
     }
 
     /// Lease an address from the bitmap for `sandbox_id` (legacy mode), in one
-    /// transaction. A sandbox that already holds a lease gets the same one back.
-    pub fn allocate(&self, sandbox_id: &str, tap: &str, mac: MacAddr) -> Result<IpLease> {
+    /// transaction. A sandbox that already holds a lease gets the same one back
+    /// (with its original owner).
+    pub fn allocate(
+        &self,
+        sandbox_id: &str,
+        tap: &str,
+        mac: MacAddr,
+        owner: LeaseOwner,
+    ) -> Result<IpLease> {
         self.write(|me, txn| {
             if let Some(existing) = me.get_in(txn, sandbox_id)? {
                 return Ok(existing);
@@ -401,6 +424,7 @@ impl LeaseDb {
                 mode: LeaseMode::Legacy,
                 netns: None,
                 cni: None,
+                owner,
             };
             me.insert_lease(txn, &lease)?;
             Ok(lease)

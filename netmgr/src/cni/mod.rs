@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use crate::attachment::NetworkAttachment;
 use crate::config::CniConfig;
 use crate::error::{NetError, Result};
-use crate::leasedb::{IpLease, LeaseDb, LeaseMode};
+use crate::leasedb::{IpLease, LeaseDb, LeaseMode, LeaseOwner};
 use crate::naming;
 use conflist::ConfList;
 use plugin::{CniCommand, Invocation};
@@ -129,13 +129,14 @@ fn run_chain(
     Ok(prev)
 }
 
-/// Give `sandbox_id` a network through the plugin chain, recording its lease in
-/// `db`; `dns` is used when the chain's result names no DNS servers.
+/// Give `sandbox_id` a network through the plugin chain, recording its lease (kept
+/// by `owner`) in `db`; `dns` is used when the chain's result names no DNS servers.
 pub(crate) fn setup(
     db: &LeaseDb,
     dns: &[Ipv4Addr],
     cni: &CniConfig,
     sandbox_id: &str,
+    owner: LeaseOwner,
 ) -> Result<NetworkAttachment> {
     if let Some(lease) = db.get(sandbox_id)? {
         if lease.mode == LeaseMode::Cni && !lease.ip.is_unspecified() {
@@ -167,6 +168,7 @@ pub(crate) fn setup(
             "binDir": cni.bin_dir,
             "conflist": list.to_json(),
         })),
+        owner,
     };
     db.record(&lease)?;
     match add(cni, &list, &cid, &ns, &tap_name) {
@@ -339,7 +341,7 @@ mod tests {
             ifname: "eth0".into(),
         };
         let dns = ["192.0.2.53".parse().unwrap()];
-        let err = setup(&db, &dns, &cni, "sb").unwrap_err();
+        let err = setup(&db, &dns, &cni, "sb", LeaseOwner::Shim).unwrap_err();
         assert!(matches!(err, NetError::CniConfig { .. }), "{err}");
         assert!(db.list().unwrap().is_empty(), "nothing recorded");
 
@@ -355,9 +357,10 @@ mod tests {
             mode: LeaseMode::Cni,
             netns: Some(netns_path(&cni, "done")),
             cni: None,
+            owner: LeaseOwner::Shim,
         };
         db.record(&lease).unwrap();
-        let a = setup(&db, &dns, &cni, "done").unwrap();
+        let a = setup(&db, &dns, &cni, "done", LeaseOwner::Shim).unwrap();
         assert_eq!(a, NetworkAttachment::from_lease(&lease, dns.to_vec()));
     }
 

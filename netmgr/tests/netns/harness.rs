@@ -66,6 +66,21 @@ macro_rules! netns_test {
     };
 }
 
+/// Poll `ready` until it holds or `limit` passed; returns whether it held. The
+/// limit only bounds a hang: pick it far above the expected wait.
+pub fn wait_until(limit: std::time::Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if ready() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// A current-thread tokio runtime (everything stays on the test's thread and namespace).
 pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -74,7 +89,12 @@ pub fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// A legacy configuration with its database in `dir`.
+/// Own `sandbox_id` (hold its liveness lock) as its shim would, for the guard's life.
+pub fn own(mgr: &beacon_netmgr::NetworkManager, sandbox_id: &str) -> beacon_netmgr::LivenessGuard {
+    mgr.liveness().acquire(sandbox_id).unwrap()
+}
+
+/// A legacy configuration with its database, lock and namespace folders in `dir`.
 pub fn legacy_config(dir: &std::path::Path) -> beacon_netmgr::NetConfig {
     let mut cfg = beacon_netmgr::NetConfig::legacy(&beacon_paths::BeaconPaths::under(dir));
     cfg.dns = vec!["192.0.2.53".parse().unwrap()];

@@ -7,4 +7,5 @@ mod cli;
 mod cni;
 mod concurrency;
 mod legacy;
+mod liveness;
 mod traffic;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use beacon_netmgr::{tap, MacAddr, NetworkManager};
 
-use crate::harness::{legacy_config, rt};
+use crate::harness::{legacy_config, own, rt};
 use crate::netns_test;
 
 pub fn arp_request(mac: MacAddr, sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
@@ -66,6 +66,7 @@ netns_test! {
         let dir = tempfile::tempdir().unwrap();
         rt().block_on(async {
             let mgr = NetworkManager::new(legacy_config(dir.path())).unwrap();
+            let _owners = (own(&mgr, "vm-a"), own(&mgr, "vm-b"));
             let a = mgr.setup("vm-a").await.unwrap();
             let b = mgr.setup("vm-b").await.unwrap();
             let mut tap_a = tap::open_tap_plain(&a.tap).unwrap();

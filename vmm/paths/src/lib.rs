@@ -140,8 +140,7 @@ impl BeaconPaths {
     /// `run/sandboxes/<id>.lock`: locked (`flock`) by the process that owns the
     /// sandbox for as long as it runs.
     pub fn sandbox_liveness(&self, sandbox_id: &str) -> PathBuf {
-        self.liveness_dir()
-            .join(format!("{}.lock", sanitize(sandbox_id)))
+        self.liveness_dir().join(liveness_lock_name(sandbox_id))
     }
 
     /// `run/netns`: CNI mode's bind-mounted per-sandbox network namespaces.
@@ -156,6 +155,12 @@ impl BeaconPaths {
         std::fs::create_dir_all(&self.run_dir)?;
         std::fs::create_dir_all(&self.log_dir)
     }
+}
+
+/// `<id>.lock`: the file name of a sandbox's liveness lock inside
+/// [`BeaconPaths::liveness_dir`].
+pub fn liveness_lock_name(sandbox_id: &str) -> String {
+    format!("{}.lock", sanitize(sandbox_id))
 }
 
 /// Longest id containerd accepts; such ids are used verbatim by [`sanitize`].
