@@ -10,7 +10,7 @@ use std::time::Duration;
 use beacon_netmgr::cni::{example_conflist, netns};
 use beacon_netmgr::{link, tap, CniConfig, NetError, NetworkAttachment, NetworkManager};
 
-use crate::harness::{legacy_config, own, rt, wait_until};
+use crate::harness::{bridge_ports, legacy_config, own, rt, wait_links_ready, wait_until};
 use crate::netns_test;
 use crate::traffic::{arp_request, is_arp, wait_frame};
 
@@ -67,12 +67,19 @@ impl Env {
     }
 }
 
-/// ARP for the gateway through the sandbox TAP, from inside its namespace.
-fn arp_through_tap(a: &NetworkAttachment) -> bool {
+/// ARP for the gateway through the sandbox TAP, from inside its namespace, once the
+/// path is ready: the veth's host end forwarding on the CNI bridge, and inside the
+/// namespace the TAP (carrier once opened) and the veth up.
+async fn arp_through_tap(a: &NetworkAttachment, bridge: &str) -> bool {
+    let h = link::connect().unwrap();
+    let ports = bridge_ports(&h, bridge).await;
+    let ports: Vec<&str> = ports.iter().map(String::as_str).collect();
+    wait_links_ready(&h, &ports).await;
     let (tap_name, mac, ip, gw) = (a.tap.clone(), a.mac, a.ip, a.gateway);
     netns::run_in(a.netns.as_ref().unwrap(), move || async move {
         let mut t = tap::open_tap_plain(&tap_name)?;
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let h = link::connect()?;
+        wait_links_ready(&h, &[&tap_name, "eth0"]).await;
         t.write_all(&arp_request(mac, ip, gw)).unwrap();
         Ok(wait_frame(&mut t, Duration::from_secs(5), |f| is_arp(f, 2, gw, ip)).is_some())
     })
@@ -104,7 +111,7 @@ netns_test! {
             assert!(tap_in_netns(&a));
             assert_eq!(env.reserved(), vec![a.ip.to_string()]);
             // Frames go TAP -> tc redirect -> veth -> bridge and the reply comes back.
-            assert!(arp_through_tap(&a), "the CNI bridge answered through the TAP");
+            assert!(arp_through_tap(&a, "cnitest0").await, "the CNI bridge answered through the TAP");
             mgr.check(id).await.unwrap();
             // The VMM opens the TAP from inside the namespace.
             drop(a.open_tap().unwrap());
@@ -328,7 +335,7 @@ netns_test! {
             let _owner = own(&mgr, "interrupted");
             let a = mgr.setup("interrupted").await.unwrap();
             assert_eq!(env.reserved(), vec![a.ip.to_string()], "the first address was DELeted");
-            assert!(arp_through_tap(&a));
+            assert!(arp_through_tap(&a, "cnitest0").await);
             mgr.teardown("interrupted").await.unwrap();
             assert!(env.reserved().is_empty());
         });
@@ -353,7 +360,7 @@ netns_test! {
             let a = mgr.setup("fw").await.unwrap();
             let rules = iptables_rules();
             assert!(rules.contains("CNI-FORWARD") && rules.contains(&format!("{}/32", a.ip)), "{rules}");
-            assert!(arp_through_tap(&a));
+            assert!(arp_through_tap(&a, "cnitest0").await);
             mgr.check("fw").await.unwrap();
             mgr.teardown("fw").await.unwrap();
             assert!(!iptables_rules().contains(&format!("{}/32", a.ip)));

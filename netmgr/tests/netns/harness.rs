@@ -81,6 +81,77 @@ pub fn wait_until(limit: std::time::Duration, mut ready: impl FnMut() -> bool) -
     }
 }
 
+/// Whether the link `name` passes frames: operationally up (for a TAP: a queue is
+/// open, so it has carrier) and, if it is a bridge port, in the forwarding state.
+pub async fn link_ready(h: &rtnetlink::Handle, name: &str) -> bool {
+    use netlink_packet_route::link::{
+        BridgePortState, InfoBridgePort, InfoPortData, LinkAttribute, LinkInfo, State,
+    };
+    let Ok(Some(msg)) = beacon_netmgr::link::get_link(h, name).await else {
+        return false;
+    };
+    let up = msg
+        .attributes
+        .iter()
+        .any(|a| matches!(a, LinkAttribute::OperState(State::Up)));
+    let port_states: Vec<BridgePortState> = msg
+        .attributes
+        .iter()
+        .filter_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => Some(infos),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|i| match i {
+            LinkInfo::PortData(InfoPortData::BridgePort(port)) => Some(port),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|p| match p {
+            InfoBridgePort::State(s) => Some(*s),
+            _ => None,
+        })
+        .collect();
+    up && port_states
+        .iter()
+        .all(|s| *s == BridgePortState::Forwarding)
+}
+
+/// Wait until every link in `names` passes frames ([`link_ready`]). The limit only
+/// bounds a hang; readiness normally takes milliseconds.
+pub async fn wait_links_ready(h: &rtnetlink::Handle, names: &[&str]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut all = true;
+        for name in names {
+            all &= link_ready(h, name).await;
+        }
+        if all {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "links {names:?} did not come up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// The bridge ports of `bridge`, by name.
+pub async fn bridge_ports(h: &rtnetlink::Handle, bridge: &str) -> Vec<String> {
+    let index = beacon_netmgr::link::link_index(h, bridge)
+        .await
+        .unwrap()
+        .expect("the bridge exists");
+    beacon_netmgr::link::list_links(h)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|m| beacon_netmgr::link::link_controller(m) == Some(index))
+        .filter_map(|m| beacon_netmgr::link::link_name(m).map(str::to_string))
+        .collect()
+}
+
 /// A current-thread tokio runtime (everything stays on the test's thread and namespace).
 pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
