@@ -10,6 +10,12 @@
 //! [`NetError::DatabaseCorrupt`]; only `beacon-net recover-db` ([`LeaseDb::recover`])
 //! moves it aside. A new file is built under a temporary name and renamed into place,
 //! so a crash while creating it cannot leave a half-made database behind.
+//!
+//! Corruption that makes redb panic or crash must still end in that error, in
+//! release builds too (`panic = "abort"`, where no `catch_unwind` runs): each
+//! process therefore checks a copy of the file in a forked child before it opens
+//! the file itself (see `verify`). The child's death is the error, never ours, and
+//! a file that fails the check is left exactly as it was.
 
 use std::fs::{File, OpenOptions};
 use std::net::Ipv4Addr;
@@ -223,22 +229,67 @@ impl LeaseDb {
     }
 
     /// Open the database (caller holds the lock), creating it atomically if absent.
+    ///
+    /// The file is first checked ([`Self::check_in_child`]); only a file that
+    /// passed is opened here, without repeating redb's integrity check: every
+    /// writer holds the lock we hold, so it is still the same file.
     fn open(&self) -> Result<Database> {
         if !self.path.exists() {
             self.create_fresh()?;
         }
-        let path = self.path.clone();
-        // Debug builds of redb assert on some impossible-for-redb states that a
-        // corrupted file can reach; turn such a panic into the same clear error.
-        let opened = std::panic::catch_unwind(move || {
+        self.check_in_child()?;
+        Self::builder().open(&self.path).map_err(|e| self.err(e))
+    }
+
+    /// Open a copy of the file with redb's integrity check in a child process
+    /// ([`verify`]). A file that makes redb fail, panic or crash there yields
+    /// [`NetError::DatabaseCorrupt`] whatever this build's panic strategy, and
+    /// the file itself is not touched: redb may write to what it opens (a
+    /// recovery flag, a repair), and here that is only the copy.
+    fn check_in_child(&self) -> Result<()> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let copy = tempfile::Builder::new()
+            .prefix(".network.db.check-")
+            .tempfile_in(dir)
+            .map_err(|e| self.io(dir, e))?;
+        std::fs::copy(&self.path, copy.path()).map_err(|e| self.io(&self.path, e))?;
+        let outcome = verify::in_child(|| {
             let mut b = Self::builder();
             b.set_check_integrity_on_open(true);
-            b.open(&path)
+            match b.open(copy.path()) {
+                Ok(db) => db.close().map_err(|e| self.encode(self.err(e))),
+                Err(e) => Err(self.encode(self.err(e))),
+            }
         });
-        match opened {
-            Ok(Ok(db)) => Ok(db),
-            Ok(Err(e)) => Err(self.err(e)),
-            Err(_) => Err(self.corrupt("the storage engine rejected the file")),
+        match outcome {
+            verify::Outcome::Passed => Ok(()),
+            verify::Outcome::Refused(text) => Err(self.decode_error(&text)),
+            verify::Outcome::Crashed(how) => {
+                Err(self.corrupt(format!("the storage engine crashed on it: {how}")))
+            }
+            verify::Outcome::Failed(why) => Err(NetError::Database {
+                path: self.path.clone(),
+                detail: format!("could not check the file: {why}"),
+            }),
+        }
+    }
+
+    /// An open error as text for the trip out of the checking child.
+    fn encode(&self, e: NetError) -> String {
+        match e {
+            NetError::DatabaseCorrupt { detail, .. } => format!("corrupt:{detail}"),
+            NetError::Database { detail, .. } => format!("error:{detail}"),
+            other => format!("error:{other}"),
+        }
+    }
+
+    fn decode_error(&self, text: &str) -> NetError {
+        match text.strip_prefix("corrupt:") {
+            Some(detail) => self.corrupt(detail),
+            None => NetError::Database {
+                path: self.path.clone(),
+                detail: text.strip_prefix("error:").unwrap_or(text).to_string(),
+            },
         }
     }
 
@@ -574,6 +625,8 @@ impl LeaseDb {
         Ok(Some(moved))
     }
 }
+
+mod verify;
 
 #[cfg(test)]
 mod tests;

@@ -57,6 +57,10 @@ enum Command {
     Allocate { sandbox_id: String },
     /// Release a lease in the database only.
     Release { sandbox_id: String },
+    /// Print this build's panic strategy, `abort` or `unwind` (tests check they run
+    /// the release build's behaviour).
+    #[command(hide = true)]
+    PanicStrategy,
     /// Allocate `count` leases `<prefix>-<n>` one transaction at a time, printing each
     /// address once committed (crash-safety tests).
     #[command(hide = true)]
@@ -77,6 +81,17 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Command::PanicStrategy = cli.command {
+        println!(
+            "{}",
+            if cfg!(panic = "abort") {
+                "abort"
+            } else {
+                "unwind"
+            }
+        );
+        return Ok(());
+    }
     let cfg = NetConfig::from_env().context("reading the network configuration")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -197,6 +212,7 @@ async fn run(command: Command, cfg: NetConfig) -> Result<()> {
             Some(l) => writeln!(out, "released {}", l.ip)?,
             None => writeln!(out, "no lease")?,
         },
+        Command::PanicStrategy => {}
         Command::StressAllocate { prefix, count } => {
             for n in 0..count {
                 let id = format!("{prefix}-{n}");

@@ -139,11 +139,10 @@ fn corrupt_and_truncated_files_are_refused_never_reinitialised() {
             "{what}: {msg}"
         );
         assert!(msg.contains("beacon-net recover-db"), "{what}: {msg}");
-        // redb may flip a header flag, but never rewrites the data.
         assert_eq!(
-            std::fs::metadata(d.path()).unwrap().len(),
-            bytes.len() as u64,
-            "{what}: file not reinitialised"
+            std::fs::read(d.path()).unwrap(),
+            bytes,
+            "{what}: file not reinitialised, not even touched"
         );
         let again = db(dir.path(), "10.88.0.9").list().unwrap_err();
         assert!(

@@ -8,4 +8,5 @@ mod cni;
 mod concurrency;
 mod legacy;
 mod liveness;
+mod release_db;
 mod traffic;
