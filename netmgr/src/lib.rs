@@ -16,6 +16,8 @@
 //!
 //! let net = Arc::new(NetworkManager::new(NetConfig::from_env()?)?);
 //! // Alive from before setup until after teardown; released on drop or death.
+//! // (Blocks while a reconciler tears down a previous incarnation: from async
+//! // code, call it through spawn_blocking.)
 //! let alive = net.liveness().acquire(sandbox_id)?;
 //! net.prepare().await?; // optional: open the database and host network early
 //! net.reconcile_once().await?;
