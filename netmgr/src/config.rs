@@ -84,6 +84,9 @@ pub struct NetConfig {
     pub prefix: u8,
     pub pool: PoolRange,
     pub db_path: PathBuf,
+    /// Folder of the sandboxes' liveness locks (`$BEACON_RUN_DIR/sandboxes`, see
+    /// [`crate::liveness`]).
+    pub liveness_dir: PathBuf,
     /// `nft` program to run (a name looked up in PATH, or a path).
     pub nft_program: String,
     pub dns: Vec<Ipv4Addr>,
@@ -103,6 +106,7 @@ impl NetConfig {
                 last: Ipv4Addr::new(10, 88, 255, 254),
             },
             db_path: paths.network_db(),
+            liveness_dir: paths.liveness_dir(),
             nft_program: "nft".to_string(),
             dns: Vec::new(),
             cni: None,
@@ -116,7 +120,8 @@ impl NetConfig {
 
     /// Resolve with a custom variable lookup (tests pass a map).
     ///
-    /// Variables: `BEACON_STATE_DIR` (through beacon-paths), `BEACON_POOL_RANGE`,
+    /// Variables: `BEACON_STATE_DIR` and `BEACON_RUN_DIR` (through beacon-paths),
+    /// `BEACON_POOL_RANGE`,
     /// `BEACON_BRIDGE`, `BEACON_NFT`, `BEACON_DNS` (comma separated),
     /// `BEACON_CNI_MODE=1`, `BEACON_CNI_CONF_DIR`, `BEACON_CNI_BIN_DIR`,
     /// `BEACON_CNI_NETWORK`, `BEACON_CNI_NETNS_DIR`.
@@ -146,8 +151,7 @@ impl NetConfig {
                     .into(),
                 network: lookup("BEACON_CNI_NETWORK").unwrap_or_else(|| "beacon-net".into()),
                 netns_dir: lookup("BEACON_CNI_NETNS_DIR")
-                    .unwrap_or_else(|| "/run/beacon/netns".into())
-                    .into(),
+                    .map_or_else(|| paths.cni_netns_dir(), PathBuf::from),
                 ifname: "eth0".to_string(),
             });
         }
@@ -236,6 +240,7 @@ mod tests {
     fn defaults_and_overrides() {
         let c = cfg(&[("BEACON_STATE_DIR", "/s"), ("BEACON_DNS", "1.1.1.1")]).unwrap();
         assert_eq!(c.db_path, PathBuf::from("/s/network.db"));
+        assert_eq!(c.liveness_dir, PathBuf::from("/run/beacon/sandboxes"));
         assert_eq!(c.pool.size(), 65533);
         assert_eq!(c.dns, vec![Ipv4Addr::new(1, 1, 1, 1)]);
         assert!(c.cni.is_none());
@@ -247,6 +252,10 @@ mod tests {
         assert_eq!(c.pool.size(), 3);
         let cni = c.cni.unwrap();
         assert_eq!(cni.network, "beacon-net");
+        assert_eq!(cni.netns_dir, PathBuf::from("/run/beacon/netns"));
+        let c = cfg(&[("BEACON_RUN_DIR", "/r"), ("BEACON_CNI_MODE", "1")]).unwrap();
+        assert_eq!(c.liveness_dir, PathBuf::from("/r/sandboxes"));
+        assert_eq!(c.cni.unwrap().netns_dir, PathBuf::from("/r/netns"));
         assert_eq!(cni.bin_dir, PathBuf::from("/opt/cni/bin"));
     }
 

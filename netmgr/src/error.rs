@@ -43,6 +43,14 @@ pub enum NetError {
         other: String,
     },
 
+    #[error(
+        "Sandbox {sandbox_id:?} has no live owner (nobody holds {lock}): acquire its liveness \
+         guard (SandboxLiveness::acquire) before setup and keep it until after teardown, or the \
+         reconciler frees its network. Operators: `beacon-net setup` keeps a network until \
+         `beacon-net teardown`"
+    )]
+    SandboxNotAlive { sandbox_id: String, lock: PathBuf },
+
     #[error("Invalid network configuration: {0}")]
     Config(String),
 

@@ -10,6 +10,12 @@
 //! [`NetError::DatabaseCorrupt`]; only `beacon-net recover-db` ([`LeaseDb::recover`])
 //! moves it aside. A new file is built under a temporary name and renamed into place,
 //! so a crash while creating it cannot leave a half-made database behind.
+//!
+//! Corruption that makes redb panic or crash must still end in that error, in
+//! release builds too (`panic = "abort"`, where no `catch_unwind` runs): each
+//! process therefore checks a copy of the file in a forked child before it opens
+//! the file itself (see `verify`). The child's death is the error, never ours, and
+//! a file that fails the check is left exactly as it was.
 
 use std::fs::{File, OpenOptions};
 use std::net::Ipv4Addr;
@@ -17,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use beacon_common::MacAddr;
 use nix::fcntl::{Flock, FlockArg};
 use redb::{
     ConcurrencyMode, Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
@@ -25,7 +32,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::PoolRange;
 use crate::error::{NetError, Result};
-use crate::naming::MacAddr;
 use crate::pool::PoolBitmap;
 
 const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
@@ -43,6 +49,20 @@ pub enum LeaseMode {
     Legacy,
     /// From a CNI IPAM plugin; the TAP sits in a per-sandbox namespace.
     Cni,
+}
+
+/// Who keeps a lease alive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeaseOwner {
+    /// A running process holding the sandbox's liveness lock (the shim, or
+    /// `beacon-net setup --hold`); the reconciler frees the lease once the lock is
+    /// free. Leases stored before owners were recorded are of this kind.
+    #[default]
+    Shim,
+    /// An operator (`beacon-net setup`/`allocate`): kept until `beacon-net
+    /// teardown`/`release`; the reconciler never frees it.
+    Cli,
 }
 
 /// One sandbox's network lease as stored in the database.
@@ -63,6 +83,8 @@ pub struct IpLease {
     /// CNI mode: what DEL needs after a crash (network config and ADD result).
     #[serde(default)]
     pub cni: Option<serde_json::Value>,
+    #[serde(default)]
+    pub owner: LeaseOwner,
 }
 
 /// What [`LeaseDb::repair`] changed.
@@ -95,11 +117,7 @@ struct OpenDb {
 
 impl Drop for OpenDb {
     fn drop(&mut self) {
-        let db = self
-            .db
-            .get_mut()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+        let db = beacon_common::lock(&self.db).take();
         if let Some(db) = db {
             let _lock = lock_file(&self.lock_path);
             drop(db);
@@ -211,22 +229,67 @@ impl LeaseDb {
     }
 
     /// Open the database (caller holds the lock), creating it atomically if absent.
+    ///
+    /// The file is first checked ([`Self::check_in_child`]); only a file that
+    /// passed is opened here, without repeating redb's integrity check: every
+    /// writer holds the lock we hold, so it is still the same file.
     fn open(&self) -> Result<Database> {
         if !self.path.exists() {
             self.create_fresh()?;
         }
-        let path = self.path.clone();
-        // Debug builds of redb assert on some impossible-for-redb states that a
-        // corrupted file can reach; turn such a panic into the same clear error.
-        let opened = std::panic::catch_unwind(move || {
+        self.check_in_child()?;
+        Self::builder().open(&self.path).map_err(|e| self.err(e))
+    }
+
+    /// Open a copy of the file with redb's integrity check in a child process
+    /// ([`verify`]). A file that makes redb fail, panic or crash there yields
+    /// [`NetError::DatabaseCorrupt`] whatever this build's panic strategy, and
+    /// the file itself is not touched: redb may write to what it opens (a
+    /// recovery flag, a repair), and here that is only the copy.
+    fn check_in_child(&self) -> Result<()> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let copy = tempfile::Builder::new()
+            .prefix(".network.db.check-")
+            .tempfile_in(dir)
+            .map_err(|e| self.io(dir, e))?;
+        std::fs::copy(&self.path, copy.path()).map_err(|e| self.io(&self.path, e))?;
+        let outcome = verify::in_child(|| {
             let mut b = Self::builder();
             b.set_check_integrity_on_open(true);
-            b.open(&path)
+            match b.open(copy.path()) {
+                Ok(db) => db.close().map_err(|e| self.encode(self.err(e))),
+                Err(e) => Err(self.encode(self.err(e))),
+            }
         });
-        match opened {
-            Ok(Ok(db)) => Ok(db),
-            Ok(Err(e)) => Err(self.err(e)),
-            Err(_) => Err(self.corrupt("the storage engine rejected the file")),
+        match outcome {
+            verify::Outcome::Passed => Ok(()),
+            verify::Outcome::Refused(text) => Err(self.decode_error(&text)),
+            verify::Outcome::Crashed(how) => {
+                Err(self.corrupt(format!("the storage engine crashed on it: {how}")))
+            }
+            verify::Outcome::Failed(why) => Err(NetError::Database {
+                path: self.path.clone(),
+                detail: format!("could not check the file: {why}"),
+            }),
+        }
+    }
+
+    /// An open error as text for the trip out of the checking child.
+    fn encode(&self, e: NetError) -> String {
+        match e {
+            NetError::DatabaseCorrupt { detail, .. } => format!("corrupt:{detail}"),
+            NetError::Database { detail, .. } => format!("error:{detail}"),
+            other => format!("error:{other}"),
+        }
+    }
+
+    fn decode_error(&self, text: &str) -> NetError {
+        match text.strip_prefix("corrupt:") {
+            Some(detail) => self.corrupt(detail),
+            None => NetError::Database {
+                path: self.path.clone(),
+                detail: text.strip_prefix("error:").unwrap_or(text).to_string(),
+            },
         }
     }
 
@@ -265,11 +328,7 @@ impl LeaseDb {
     /// Run `f` with the open database (opening it first if needed). A storage error
     /// drops the handle so the next call opens the file afresh.
     fn with_db<T>(&self, f: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
-        let mut slot = self
-            .open_db
-            .db
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut slot = beacon_common::lock(&self.open_db.db);
         if slot.is_none() {
             *slot = Some(self.open()?);
         }
@@ -384,8 +443,15 @@ impl LeaseDb {
     }
 
     /// Lease an address from the bitmap for `sandbox_id` (legacy mode), in one
-    /// transaction. A sandbox that already holds a lease gets the same one back.
-    pub fn allocate(&self, sandbox_id: &str, tap: &str, mac: MacAddr) -> Result<IpLease> {
+    /// transaction. A sandbox that already holds a lease gets the same one back
+    /// (with its original owner).
+    pub fn allocate(
+        &self,
+        sandbox_id: &str,
+        tap: &str,
+        mac: MacAddr,
+        owner: LeaseOwner,
+    ) -> Result<IpLease> {
         self.write(|me, txn| {
             if let Some(existing) = me.get_in(txn, sandbox_id)? {
                 return Ok(existing);
@@ -409,6 +475,7 @@ impl LeaseDb {
                 mode: LeaseMode::Legacy,
                 netns: None,
                 cni: None,
+                owner,
             };
             me.insert_lease(txn, &lease)?;
             Ok(lease)
@@ -546,11 +613,7 @@ impl LeaseDb {
     /// file, or `None` when there was no file.
     pub fn recover(&self) -> Result<Option<PathBuf>> {
         let _lock = self.lock()?;
-        *self
-            .open_db
-            .db
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        *beacon_common::lock(&self.open_db.db) = None;
         if !self.path.exists() {
             return Ok(None);
         }
@@ -562,6 +625,8 @@ impl LeaseDb {
         Ok(Some(moved))
     }
 }
+
+mod verify;
 
 #[cfg(test)]
 mod tests;

@@ -1,13 +1,13 @@
 //! [`NetworkManager`]: the API the shim calls. It owns the order of operations of
 //! one sandbox's network (lease first, then TAP, then attach; the reverse on
-//! teardown) and the reconciler that repairs what a crash left behind.
+//! teardown) and the reconciler that repairs what a crash left behind. Whether a
+//! sandbox still runs is [`crate::liveness`]'s question, never this module's.
 //!
 //! Order matters for crash safety: setup commits the lease before it creates the
 //! TAP, so a `beacon-*` TAP without a lease is always an orphan (a crashed setup or
 //! teardown) the reconciler may delete, and a lease whose sandbox is gone is freed
 //! together with its TAP.
 
-use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,47 +15,13 @@ use std::time::Duration;
 use rtnetlink::Handle;
 use tokio::sync::Mutex;
 
+use crate::attachment::NetworkAttachment;
 use crate::config::NetConfig;
 use crate::error::{NetError, Result};
-use crate::leasedb::{IpLease, LeaseDb, LeaseMode, RepairReport};
-use crate::naming::{self, MacAddr};
+use crate::leasedb::{LeaseDb, LeaseMode, LeaseOwner, RepairReport};
+use crate::liveness::{Liveness, LivenessCheck, SandboxLiveness};
+use crate::naming;
 use crate::{firewall, link, tap};
-
-/// What the VMM and the guest need to know about one sandbox's network.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetworkAttachment {
-    /// TAP device name (persistent; open it with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`).
-    pub tap: String,
-    /// MAC address to give the guest's virtio-net device.
-    pub mac: MacAddr,
-    /// Guest address.
-    pub ip: Ipv4Addr,
-    pub prefix: u8,
-    pub gateway: Ipv4Addr,
-    pub dns: Vec<Ipv4Addr>,
-    /// CNI mode: the namespace the TAP lives in (open the TAP from inside it).
-    pub netns: Option<PathBuf>,
-}
-
-impl NetworkAttachment {
-    /// Open the TAP for the VMM (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`), from inside
-    /// the sandbox namespace in CNI mode.
-    pub fn open_tap(&self) -> Result<std::fs::File> {
-        tap::open_tap_for_vm(&self.tap, self.netns.as_deref())
-    }
-
-    pub(crate) fn from_lease(lease: &IpLease, dns: Vec<Ipv4Addr>) -> Self {
-        NetworkAttachment {
-            tap: lease.tap.clone(),
-            mac: lease.mac,
-            ip: lease.ip,
-            prefix: lease.prefix,
-            gateway: lease.gateway,
-            dns,
-            netns: lease.netns.clone(),
-        }
-    }
-}
 
 /// What one reconciler pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -68,7 +34,8 @@ pub struct ReconcileReport {
     pub orphan_netns: Vec<PathBuf>,
     /// Bitmap and index fixes.
     pub repair: RepairReport,
-    /// Sandboxes whose teardown failed (kept for the next pass), with the error.
+    /// Sandboxes whose liveness check or teardown failed (kept for the next pass),
+    /// with the error.
     pub failed: Vec<(String, String)>,
 }
 
@@ -76,6 +43,7 @@ pub struct ReconcileReport {
 pub struct NetworkManager {
     cfg: NetConfig,
     db: LeaseDb,
+    liveness: SandboxLiveness,
     handle: Handle,
     bridge_index: Mutex<Option<u32>>,
     /// The namespace the manager was created in (for background deletions).
@@ -95,6 +63,7 @@ impl NetworkManager {
         })?;
         Ok(NetworkManager {
             handle: link::connect()?,
+            liveness: SandboxLiveness::new(cfg.liveness_dir.clone()),
             cfg,
             db,
             bridge_index: Mutex::new(None),
@@ -120,6 +89,12 @@ impl NetworkManager {
     /// The lease database.
     pub fn leases(&self) -> &LeaseDb {
         &self.db
+    }
+
+    /// The sandboxes' liveness locks (`$BEACON_RUN_DIR/sandboxes`): the shim takes
+    /// its sandbox's guard here before [`Self::setup`].
+    pub fn liveness(&self) -> &SandboxLiveness {
+        &self.liveness
     }
 
     /// Bridge, its address, IP forwarding and the nftables tables. The nftables
@@ -156,16 +131,34 @@ impl NetworkManager {
 
     /// Give `sandbox_id` a network: lease, TAP, attachment. Calling it again for the
     /// same sandbox returns the same attachment.
+    ///
+    /// The caller must hold the sandbox's liveness guard
+    /// ([`SandboxLiveness::acquire`] on [`Self::liveness`]) from before this call
+    /// until after [`Self::teardown`]; without it this fails with
+    /// [`NetError::SandboxNotAlive`] rather than hand out a lease the next
+    /// reconciler pass would free.
     pub async fn setup(&self, sandbox_id: &str) -> Result<NetworkAttachment> {
+        self.setup_as(sandbox_id, LeaseOwner::Shim).await
+    }
+
+    /// [`Self::setup`] with an explicit owner: [`LeaseOwner::Cli`] leases need no
+    /// liveness guard and are kept until [`Self::teardown`] (`beacon-net setup`).
+    pub async fn setup_as(&self, sandbox_id: &str, owner: LeaseOwner) -> Result<NetworkAttachment> {
         naming::validate_sandbox_id(sandbox_id)?;
+        if owner == LeaseOwner::Shim && !self.liveness.is_alive(sandbox_id)? {
+            return Err(NetError::SandboxNotAlive {
+                sandbox_id: sandbox_id.to_string(),
+                lock: self.liveness.lock_path(sandbox_id),
+            });
+        }
         if let Some(cni) = &self.cfg.cni {
-            return crate::cni::setup(self, cni, sandbox_id).await;
+            return crate::cni::setup(&self.db, &self.cfg.dns, cni, sandbox_id, owner);
         }
         let bridge = self.ensure_host(false).await?;
         let tap_name = naming::tap_name(sandbox_id);
-        let lease = self
-            .db
-            .allocate(sandbox_id, &tap_name, naming::guest_mac(sandbox_id))?;
+        let lease =
+            self.db
+                .allocate(sandbox_id, &tap_name, naming::guest_mac(sandbox_id), owner)?;
         if let Err(e) = self.plug_tap(&tap_name, bridge).await {
             tracing::warn!(sandbox_id, error = %e, "TAP setup failed; releasing the lease");
             let _ = link::delete_link(&self.handle, &tap_name).await;
@@ -204,7 +197,7 @@ impl NetworkManager {
         match lease.as_ref().map(|l| l.mode) {
             Some(LeaseMode::Cni) => {
                 if let Some(lease) = &lease {
-                    crate::cni::teardown(self, lease).await?;
+                    crate::cni::teardown(lease)?;
                 }
             }
             _ => {
@@ -238,7 +231,7 @@ impl NetworkManager {
             detail: "it has no lease".into(),
         })?;
         if lease.mode == LeaseMode::Cni {
-            return crate::cni::check(self, &lease).await;
+            return crate::cni::check(&lease);
         }
         let bridge = link::link_index(&self.handle, &self.cfg.bridge).await?;
         let tap = link::get_link(&self.handle, &lease.tap).await?;
@@ -290,27 +283,43 @@ impl NetworkManager {
         })))
     }
 
-    /// One reconciler pass: free the leases of sandboxes `is_alive` says are gone
-    /// (deleting their TAPs, running CNI DEL), align the bitmap with the leases,
-    /// delete `beacon-*` TAPs no lease owns, and refresh the nftables tables when
-    /// the bridge exists.
+    /// One reconciler pass with the real liveness check ([`Self::liveness`]): what
+    /// the shim runs once at start, and `beacon-net reconcile` runs.
+    pub async fn reconcile_once(&self) -> Result<ReconcileReport> {
+        self.reconcile(&self.liveness).await
+    }
+
+    /// One reconciler pass: free the shim-owned leases of sandboxes `liveness`
+    /// says are gone (deleting their TAPs, running CNI DEL), align the bitmap with
+    /// the leases, delete `beacon-*` TAPs no lease owns, and refresh the nftables
+    /// tables when the bridge exists. Operator-owned ([`LeaseOwner::Cli`]) leases
+    /// are never freed here.
     ///
-    /// Contract for `is_alive`: a sandbox must count as alive from before its
-    /// `setup` starts (e.g. its state folder is created first), or a reconciler in
-    /// another process may free a lease that is being set up.
-    pub async fn reconcile(
-        &self,
-        is_alive: &(dyn Fn(&str) -> bool + Send + Sync),
-    ) -> Result<ReconcileReport> {
+    /// Contract for `liveness`: a sandbox must count as alive from before its
+    /// `setup` starts, or a reconciler in another process may free a lease that is
+    /// being set up. The lock-based [`SandboxLiveness`] also keeps a restarting
+    /// owner out while its old network is torn down.
+    pub async fn reconcile(&self, liveness: &dyn LivenessCheck) -> Result<ReconcileReport> {
         let mut report = ReconcileReport::default();
         for lease in self.db.list()? {
-            if is_alive(&lease.sandbox_id) {
+            if lease.owner == LeaseOwner::Cli {
                 continue;
             }
+            let claim = match liveness.probe(&lease.sandbox_id) {
+                Ok(Liveness::Alive) => continue,
+                Ok(Liveness::Gone(claim)) => claim,
+                Err(e) => {
+                    let detail = format!("checking whether it still runs: {e}");
+                    report.failed.push((lease.sandbox_id, detail));
+                    continue;
+                }
+            };
             match self.teardown(&lease.sandbox_id).await {
                 Ok(()) => report.released.push(lease.sandbox_id),
                 Err(e) => report.failed.push((lease.sandbox_id, e.to_string())),
             }
+            // Only now may an owner start this sandbox again.
+            drop(claim);
         }
         report.repair = self.db.repair()?;
         if let Some(cni) = &self.cfg.cni {
@@ -366,16 +375,17 @@ impl NetworkManager {
 
 /// Run [`NetworkManager::reconcile`] now and then every `interval` (the default is
 /// [`DEFAULT_RECONCILE_INTERVAL`]) until the task is aborted. Errors are logged.
+/// `liveness` is normally `Arc::new(manager.liveness().clone())`.
 pub fn spawn_reconciler(
     manager: Arc<NetworkManager>,
     interval: Duration,
-    is_alive: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    liveness: Arc<dyn LivenessCheck>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(interval);
         loop {
             ticker.tick().await;
-            if let Err(e) = manager.reconcile(is_alive.as_ref()).await {
+            if let Err(e) = manager.reconcile(liveness.as_ref()).await {
                 tracing::warn!(error = %e, "network reconciler pass failed");
             }
         }
@@ -384,14 +394,6 @@ pub fn spawn_reconciler(
 
 /// One minute, as the design asks.
 pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
-
-/// The default liveness check: a sandbox exists while its state folder
-/// (`$BEACON_STATE_DIR/sandboxes/<id>`) does.
-pub fn state_dir_liveness(
-    paths: beacon_paths::BeaconPaths,
-) -> Arc<dyn Fn(&str) -> bool + Send + Sync> {
-    Arc::new(move |id: &str| paths.sandbox_state(id).exists())
-}
 
 #[cfg(test)]
 mod tests {

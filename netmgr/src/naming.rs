@@ -1,7 +1,11 @@
 //! Names and addresses derived from a sandbox id: the TAP name and the guest MAC.
 //! Sandbox ids come from containerd and may hold any characters; hashing keeps every
 //! derived name a valid, fixed-length interface name.
+//!
+//! The MAC type itself is `beacon_common::MacAddr` (one definition for netmgr and
+//! the VMM); this module only derives values of it.
 
+use beacon_common::MacAddr;
 use sha2::{Digest, Sha256};
 
 use crate::config::TAP_PREFIX;
@@ -9,40 +13,6 @@ use crate::error::{NetError, Result};
 
 /// Longest sandbox id we accept (containerd ids are at most 76 bytes).
 pub const MAX_SANDBOX_ID_LEN: usize = 1024;
-
-/// A MAC address, printed as `02:xx:xx:xx:xx:xx`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub struct MacAddr(pub [u8; 6]);
-
-impl std::fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let b = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            b[0], b[1], b[2], b[3], b[4], b[5]
-        )
-    }
-}
-
-impl std::str::FromStr for MacAddr {
-    type Err = NetError;
-    fn from_str(s: &str) -> Result<Self> {
-        let mut out = [0u8; 6];
-        let mut parts = s.split(':');
-        for byte in out.iter_mut() {
-            let part = parts
-                .next()
-                .ok_or_else(|| NetError::Config(format!("MAC {s:?} is too short")))?;
-            *byte = u8::from_str_radix(part, 16)
-                .map_err(|e| NetError::Config(format!("MAC {s:?}: {e}")))?;
-        }
-        if parts.next().is_some() {
-            return Err(NetError::Config(format!("MAC {s:?} is too long")));
-        }
-        Ok(MacAddr(out))
-    }
-}
 
 /// Reject ids we cannot store or hash meaningfully.
 pub fn validate_sandbox_id(id: &str) -> Result<()> {
@@ -110,6 +80,10 @@ mod tests {
         assert_eq!(parsed, mac);
         assert!("zz:00:00:00:00:00".parse::<MacAddr>().is_err());
         assert!("00:00".parse::<MacAddr>().is_err());
+        // Strict: one-digit groups were accepted by netmgr's old private parser.
+        assert!("2:0:0:0:0:1".parse::<MacAddr>().is_err());
+        // Stored and printed as text, the form the VMM and operators read.
+        assert_eq!(serde_json::to_string(&mac).unwrap(), format!("\"{mac}\""));
     }
 
     #[test]

@@ -2,6 +2,11 @@
 //!
 //! The spec is kept whole as JSON (vminitd receives it, minus the network
 //! namespace); this module extracts and checks what the shim itself needs.
+//!
+//! The sandbox id annotation names folders, logs, locks and the VM a container
+//! joins, so it is held to containerd's own id rule
+//! ([`beacon_paths::is_containerd_id`]) when the bundle loads; a bundle with a
+//! malformed one is refused rather than mapped onto some other sandbox.
 
 use std::path::{Path, PathBuf};
 
@@ -28,6 +33,14 @@ pub enum BundleError {
     },
     #[error("config.json: {0}")]
     Invalid(String),
+    #[error(
+        "config.json: annotation {SANDBOX_ID_ANNOTATION} is {value}, which is not a valid \
+         sandbox id: it must start with an ASCII letter or digit, contain only letters, digits, \
+         '_', '.' and '-', and be at most {max} bytes (containerd's id rule). Fix whatever \
+         wrote the annotation (the CRI plugin writes the pod sandbox's container id)",
+        max = beacon_paths::MAX_VERBATIM_LEN
+    )]
+    InvalidSandboxId { value: String },
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +104,7 @@ impl Bundle {
             .pointer("/process/terminal")
             .and_then(Value::as_bool)
             .unwrap_or(false);
+        check_sandbox_id(&spec)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             spec,
@@ -108,8 +122,9 @@ impl Bundle {
             .and_then(Value::as_str)
     }
 
-    /// The sandbox this container belongs to: the CRI sandbox id, else `own_id`
-    /// (a plain `ctr run` container is its own sandbox).
+    /// The sandbox this container belongs to: the CRI sandbox id (checked by
+    /// [`Bundle::load`]), else `own_id` (a plain `ctr run` container is its own
+    /// sandbox).
     pub fn sandbox_id<'a>(&'a self, own_id: &'a str) -> &'a str {
         self.annotation(SANDBOX_ID_ANNOTATION).unwrap_or(own_id)
     }
@@ -118,6 +133,25 @@ impl Bundle {
     pub fn starts_sandbox(&self) -> bool {
         self.annotation(CONTAINER_TYPE_ANNOTATION)
             .is_none_or(|t| t == "sandbox")
+    }
+}
+
+/// A present sandbox id annotation must be a string obeying containerd's id rule.
+fn check_sandbox_id(spec: &Value) -> Result<(), BundleError> {
+    let Some(value) = spec
+        .get("annotations")
+        .and_then(|a| a.get(SANDBOX_ID_ANNOTATION))
+    else {
+        return Ok(());
+    };
+    match value.as_str() {
+        Some(id) if beacon_paths::is_containerd_id(id) => Ok(()),
+        Some(id) => Err(BundleError::InvalidSandboxId {
+            value: format!("{:?}", id.chars().take(100).collect::<String>()),
+        }),
+        None => Err(BundleError::InvalidSandboxId {
+            value: format!("not a string ({value})"),
+        }),
     }
 }
 
@@ -160,6 +194,55 @@ mod tests {
         assert_eq!(b.rootfs, PathBuf::from("/abs/rootfs"));
         assert_eq!(b.sandbox_id("c2"), "pod1");
         assert!(!b.starts_sandbox());
+    }
+
+    fn with_sandbox_id(id: &Value) -> String {
+        serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["nginx"]},
+            "root": {"path": "rootfs"},
+            "annotations": {
+                SANDBOX_ID_ANNOTATION: id,
+                CONTAINER_TYPE_ANNOTATION: "container",
+            },
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn sandbox_ids_follow_containerd_rules() {
+        let long_ok = "a".repeat(76);
+        for ok in ["p", "0pod", "pod-1_a.b", long_ok.as_str()] {
+            let (_t, b) = bundle(&with_sandbox_id(&Value::from(ok)));
+            assert_eq!(b.expect(ok).sandbox_id("c"), ok);
+        }
+        let long_bad = "a".repeat(77);
+        for bad in [
+            Value::from(""),
+            Value::from("a/b"),
+            Value::from("../etc"),
+            Value::from("_pod"),
+            Value::from("-pod"),
+            Value::from(".pod"),
+            Value::from("pod 1"),
+            Value::from("p\u{f6}d"),
+            Value::from("pod\n"),
+            Value::from(long_bad.as_str()),
+            Value::from(7),
+            Value::Null,
+        ] {
+            let (_t, b) = bundle(&with_sandbox_id(&bad));
+            let err = b.expect_err(&bad.to_string());
+            assert!(
+                matches!(err, BundleError::InvalidSandboxId { .. }),
+                "{bad}: {err}"
+            );
+            let msg = err.to_string();
+            assert!(
+                msg.contains(SANDBOX_ID_ANNOTATION) && msg.contains("at most 76 bytes"),
+                "{msg}"
+            );
+        }
     }
 
     #[test]

@@ -82,6 +82,9 @@ fn median(mut v: Vec<Duration>) -> (Duration, Duration) {
 
 async fn bench(label: &str, cfg: NetConfig, iterations: usize) -> Result<()> {
     let mgr = NetworkManager::new(cfg.clone())?;
+    // Each sandbox is owned (liveness guard held) across its setup, as in the shim.
+    let live = mgr.liveness().clone();
+    let _warmup = live.acquire("warmup")?;
     let t = Instant::now();
     mgr.setup("warmup").await?;
     let first = t.elapsed();
@@ -90,6 +93,7 @@ async fn bench(label: &str, cfg: NetConfig, iterations: usize) -> Result<()> {
     let mut teardowns = Vec::with_capacity(iterations);
     for i in 0..iterations {
         let id = format!("bench-{i}");
+        let _alive = live.acquire(&id)?;
         let t = Instant::now();
         mgr.setup(&id).await?;
         setups.push(t.elapsed());
@@ -100,6 +104,7 @@ async fn bench(label: &str, cfg: NetConfig, iterations: usize) -> Result<()> {
     let mut deferred = Vec::with_capacity(iterations);
     for i in 0..iterations {
         let id = format!("deferred-{i}");
+        let _alive = live.acquire(&id)?;
         mgr.setup(&id).await?;
         let t = Instant::now();
         let deleting = mgr.teardown_deferred(&id).await?;
@@ -133,8 +138,12 @@ async fn bench(label: &str, cfg: NetConfig, iterations: usize) -> Result<()> {
         let id = format!("parts-{i}");
         let tap = beacon_netmgr::naming::tap_name(&id);
         let t = Instant::now();
-        mgr.leases()
-            .allocate(&id, &tap, beacon_netmgr::naming::guest_mac(&id))?;
+        mgr.leases().allocate(
+            &id,
+            &tap,
+            beacon_netmgr::naming::guest_mac(&id),
+            beacon_netmgr::LeaseOwner::Cli,
+        )?;
         alloc.push(t.elapsed());
         let t = Instant::now();
         mgr.leases().release(&id)?;
@@ -153,13 +162,15 @@ async fn bench(label: &str, cfg: NetConfig, iterations: usize) -> Result<()> {
         ms(median(tap_add).0),
         ms(median(tap_del).0)
     );
-    // A shim is one process per sandbox: time setup with a brand-new manager (opens
-    // the database with its integrity check, connects netlink, checks nftables).
+    // A shim is one process per sandbox: time setup with a brand-new manager (takes
+    // the liveness lock, opens the database with its integrity check, connects
+    // netlink, checks nftables).
     let mut cold = Vec::new();
     for i in 0..iterations.min(20) {
         let id = format!("cold-{i}");
         let t = Instant::now();
         let fresh = NetworkManager::new(cfg.clone())?;
+        let _alive = fresh.liveness().acquire(&id)?;
         fresh.setup(&id).await?;
         cold.push(t.elapsed());
         fresh.teardown(&id).await?;
@@ -169,6 +180,7 @@ async fn bench(label: &str, cfg: NetConfig, iterations: usize) -> Result<()> {
     for i in 0..iterations.min(20) {
         let id = format!("prepared-{i}");
         let fresh = NetworkManager::new(cfg.clone())?;
+        let _alive = fresh.liveness().acquire(&id)?;
         fresh.prepare().await?;
         let t = Instant::now();
         fresh.setup(&id).await?;

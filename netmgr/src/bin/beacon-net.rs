@@ -1,11 +1,15 @@
 //! `beacon-net`: operator commands for beaconbox host networking. Configuration
 //! comes from the same environment variables the shim reads (`BEACON_STATE_DIR`,
-//! `BEACON_POOL_RANGE`, `BEACON_CNI_*`, ...).
+//! `BEACON_RUN_DIR`, `BEACON_POOL_RANGE`, `BEACON_CNI_*`, ...).
+//!
+//! Networks made here belong to the operator (kept until `teardown`), except with
+//! `setup --hold`, which owns the sandbox like a shim does: its network lives as
+//! long as the command runs (see `beacon_netmgr::liveness`).
 
 use std::io::Write;
 
 use anyhow::{bail, Context, Result};
-use beacon_netmgr::{link, naming, state_dir_liveness, NetConfig, NetworkManager};
+use beacon_netmgr::{link, naming, LeaseOwner, NetConfig, NetworkManager};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -26,8 +30,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Free leases of sandboxes whose state folder is gone, delete orphan TAPs,
-    /// repair the bitmap, refresh nftables.
+    /// Free leases of sandboxes no running process owns any more (shim-owned leases
+    /// only), delete orphan TAPs, repair the bitmap, refresh nftables.
     Reconcile,
     /// Remove the nftables tables and the bridge (leases are kept).
     Cleanup,
@@ -37,14 +41,26 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Set up a sandbox's network (TAP, lease, bridge) and print the attachment.
-    Setup { sandbox_id: String },
-    /// Tear down a sandbox's network.
+    /// Set up a sandbox's network (TAP, lease, bridge) and print the attachment. The
+    /// network is kept until `beacon-net teardown` (the reconciler leaves it alone).
+    Setup {
+        sandbox_id: String,
+        /// Own the sandbox like a shim: hold its liveness lock, keep running, and
+        /// tear the network down on SIGINT/SIGTERM. Killed any other way, the
+        /// reconciler frees the network.
+        #[arg(long)]
+        hold: bool,
+    },
+    /// Tear down a sandbox's network (whoever owns it).
     Teardown { sandbox_id: String },
-    /// Lease an address in the database only (no TAP).
+    /// Lease an address in the database only (no TAP); kept until `release`.
     Allocate { sandbox_id: String },
     /// Release a lease in the database only.
     Release { sandbox_id: String },
+    /// Print this build's panic strategy, `abort` or `unwind` (tests check they run
+    /// the release build's behaviour).
+    #[command(hide = true)]
+    PanicStrategy,
     /// Allocate `count` leases `<prefix>-<n>` one transaction at a time, printing each
     /// address once committed (crash-safety tests).
     #[command(hide = true)]
@@ -65,6 +81,17 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Command::PanicStrategy = cli.command {
+        println!(
+            "{}",
+            if cfg!(panic = "abort") {
+                "abort"
+            } else {
+                "unwind"
+            }
+        );
+        return Ok(());
+    }
     let cfg = NetConfig::from_env().context("reading the network configuration")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -83,20 +110,19 @@ async fn run(command: Command, cfg: NetConfig) -> Result<()> {
                 } else {
                     writeln!(
                         out,
-                        "{:<40} {:<15} {:<15} {:<6} {}",
+                        "{:<40} {:<15} {:<15} {:<6} {:<5} {}",
                         l.sandbox_id,
                         l.ip,
                         l.tap,
                         format!("{:?}", l.mode).to_lowercase(),
+                        format!("{:?}", l.owner).to_lowercase(),
                         l.created_unix
                     )?;
                 }
             }
         }
         Command::Reconcile => {
-            let mgr = NetworkManager::new(cfg)?;
-            let alive = state_dir_liveness(beacon_paths::BeaconPaths::from_env());
-            let report = mgr.reconcile(alive.as_ref()).await?;
+            let report = NetworkManager::new(cfg)?.reconcile_once().await?;
             writeln!(out, "released: {:?}", report.released)?;
             writeln!(out, "orphan taps deleted: {:?}", report.orphan_taps)?;
             writeln!(
@@ -137,13 +163,37 @@ async fn run(command: Command, cfg: NetConfig) -> Result<()> {
                 None => writeln!(out, "{} does not exist; nothing to do", db.path().display())?,
             }
         }
-        Command::Setup { sandbox_id } => {
-            let a = NetworkManager::new(cfg)?.setup(&sandbox_id).await?;
-            writeln!(
-                out,
-                "tap={} mac={} ip={}/{} gateway={} dns={:?} netns={:?}",
-                a.tap, a.mac, a.ip, a.prefix, a.gateway, a.dns, a.netns
-            )?;
+        Command::Setup {
+            sandbox_id,
+            hold: false,
+        } => {
+            let a = NetworkManager::new(cfg)?
+                .setup_as(&sandbox_id, LeaseOwner::Cli)
+                .await?;
+            writeln!(out, "{}", describe(&a))?;
+        }
+        Command::Setup {
+            sandbox_id,
+            hold: true,
+        } => {
+            use tokio::signal::unix::{signal, SignalKind};
+            // Handlers first: a signal right after the attachment is printed must
+            // end in a teardown, not in the default action.
+            let mut term = signal(SignalKind::terminate())?;
+            let mut int = signal(SignalKind::interrupt())?;
+            let mgr = NetworkManager::new(cfg)?;
+            let live = mgr.liveness().clone();
+            let id = sandbox_id.clone();
+            let alive = tokio::task::spawn_blocking(move || live.acquire(&id)).await??;
+            let a = mgr.setup(&sandbox_id).await?;
+            writeln!(out, "{}", describe(&a))?;
+            out.flush()?;
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            mgr.teardown(&sandbox_id).await?;
+            drop(alive);
         }
         Command::Teardown { sandbox_id } => {
             NetworkManager::new(cfg)?.teardown(&sandbox_id).await?;
@@ -154,6 +204,7 @@ async fn run(command: Command, cfg: NetConfig) -> Result<()> {
                 &sandbox_id,
                 &naming::tap_name(&sandbox_id),
                 naming::guest_mac(&sandbox_id),
+                LeaseOwner::Cli,
             )?;
             writeln!(out, "{}", l.ip)?;
         }
@@ -161,14 +212,27 @@ async fn run(command: Command, cfg: NetConfig) -> Result<()> {
             Some(l) => writeln!(out, "released {}", l.ip)?,
             None => writeln!(out, "no lease")?,
         },
+        Command::PanicStrategy => {}
         Command::StressAllocate { prefix, count } => {
             for n in 0..count {
                 let id = format!("{prefix}-{n}");
-                let l = db.allocate(&id, &naming::tap_name(&id), naming::guest_mac(&id))?;
+                let l = db.allocate(
+                    &id,
+                    &naming::tap_name(&id),
+                    naming::guest_mac(&id),
+                    LeaseOwner::Cli,
+                )?;
                 writeln!(out, "{id} {}", l.ip)?;
                 out.flush()?;
             }
         }
     }
     Ok(())
+}
+
+fn describe(a: &beacon_netmgr::NetworkAttachment) -> String {
+    format!(
+        "tap={} mac={} ip={}/{} gateway={} dns={:?} netns={:?}",
+        a.tap, a.mac, a.ip, a.prefix, a.gateway, a.dns, a.netns
+    )
 }

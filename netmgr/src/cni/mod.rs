@@ -2,6 +2,9 @@
 //! plugin chain (ADD/CHECK/DEL with `prevResult` chaining), and a TAP inside that
 //! namespace for the VM.
 //!
+//! Takes only what it uses from the caller: the lease database and the DNS list
+//! (never the `NetworkManager`, which calls into this module).
+//!
 //! Crash safety: a lease (mode `cni`, address 0.0.0.0) naming the namespace and the
 //! configuration list is committed *before* ADD runs, so a crash at any point leaves
 //! a record from which the reconciler can run DEL and remove the namespace.
@@ -17,10 +20,10 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use crate::attachment::NetworkAttachment;
 use crate::config::CniConfig;
 use crate::error::{NetError, Result};
-use crate::leasedb::{IpLease, LeaseMode};
-use crate::manager::{NetworkAttachment, NetworkManager};
+use crate::leasedb::{IpLease, LeaseDb, LeaseMode, LeaseOwner};
 use crate::naming;
 use conflist::ConfList;
 use plugin::{CniCommand, Invocation};
@@ -126,22 +129,23 @@ fn run_chain(
     Ok(prev)
 }
 
-pub(crate) async fn setup(
-    m: &NetworkManager,
+/// Give `sandbox_id` a network through the plugin chain, recording its lease (kept
+/// by `owner`) in `db`; `dns` is used when the chain's result names no DNS servers.
+pub(crate) fn setup(
+    db: &LeaseDb,
+    dns: &[Ipv4Addr],
     cni: &CniConfig,
     sandbox_id: &str,
+    owner: LeaseOwner,
 ) -> Result<NetworkAttachment> {
-    if let Some(lease) = m.leases().get(sandbox_id)? {
+    if let Some(lease) = db.get(sandbox_id)? {
         if lease.mode == LeaseMode::Cni && !lease.ip.is_unspecified() {
-            return Ok(NetworkAttachment::from_lease(
-                &lease,
-                m.config().dns.clone(),
-            ));
+            return Ok(NetworkAttachment::from_lease(&lease, dns.to_vec()));
         }
         if lease.mode == LeaseMode::Cni {
             // A setup of this sandbox crashed mid-ADD: DEL what it made first, so
             // the IPAM plugin does not keep a second address for it.
-            teardown(m, &lease).await?;
+            teardown(&lease)?;
         }
     }
     let list = ConfList::load(&cni.conf_dir, &cni.network)?;
@@ -164,8 +168,9 @@ pub(crate) async fn setup(
             "binDir": cni.bin_dir,
             "conflist": list.to_json(),
         })),
+        owner,
     };
-    m.leases().record(&lease)?;
+    db.record(&lease)?;
     match add(cni, &list, &cid, &ns, &tap_name) {
         Ok((result, addr, tap, mac)) => {
             lease.ip = addr.ip;
@@ -180,25 +185,25 @@ pub(crate) async fn setup(
                 info.insert("result".into(), result);
             }
             let dns = if addr.dns.is_empty() {
-                m.config().dns.clone()
+                dns.to_vec()
             } else {
                 addr.dns
             };
-            m.leases().record(&lease)?;
+            db.record(&lease)?;
             Ok(NetworkAttachment::from_lease(&lease, dns))
         }
         Err(e) => {
-            if let Err(cleanup) = teardown(m, &lease).await {
+            if let Err(cleanup) = teardown(&lease) {
                 tracing::warn!(sandbox_id, error = %cleanup, "CNI cleanup after a failed ADD failed; the reconciler retries");
                 return Err(e);
             }
-            m.leases().release(sandbox_id)?;
+            db.release(sandbox_id)?;
             Err(e)
         }
     }
 }
 
-type Added = (Value, ResultAddress, String, crate::naming::MacAddr);
+type Added = (Value, ResultAddress, String, beacon_common::MacAddr);
 
 fn add(cni: &CniConfig, list: &ConfList, cid: &str, ns: &Path, tap_name: &str) -> Result<Added> {
     netns::create(ns)?;
@@ -259,7 +264,7 @@ fn stored(lease: &IpLease) -> Result<Stored> {
 
 /// DEL the chain (with the stored result) and remove the namespace. Safe to repeat,
 /// also when the namespace is already gone.
-pub(crate) async fn teardown(_m: &NetworkManager, lease: &IpLease) -> Result<()> {
+pub(crate) fn teardown(lease: &IpLease) -> Result<()> {
     let s = stored(lease)?;
     let ns = lease.netns.clone().unwrap_or_default();
     let ns_text = if netns::is_mounted(&ns) {
@@ -299,7 +304,7 @@ pub(crate) fn orphan_namespaces(cni: &CniConfig) -> Vec<PathBuf> {
 }
 
 /// Run CHECK over the chain for a set-up sandbox.
-pub(crate) async fn check(_m: &NetworkManager, lease: &IpLease) -> Result<()> {
+pub(crate) fn check(lease: &IpLease) -> Result<()> {
     let s = stored(lease)?;
     let ns = lease.netns.clone().unwrap_or_default();
     let ns_text = ns.to_string_lossy().into_owned();
@@ -316,6 +321,48 @@ pub(crate) async fn check(_m: &NetworkManager, lease: &IpLease) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The CNI path runs with just a lease database and a DNS list: no
+    /// `NetworkManager`, runtime or netlink socket.
+    #[test]
+    fn setup_needs_only_the_lease_database_and_dns() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = beacon_paths::BeaconPaths::under(dir.path());
+        let cfg = crate::NetConfig::legacy(&paths);
+        let db = LeaseDb::new(cfg.db_path, cfg.pool, cfg.gateway, cfg.prefix);
+        let conf_dir = dir.path().join("net.d");
+        std::fs::create_dir_all(&conf_dir).unwrap();
+        std::fs::write(conf_dir.join("10-beacon.conflist"), "{ not json").unwrap();
+        let cni = CniConfig {
+            conf_dir,
+            bin_dir: dir.path().join("bin"),
+            network: "beacon-net".into(),
+            netns_dir: dir.path().join("netns"),
+            ifname: "eth0".into(),
+        };
+        let dns = ["192.0.2.53".parse().unwrap()];
+        let err = setup(&db, &dns, &cni, "sb", LeaseOwner::Shim).unwrap_err();
+        assert!(matches!(err, NetError::CniConfig { .. }), "{err}");
+        assert!(db.list().unwrap().is_empty(), "nothing recorded");
+
+        // A completed lease is answered from the database, with the caller's DNS.
+        let lease = IpLease {
+            sandbox_id: "done".into(),
+            ip: "10.99.0.5".parse().unwrap(),
+            prefix: 16,
+            gateway: "10.99.0.1".parse().unwrap(),
+            tap: naming::tap_name("done"),
+            mac: naming::guest_mac("done"),
+            created_unix: 1,
+            mode: LeaseMode::Cni,
+            netns: Some(netns_path(&cni, "done")),
+            cni: None,
+            owner: LeaseOwner::Shim,
+        };
+        db.record(&lease).unwrap();
+        let a = setup(&db, &dns, &cni, "done", LeaseOwner::Shim).unwrap();
+        assert_eq!(a, NetworkAttachment::from_lease(&lease, dns.to_vec()));
+    }
 
     #[test]
     fn container_ids_are_valid_for_odd_sandbox_ids() {

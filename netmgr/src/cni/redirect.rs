@@ -7,8 +7,8 @@ use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage}
 use rtnetlink::{Handle, LinkUnspec};
 
 use crate::error::{NetError, Result};
-use crate::naming::MacAddr;
 use crate::{link, tap};
+use beacon_common::MacAddr;
 
 const ETH_P_ALL: u16 = 0x0003;
 const TC_H_INGRESS_PARENT: u32 = 0xffff_0000;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use beacon_netmgr::cni::{example_conflist, netns};
 use beacon_netmgr::{link, tap, CniConfig, NetError, NetworkAttachment, NetworkManager};
 
-use crate::harness::{legacy_config, rt};
+use crate::harness::{bridge_ports, legacy_config, own, rt, wait_links_ready, wait_until};
 use crate::netns_test;
 use crate::traffic::{arp_request, is_arp, wait_frame};
 
@@ -67,12 +67,19 @@ impl Env {
     }
 }
 
-/// ARP for the gateway through the sandbox TAP, from inside its namespace.
-fn arp_through_tap(a: &NetworkAttachment) -> bool {
+/// ARP for the gateway through the sandbox TAP, from inside its namespace, once the
+/// path is ready: the veth's host end forwarding on the CNI bridge, and inside the
+/// namespace the TAP (carrier once opened) and the veth up.
+async fn arp_through_tap(a: &NetworkAttachment, bridge: &str) -> bool {
+    let h = link::connect().unwrap();
+    let ports = bridge_ports(&h, bridge).await;
+    let ports: Vec<&str> = ports.iter().map(String::as_str).collect();
+    wait_links_ready(&h, &ports).await;
     let (tap_name, mac, ip, gw) = (a.tap.clone(), a.mac, a.ip, a.gateway);
     netns::run_in(a.netns.as_ref().unwrap(), move || async move {
         let mut t = tap::open_tap_plain(&tap_name)?;
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let h = link::connect()?;
+        wait_links_ready(&h, &[&tap_name, "eth0"]).await;
         t.write_all(&arp_request(mac, ip, gw)).unwrap();
         Ok(wait_frame(&mut t, Duration::from_secs(5), |f| is_arp(f, 2, gw, ip)).is_some())
     })
@@ -94,6 +101,7 @@ netns_test! {
         rt().block_on(async {
             let mgr = NetworkManager::new(env.standard()).unwrap();
             let id = "cni sandbox/odd ✓";
+            let _owner = own(&mgr, id);
             let a = mgr.setup(id).await.unwrap();
             assert_eq!(a.prefix, 16);
             assert_eq!(a.gateway, "10.99.0.1".parse::<Ipv4Addr>().unwrap());
@@ -103,7 +111,7 @@ netns_test! {
             assert!(tap_in_netns(&a));
             assert_eq!(env.reserved(), vec![a.ip.to_string()]);
             // Frames go TAP -> tc redirect -> veth -> bridge and the reply comes back.
-            assert!(arp_through_tap(&a), "the CNI bridge answered through the TAP");
+            assert!(arp_through_tap(&a, "cnitest0").await, "the CNI bridge answered through the TAP");
             mgr.check(id).await.unwrap();
             // The VMM opens the TAP from inside the namespace.
             drop(a.open_tap().unwrap());
@@ -129,6 +137,7 @@ netns_test! {
         rt().block_on(async {
             let a = {
                 let mgr = NetworkManager::new(env.standard()).unwrap();
+                let _owner = own(&mgr, "crashed");
                 mgr.setup("crashed").await.unwrap()
                 // The "shim" dies here without teardown.
             };
@@ -184,6 +193,7 @@ netns_test! {
         let bin = bin_dir_with(&env, "failer", "#!/bin/sh\necho 'failer: no luck today' >&2\n[ \"$CNI_COMMAND\" = DEL ] && exit 0\necho '{\"cniVersion\":\"1.0.0\",\"code\":11,\"msg\":\"refused\"}'\nexit 1\n");
         rt().block_on(async {
             let mgr = NetworkManager::new(env.config(&two_plugin_list(&env, "failer"), &bin)).unwrap();
+            let _owner = own(&mgr, "sb");
             let err = mgr.setup("sb").await.unwrap_err();
             let msg = err.to_string();
             assert!(matches!(err, NetError::CniPlugin { .. }), "{msg}");
@@ -206,6 +216,7 @@ netns_test! {
         let env = Env::new();
         rt().block_on(async {
             let mgr = NetworkManager::new(env.config("{ this is not json", &plugin_dir())).unwrap();
+            let _owner = own(&mgr, "sb");
             let err = mgr.setup("sb").await.unwrap_err();
             assert!(matches!(err, NetError::CniConfig { .. }), "{err}");
             assert!(err.to_string().contains("10-beacon.conflist"), "{err}");
@@ -231,6 +242,7 @@ fi
         let list = serde_json::json!({"cniVersion": "1.0.0", "name": "beacon-net", "plugins": [{"type": "fake-tap"}]});
         rt().block_on(async {
             let mgr = NetworkManager::new(env.config(&list.to_string(), &bin)).unwrap();
+            let _owner = own(&mgr, "tapped");
             let a = mgr.setup("tapped").await.unwrap();
             assert_eq!(a.tap, "tap0");
             assert_eq!(a.mac.to_string(), "02:aa:bb:cc:dd:ee");
@@ -249,33 +261,47 @@ fi
     }
 }
 
-/// Start `beacon-net setup interrupted` in CNI mode with a chain whose second
-/// plugin hangs, and SIGKILL it once the bridge plugin has reserved an address.
+/// Start `beacon-net setup --hold interrupted` (a stand-in for a shim) in CNI mode
+/// with a chain whose second plugin hangs, and SIGKILL it once the hanging plugin
+/// runs, that is once the bridge plugin's ADD (and its address reservation) is
+/// complete. The hanging plugin is killed too (by the pid it wrote).
 fn crash_mid_add(env: &Env) -> beacon_netmgr::NetConfig {
+    let marker = env.dir.path().join("hang.pid");
     let bin = bin_dir_with(
         env,
         "hang",
-        "#!/bin/sh\ncat >/dev/null\n[ \"$CNI_COMMAND\" = ADD ] && exec sleep 5\nexit 0\n",
+        &format!(
+            "#!/bin/sh\ncat >/dev/null\n[ \"$CNI_COMMAND\" = ADD ] || exit 0\n\
+             echo $$ > '{m}.tmp' && mv '{m}.tmp' '{m}'\nexec sleep 600\n",
+            m = marker.display()
+        ),
     );
     let cfg = env.config(&two_plugin_list(env, "hang"), &bin);
     let cni = cfg.cni.clone().unwrap();
-    let state = env.dir.path().join("state");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_beacon-net"))
-        .args(["setup", "interrupted"])
-        .env("BEACON_STATE_DIR", &state)
+        .args(["setup", "--hold", "interrupted"])
+        .env("BEACON_STATE_DIR", env.dir.path().join("state"))
+        .env("BEACON_RUN_DIR", env.dir.path().join("run"))
         .env("BEACON_CNI_MODE", "1")
         .env("BEACON_CNI_CONF_DIR", &cni.conf_dir)
         .env("BEACON_CNI_BIN_DIR", &cni.bin_dir)
         .env("BEACON_CNI_NETNS_DIR", &cni.netns_dir)
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while env.reserved().is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // The deadline bounds a hang; it is not a timing assumption.
+    let started = wait_until(Duration::from_secs(60), || marker.exists());
+    assert!(started, "the hanging plugin started");
     assert_eq!(env.reserved().len(), 1, "bridge ADD ran");
-    child.kill().unwrap();
+    child.kill().unwrap(); // SIGKILL: no teardown runs
     child.wait().unwrap();
+    let pid: i32 = std::fs::read_to_string(&marker)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: kill has no memory-safety preconditions; `pid` is the hanging plugin
+    // this test started, still sleeping (its parent was killed, not it).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     cfg
 }
 
@@ -289,7 +315,8 @@ netns_test! {
             let leases = mgr.leases().list().unwrap();
             assert_eq!(leases.len(), 1, "the pending lease was committed before ADD");
             assert!(leases[0].ip.is_unspecified());
-            let report = mgr.reconcile(&|_: &str| false).await.unwrap();
+            // The real liveness check: the lock died with the killed owner.
+            let report = mgr.reconcile_once().await.unwrap();
             assert_eq!(report.released, vec!["interrupted".to_string()], "{report:?}");
             assert!(env.reserved().is_empty(), "DEL freed the address");
             assert!(mgr.leases().list().unwrap().is_empty());
@@ -305,9 +332,10 @@ netns_test! {
         crash_mid_add(&env);
         rt().block_on(async {
             let mgr = NetworkManager::new(env.standard()).unwrap();
+            let _owner = own(&mgr, "interrupted");
             let a = mgr.setup("interrupted").await.unwrap();
             assert_eq!(env.reserved(), vec![a.ip.to_string()], "the first address was DELeted");
-            assert!(arp_through_tap(&a));
+            assert!(arp_through_tap(&a, "cnitest0").await);
             mgr.teardown("interrupted").await.unwrap();
             assert!(env.reserved().is_empty());
         });
@@ -328,10 +356,11 @@ netns_test! {
         let list = two_plugin_list(&env, "firewall");
         rt().block_on(async {
             let mgr = NetworkManager::new(env.config(&list, &plugin_dir())).unwrap();
+            let _owner = own(&mgr, "fw");
             let a = mgr.setup("fw").await.unwrap();
             let rules = iptables_rules();
             assert!(rules.contains("CNI-FORWARD") && rules.contains(&format!("{}/32", a.ip)), "{rules}");
-            assert!(arp_through_tap(&a));
+            assert!(arp_through_tap(&a, "cnitest0").await);
             mgr.check("fw").await.unwrap();
             mgr.teardown("fw").await.unwrap();
             assert!(!iptables_rules().contains(&format!("{}/32", a.ip)));

@@ -17,9 +17,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_beacon-net");
 
 fn cfg(state: &std::path::Path) -> NetConfig {
     let state = state.as_os_str().to_owned();
-    NetConfig::legacy(&beacon_paths::BeaconPaths::from_lookup(|k| {
+    let mut cfg = NetConfig::legacy(&beacon_paths::BeaconPaths::from_lookup(|k| {
         (k == beacon_paths::STATE_DIR_ENV).then(|| state.clone())
-    }))
+    }));
+    cfg.liveness_dir = std::path::Path::new(&state).join("run-sandboxes");
+    cfg
 }
 
 fn db(state: &std::path::Path) -> LeaseDb {
@@ -36,6 +38,7 @@ fn fifty_concurrent_processes_get_distinct_ips() {
             Command::new(BIN)
                 .args(["allocate", &format!("proc-{i}")])
                 .env("BEACON_STATE_DIR", &state)
+                .env("BEACON_RUN_DIR", dir.path().join("run"))
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -77,6 +80,7 @@ netns_test! {
                 "100000",
             ])
             .env("BEACON_STATE_DIR", &state)
+            .env("BEACON_RUN_DIR", dir.path().join("run"))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -149,6 +153,7 @@ netns_test! {
                 &format!("after-{round}"),
                 &format!("beacon-{round:08x}"),
                 beacon_netmgr::MacAddr([2, 0, 0, 0, 0, 9]),
+                beacon_netmgr::LeaseOwner::Cli,
             )
             .unwrap();
         assert!(!committed.values().any(|ip| *ip == next.ip));

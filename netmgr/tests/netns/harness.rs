@@ -66,6 +66,92 @@ macro_rules! netns_test {
     };
 }
 
+/// Poll `ready` until it holds or `limit` passed; returns whether it held. The
+/// limit only bounds a hang: pick it far above the expected wait.
+pub fn wait_until(limit: std::time::Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if ready() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Whether the link `name` passes frames: operationally up (for a TAP: a queue is
+/// open, so it has carrier) and, if it is a bridge port, in the forwarding state.
+pub async fn link_ready(h: &rtnetlink::Handle, name: &str) -> bool {
+    use netlink_packet_route::link::{
+        BridgePortState, InfoBridgePort, InfoPortData, LinkAttribute, LinkInfo, State,
+    };
+    let Ok(Some(msg)) = beacon_netmgr::link::get_link(h, name).await else {
+        return false;
+    };
+    let up = msg
+        .attributes
+        .iter()
+        .any(|a| matches!(a, LinkAttribute::OperState(State::Up)));
+    let port_states: Vec<BridgePortState> = msg
+        .attributes
+        .iter()
+        .filter_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => Some(infos),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|i| match i {
+            LinkInfo::PortData(InfoPortData::BridgePort(port)) => Some(port),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|p| match p {
+            InfoBridgePort::State(s) => Some(*s),
+            _ => None,
+        })
+        .collect();
+    up && port_states
+        .iter()
+        .all(|s| *s == BridgePortState::Forwarding)
+}
+
+/// Wait until every link in `names` passes frames ([`link_ready`]). The limit only
+/// bounds a hang; readiness normally takes milliseconds.
+pub async fn wait_links_ready(h: &rtnetlink::Handle, names: &[&str]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut all = true;
+        for name in names {
+            all &= link_ready(h, name).await;
+        }
+        if all {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "links {names:?} did not come up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// The bridge ports of `bridge`, by name.
+pub async fn bridge_ports(h: &rtnetlink::Handle, bridge: &str) -> Vec<String> {
+    let index = beacon_netmgr::link::link_index(h, bridge)
+        .await
+        .unwrap()
+        .expect("the bridge exists");
+    beacon_netmgr::link::list_links(h)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|m| beacon_netmgr::link::link_controller(m) == Some(index))
+        .filter_map(|m| beacon_netmgr::link::link_name(m).map(str::to_string))
+        .collect()
+}
+
 /// A current-thread tokio runtime (everything stays on the test's thread and namespace).
 pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -74,7 +160,12 @@ pub fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// A legacy configuration with its database in `dir`.
+/// Own `sandbox_id` (hold its liveness lock) as its shim would, for the guard's life.
+pub fn own(mgr: &beacon_netmgr::NetworkManager, sandbox_id: &str) -> beacon_netmgr::LivenessGuard {
+    mgr.liveness().acquire(sandbox_id).unwrap()
+}
+
+/// A legacy configuration with its database, lock and namespace folders in `dir`.
 pub fn legacy_config(dir: &std::path::Path) -> beacon_netmgr::NetConfig {
     let mut cfg = beacon_netmgr::NetConfig::legacy(&beacon_paths::BeaconPaths::under(dir));
     cfg.dns = vec!["192.0.2.53".parse().unwrap()];

@@ -2,9 +2,9 @@
 
 use std::collections::HashSet;
 
-use beacon_netmgr::{link, naming, tap, NetError, NetworkManager, PoolRange};
+use beacon_netmgr::{link, naming, tap, LeaseOwner, NetError, NetworkManager, PoolRange};
 
-use crate::harness::{count, legacy_config, nft_ruleset, rt, sysfs};
+use crate::harness::{count, legacy_config, nft_ruleset, own, rt, sysfs};
 use crate::netns_test;
 
 netns_test! {
@@ -18,6 +18,7 @@ netns_test! {
             // A second manager (another shim process) finds everything in place.
             let other = NetworkManager::new(legacy_config(dir.path())).unwrap();
             other.ensure_host(false).await.unwrap();
+            let _owner = own(&other, "sb-1");
             other.setup("sb-1").await.unwrap();
 
             let rules = nft_ruleset();
@@ -53,6 +54,7 @@ netns_test! {
         rt().block_on(async {
             let mgr = NetworkManager::new(legacy_config(dir.path())).unwrap();
             let id = "odd id/with spaces;$(and) ünïcode";
+            let owner = own(&mgr, id);
             let a = mgr.setup(id).await.unwrap();
             assert_eq!(a.tap, naming::tap_name(id));
             assert!(a.tap.len() <= 15);
@@ -87,8 +89,10 @@ netns_test! {
             assert!(mgr.leases().leased_addresses().unwrap().is_empty());
             mgr.teardown(id).await.unwrap();
             mgr.teardown("never-existed").await.unwrap();
+            drop(owner);
 
             // Deferred teardown: the lease is gone at once, the TAP once the thread ends.
+            let _owner = own(&mgr, "deferred");
             let b = mgr.setup("deferred").await.unwrap();
             let thread = mgr.teardown_deferred("deferred").await.unwrap().expect("legacy");
             assert!(mgr.leases().get("deferred").unwrap().is_none());
@@ -97,6 +101,12 @@ netns_test! {
 
             assert!(matches!(mgr.setup("").await, Err(NetError::InvalidSandboxId(_))));
             assert!(matches!(mgr.setup("a\0b").await, Err(NetError::InvalidSandboxId(_))));
+            // Nobody owns "orphan": setup refuses rather than hand out a lease the
+            // next reconciler pass would free.
+            let err = mgr.setup("orphan").await.unwrap_err();
+            assert!(matches!(err, NetError::SandboxNotAlive { .. }), "{err}");
+            assert!(err.to_string().contains("beacon-net teardown"), "{err}");
+            assert!(mgr.leases().get("orphan").unwrap().is_none());
         });
     }
 }
@@ -108,7 +118,9 @@ netns_test! {
             let mgr = NetworkManager::new(legacy_config(dir.path())).unwrap();
             let mut ips = HashSet::new();
             let mut taps = HashSet::new();
+            let mut owners = Vec::new();
             for i in 0..200 {
+                owners.push(own(&mgr, &format!("sandbox-{i}")));
                 let a = mgr.setup(&format!("sandbox-{i}")).await.unwrap();
                 assert!(ips.insert(a.ip), "duplicate ip {}", a.ip);
                 assert!(taps.insert(a.tap.clone()), "duplicate tap {}", a.tap);
@@ -134,6 +146,7 @@ netns_test! {
             let mut cfg = legacy_config(dir.path());
             cfg.pool = PoolRange::parse("10.88.0.2-10.88.0.4").unwrap();
             let mgr = NetworkManager::new(cfg).unwrap();
+            let _owners: Vec<_> = ["sb-0", "sb-1", "sb-2", "sb-too-many"].iter().map(|id| own(&mgr, id)).collect();
             for i in 0..3 {
                 mgr.setup(&format!("sb-{i}")).await.unwrap();
             }
@@ -153,13 +166,16 @@ netns_test! {
         let dir = tempfile::tempdir().unwrap();
         rt().block_on(async {
             let mgr = NetworkManager::new(legacy_config(dir.path())).unwrap();
+            let _owners: Vec<_> = ["alive-a", "dead-b", "alive-c"].iter().map(|id| own(&mgr, id)).collect();
             let a = mgr.setup("alive-a").await.unwrap();
             let dead = mgr.setup("dead-b").await.unwrap();
             let c = mgr.setup("alive-c").await.unwrap();
             // A TAP left by a crash between lease release and TAP deletion.
             tap::create_persistent_tap("beacon-deadbeef").unwrap();
             // A lease whose TAP is already gone (crash after TAP deletion).
-            mgr.leases().allocate("dead-no-tap", &naming::tap_name("dead-no-tap"), naming::guest_mac("dead-no-tap")).unwrap();
+            mgr.leases().allocate("dead-no-tap", &naming::tap_name("dead-no-tap"), naming::guest_mac("dead-no-tap"), LeaseOwner::Shim).unwrap();
+            // An operator's lease: never freed by the reconciler, whatever liveness says.
+            let pinned = mgr.setup_as("dead-but-pinned", LeaseOwner::Cli).await.unwrap();
 
             let alive = |id: &str| id.starts_with("alive-");
             let report = mgr.reconcile(&alive).await.unwrap();
@@ -174,9 +190,10 @@ netns_test! {
             assert!(link::get_link(&h, "beacon-deadbeef").await.unwrap().is_none());
             assert!(link::get_link(&h, &a.tap).await.unwrap().is_some());
             assert!(link::get_link(&h, &c.tap).await.unwrap().is_some());
+            assert!(link::get_link(&h, &pinned.tap).await.unwrap().is_some());
             let mut left: Vec<_> = mgr.leases().leased_addresses().unwrap();
             left.sort();
-            assert_eq!(left, vec![a.ip, c.ip]);
+            assert_eq!(left, vec![a.ip, c.ip, pinned.ip]);
 
             let again = mgr.reconcile(&alive).await.unwrap();
             assert_eq!(again, beacon_netmgr::ReconcileReport::default());
@@ -193,6 +210,7 @@ netns_test! {
             let mut cfg = legacy_config(dir.path());
             cfg.nft_program = "/nonexistent/nft".into();
             let mgr = NetworkManager::new(cfg).unwrap();
+            let _owner = own(&mgr, "sb");
             let err = mgr.setup("sb").await.unwrap_err();
             assert!(matches!(err, NetError::NftMissing { .. }), "{err}");
             assert!(err.to_string().contains("nftables"));

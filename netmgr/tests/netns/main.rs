@@ -7,4 +7,6 @@ mod cli;
 mod cni;
 mod concurrency;
 mod legacy;
+mod liveness;
+mod release_db;
 mod traffic;

@@ -8,9 +8,9 @@ use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use beacon_netmgr::{tap, MacAddr, NetworkManager};
+use beacon_netmgr::{link, tap, MacAddr, NetworkManager};
 
-use crate::harness::{legacy_config, rt};
+use crate::harness::{legacy_config, link_ready, own, rt, wait_links_ready};
 use crate::netns_test;
 
 pub fn arp_request(mac: MacAddr, sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
@@ -66,12 +66,18 @@ netns_test! {
         let dir = tempfile::tempdir().unwrap();
         rt().block_on(async {
             let mgr = NetworkManager::new(legacy_config(dir.path())).unwrap();
+            let _owners = (own(&mgr, "vm-a"), own(&mgr, "vm-b"));
             let a = mgr.setup("vm-a").await.unwrap();
             let b = mgr.setup("vm-b").await.unwrap();
+            let h = link::connect().unwrap();
+            // Nobody has the TAP open yet: no carrier, so not ready (the wait below
+            // checks a real condition).
+            assert!(!link_ready(&h, &a.tap).await);
             let mut tap_a = tap::open_tap_plain(&a.tap).unwrap();
             let mut tap_b = tap::open_tap_plain(&b.tap).unwrap();
-            // Carrier comes up with the open; let the ports reach forwarding.
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Carrier comes up with the open; the bridge then moves the ports to
+            // forwarding. Wait for exactly that before sending.
+            wait_links_ready(&h, &[&a.tap, &b.tap, "beacon0"]).await;
 
             tap_a.write_all(&arp_request(a.mac, a.ip, a.gateway)).unwrap();
             let reply = wait_frame(&mut tap_a, Duration::from_secs(5), |f| is_arp(f, 2, a.gateway, a.ip))
