@@ -17,7 +17,8 @@ use crate::error::{TaskError, TaskResult};
 use crate::events::EventHub;
 use crate::reaper::{ExitInfo, Reaper};
 use crate::stdio::StdioSetup;
-use crate::streams::{valid_id, StdioHub};
+use crate::ids::check_id;
+use crate::streams::StdioHub;
 use crate::task::process::{ProcState, Process, StdioNames};
 
 /// How long crun's pid file may take to show a pid.
@@ -166,12 +167,7 @@ impl Runtime {
 
     /// Create: writes the bundle and runs `crun create`. Returns the pid.
     pub async fn create(&self, p: CreateParams) -> TaskResult<u32> {
-        if !valid_id(&p.id) {
-            return Err(TaskError::InvalidArgument(format!(
-                "bad container id {:?}",
-                p.id
-            )));
-        }
+        check_id("container", &p.id)?;
         if p.has_rootfs_mounts {
             return Err(TaskError::InvalidArgument(
                 "rootfs mounts are not supported: send a prepared rootfs on a share".into(),
@@ -365,11 +361,7 @@ impl Runtime {
 
     /// Exec: registers a process to run on Start.
     pub fn exec(&self, id: &str, exec_id: &str, names: StdioNames, spec: &[u8]) -> TaskResult<()> {
-        if !valid_id(exec_id) {
-            return Err(TaskError::InvalidArgument(format!(
-                "bad exec id {exec_id:?}"
-            )));
-        }
+        check_id("exec", exec_id)?;
         let c = self.get(id)?;
         let mut spec = bundle::parse_json("exec process spec", spec)?;
         bundle::check_process(&spec)?;
