@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use beacon_common::lock;
 use nix::errno::Errno;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -83,7 +84,7 @@ impl Reaper {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         // A poisoned lock only means a panic elsewhere; the table stays valid.
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.table)
     }
 
     /// Reaps every child that has exited, without blocking.

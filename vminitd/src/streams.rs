@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use beacon_common::lock;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
@@ -87,7 +88,7 @@ pub struct StdioHub {
 
 impl StdioHub {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<StreamKey, Slot>> {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.slots)
     }
 
     /// A process asks for the host stream `key`; resolves once connected.

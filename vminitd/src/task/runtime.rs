@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use beacon_common::lock;
 use serde_json::Value;
 
 use crate::bundle;
@@ -54,7 +55,7 @@ pub struct Container {
 
 impl Container {
     fn execs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Process>>> {
-        self.execs.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.execs)
     }
 
     /// The init (exec id "") or a named exec.
@@ -70,7 +71,7 @@ impl Container {
 
     /// Whether the container is frozen.
     pub fn paused(&self) -> bool {
-        *self.paused.lock().unwrap_or_else(|e| e.into_inner())
+        *lock(&self.paused)
     }
 
     /// Pids of exec processes by exec id.
@@ -145,7 +146,7 @@ impl Runtime {
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.table)
     }
 
     /// The container `id`.
@@ -439,7 +440,7 @@ impl Runtime {
     }
 
     fn forget(&self, c: &Container) {
-        if let Some(t) = c.oom_watch.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(t) = lock(&c.oom_watch).take() {
             t.abort();
         }
         c.init.close_io();
@@ -464,7 +465,7 @@ impl Runtime {
         } else {
             self.crun.resume(id).await?;
         }
-        *c.paused.lock().unwrap_or_else(|e| e.into_inner()) = pause;
+        *lock(&c.paused) = pause;
         Ok(())
     }
 
