@@ -16,7 +16,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::error::{TaskError, TaskResult};
 use crate::fdio::{pipe, FdStream};
-use crate::reaper::Reaper;
+use crate::reaper::{boot_ticks_now, BirthWindow, Reaper};
 
 /// The three descriptors a container process inherits from `crun create`
 /// or `crun exec` (when it has no terminal).
@@ -110,6 +110,7 @@ impl Crun {
                     .stderr(Stdio::null());
             }
         }
+        let born = boot_ticks_now();
         let child = cmd
             .spawn()
             .map_err(|e| TaskError::io(format!("spawn {}", self.binary.display()), e))?;
@@ -117,7 +118,13 @@ impl Crun {
         drop(cmd);
         let pid = i32::try_from(child.id())
             .map_err(|_| TaskError::FailedPrecondition("pid out of range".into()))?;
-        let exited = self.reaper.subscribe(pid);
+        let exited = self
+            .reaper
+            .subscribe(pid, BirthWindow::since(born))
+            .map_err(|e| TaskError::Crun {
+                op,
+                msg: format!("lost track of crun itself: {e}"),
+            })?;
         let mut output = Vec::new();
         if let Some(mut r) = out_reader {
             r.read_to_end(&mut output)

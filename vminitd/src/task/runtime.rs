@@ -10,15 +10,16 @@ use std::time::Duration;
 
 use beacon_common::lock;
 use serde_json::Value;
+use tokio::sync::oneshot;
 
 use crate::bundle;
 use crate::cgroup::Cgroup;
 use crate::crun::Crun;
 use crate::error::{TaskError, TaskResult};
 use crate::events::EventHub;
-use crate::reaper::{ExitInfo, Reaper};
-use crate::stdio::StdioSetup;
 use crate::ids::check_id;
+use crate::reaper::{boot_ticks_now, BirthWindow, ExitInfo, Reaper};
+use crate::stdio::StdioSetup;
 use crate::streams::StdioHub;
 use crate::task::process::{ProcState, Process, StdioNames};
 
@@ -141,6 +142,30 @@ impl Runtime {
         })
     }
 
+    /// The exit of the process crun named in its pid file, which started
+    /// while crun ran (`window`): pids are reused, so the pid alone could
+    /// name a stranger.
+    fn watch_exit(
+        &self,
+        op: &'static str,
+        pid: u32,
+        window: BirthWindow,
+    ) -> TaskResult<oneshot::Receiver<ExitInfo>> {
+        let pid = i32::try_from(pid)
+            .ok()
+            .filter(|p| *p > 1)
+            .ok_or_else(|| TaskError::Crun {
+                op,
+                msg: format!("pid file holds an impossible pid {pid}"),
+            })?;
+        self.reaper
+            .subscribe(pid, window)
+            .map_err(|e| TaskError::Crun {
+                op,
+                msg: format!("the process crun started: {e}"),
+            })
+    }
+
     fn consoles_dir(&self) -> PathBuf {
         self.cfg.state_dir.join("consoles")
     }
@@ -231,6 +256,7 @@ impl Runtime {
         let (setup, child_stdio, console) =
             StdioSetup::prepare(&p.id, "", p.names.request(), &self.consoles_dir())?;
         let pid_file = dir.join("init.pid");
+        let born = boot_ticks_now();
         self.crun
             .create(&p.id, dir, &pid_file, console.as_deref(), child_stdio)
             .await?;
@@ -239,7 +265,7 @@ impl Runtime {
                 op: "create",
                 msg: "no pid file".into(),
             })?;
-            let exited = self.reaper.subscribe(i32::try_from(pid).unwrap_or(-1));
+            let exited = self.watch_exit("create", pid, BirthWindow::since(born))?;
             let io = setup.activate(&self.hub).await?;
             Ok::<_, TaskError>((pid, exited, io))
         };
@@ -320,6 +346,7 @@ impl Runtime {
         let (setup, child_stdio, console) =
             StdioSetup::prepare(id, exec_id, proc.names.request(), &self.consoles_dir())?;
         let pid_file = c.dir.join(format!("exec-{exec_id}.pid"));
+        let born = boot_ticks_now();
         let res = self
             .crun
             .exec(id, &spec_file, &pid_file, console.as_deref(), child_stdio)
@@ -336,7 +363,14 @@ impl Runtime {
                 msg: "no pid file".into(),
             })?;
         let _ = std::fs::remove_file(&pid_file);
-        let exited = self.reaper.subscribe(i32::try_from(pid).unwrap_or(-1));
+        let window = BirthWindow::since(born);
+        let exited = match self.watch_exit("exec", pid, window) {
+            Ok(rx) => rx,
+            Err(e) => {
+                self.hub.forget(id, exec_id);
+                return Err(e);
+            }
+        };
         let io = match setup.activate(&self.hub).await {
             Ok(io) => io,
             Err(e) => {
