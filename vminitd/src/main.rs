@@ -16,7 +16,7 @@ use vminitd::reaper::Reaper;
 use vminitd::streams::{self, StdioHub};
 use vminitd::task::runtime::{Runtime, RuntimeConfig};
 use vminitd::task::service::TaskService;
-use vminitd::transport::{ListenAddr, StreamListener, STREAM_VSOCK_PORT, TASK_VSOCK_PORT};
+use vminitd::transport::{self, ListenAddr, StreamListener, STREAM_VSOCK_PORT, TASK_VSOCK_PORT};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
@@ -138,14 +138,12 @@ async fn run(args: Args, boot: Option<BootParams>) -> anyhow::Result<()> {
         .with_context(|| format!("Binding the stream port {}", args.stream_addr))?;
     let streams_task = tokio::spawn(streams::serve(listener, hub, events));
 
-    if let ListenAddr::Unix(p) = &task_addr {
-        let _ = std::fs::remove_file(p);
-    }
     let shutdown = Arc::new(Notify::new());
     let service = TaskService::new(runtime.clone(), shutdown.clone());
+    let task_listener = transport::task_listener(&task_addr)
+        .with_context(|| format!("Binding the Task API on {}", args.task_addr))?;
     let mut server = ttrpc::r#async::Server::new()
-        .bind(&task_addr.to_ttrpc())
-        .with_context(|| format!("Binding the Task API on {}", args.task_addr))?
+        .add_listener(task_listener)
         .register_service(service.services());
     server.start().await.context("Starting the Task API")?;
     tracing::info!(task = %args.task_addr, streams = %args.stream_addr, pid1, "vminitd serving");
