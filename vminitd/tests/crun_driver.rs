@@ -39,9 +39,7 @@ async fn unknown_containers_are_not_found(crun: &Crun, dir: &Path) {
     let e = crun.start("ghost").await.expect_err("start nothing");
     assert_eq!(e.code(), ttrpc::Code::NOT_FOUND, "{e}");
     // Per-call logs are removed after reading.
-    let logs: Vec<_> = std::fs::read_dir(dir.join("logs"))
-        .expect("logs")
-        .collect();
+    let logs: Vec<_> = std::fs::read_dir(dir.join("logs")).expect("logs").collect();
     assert!(logs.is_empty(), "{logs:?}");
 }
 
