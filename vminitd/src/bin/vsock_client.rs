@@ -162,8 +162,6 @@ fn spec(args: &[String]) -> serde_json::Value {
 async fn run(a: &Args, id: &str, args: &[String]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(a.wait_secs);
     let c = task_client(a, deadline).await?;
-    let out = stream(a, &format!("STDIO {id} - stdout"), deadline).await?;
-    let err = stream(a, &format!("STDIO {id} - stderr"), deadline).await?;
     let req = CreateTaskRequest {
         id: id.into(),
         bundle: id.into(),
@@ -178,6 +176,10 @@ async fn run(a: &Args, id: &str, args: &[String]) -> anyhow::Result<()> {
         ..Default::default()
     };
     c.create(ctx(), &req).await.context("Create")?;
+    // Create announced the streams; the init runs only at Start, so
+    // nothing it writes is missed.
+    let out = stream(a, &format!("STDIO {id} - stdout"), deadline).await?;
+    let err = stream(a, &format!("STDIO {id} - stderr"), deadline).await?;
     c.start(
         ctx(),
         &StartRequest {

@@ -20,7 +20,7 @@ use crate::events::EventHub;
 use crate::ids::check_id;
 use crate::reaper::{boot_ticks_now, BirthWindow, ExitInfo, Reaper};
 use crate::stdio::StdioSetup;
-use crate::streams::StdioHub;
+use crate::streams::{StdioHub, StreamKey};
 use crate::task::process::{ProcState, Process, StdioNames};
 
 /// How long crun's pid file may take to show a pid.
@@ -166,6 +166,23 @@ impl Runtime {
             })
     }
 
+    /// Tells the stream port which host streams this process will use, so
+    /// only those are accepted; all or none.
+    fn announce_streams(&self, id: &str, exec_id: &str, names: &StdioNames) -> TaskResult<()> {
+        for kind in names.request().kinds() {
+            let key = StreamKey {
+                container: id.to_string(),
+                exec: exec_id.to_string(),
+                kind,
+            };
+            if let Err(why) = self.hub.reserve(key) {
+                self.hub.forget(id, exec_id);
+                return Err(TaskError::FailedPrecondition(why));
+            }
+        }
+        Ok(())
+    }
+
     fn consoles_dir(&self) -> PathBuf {
         self.cfg.state_dir.join("consoles")
     }
@@ -207,7 +224,11 @@ impl Runtime {
             t.insert(p.id.clone(), Slot::Creating);
         }
         let dir = self.cfg.state_dir.join("bundles").join(&p.id);
-        let result = self.create_inner(&p, &dir).await;
+        // From now on the host may connect the init's streams.
+        let result = match self.announce_streams(&p.id, "", &p.names) {
+            Ok(()) => self.create_inner(&p, &dir).await,
+            Err(e) => Err(e),
+        };
         let mut t = self.table();
         match result {
             Ok(c) => {
@@ -406,6 +427,8 @@ impl Runtime {
         if execs.contains_key(exec_id) {
             return Err(TaskError::AlreadyExists(format!("exec {exec_id} in {id}")));
         }
+        // From now on the host may connect the exec's streams (before Start).
+        self.announce_streams(id, exec_id, &names)?;
         execs.insert(
             exec_id.to_string(),
             Arc::new(Process::new(names, Some(spec))),

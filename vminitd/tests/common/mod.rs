@@ -325,7 +325,8 @@ pub fn create_req(
     }
 }
 
-/// Opens one stdio stream (`exec` "" for the init).
+/// Opens one stdio stream (`exec` "" for the init), after the Create or
+/// Exec that announced it.
 pub async fn stream(v: &Vminitd, id: &str, exec: &str, kind: &str) -> UnixStream {
     let mut s = UnixStream::connect(&v.stream_sock)
         .await
@@ -363,14 +364,15 @@ pub async fn run_to_exit(
     args: &[&str],
 ) -> (String, String, u32) {
     v.rootfs(id);
-    let out = stream(v, id, "", "stdout").await;
-    let err = stream(v, id, "", "stderr").await;
     c.create(
         ctx(),
         &create_req(id, &spec(args, false), false, true, true),
     )
     .await
     .expect("create");
+    // Create announced them; nothing runs before Start.
+    let out = stream(v, id, "", "stdout").await;
+    let err = stream(v, id, "", "stderr").await;
     c.start(
         ctx(),
         &StartRequest {
