@@ -1,5 +1,6 @@
 //! vminitd on a unix socket with real crun: lifecycle, exit statuses,
-//! signals, exec, stdin, pty, events and concurrency.
+//! signals, exec, stdin, pty, events, concurrency and the stream port's
+//! limits.
 
 mod common;
 
