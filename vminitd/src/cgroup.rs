@@ -237,6 +237,7 @@ pub fn watch_oom_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncBufReadExt;
 
     #[test]
     fn parses_cgroup_files() {
@@ -272,29 +273,49 @@ mod tests {
         assert!(m.cpu.is_none());
     }
 
+    async fn next(
+        lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::io::DuplexStream>>,
+    ) -> serde_json::Value {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("an event")
+            .expect("io")
+            .expect("line");
+        serde_json::from_str(&line).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// A write that leaves `oom_kill` alone raises nothing; one that raises
+    /// it raises exactly one event. Whether the watcher sees the two writes
+    /// apart or together, the next line after that event must be the
+    /// sentinel the test sends through the same hub afterwards.
     #[tokio::test(flavor = "current_thread")]
     async fn oom_kill_increase_raises_one_event() {
-        use tokio::io::AsyncBufReadExt;
         let t = tempfile::tempdir().expect("tempdir");
         let f = t.path().join("memory.events");
         std::fs::write(&f, "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n").expect("write");
         let hub = EventHub::start();
         let task = watch_oom_file(f.clone(), "c1".into(), hub.clone()).expect("watch");
-        // A write that does not raise oom_kill must not produce an event.
         std::fs::write(&f, "low 0\nhigh 0\nmax 3\noom 0\noom_kill 0\n").expect("write");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         std::fs::write(&f, "low 0\nhigh 0\nmax 5\noom 1\noom_kill 1\n").expect("write");
         let (ours, theirs) = tokio::io::duplex(1024);
         hub.subscribe(Box::new(ours));
         let mut lines = tokio::io::BufReader::new(theirs).lines();
-        let line = tokio::time::timeout(std::time::Duration::from_secs(5), lines.next_line())
-            .await
-            .expect("timely")
-            .expect("io")
-            .expect("line");
-        let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+        assert_eq!(
+            next(&mut lines).await,
+            serde_json::Value::Null,
+            "the OK line"
+        );
+        let v = next(&mut lines).await;
         assert_eq!(v["topic"], crate::events::TOPIC_OOM);
         assert_eq!(v["container_id"], "c1");
+        hub.send(Event::Oom {
+            container_id: "sentinel".into(),
+        });
+        assert_eq!(
+            next(&mut lines).await["container_id"],
+            "sentinel",
+            "a second OOM event"
+        );
         task.abort();
     }
 }

@@ -1,6 +1,10 @@
 //! The crun driver: builds crun command lines with vminitd's own state root,
 //! runs them through the reaper, and turns crun's JSON error log into typed
 //! Task API errors. Owns nothing about containers beyond one invocation.
+//!
+//! Every command line ends its options with `--` before the container id
+//! (crun 1.8 parses with argp, which honours it for every subcommand), so an
+//! id can never be read as an option even if one slipped past `ids`.
 
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
@@ -12,7 +16,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::error::{TaskError, TaskResult};
 use crate::fdio::{pipe, FdStream};
-use crate::reaper::Reaper;
+use crate::reaper::{boot_ticks_now, BirthWindow, Reaper};
 
 /// The three descriptors a container process inherits from `crun create`
 /// or `crun exec` (when it has no terminal).
@@ -106,6 +110,7 @@ impl Crun {
                     .stderr(Stdio::null());
             }
         }
+        let born = boot_ticks_now();
         let child = cmd
             .spawn()
             .map_err(|e| TaskError::io(format!("spawn {}", self.binary.display()), e))?;
@@ -113,7 +118,13 @@ impl Crun {
         drop(cmd);
         let pid = i32::try_from(child.id())
             .map_err(|_| TaskError::FailedPrecondition("pid out of range".into()))?;
-        let exited = self.reaper.subscribe(pid);
+        let exited = self
+            .reaper
+            .subscribe(pid, BirthWindow::since(born))
+            .map_err(|e| TaskError::Crun {
+                op,
+                msg: format!("lost track of crun itself: {e}"),
+            })?;
         let mut output = Vec::new();
         if let Some(mut r) = out_reader {
             r.read_to_end(&mut output)
@@ -150,15 +161,20 @@ impl Crun {
             args.push("--console-socket".into());
             args.push(sock.into());
         }
-        args.push(id.into());
+        args.extend(["--".into(), id.into()]);
         self.run("create", args, Some(stdio), false).await.map(drop)
     }
 
     /// `crun start`: runs the user process of a created container.
     pub async fn start(&self, id: &str) -> TaskResult<()> {
-        self.run("start", vec!["start".into(), id.into()], None, false)
-            .await
-            .map(drop)
+        self.run(
+            "start",
+            vec!["start".into(), "--".into(), id.into()],
+            None,
+            false,
+        )
+        .await
+        .map(drop)
     }
 
     /// `crun exec --detach` with a process JSON file.
@@ -182,60 +198,75 @@ impl Crun {
             args.push("--console-socket".into());
             args.push(sock.into());
         }
-        args.push(id.into());
+        args.extend(["--".into(), id.into()]);
         self.run("exec", args, Some(stdio), false).await.map(drop)
     }
 
-    /// `crun kill [--all] <id> <signal>`.
+    /// `crun kill [--all] -- <id> <signal>`.
     pub async fn kill(&self, id: &str, signal: u32, all: bool) -> TaskResult<()> {
         let mut args: Vec<OsString> = vec!["kill".into()];
         if all {
             args.push("--all".into());
         }
-        args.push(id.into());
-        args.push(signal.to_string().into());
+        args.extend(["--".into(), id.into(), signal.to_string().into()]);
         self.run("kill", args, None, false).await.map(drop)
     }
 
-    /// `crun delete [--force] <id>`.
+    /// `crun delete [--force] -- <id>`.
     pub async fn delete(&self, id: &str, force: bool) -> TaskResult<()> {
         let mut args: Vec<OsString> = vec!["delete".into()];
         if force {
             args.push("--force".into());
         }
-        args.push(id.into());
+        args.extend(["--".into(), id.into()]);
         self.run("delete", args, None, false).await.map(drop)
     }
 
-    /// `crun pause <id>` (cgroup freezer).
+    /// `crun pause -- <id>` (cgroup freezer).
     pub async fn pause(&self, id: &str) -> TaskResult<()> {
-        self.run("pause", vec!["pause".into(), id.into()], None, false)
-            .await
-            .map(drop)
+        self.run(
+            "pause",
+            vec!["pause".into(), "--".into(), id.into()],
+            None,
+            false,
+        )
+        .await
+        .map(drop)
     }
 
-    /// `crun resume <id>`.
+    /// `crun resume -- <id>`.
     pub async fn resume(&self, id: &str) -> TaskResult<()> {
-        self.run("resume", vec!["resume".into(), id.into()], None, false)
-            .await
-            .map(drop)
+        self.run(
+            "resume",
+            vec!["resume".into(), "--".into(), id.into()],
+            None,
+            false,
+        )
+        .await
+        .map(drop)
     }
 
-    /// `crun update --resources <file> <id>` with OCI LinuxResources JSON.
+    /// `crun update --resources <file> -- <id>` with OCI LinuxResources JSON.
     pub async fn update(&self, id: &str, resources_file: &Path) -> TaskResult<()> {
         let args: Vec<OsString> = vec![
             "update".into(),
             "--resources".into(),
             resources_file.into(),
+            "--".into(),
             id.into(),
         ];
         self.run("update", args, None, false).await.map(drop)
     }
 
-    /// `crun state <id>`, parsed.
+    /// `crun state -- <id>`, parsed.
     pub async fn state(&self, id: &str) -> TaskResult<serde_json::Value> {
         let out = self
-            .run("state", vec!["state".into(), id.into()], None, true)
+            .run(
+                "state",
+                vec!["state".into(), "--".into(), id.into()],
+                None,
+                true,
+            )
             .await?;
         serde_json::from_slice(&out).map_err(|e| TaskError::Crun {
             op: "state",

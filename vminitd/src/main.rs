@@ -13,10 +13,10 @@ use tokio::sync::Notify;
 use vminitd::events::EventHub;
 use vminitd::pid1::cmdline::BootParams;
 use vminitd::reaper::Reaper;
-use vminitd::streams::{self, StdioHub};
+use vminitd::streams::{self, StdioHub, StreamLimits};
 use vminitd::task::runtime::{Runtime, RuntimeConfig};
 use vminitd::task::service::TaskService;
-use vminitd::transport::{ListenAddr, StreamListener, STREAM_VSOCK_PORT, TASK_VSOCK_PORT};
+use vminitd::transport::{self, ListenAddr, StreamListener, STREAM_VSOCK_PORT, TASK_VSOCK_PORT};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
@@ -119,7 +119,8 @@ async fn run(args: Args, boot: Option<BootParams>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.shares_dir)
         .with_context(|| format!("Creating {}", args.shares_dir.display()))?;
 
-    let hub = StdioHub::default();
+    let limits = StreamLimits::default();
+    let hub = StdioHub::new(limits);
     let events = EventHub::start();
     let runtime = Arc::new(Runtime::new(
         RuntimeConfig {
@@ -136,16 +137,14 @@ async fn run(args: Args, boot: Option<BootParams>) -> anyhow::Result<()> {
 
     let listener = StreamListener::bind(&stream_addr)
         .with_context(|| format!("Binding the stream port {}", args.stream_addr))?;
-    let streams_task = tokio::spawn(streams::serve(listener, hub, events));
+    let streams_task = tokio::spawn(streams::serve(listener, hub, events, limits));
 
-    if let ListenAddr::Unix(p) = &task_addr {
-        let _ = std::fs::remove_file(p);
-    }
     let shutdown = Arc::new(Notify::new());
     let service = TaskService::new(runtime.clone(), shutdown.clone());
+    let task_listener = transport::task_listener(&task_addr)
+        .with_context(|| format!("Binding the Task API on {}", args.task_addr))?;
     let mut server = ttrpc::r#async::Server::new()
-        .bind(&task_addr.to_ttrpc())
-        .with_context(|| format!("Binding the Task API on {}", args.task_addr))?
+        .add_listener(task_listener)
         .register_service(service.services());
     server.start().await.context("Starting the Task API")?;
     tracing::info!(task = %args.task_addr, streams = %args.stream_addr, pid1, "vminitd serving");

@@ -33,6 +33,20 @@ pub struct StdioRequest {
     pub terminal: bool,
 }
 
+impl StdioRequest {
+    /// The host streams this request makes vminitd expect.
+    pub fn kinds(&self) -> Vec<StdioKind> {
+        [
+            (self.stdin, StdioKind::Stdin),
+            (self.stdout, StdioKind::Stdout),
+            (self.stderr && !self.terminal, StdioKind::Stderr),
+        ]
+        .into_iter()
+        .filter_map(|(on, kind)| on.then_some(kind))
+        .collect()
+    }
+}
+
 /// Our ends of a process's stdio, made before crun runs.
 pub struct StdioSetup {
     container: String,
@@ -303,8 +317,13 @@ async fn copy_in(
 
 /// Process output → host stream, until the process side reaches EOF.
 async fn copy_out(stream: tokio::sync::oneshot::Receiver<BoxStream>, mut from: FdStream) {
-    let Ok(mut to) = stream.await else { return };
     let mut buf = vec![0u8; 16 * 1024];
+    let Ok(mut to) = stream.await else {
+        // No host stream will come (the process was forgotten): drain, so
+        // the process never blocks on a full pipe.
+        while matches!(from.read(&mut buf).await, Ok(n) if n > 0) {}
+        return;
+    };
     loop {
         match from.read(&mut buf).await {
             Ok(0) => break,

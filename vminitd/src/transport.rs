@@ -1,12 +1,19 @@
-//! Listen addresses and the byte-stream listener for stdio and events.
-//! Owns the parsing of `unix:///path` and `vsock://CID:PORT` addresses and
-//! accepting connections on them; it knows nothing of what the bytes mean.
+//! Listen addresses and who may connect to them. Owns the parsing of
+//! `unix:///path` and `vsock://CID:PORT` addresses, accepting connections on
+//! them for the stream port and the ttrpc Task API, and the peer check:
+//! on vsock only the host (CID 2) is ever served; any other peer (a
+//! container reaching the guest's own CID or the loopback CID) is closed
+//! before a byte is read from it, and logged (rate-limited) with its CID.
+//! Unix sockets (host mode, tests) have no CID and are not filtered. It
+//! knows nothing of what the bytes mean.
 
+use std::future::poll_fn;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixListener;
-use tokio_vsock::{VsockAddr, VsockListener};
+use tokio_vsock::{VsockAddr, VsockListener, VsockStream};
 
 /// vsock port of the ttrpc Task API in the guest.
 pub const TASK_VSOCK_PORT: u32 = 1024;
@@ -68,6 +75,148 @@ impl ListenAddr {
     }
 }
 
+/// The vsock CID of the host (`VMADDR_CID_HOST`): the only peer served.
+pub const HOST_CID: u32 = libc::VMADDR_CID_HOST;
+
+/// Whether a vsock peer may talk to vminitd: the host, and nobody else
+/// (not the loopback CID 1, not the guest's own CID, which is where a
+/// process inside the VM would come from).
+pub fn peer_allowed(cid: u32) -> bool {
+    cid == HOST_CID
+}
+
+/// Refused peers are logged at most this many times per period...
+const REFUSAL_LOG_BURST: u32 = 5;
+/// ...and the rest are counted into the next line.
+const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(10);
+
+/// Rate limit for refusal lines: a container hammering the port must not
+/// flood the console.
+#[derive(Debug)]
+pub struct RefusalLog {
+    burst: u32,
+    period: Duration,
+    window_start: Option<Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl Default for RefusalLog {
+    fn default() -> Self {
+        RefusalLog::new(REFUSAL_LOG_BURST, REFUSAL_LOG_PERIOD)
+    }
+}
+
+impl RefusalLog {
+    pub fn new(burst: u32, period: Duration) -> RefusalLog {
+        RefusalLog {
+            burst,
+            period,
+            window_start: None,
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Counts one refusal at `now`. `Some(n)` means "log this one, and say
+    /// that `n` earlier ones went unlogged"; `None` means stay quiet.
+    pub fn record(&mut self, now: Instant) -> Option<u64> {
+        let fresh = self
+            .window_start
+            .is_none_or(|s| now.duration_since(s) >= self.period);
+        if fresh {
+            self.window_start = Some(now);
+            self.logged = 0;
+        }
+        if self.logged < self.burst {
+            self.logged += 1;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
+
+/// The peer check with its log line: true to serve the peer.
+pub fn admit(port: u32, peer: VsockAddr, log: &mut RefusalLog, now: Instant) -> bool {
+    if peer_allowed(peer.cid()) {
+        return true;
+    }
+    if let Some(suppressed) = log.record(now) {
+        tracing::warn!(
+            port,
+            peer_cid = peer.cid(),
+            peer_port = peer.port(),
+            suppressed,
+            "refused a vsock connection: only the host (CID {HOST_CID}) may connect"
+        );
+    }
+    false
+}
+
+/// A vsock listener that hands out connections from the host only.
+pub struct VsockGate {
+    listener: VsockListener,
+    port: u32,
+    refusals: RefusalLog,
+}
+
+impl VsockGate {
+    pub fn bind(cid: u32, port: u32) -> std::io::Result<VsockGate> {
+        Ok(VsockGate {
+            listener: VsockListener::bind(VsockAddr::new(cid, port))?,
+            port,
+            refusals: RefusalLog::default(),
+        })
+    }
+
+    /// The next connection from the host. Other peers are closed unread;
+    /// accept errors (out of descriptors, say) are logged and retried after
+    /// a pause, so they never turn into a busy loop.
+    pub async fn accept(&mut self) -> VsockStream {
+        loop {
+            match poll_fn(|cx| self.listener.poll_accept_std(cx)).await {
+                Ok((conn, peer)) => {
+                    if !admit(self.port, peer, &mut self.refusals, Instant::now()) {
+                        // Dropping closes it: nothing was read.
+                        drop(conn);
+                        continue;
+                    }
+                    match VsockStream::new(conn) {
+                        Ok(s) => return s,
+                        Err(e) => tracing::warn!(port = self.port, "vsock stream setup: {e}"),
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(port = self.port, "vsock accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// The Task API's listener for ttrpc: a unix socket as ttrpc binds it, or
+/// a [`VsockGate`] so only the host reaches the ttrpc server.
+pub fn task_listener(addr: &ListenAddr) -> std::io::Result<ttrpc::r#async::transport::Listener> {
+    use ttrpc::r#async::transport::Listener;
+    match addr {
+        ListenAddr::Unix(p) => {
+            let _ = std::fs::remove_file(p);
+            Listener::bind(addr.to_ttrpc())
+        }
+        ListenAddr::Vsock { cid, port } => {
+            let gate = VsockGate::bind(*cid, *port)?;
+            let conns = futures::stream::unfold(gate, |mut gate| async move {
+                let conn = gate.accept().await;
+                Some((Ok::<_, std::io::Error>(conn), gate))
+            });
+            Ok(Listener::new(conns))
+        }
+    }
+}
+
 /// One accepted byte stream.
 pub trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> ByteStream for T {}
@@ -75,10 +224,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> ByteStream for T {}
 /// A boxed accepted stream.
 pub type BoxStream = Box<dyn ByteStream>;
 
-/// Accepts byte streams on a unix or vsock address.
+/// Accepts byte streams on a unix or vsock address (vsock: host only).
 pub enum StreamListener {
     Unix(UnixListener),
-    Vsock(VsockListener),
+    Vsock(VsockGate),
 }
 
 impl StreamListener {
@@ -89,9 +238,9 @@ impl StreamListener {
                 let _ = std::fs::remove_file(p);
                 Ok(StreamListener::Unix(UnixListener::bind(p)?))
             }
-            ListenAddr::Vsock { cid, port } => Ok(StreamListener::Vsock(VsockListener::bind(
-                VsockAddr::new(*cid, *port),
-            )?)),
+            ListenAddr::Vsock { cid, port } => {
+                Ok(StreamListener::Vsock(VsockGate::bind(*cid, *port)?))
+            }
         }
     }
 
@@ -99,7 +248,7 @@ impl StreamListener {
     pub async fn accept(&mut self) -> std::io::Result<BoxStream> {
         match self {
             StreamListener::Unix(l) => Ok(Box::new(l.accept().await?.0)),
-            StreamListener::Vsock(l) => Ok(Box::new(l.accept().await?.0)),
+            StreamListener::Vsock(g) => Ok(Box::new(g.accept().await)),
         }
     }
 }
@@ -126,5 +275,34 @@ mod tests {
         assert!(ListenAddr::parse("unix://relative").is_err());
         assert!(ListenAddr::parse("vsock://3").is_err());
         assert!(ListenAddr::parse("tcp://1.2.3.4:5").is_err());
+    }
+
+    #[test]
+    fn only_the_host_cid_is_served() {
+        assert!(peer_allowed(2));
+        // Hypervisor, loopback (VMADDR_CID_LOCAL), guests (3 and up: the
+        // guest's own CID among them), VMADDR_CID_ANY.
+        for cid in [0, 1, 3, 4, 1234, 0xffff_fffe, u32::MAX] {
+            assert!(!peer_allowed(cid), "CID {cid} must be refused");
+        }
+        let mut log = RefusalLog::default();
+        let now = Instant::now();
+        assert!(admit(1024, VsockAddr::new(2, 5000), &mut log, now));
+        assert!(!admit(1024, VsockAddr::new(1, 5000), &mut log, now));
+        assert!(!admit(1025, VsockAddr::new(1234, 5000), &mut log, now));
+    }
+
+    #[test]
+    fn refusals_are_logged_at_a_bounded_rate() {
+        let period = Duration::from_secs(10);
+        let mut log = RefusalLog::new(3, period);
+        let t0 = Instant::now();
+        let logged: Vec<Option<u64>> = (0..10).map(|_| log.record(t0)).collect();
+        let mut expected = vec![Some(0); 3];
+        expected.extend([None; 7]);
+        assert_eq!(logged, expected);
+        // The next period's first line reports the 7 that went unlogged.
+        assert_eq!(log.record(t0 + period), Some(7));
+        assert_eq!(log.record(t0 + period), Some(0));
     }
 }

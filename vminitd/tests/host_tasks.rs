@@ -1,5 +1,6 @@
 //! vminitd on a unix socket with real crun: lifecycle, exit statuses,
-//! signals, exec, stdin, pty, events and concurrency.
+//! signals, exec, stdin, pty, events, concurrency and the stream port's
+//! limits.
 
 mod common;
 
@@ -335,14 +336,14 @@ async fn stdin_echo_close_io_and_disconnect() {
     let mut v = Vminitd::spawn();
     let c = v.client().await;
     v.rootfs("in1");
-    let mut sin = stream(&v, "in1", "", "stdin").await;
-    let out = stream(&v, "in1", "", "stdout").await;
     c.create(
         ctx(),
         &create_req("in1", &spec(&["cat"], false), true, true, false),
     )
     .await
     .expect("create");
+    let mut sin = stream(&v, "in1", "", "stdin").await;
+    let out = stream(&v, "in1", "", "stdout").await;
     c.start(ctx(), &start("in1", "")).await.expect("start");
     let mut out = BufReader::new(out);
     sin.write_all(b"ping\n").await.expect("write");
@@ -452,12 +453,12 @@ async fn pty_with_resize() {
     let mut v = Vminitd::spawn();
     let c = v.client().await;
     v.rootfs("t1");
-    let mut sin = stream(&v, "t1", "", "stdin").await;
-    let out = stream(&v, "t1", "", "stdout").await;
     let s = spec(&["sh", "-c", "read x; stty size; exit 4"], true);
     c.create(ctx(), &create_req("t1", &s, true, true, false))
         .await
         .expect("create");
+    let mut sin = stream(&v, "t1", "", "stdin").await;
+    let out = stream(&v, "t1", "", "stdout").await;
     c.start(ctx(), &start("t1", "")).await.expect("start");
     c.resize_pty(
         ctx(),
@@ -607,28 +608,179 @@ async fn futures_join_all<F: std::future::Future>(fs: impl Iterator<Item = F>) -
     out
 }
 
+/// The exit is reported only after every byte of output went to the host
+/// stream and the stream was shut down: at the moment Wait returns, all of
+/// it, EOF included, is already queued on our socket. Checked with
+/// non-blocking reads after Wait, not with a time limit.
 #[tokio::test(flavor = "current_thread")]
 async fn output_is_complete_when_wait_returns() {
     let mut v = Vminitd::spawn();
     let c = v.client().await;
     v.rootfs("big");
-    let out = stream(&v, "big", "", "stdout").await;
     let s = spec(&["dd", "if=/dev/zero", "bs=1000", "count=1000"], false);
     c.create(ctx(), &create_req("big", &s, false, true, false))
         .await
         .expect("create");
+    let mut out = stream(&v, "big", "", "stdout").await;
     c.start(ctx(), &start("big", "")).await.expect("start");
-    let reader = tokio::spawn(read_all(out));
-    let w = c.wait(ctx(), &wait("big", "")).await.expect("wait");
+    // Read while waiting (the output is larger than the socket buffers).
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    let wait_req = wait("big", "");
+    let w = {
+        let waiting = c.wait(ctx(), &wait_req);
+        tokio::pin!(waiting);
+        loop {
+            tokio::select! {
+                w = &mut waiting => break w.expect("wait"),
+                r = out.read(&mut buf) => got += r.expect("read output"),
+            }
+        }
+    };
     assert_eq!(w.exit_status, 0);
-    // The exit is reported only after every byte went to the stream and the
-    // stream was closed: the reader finishes without waiting on anything.
-    let text = tokio::time::timeout(Duration::from_secs(2), reader)
-        .await
-        .expect("stream already complete")
-        .expect("reader");
-    assert_eq!(text.len(), 1_000_000);
+    let mut out = out.into_std().expect("std stream");
+    out.set_nonblocking(true).expect("nonblocking");
+    loop {
+        match std::io::Read::read(&mut out, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                panic!("Wait returned before stdout was complete ({got} bytes so far, no EOF)")
+            }
+            Err(e) => panic!("read output: {e}"),
+        }
+    }
+    assert_eq!(got, 1_000_000);
     c.delete(ctx(), &delete("big", "")).await.expect("delete");
+    v.stop();
+    v.assert_clean();
+}
+
+/// What a peer of the stream port can make vminitd hold is bounded. A flood
+/// of 1000 connections that never send their handshake leaves vminitd with
+/// a few dozen extra descriptors at most (before: one per connection, and
+/// about 900 exhausted a 1024 limit), and the Task API keeps serving; after
+/// the flood, a key no Create or Exec announced and a second event
+/// subscriber are refused with a reason, and containers run as before.
+#[tokio::test(flavor = "current_thread")]
+async fn stream_port_is_bounded() {
+    const FLOOD: usize = 1000;
+    let (soft, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .expect("getrlimit");
+    let need = u64::try_from(FLOOD).expect("fits") + 200;
+    assert!(
+        hard >= need,
+        "this test needs {need} descriptors; the hard limit is {hard}"
+    );
+    if soft < need {
+        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)
+            .expect("raise the descriptor limit");
+    }
+    let mut v = Vminitd::spawn();
+    let c = v.client().await;
+    let pid = v.child.as_ref().expect("running").id();
+    let open_fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("vminitd's fds")
+            .count()
+    };
+    let before = open_fds();
+
+    let mut flood = Vec::with_capacity(FLOOD);
+    for _ in 0..FLOOD {
+        flood.push(std::os::unix::net::UnixStream::connect(&v.stream_sock).expect("connect"));
+    }
+    // Connections are accepted in order: once the last one is answered,
+    // vminitd has seen them all.
+    let last = flood.last_mut().expect("flood");
+    last.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let mut answer = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(&*last), &mut answer)
+        .expect("the last connection is answered");
+    assert_eq!(answer, "ERR busy: too many connections in handshake\n");
+    let during = open_fds();
+    assert!(
+        during < before + 64,
+        "vminitd holds {during} descriptors with {FLOOD} silent connections (was {before})"
+    );
+    // The Task API is untouched: a container without streams runs.
+    v.rootfs("quiet");
+    c.create(
+        ctx(),
+        &create_req("quiet", &spec(&["true"], false), false, false, false),
+    )
+    .await
+    .expect("create during the flood");
+    c.start(ctx(), &start("quiet", "")).await.expect("start");
+    assert_eq!(
+        c.wait(ctx(), &wait("quiet", ""))
+            .await
+            .expect("wait")
+            .exit_status,
+        0
+    );
+    c.delete(ctx(), &delete("quiet", "")).await.expect("delete");
+
+    drop(flood);
+    // The silent connections in their handshake see EOF and free their
+    // slots; until vminitd has noticed, the port answers "busy".
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut ev = loop {
+        let mut s = UnixStream::connect(&v.stream_sock).await.expect("connect");
+        s.write_all(b"EVENTS\n").await.expect("handshake");
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).await.expect("answer");
+        if line == "OK\n" {
+            break r.lines();
+        }
+        assert!(line.starts_with("ERR busy"), "{line:?}");
+        assert!(std::time::Instant::now() < deadline, "the port stayed busy");
+        tokio::task::yield_now().await;
+    };
+    let ask = |line: &'static str| {
+        let path = v.stream_sock.clone();
+        async move {
+            let mut s = UnixStream::connect(path).await.expect("connect");
+            s.write_all(line.as_bytes()).await.expect("handshake");
+            let mut answer = String::new();
+            BufReader::new(s)
+                .read_line(&mut answer)
+                .await
+                .expect("answer");
+            answer
+        }
+    };
+    assert_eq!(
+        ask("EVENTS\n").await,
+        "ERR an event subscriber is already connected (one at a time)\n"
+    );
+    assert_eq!(
+        ask("STDIO ghost - stdout\n").await,
+        "ERR no process expects stream ghost - stdout\n"
+    );
+    // Create announces only the streams it names: stderr was not asked for.
+    v.rootfs("named");
+    c.create(
+        ctx(),
+        &create_req("named", &spec(&["echo", "hi"], false), false, true, false),
+    )
+    .await
+    .expect("create");
+    assert_eq!(
+        ask("STDIO named - stderr\n").await,
+        "ERR no process expects stream named - stderr\n"
+    );
+    let out = stream(&v, "named", "", "stdout").await;
+    c.start(ctx(), &start("named", "")).await.expect("start");
+    assert_eq!(read_all(out).await, "hi\n");
+    // The quiet container's exit was queued before we subscribed.
+    let e = next_event(&mut ev).await;
+    assert_eq!(e["container_id"], "quiet");
+    let e = next_event(&mut ev).await;
+    assert_eq!(e["container_id"], "named");
+    c.delete(ctx(), &delete("named", "")).await.expect("delete");
     v.stop();
     v.assert_clean();
 }

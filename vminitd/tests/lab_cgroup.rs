@@ -1,15 +1,17 @@
 //! The cgroup-v2-only checks of `host_resources` (Stats with memory, pids
 //! and io; a memory limit through Update read back from `memory.max`; the
-//! OOM event) run for real where every controller is there.
+//! OOM event) run for real where every controller is there, and so does
+//! `pid1_smoke` on a pure cgroup v2 host (this host is hybrid).
 //!
 //! This host mounts cgroup v1 with a v2 hierarchy holding only `hugetlb`, so
 //! those checks skip here (`LAB-ONLY`). This test has cargo build (or find
-//! fresh) the `host_resources` test binary and runs it with
-//! `VMINITD_REQUIRE_CGROUP2=1` (missing controllers become failures) and a
-//! filter naming the two tests: inside the nested lab (pure cgroup2 at
-//! /sys/fs/cgroup) when /sys/fs/cgroup here is not a pure cgroup2 mount with
-//! memory, pids and io; directly otherwise. It then asserts both tests
-//! passed and that each check reported its values.
+//! fresh) the `host_resources` and `pid1_smoke` test binaries and runs them
+//! with `VMINITD_REQUIRE_CGROUP2=1` (missing controllers become failures)
+//! and a filter naming the two `host_resources` tests: inside the nested lab
+//! (pure cgroup2 at /sys/fs/cgroup) when /sys/fs/cgroup here is not a pure
+//! cgroup2 mount with memory, pids and io; directly otherwise. It then
+//! asserts every test passed, that each check reported its values, and that
+//! pid1_smoke left no cgroup behind.
 
 mod common;
 
@@ -26,24 +28,18 @@ const TESTS: &[&str] = &[
     "memory_limit_oom_raises_oom_event",
 ];
 
-/// The `host_resources` test binary, built (or found fresh) by cargo for
-/// the same profile as this test: `cargo test --no-run` reports its path.
-fn host_resources_binary() -> PathBuf {
+/// The test binary `name` of this package, built (or found fresh) by cargo
+/// for the same profile as this test: `cargo test --no-run` reports its
+/// path.
+fn test_binary(name: &str) -> PathBuf {
     let me = std::env::current_exe().expect("current exe");
     let release = me.components().any(|c| c.as_os_str() == "release");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = std::process::Command::new(cargo);
-    cmd.args([
-        "test",
-        "-p",
-        "vminitd",
-        "--test",
-        "host_resources",
-        "--no-run",
-    ])
-    .arg("--message-format=json-render-diagnostics")
-    .current_dir(env!("CARGO_MANIFEST_DIR"))
-    .stderr(std::process::Stdio::inherit());
+    cmd.args(["test", "-p", "vminitd", "--test", name, "--no-run"])
+        .arg("--message-format=json-render-diagnostics")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(std::process::Stdio::inherit());
     if release {
         cmd.arg("--release");
     }
@@ -52,15 +48,16 @@ fn host_resources_binary() -> PathBuf {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "host_resources")
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == name)
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .expect("cargo reported no host_resources test executable")
+        .unwrap_or_else(|| panic!("cargo reported no {name} test executable"))
 }
 
 #[test]
 fn cgroup_v2_checks_pass_where_cgroup_v2_is_complete() {
-    let bin = host_resources_binary();
-    eprintln!("running {} {TESTS:?}", bin.display());
+    let bin = test_binary("host_resources");
+    let pid1 = test_binary("pid1_smoke");
+    eprintln!("running {} {TESTS:?} and {}", bin.display(), pid1.display());
     let tmp = lab_visible_tempdir().expect("lab-visible tempdir");
     // The test binary's stdout (libtest's report) and stderr (vminitd's
     // logs) go to separate files so the report lines stay whole.
@@ -79,9 +76,15 @@ fn cgroup_v2_checks_pass_where_cgroup_v2_is_complete() {
          rc=$?\n\
          echo '=== BEGIN stderr'; cat \"$d/err\"; echo '=== END stderr'\n\
          echo '=== BEGIN report'; cat \"$d/out\"; echo '=== END report'\n\
+         {pid1} --test-threads=1 >\"$d/pid1\" 2>&1\n\
+         prc=$?\n\
+         echo '=== BEGIN pid1'; cat \"$d/pid1\"; echo \"pid1 exit $prc\"\n\
+         echo \"cgroups left: $(ls /sys/fs/cgroup | grep vminitd-pid1)\"; echo '=== END pid1'\n\
          rm -rf \"$d\"\n\
+         [ $prc = 0 ] || exit $prc\n\
          exit $rc\n",
-        cmd = cmd.join(" ")
+        cmd = cmd.join(" "),
+        pid1 = quote(&pid1.display().to_string()),
     );
     let script_path = tmp.path().join("cgroup-checks.sh");
     std::fs::write(&script_path, script).expect("write script");
@@ -154,6 +157,17 @@ fn cgroup_v2_checks_pass_where_cgroup_v2_is_complete() {
         !report.contains("LAB-ONLY"),
         "a check skipped:\n{}",
         context()
+    );
+    let pid1_report = section(&out.output, "pid1").unwrap_or_default();
+    assert!(
+        pid1_report.contains("test result: ok. 3 passed") && pid1_report.contains("pid1 exit 0"),
+        "pid1_smoke did not pass in {where_}:\n{}",
+        tail(pid1_report, 60)
+    );
+    assert!(
+        pid1_report.contains("cgroups left: \n"),
+        "pid1_smoke left cgroups in {where_}:\n{}",
+        tail(pid1_report, 5)
     );
     for l in report.lines().filter(|l| l.contains("CGROUP2-CHECKED")) {
         eprintln!("{l}");

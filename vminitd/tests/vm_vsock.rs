@@ -1,15 +1,22 @@
 //! vminitd as PID 1 of a real VM, driven over vsock from outside.
 //!
 //! QEMU microvm (KVM) boots the beacon kernel with an initrd whose `/init`
-//! is vminitd, with crun and two busybox root file systems under the shares
-//! folder (`/shares/c1`, `/shares/c2`, named by `VMINITD_SHARES_DIR=/shares`
+//! is vminitd, with crun and three busybox root file systems under the
+//! shares folder (`/shares/c1`..`c3`, named by `VMINITD_SHARES_DIR=/shares`
 //! on the kernel command line, which the kernel hands to init as its
 //! environment), and a `vhost-vsock-device`. From the machine running QEMU,
 //! `vminitd-vsock-client` connects to `vsock://CID:1024` (Task API) and
 //! `vsock://CID:1025` (streams) and runs `/bin/busybox echo
-//! hello-from-the-vm` (exit 0, exact stdout) and a container that writes to
-//! stderr and exits 3, then sends Shutdown; QEMU must end with exit code 0
-//! (the guest powered off). On hosts without hardware KVM all of this runs
+//! hello-from-the-vm` (exit 0, exact stdout).
+//!
+//! Then the hostile side: container `c3` holds the same client (with its
+//! libraries) and runs `probe` from inside the guest against the loopback
+//! CID 1 and against the guest's own CID, on both ports, the way a process
+//! in a container would try to reach vminitd. Every one of the four must be
+//! refused (connection failed, or closed before a byte came back), never
+//! served. After that the host is still served: a container that writes to
+//! stderr and exits 3, then Shutdown; QEMU must end with exit code 0 (the
+//! guest powered off). On hosts without hardware KVM all of this runs
 //! inside the nested lab.
 
 use std::path::{Path, PathBuf};
@@ -30,35 +37,47 @@ fn result_of(text: &str) -> Option<Value> {
         .find_map(|l| serde_json::from_str::<Value>(l).ok())
 }
 
-/// vminitd without debug info (the debug binary is ~90 MB; the guest
+/// `binary` without debug info (debug binaries are ~90 MB; the guest
 /// unpacks the initrd into RAM).
-fn slim_vminitd(dir: &Path) -> PathBuf {
-    let out = dir.join("vminitd");
+fn slim(binary: &str, dir: &Path) -> PathBuf {
+    let name = Path::new(binary).file_name().expect("binary name");
+    let out = dir.join(name);
     let stripped = std::process::Command::new("strip")
         .arg("--strip-debug")
         .arg("-o")
         .arg(&out)
-        .arg(VMINITD)
+        .arg(binary)
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
     if !stripped {
-        std::fs::copy(VMINITD, &out).expect("copy vminitd");
+        std::fs::copy(binary, &out).expect("copy binary");
     }
     out
 }
 
+/// Where the probing container finds the client.
+const PROBE_IN_C3: &str = "/bin/vsock-probe";
+
 fn build_initrd(dir: &Path) -> PathBuf {
     let out = dir.join("vminitd-initrd.gz");
     let busybox = PathBuf::from("/bin/busybox");
+    let mut extra: Vec<(PathBuf, String)> = ["c1", "c2", "c3"]
+        .iter()
+        .map(|c| (busybox.clone(), format!("/shares/{c}/rootfs/bin/busybox")))
+        .collect();
+    // The client inside c3's root, with every library it loads at the same
+    // path there (the container sees only its own root).
+    let client = slim(CLIENT, dir);
+    for lib in beacon_initrd::ldd::resolve(&client).expect("client libraries") {
+        extra.push((lib.clone(), format!("/shares/c3/rootfs{}", lib.display())));
+    }
+    extra.push((client, format!("/shares/c3/rootfs{PROBE_IN_C3}")));
     let spec = beacon_initrd::InitrdSpec {
-        init: slim_vminitd(dir),
+        init: slim(VMINITD, dir),
         busybox: None,
         crun: Some(PathBuf::from("/usr/bin/crun")),
-        extra: ["c1", "c2"]
-            .iter()
-            .map(|c| (busybox.clone(), format!("/shares/{c}/rootfs/bin/busybox")))
-            .collect(),
+        extra,
         ..Default::default()
     };
     let mut f = std::fs::File::create(&out).expect("create initrd");
@@ -86,6 +105,10 @@ fn container_runs_in_a_vm_over_vsock() {
         "{} --cid {cid} --wait-secs 180 --timeout-secs 300",
         quote(CLIENT)
     );
+    // From inside the guest: the loopback CID and the guest's own CID.
+    let probes = quote(&format!(
+        "{PROBE_IN_C3} --cid 1 probe; {PROBE_IN_C3} --cid {cid} probe"
+    ));
     // The guest console streams into the output as `guest| ` lines (also
     // seen live in a lab timeout's console tail); QEMU's exit code follows
     // as `guest| QEMU-EXIT N`.
@@ -99,6 +122,11 @@ echo '=== BEGIN run1'
 {client} run --id c1 -- /bin/busybox echo hello-from-the-vm 2>&1 || fail=1
 echo '=== END run1'
 echo "TIMING first container done after $(( ($(date +%s%N) - t0) / 1000000 )) ms"
+if [ $fail = 0 ]; then
+  echo '=== BEGIN probe'
+  {client} run --id c3 -- /bin/busybox sh -c {probes} 2>&1 || fail=1
+  echo '=== END probe'
+fi
 if [ $fail = 0 ]; then
   echo '=== BEGIN run2'
   {client} run --id c2 -- /bin/busybox sh -c 'echo to-stderr >&2; exit 3' 2>&1 || fail=1
@@ -144,6 +172,30 @@ rm -rf "$d"
     assert_eq!(run1["stderr"].as_str(), Some(""), "{run1}");
     assert_eq!(run1["exit_status"].as_u64(), Some(0), "{run1}");
 
+    // No way in from inside the guest, on either port, at either CID.
+    let probe = section(text, "probe")
+        .and_then(result_of)
+        .unwrap_or_else(|| fail("probing container: no result"));
+    assert_eq!(probe["exit_status"].as_u64(), Some(0), "{probe}");
+    let outcomes: Vec<Value> = probe["stdout"]
+        .as_str()
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    for target in [1, cid] {
+        for port in [1024, 1025] {
+            let o = outcomes
+                .iter()
+                .find(|o| o["cid"] == target && o["port"] == port)
+                .unwrap_or_else(|| fail(&format!("no probe of {target}:{port}: {probe}")));
+            assert_eq!(
+                o["outcome"], "refused",
+                "a container reached vminitd at vsock://{target}:{port}: {o}\n{console}"
+            );
+        }
+    }
+
     let run2 = section(text, "run2")
         .and_then(result_of)
         .unwrap_or_else(|| fail("second container: no result"));
@@ -169,6 +221,9 @@ rm -rf "$d"
     );
     for l in text.lines().filter(|l| l.starts_with("TIMING")) {
         eprintln!("{l}");
+    }
+    for o in &outcomes {
+        eprintln!("probe from inside the guest: {o}");
     }
     eprintln!(
         "VM over vsock: {run1}\n{run2}\nwhole run {:.1} s",

@@ -11,6 +11,13 @@
 //! sends an inline OCI spec, and prints one JSON line:
 //! `{"id":..,"stdout":..,"stderr":..,"exit_status":..}`. It connects until
 //! `--wait-secs` pass, so it can be started while the VM boots.
+//!
+//! `probe` is the other side: run inside the guest (in a container), it
+//! tries the Task API and the stream port at `--cid` once each, the way a
+//! hostile container would, and prints one JSON line per port:
+//! `{"cid":..,"port":..,"outcome":"refused"|"served"|"no-answer","detail":..}`.
+//! `refused`: the connection failed or was closed before a byte came back;
+//! `served`: vminitd answered (a ttrpc reply, or `OK` to `EVENTS`).
 
 use std::time::{Duration, Instant};
 
@@ -59,7 +66,13 @@ enum Cmd {
     },
     /// Shutdown: vminitd stops every container and powers the VM off.
     Shutdown,
+    /// From inside the guest: is vminitd served to us? (It must not be.)
+    Probe,
 }
+
+/// How long one probe may take (a connect that goes nowhere times out
+/// after 2 s in the kernel; emulation stretches that).
+const PROBE_LIMIT: Duration = Duration::from_secs(30);
 
 fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(60_000_000_000)
@@ -149,8 +162,6 @@ fn spec(args: &[String]) -> serde_json::Value {
 async fn run(a: &Args, id: &str, args: &[String]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(a.wait_secs);
     let c = task_client(a, deadline).await?;
-    let out = stream(a, &format!("STDIO {id} - stdout"), deadline).await?;
-    let err = stream(a, &format!("STDIO {id} - stderr"), deadline).await?;
     let req = CreateTaskRequest {
         id: id.into(),
         bundle: id.into(),
@@ -165,6 +176,10 @@ async fn run(a: &Args, id: &str, args: &[String]) -> anyhow::Result<()> {
         ..Default::default()
     };
     c.create(ctx(), &req).await.context("Create")?;
+    // Create announced the streams; the init runs only at Start, so
+    // nothing it writes is missed.
+    let out = stream(a, &format!("STDIO {id} - stdout"), deadline).await?;
+    let err = stream(a, &format!("STDIO {id} - stderr"), deadline).await?;
     c.start(
         ctx(),
         &StartRequest {
@@ -216,6 +231,57 @@ async fn shutdown(a: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn probe(a: &Args) -> anyhow::Result<()> {
+    for port in [a.task_port, a.stream_port] {
+        let task_api = port == a.task_port;
+        let (outcome, detail) =
+            match tokio::time::timeout(PROBE_LIMIT, probe_one(a.cid, port, task_api)).await {
+                Ok(r) => r,
+                Err(_) => ("no-answer", format!("nothing within {PROBE_LIMIT:?}")),
+            };
+        println!(
+            "{}",
+            json!({"cid": a.cid, "port": port, "outcome": outcome, "detail": detail})
+        );
+    }
+    Ok(())
+}
+
+async fn probe_one(cid: u32, port: u32, task_api: bool) -> (&'static str, String) {
+    if task_api {
+        let addr = format!("vsock://{cid}:{port}");
+        let c = match ttrpc::asynchronous::Client::connect(&addr).await {
+            Ok(c) => TaskClient::new(c),
+            Err(e) => return ("refused", format!("connect: {e}")),
+        };
+        let req = containerd_shim_protos::api::ConnectRequest::default();
+        let call = c.connect(ttrpc::context::with_timeout(10_000_000_000), &req);
+        return match call.await {
+            Ok(r) => ("served", format!("Connect answered: {}", r.version)),
+            Err(e) => ("refused", format!("Connect failed: {e}")),
+        };
+    }
+    let mut s = match VsockStream::connect(VsockAddr::new(cid, port)).await {
+        Ok(s) => s,
+        Err(e) => return ("refused", format!("connect: {e}")),
+    };
+    if let Err(e) = s.write_all(b"EVENTS\n").await {
+        return ("refused", format!("write: {e}"));
+    }
+    let mut reply = [0u8; 64];
+    match s.read(&mut reply).await {
+        Ok(0) => ("refused", "closed without a byte".into()),
+        Ok(n) => (
+            "served",
+            format!(
+                "answered {:?}",
+                String::from_utf8_lossy(reply.get(..n).unwrap_or_default())
+            ),
+        ),
+        Err(e) => ("refused", format!("read: {e}")),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -228,6 +294,7 @@ fn main() -> anyhow::Result<()> {
             match &a.cmd {
                 Cmd::Run { id, args } => run(&a, id, args).await,
                 Cmd::Shutdown => shutdown(&a).await,
+                Cmd::Probe => probe(&a).await,
             }
         };
         tokio::time::timeout(limit, work)

@@ -79,6 +79,13 @@ fn api_mounts() -> [ApiMount; 8] {
     ]
 }
 
+/// Where PID 1 mounts file systems of its own (fresh and empty, or the
+/// kernel's view): a path under one of these is not what it was before
+/// PID 1 started. Tests keep their files elsewhere.
+pub fn api_mount_points() -> impl Iterator<Item = &'static str> {
+    api_mounts().into_iter().map(|m| m.target)
+}
+
 fn is_mountpoint(path: &str) -> bool {
     std::fs::read_to_string("/proc/self/mountinfo")
         .map(|t| t.lines().any(|l| l.split(' ').nth(4) == Some(path)))

@@ -5,6 +5,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+use beacon_common::lock;
 use tokio::sync::{oneshot, watch};
 
 use crate::events::{Event, EventHub};
@@ -92,7 +93,7 @@ impl Process {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.inner)
     }
 
     pub fn pid(&self) -> u32 {

@@ -8,16 +8,19 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use beacon_common::lock;
 use serde_json::Value;
+use tokio::sync::oneshot;
 
 use crate::bundle;
 use crate::cgroup::Cgroup;
 use crate::crun::Crun;
 use crate::error::{TaskError, TaskResult};
 use crate::events::EventHub;
-use crate::reaper::{ExitInfo, Reaper};
+use crate::ids::check_id;
+use crate::reaper::{boot_ticks_now, BirthWindow, ExitInfo, Reaper};
 use crate::stdio::StdioSetup;
-use crate::streams::{valid_id, StdioHub};
+use crate::streams::{StdioHub, StreamKey};
 use crate::task::process::{ProcState, Process, StdioNames};
 
 /// How long crun's pid file may take to show a pid.
@@ -53,7 +56,7 @@ pub struct Container {
 
 impl Container {
     fn execs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Process>>> {
-        self.execs.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.execs)
     }
 
     /// The init (exec id "") or a named exec.
@@ -69,7 +72,7 @@ impl Container {
 
     /// Whether the container is frozen.
     pub fn paused(&self) -> bool {
-        *self.paused.lock().unwrap_or_else(|e| e.into_inner())
+        *lock(&self.paused)
     }
 
     /// Pids of exec processes by exec id.
@@ -139,12 +142,53 @@ impl Runtime {
         })
     }
 
+    /// The exit of the process crun named in its pid file, which started
+    /// while crun ran (`window`): pids are reused, so the pid alone could
+    /// name a stranger.
+    fn watch_exit(
+        &self,
+        op: &'static str,
+        pid: u32,
+        window: BirthWindow,
+    ) -> TaskResult<oneshot::Receiver<ExitInfo>> {
+        let pid = i32::try_from(pid)
+            .ok()
+            .filter(|p| *p > 1)
+            .ok_or_else(|| TaskError::Crun {
+                op,
+                msg: format!("pid file holds an impossible pid {pid}"),
+            })?;
+        self.reaper
+            .subscribe(pid, window)
+            .map_err(|e| TaskError::Crun {
+                op,
+                msg: format!("the process crun started: {e}"),
+            })
+    }
+
+    /// Tells the stream port which host streams this process will use, so
+    /// only those are accepted; all or none.
+    fn announce_streams(&self, id: &str, exec_id: &str, names: &StdioNames) -> TaskResult<()> {
+        for kind in names.request().kinds() {
+            let key = StreamKey {
+                container: id.to_string(),
+                exec: exec_id.to_string(),
+                kind,
+            };
+            if let Err(why) = self.hub.reserve(key) {
+                self.hub.forget(id, exec_id);
+                return Err(TaskError::FailedPrecondition(why));
+            }
+        }
+        Ok(())
+    }
+
     fn consoles_dir(&self) -> PathBuf {
         self.cfg.state_dir.join("consoles")
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.table)
     }
 
     /// The container `id`.
@@ -166,12 +210,7 @@ impl Runtime {
 
     /// Create: writes the bundle and runs `crun create`. Returns the pid.
     pub async fn create(&self, p: CreateParams) -> TaskResult<u32> {
-        if !valid_id(&p.id) {
-            return Err(TaskError::InvalidArgument(format!(
-                "bad container id {:?}",
-                p.id
-            )));
-        }
+        check_id("container", &p.id)?;
         if p.has_rootfs_mounts {
             return Err(TaskError::InvalidArgument(
                 "rootfs mounts are not supported: send a prepared rootfs on a share".into(),
@@ -185,7 +224,11 @@ impl Runtime {
             t.insert(p.id.clone(), Slot::Creating);
         }
         let dir = self.cfg.state_dir.join("bundles").join(&p.id);
-        let result = self.create_inner(&p, &dir).await;
+        // From now on the host may connect the init's streams.
+        let result = match self.announce_streams(&p.id, "", &p.names) {
+            Ok(()) => self.create_inner(&p, &dir).await,
+            Err(e) => Err(e),
+        };
         let mut t = self.table();
         match result {
             Ok(c) => {
@@ -234,6 +277,7 @@ impl Runtime {
         let (setup, child_stdio, console) =
             StdioSetup::prepare(&p.id, "", p.names.request(), &self.consoles_dir())?;
         let pid_file = dir.join("init.pid");
+        let born = boot_ticks_now();
         self.crun
             .create(&p.id, dir, &pid_file, console.as_deref(), child_stdio)
             .await?;
@@ -242,7 +286,7 @@ impl Runtime {
                 op: "create",
                 msg: "no pid file".into(),
             })?;
-            let exited = self.reaper.subscribe(i32::try_from(pid).unwrap_or(-1));
+            let exited = self.watch_exit("create", pid, BirthWindow::since(born))?;
             let io = setup.activate(&self.hub).await?;
             Ok::<_, TaskError>((pid, exited, io))
         };
@@ -323,6 +367,7 @@ impl Runtime {
         let (setup, child_stdio, console) =
             StdioSetup::prepare(id, exec_id, proc.names.request(), &self.consoles_dir())?;
         let pid_file = c.dir.join(format!("exec-{exec_id}.pid"));
+        let born = boot_ticks_now();
         let res = self
             .crun
             .exec(id, &spec_file, &pid_file, console.as_deref(), child_stdio)
@@ -339,7 +384,14 @@ impl Runtime {
                 msg: "no pid file".into(),
             })?;
         let _ = std::fs::remove_file(&pid_file);
-        let exited = self.reaper.subscribe(i32::try_from(pid).unwrap_or(-1));
+        let window = BirthWindow::since(born);
+        let exited = match self.watch_exit("exec", pid, window) {
+            Ok(rx) => rx,
+            Err(e) => {
+                self.hub.forget(id, exec_id);
+                return Err(e);
+            }
+        };
         let io = match setup.activate(&self.hub).await {
             Ok(io) => io,
             Err(e) => {
@@ -365,11 +417,7 @@ impl Runtime {
 
     /// Exec: registers a process to run on Start.
     pub fn exec(&self, id: &str, exec_id: &str, names: StdioNames, spec: &[u8]) -> TaskResult<()> {
-        if !valid_id(exec_id) {
-            return Err(TaskError::InvalidArgument(format!(
-                "bad exec id {exec_id:?}"
-            )));
-        }
+        check_id("exec", exec_id)?;
         let c = self.get(id)?;
         let mut spec = bundle::parse_json("exec process spec", spec)?;
         bundle::check_process(&spec)?;
@@ -379,6 +427,8 @@ impl Runtime {
         if execs.contains_key(exec_id) {
             return Err(TaskError::AlreadyExists(format!("exec {exec_id} in {id}")));
         }
+        // From now on the host may connect the exec's streams (before Start).
+        self.announce_streams(id, exec_id, &names)?;
         execs.insert(
             exec_id.to_string(),
             Arc::new(Process::new(names, Some(spec))),
@@ -447,7 +497,7 @@ impl Runtime {
     }
 
     fn forget(&self, c: &Container) {
-        if let Some(t) = c.oom_watch.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(t) = lock(&c.oom_watch).take() {
             t.abort();
         }
         c.init.close_io();
@@ -472,7 +522,7 @@ impl Runtime {
         } else {
             self.crun.resume(id).await?;
         }
-        *c.paused.lock().unwrap_or_else(|e| e.into_inner()) = pause;
+        *lock(&c.paused) = pause;
         Ok(())
     }
 

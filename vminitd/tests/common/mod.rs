@@ -46,13 +46,85 @@ pub fn pure_cgroup2() -> bool {
         .unwrap_or(false)
 }
 
-/// The cgroup v2 hierarchy as the test process sees it.
-pub fn cgroup_root() -> PathBuf {
-    if pure_cgroup2() {
-        PathBuf::from("/sys/fs/cgroup")
-    } else {
-        PathBuf::from("/sys/fs/cgroup/unified")
+/// Undoes mountinfo's octal escapes (`\040` for a space, ...).
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .and_then(|d| u8::from_str_radix(std::str::from_utf8(d).ok()?, 8).ok());
+        match octal {
+            Some(b) => {
+                out.push(b);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
     }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The mount point of the cgroup v2 hierarchy's root in the text of a
+/// `/proc/<pid>/mountinfo`: the first `cgroup2` mount whose root is `/`.
+pub fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|l| {
+        let (before, after) = l.split_once(" - ")?;
+        let mut f = before.split(' ');
+        let root = f.nth(3)?;
+        let mount_point = f.next()?;
+        (after.split(' ').next() == Some("cgroup2") && root == "/")
+            .then(|| PathBuf::from(unescape_mountinfo(mount_point)))
+    })
+}
+
+/// The cgroup v2 hierarchy as the test process sees it, wherever it is
+/// mounted (`/sys/fs/cgroup` on a pure cgroup v2 host,
+/// `/sys/fs/cgroup/unified` on a hybrid one). Panics when there is none:
+/// every vminitd test needs one.
+pub fn cgroup_root() -> PathBuf {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("/proc/self/mountinfo");
+    cgroup2_mount_in(&mountinfo)
+        .unwrap_or_else(|| panic!("no cgroup2 hierarchy is mounted here:\n{mountinfo}"))
+}
+
+/// A temp dir that vminitd running as PID 1 of a new mount namespace still
+/// sees: PID 1 mounts fresh file systems on `/tmp`, `/run`, `/dev`, ...
+/// (`pid1::mounts::api_mount_points`), hiding whatever was there. The
+/// first of `CARGO_TARGET_TMPDIR` (inside the target dir, wherever the
+/// checkout is) and `/var/tmp` that lies outside all of them; panics if
+/// neither does.
+pub fn pid1_visible_tempdir(prefix: &str) -> tempfile::TempDir {
+    let candidates = [
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")),
+        PathBuf::from("/var/tmp"),
+    ];
+    let base = pid1_visible_base(&candidates).unwrap_or_else(|| {
+        panic!(
+            "none of {candidates:?} is outside the file systems vminitd mounts as PID 1 ({:?})",
+            vminitd::pid1::mounts::api_mount_points().collect::<Vec<_>>()
+        )
+    });
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(&base)
+        .unwrap_or_else(|e| panic!("temp dir in {}: {e}", base.display()))
+}
+
+/// The first candidate (symlinks resolved) under none of PID 1's mounts.
+pub fn pid1_visible_base(candidates: &[PathBuf]) -> Option<PathBuf> {
+    candidates
+        .iter()
+        .filter_map(|c| {
+            std::fs::create_dir_all(c).ok()?;
+            c.canonicalize().ok()
+        })
+        .find(|c| !vminitd::pid1::mounts::api_mount_points().any(|m| c.starts_with(m)))
 }
 
 /// Whether the cgroup v2 hierarchy offers `controller`.
@@ -325,7 +397,8 @@ pub fn create_req(
     }
 }
 
-/// Opens one stdio stream (`exec` "" for the init).
+/// Opens one stdio stream (`exec` "" for the init), after the Create or
+/// Exec that announced it.
 pub async fn stream(v: &Vminitd, id: &str, exec: &str, kind: &str) -> UnixStream {
     let mut s = UnixStream::connect(&v.stream_sock)
         .await
@@ -363,14 +436,15 @@ pub async fn run_to_exit(
     args: &[&str],
 ) -> (String, String, u32) {
     v.rootfs(id);
-    let out = stream(v, id, "", "stdout").await;
-    let err = stream(v, id, "", "stderr").await;
     c.create(
         ctx(),
         &create_req(id, &spec(args, false), false, true, true),
     )
     .await
     .expect("create");
+    // Create announced them; nothing runs before Start.
+    let out = stream(v, id, "", "stdout").await;
+    let err = stream(v, id, "", "stderr").await;
     c.start(
         ctx(),
         &StartRequest {
