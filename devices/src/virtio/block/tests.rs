@@ -671,3 +671,28 @@ fn a_trailing_partial_sector_is_never_read_or_written() {
     assert_eq!((rig.status(r), rig.status(w)), (IOERR, IOERR));
     assert_eq!(std::fs::read(&rig.path).expect("image"), bytes);
 }
+
+#[test]
+fn completions_arrive_through_the_event_loop() {
+    use event_manager::{EventManager, SubscriberOps};
+    let mut rig = Rig::new(16, false);
+    let mut manager =
+        EventManager::<Arc<Mutex<crate::virtio::VirtioSubscriber>>>::new().expect("event manager");
+    manager.add_subscriber(Arc::new(Mutex::new(rig.h.subscriber())));
+    let (head, status) = rig.request(VIRTIO_BLK_T_IN, 7, &[(DATA, 512, true)]);
+    // The guest's kick, as KVM's ioeventfd delivers it.
+    rig.h.queue_events[0].write(1).expect("kick");
+    let mut used = Vec::new();
+    // Bounded: each turn waits at most a second for the next event.
+    for _ in 0..20 {
+        manager.run_with_timeout(1000).expect("event loop turn");
+        used.extend(rig.q.take_used(&rig.h.mem));
+        if !used.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(used, vec![(u32::from(head), 513)]);
+    assert_eq!(rig.status(status), OK);
+    assert_eq!(rig.read_mem(DATA, 512), pattern(16 * 512)[7 * 512..8 * 512]);
+    assert_eq!(beacon_common::lock(&rig.blk).in_flight(), 0);
+}
