@@ -696,3 +696,29 @@ fn completions_arrive_through_the_event_loop() {
     assert_eq!(rig.read_mem(DATA, 512), pattern(16 * 512)[7 * 512..8 * 512]);
     assert_eq!(beacon_common::lock(&rig.blk).in_flight(), 0);
 }
+
+#[test]
+fn requests_past_the_in_flight_cap_wait_in_the_ring() {
+    let mut rig = Rig::new(16, false);
+    // One request, published over and over (a hostile driver may reuse a head).
+    let (head, status) = rig.request(VIRTIO_BLK_T_IN, 1, &[(DATA, 512, true)]);
+    for _ in 1..MAX_IN_FLIGHT {
+        rig.q.publish(&rig.h.mem, head);
+    }
+    rig.h.notify(0);
+    assert_eq!(beacon_common::lock(&rig.blk).in_flight(), MAX_IN_FLIGHT);
+    // Ten more wait in the available ring: nothing more is handed over.
+    for _ in 0..10 {
+        rig.q.publish(&rig.h.mem, head);
+    }
+    rig.h.notify(0);
+    {
+        let blk = beacon_common::lock(&rig.blk);
+        assert_eq!(blk.in_flight(), MAX_IN_FLIGHT);
+        assert!(blk.active.as_ref().expect("active").waiting_for_room);
+    }
+    // Completions make room; the waiting ones are served without a new kick.
+    rig.settle();
+    assert_eq!(rig.q.take_used(&rig.h.mem).len(), MAX_IN_FLIGHT + 10);
+    assert_eq!(rig.status(status), OK);
+}
