@@ -220,6 +220,13 @@ rm -f "$WORK/rw.img" "$WORK/ro.img"
     kvm.expect.push("BLK-SERIAL: bcn-".into());
     let mut qemu = base;
     qemu.backends = vec!["qemu"];
+    // The first QEMU start in a fresh lab VM reads QEMU and its ~50 libraries
+    // over 9p, which can outlast the backend's 10 s wait for QMP on a loaded
+    // host; load them once first.
+    qemu.host_before = format!(
+        "qemu-system-x86_64 --version >/dev/null 2>&1\n{}",
+        qemu.host_before
+    );
     let results = run_scenarios(Path::new(VMM), &[kvm, qemu], Duration::from_secs(1500));
     assert_all_passed(&results);
     assert_eq!(results.len(), 4, "kvm and qemu x beacon and stock");

@@ -2,8 +2,8 @@
 //! once ([`DiskFile::open`]), and the execution of validated requests against
 //! it ([`execute`]).
 //!
-//! Data moves between the file and guest memory with `pread`/`pwrite` straight
-//! into and out of guest pages (no bounce buffer, no allocation per request).
+//! Data moves between the file and guest memory with one `preadv`/`pwritev` per
+//! request, straight into and out of guest pages (no bounce buffer).
 //! This module never parses guest data (that is [`super::request`]) and never
 //! runs on the event loop: [`execute`] blocks on the disk and is called from the
 //! device's I/O thread (or synchronously by tests and fuzz targets).
@@ -15,12 +15,10 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
-use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{
-    Bytes, GuestMemoryMmap, ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile,
-};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::request::{Operation, Request, ID_LEN, SECTOR_SIZE};
+use super::request::{Operation, Request, Segment, ID_LEN, SECTOR_SIZE};
 
 /// Why a disk image cannot back a virtio-blk device; each says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -176,73 +174,115 @@ fn serial_for(dev: u64, ino: u64) -> [u8; ID_LEN] {
     id
 }
 
-/// The file seen as a stream from `offset` on, through `pread`/`pwrite`, so
-/// vm-memory can move bytes between it and guest memory slices directly.
-struct FileAt<'a> {
-    file: &'a File,
+/// Most iovecs one `preadv`/`pwritev` takes (Linux's IOV_MAX).
+const IOV_MAX: usize = 1024;
+
+/// Move the whole byte range of `segments` between guest memory and the file at
+/// `offset`, with as few `preadv`/`pwritev` calls as the kernel allows (one,
+/// normally): `to_guest` reads the file into guest memory, otherwise guest
+/// memory is written to the file. A short transfer continues where it stopped;
+/// end of file is an error (the parser keeps requests inside the capacity).
+fn transfer(
+    file: &File,
+    mem: &GuestMemoryMmap,
+    segments: &[Segment],
     offset: u64,
-}
-
-impl FileAt<'_> {
-    fn offset(&self) -> Result<libc::off_t, VolatileMemoryError> {
-        libc::off_t::try_from(self.offset).map_err(|_| {
-            VolatileMemoryError::IOError(std::io::Error::from_raw_os_error(libc::EOVERFLOW))
-        })
+    to_guest: bool,
+) -> Result<(), IoFailure> {
+    let mut slices = Vec::with_capacity(segments.len());
+    for s in segments {
+        for slice in mem.get_slices(s.addr, s.len as usize) {
+            slices.push(slice?);
+        }
     }
+    // The guards keep the host mappings valid while the kernel uses them.
+    let mut iovecs: Vec<libc::iovec> = Vec::with_capacity(slices.len());
+    let mut read_guards = Vec::new();
+    let mut write_guards = Vec::new();
+    for slice in &slices {
+        let base = if to_guest {
+            let guard = slice.ptr_guard_mut();
+            let p = guard.as_ptr();
+            write_guards.push(guard);
+            p
+        } else {
+            let guard = slice.ptr_guard();
+            let p = guard.as_ptr().cast_mut();
+            read_guards.push(guard);
+            p
+        };
+        iovecs.push(libc::iovec {
+            iov_base: base.cast(),
+            iov_len: slice.len(),
+        });
+    }
+    let result = transfer_iovecs(file, &mut iovecs, offset, to_guest);
+    if to_guest {
+        // Bytes may have landed even when it failed part way.
+        for slice in &slices {
+            slice.bitmap().mark_dirty(0, slice.len());
+        }
+    }
+    result
 }
 
-impl ReadVolatile for FileAt<'_> {
-    fn read_volatile<B: BitmapSlice>(
-        &mut self,
-        buf: &mut VolatileSlice<B>,
-    ) -> Result<usize, VolatileMemoryError> {
-        let offset = self.offset()?;
-        let guard = buf.ptr_guard_mut();
-        // SAFETY: the fd is open for the life of `self.file`; `guard` points to
-        // `buf.len()` bytes of mapped guest memory that stay mapped while the
-        // guard lives (the VolatileSlice's invariant).
+fn transfer_iovecs(
+    file: &File,
+    iovecs: &mut [libc::iovec],
+    mut offset: u64,
+    to_guest: bool,
+) -> Result<(), IoFailure> {
+    // The first iovec not yet (fully) moved.
+    let mut next = 0usize;
+    loop {
+        while iovecs.get(next).is_some_and(|v| v.iov_len == 0) {
+            next += 1;
+        }
+        let Some(pending) = iovecs.get(next..).filter(|p| !p.is_empty()) else {
+            return Ok(());
+        };
+        let at = libc::off_t::try_from(offset)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        let count = pending.len().min(IOV_MAX) as libc::c_int;
+        // SAFETY: every iovec points into guest memory mapped for at least
+        // `iov_len` bytes, kept mapped by the guards the caller holds; the fd is
+        // open for the life of `file`; `count` iovecs are in the slice.
         let n = unsafe {
-            libc::pread(
-                self.file.as_raw_fd(),
-                guard.as_ptr().cast(),
-                buf.len(),
-                offset,
-            )
+            if to_guest {
+                libc::preadv(file.as_raw_fd(), pending.as_ptr(), count, at)
+            } else {
+                libc::pwritev(file.as_raw_fd(), pending.as_ptr(), count, at)
+            }
         };
         if n < 0 {
-            buf.bitmap().mark_dirty(0, buf.len());
-            return Err(VolatileMemoryError::IOError(std::io::Error::last_os_error()));
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e.into());
         }
-        let n = n.unsigned_abs();
-        buf.bitmap().mark_dirty(0, n);
-        self.offset += n as u64;
-        Ok(n)
-    }
-}
-
-impl WriteVolatile for FileAt<'_> {
-    fn write_volatile<B: BitmapSlice>(
-        &mut self,
-        buf: &VolatileSlice<B>,
-    ) -> Result<usize, VolatileMemoryError> {
-        let offset = self.offset()?;
-        let guard = buf.ptr_guard();
-        // SAFETY: the fd is open for the life of `self.file`; `guard` points to
-        // `buf.len()` readable bytes of mapped guest memory while it lives.
-        let n = unsafe {
-            libc::pwrite(
-                self.file.as_raw_fd(),
-                guard.as_ptr().cast(),
-                buf.len(),
-                offset,
-            )
-        };
-        if n < 0 {
-            return Err(VolatileMemoryError::IOError(std::io::Error::last_os_error()));
+        if n == 0 {
+            let kind = if to_guest {
+                std::io::ErrorKind::UnexpectedEof
+            } else {
+                std::io::ErrorKind::WriteZero
+            };
+            return Err(std::io::Error::new(kind, "the image ended before the request did").into());
         }
-        let n = n.unsigned_abs();
-        self.offset += n as u64;
-        Ok(n)
+        let mut done = n.unsigned_abs();
+        offset += done as u64;
+        // Skip what was moved; a partly moved iovec is advanced.
+        while let Some(v) = iovecs.get_mut(next) {
+            if done >= v.iov_len {
+                done -= v.iov_len;
+                next += 1;
+            } else {
+                // SAFETY: `done` < iov_len, so the pointer stays inside the buffer.
+                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(done) }.cast();
+                v.iov_len -= done;
+                break;
+            }
+        }
     }
 }
 
@@ -303,23 +343,13 @@ fn run(
 ) -> Result<u64, IoFailure> {
     match request.op {
         Operation::Read { sector } => {
-            let mut src = FileAt {
-                file: &disk.file,
-                offset: sector.saturating_mul(SECTOR_SIZE),
-            };
-            for s in &request.data {
-                mem.read_exact_volatile_from(s.addr, &mut src, s.len as usize)?;
-            }
+            let offset = sector.saturating_mul(SECTOR_SIZE);
+            transfer(&disk.file, mem, &request.data, offset, true)?;
             Ok(request.data_len)
         }
         Operation::Write { sector } => {
-            let mut dst = FileAt {
-                file: &disk.file,
-                offset: sector.saturating_mul(SECTOR_SIZE),
-            };
-            for s in &request.data {
-                mem.write_all_volatile_to(s.addr, &mut dst, s.len as usize)?;
-            }
+            let offset = sector.saturating_mul(SECTOR_SIZE);
+            transfer(&disk.file, mem, &request.data, offset, false)?;
             if writethrough {
                 disk.file.sync_data()?;
             }

@@ -722,3 +722,39 @@ fn requests_past_the_in_flight_cap_wait_in_the_ring() {
     assert_eq!(rig.q.take_used(&rig.h.mem).len(), MAX_IN_FLIGHT + 10);
     assert_eq!(rig.status(status), OK);
 }
+
+#[test]
+fn a_buffer_across_two_memory_regions_is_read_and_written_whole() {
+    use request::{Operation, Request, Segment};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = image(&dir, "d.img", &pattern(16 * 512));
+    let disk = DiskFile::open(&path, false).expect("open");
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[
+        (GuestAddress(0), 1 << 20),
+        (GuestAddress(1 << 20), 1 << 20),
+    ])
+    .expect("two regions");
+    let across = Segment {
+        addr: GuestAddress((1 << 20) - 1000),
+        len: 2048,
+    };
+    let read = Request {
+        op: Operation::Read { sector: 4 },
+        data: vec![across],
+        data_len: 2048,
+        status: GuestAddress(0x1000),
+    };
+    let (outcome, failure) = disk::execute(&disk, &mem, &read, false);
+    assert!(failure.is_none(), "{failure:?}");
+    assert_eq!(outcome.status, OK);
+    let mut got = vec![0u8; 2048];
+    mem.read_slice(&mut got, across.addr).expect("read");
+    assert_eq!(got, pattern(16 * 512)[4 * 512..8 * 512]);
+    let write = Request {
+        op: Operation::Write { sector: 0 },
+        ..read
+    };
+    let (outcome, _) = disk::execute(&disk, &mem, &write, false);
+    assert_eq!(outcome.status, OK);
+    assert_eq!(std::fs::read(&path).expect("image")[..2048], got[..]);
+}
