@@ -70,3 +70,10 @@ install: kernel
 clean:
 	rm -rf $(BUILD)
 	$(CARGO) clean
+
+# Fuzz targets of the guest-facing parsers (devices/fuzz): a bounded run of each
+# in `make test`; devices/fuzz/run-long for long runs.
+.PHONY: fuzz-short
+test: fuzz-short
+fuzz-short:
+	devices/fuzz/run --seconds 5

@@ -128,6 +128,28 @@ pub enum DeviceConfig {
     Rng,
 }
 
+impl DeviceConfig {
+    /// A virtio-blk device from the CLI's `path=P[,ro]` (the path cannot hold a
+    /// comma).
+    pub fn parse_disk(arg: &str) -> Result<Self, ConfigError> {
+        let bad = |why| ConfigError::BadDiskArg(arg.to_string(), why);
+        let mut path = None;
+        let mut read_only = false;
+        for item in arg.split(',') {
+            match item.split_once('=') {
+                Some(("path", p)) if !p.is_empty() && path.is_none() => {
+                    path = Some(PathBuf::from(p));
+                }
+                Some(("path", _)) => return Err(bad("give one non-empty path=")),
+                None if item == "ro" => read_only = true,
+                _ => return Err(bad("expected path=FILE[,ro]")),
+            }
+        }
+        let path = path.ok_or_else(|| bad("path=FILE is missing"))?;
+        Ok(Self::Block { path, read_only })
+    }
+}
+
 fn default_fs_queue_size() -> u16 {
     1024
 }
@@ -227,6 +249,12 @@ pub enum ConfigError {
     BadQueueSize(u16),
     #[error("TAP name {0:?} must be 1 to 15 bytes without '/' or whitespace")]
     BadTapName(String),
+    /// A disk image that cannot back a virtio-blk device (the message names it
+    /// and says what to do).
+    #[error("{0}")]
+    Disk(String),
+    #[error("--disk {0:?}: {1}")]
+    BadDiskArg(String, &'static str),
 }
 
 impl VmConfig {
@@ -347,7 +375,12 @@ impl VmConfig {
                         return Err(ConfigError::BadQueueSize(*queue_size));
                     }
                 }
-                DeviceConfig::Block { .. } | DeviceConfig::Rng => {}
+                DeviceConfig::Block { path, read_only } => {
+                    // Opened (and locked) once to prove it usable, then closed.
+                    beacon_devices::virtio::block::DiskFile::open(path, *read_only)
+                        .map_err(|e| ConfigError::Disk(e.to_string()))?;
+                }
+                DeviceConfig::Rng => {}
             }
         }
         Ok(())
@@ -498,6 +531,56 @@ mod tests {
             queue_size: 1000,
         }];
         assert_eq!(c.validate(), Err(ConfigError::BadQueueSize(1000)));
+    }
+
+    #[test]
+    fn disk_args_and_images() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        assert_eq!(
+            DeviceConfig::parse_disk("path=/a/b.img,ro"),
+            Ok(DeviceConfig::Block {
+                path: "/a/b.img".into(),
+                read_only: true
+            })
+        );
+        assert_eq!(
+            DeviceConfig::parse_disk("path=/a/b.img"),
+            Ok(DeviceConfig::Block {
+                path: "/a/b.img".into(),
+                read_only: false
+            })
+        );
+        for bad in [
+            "",
+            "ro",
+            "/a/b.img",
+            "path=",
+            "path=/a,path=/b",
+            "path=/a,rw",
+        ] {
+            let e = DeviceConfig::parse_disk(bad).expect_err(bad);
+            assert!(matches!(e, ConfigError::BadDiskArg(..)), "{bad}: {e}");
+        }
+        let mut c = VmConfig::new(elf_kernel(tmp.path()));
+        let missing = tmp.path().join("missing.img");
+        c.devices = vec![DeviceConfig::Block {
+            path: missing,
+            read_only: true,
+        }];
+        let e = c.validate().expect_err("missing image");
+        assert!(
+            matches!(&e, ConfigError::Disk(m) if m.contains("missing.img")),
+            "{e}"
+        );
+        let img = tmp.path().join("disk.img");
+        File::create(&img)
+            .and_then(|f| f.set_len(1 << 20))
+            .expect("image");
+        c.devices = vec![DeviceConfig::Block {
+            path: img,
+            read_only: false,
+        }];
+        assert_eq!(c.validate(), Ok(KernelFormat::Elf));
     }
 
     #[test]

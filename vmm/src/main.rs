@@ -54,6 +54,13 @@ struct RunArgs {
     /// Add a virtio-rng device fed from the host's getrandom.
     #[arg(long)]
     rng: bool,
+    /// Add a virtio-blk disk backed by a raw image file: path=FILE[,ro]
+    /// (repeatable; the first is /dev/vda). `ro` opens it read-only and the
+    /// guest sees a read-only disk. The capacity is the file size in whole
+    /// 512-byte sectors (a trailing partial sector is not visible). A missing or
+    /// unopenable file, or one another VM holds, is refused before boot.
+    #[arg(long = "disk", value_name = "path=FILE[,ro]", value_parser = DeviceConfig::parse_disk)]
+    disks: Vec<DeviceConfig>,
     /// Also name the virtio-mmio devices on the kernel command line
     /// (virtio_mmio.device=), for kernels without ACPI; the KVM backend always
     /// describes them in the DSDT.
@@ -103,6 +110,7 @@ fn run(args: RunArgs) -> Result<VmExit, VmError> {
     if args.rng {
         config.devices.push(DeviceConfig::Rng);
     }
+    config.devices.extend(args.disks);
     let vm = create_backend(args.backend, config)?;
     vm.start()?;
     let exit = vm.wait()?;

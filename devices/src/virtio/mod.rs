@@ -15,6 +15,7 @@
 //! chains are walked by `virtio-queue` (bounded, loop-safe, every buffer checked
 //! against guest memory) and a bad chain is dropped with a throttled log line.
 
+pub mod block;
 pub mod device;
 pub mod events;
 pub mod mmio;
@@ -29,4 +30,4 @@ pub use device::{
 };
 pub use events::VirtioSubscriber;
 pub use mmio::{MmioTransport, MMIO_REGION_SIZE, NOTIFY_REG_OFFSET};
-pub use queue::{serve_queue, ChainOutcome, Served};
+pub use queue::{return_used, serve_queue, ChainOutcome, Served};

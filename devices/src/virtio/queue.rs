@@ -8,6 +8,10 @@
 //! one busy queue cannot monopolise the event loop), and it stops when the ring
 //! claims entries it cannot deliver (an available index that ran ahead of what
 //! the driver published), instead of spinning on it.
+//!
+//! Devices whose requests finish elsewhere (a block device's I/O thread) take a
+//! chain with [`ChainOutcome::Deferred`] and hand it back later, from the event
+//! loop, with [`return_used`].
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemory;
@@ -22,6 +26,9 @@ pub enum ChainOutcome {
     /// Not now (e.g. no packet to receive yet): leave it, and every chain after
     /// it, in the available ring for a later call.
     Later,
+    /// Taken: the device finishes it elsewhere and returns it with
+    /// [`return_used`] (it counts against the budget like a used chain).
+    Deferred,
 }
 
 /// What a call of [`serve_queue`] did.
@@ -68,6 +75,7 @@ pub fn serve_queue<'m, G: GuestMemory>(
                     }
                     out.used += 1;
                 }
+                ChainOutcome::Deferred => left -= 1,
                 ChainOutcome::Later => {
                     queue.go_to_previous_position();
                     break 'rounds;
@@ -102,10 +110,45 @@ pub fn serve_queue<'m, G: GuestMemory>(
         }
     }
     if out.used > 0 {
-        match queue.needs_notification(mem) {
-            Ok(false) => {}
-            Ok(true) | Err(_) => interrupt.signal_used_queue(),
-        }
+        notify_used(queue, mem, interrupt);
     }
     out
+}
+
+/// Tell the driver about new used entries if it asked to be told (EVENT_IDX);
+/// when the ring cannot say, tell it anyway.
+fn notify_used<G: GuestMemory>(queue: &mut Queue, mem: &G, interrupt: &Interrupt) {
+    match queue.needs_notification(mem) {
+        Ok(false) => {}
+        Ok(true) | Err(_) => interrupt.signal_used_queue(),
+    }
+}
+
+/// Return chains taken with [`ChainOutcome::Deferred`] to the used ring:
+/// `(head index, bytes written)` each, then signal the driver once if it asked.
+/// Returns how many were returned; an error when the used ring cannot be written
+/// (the device should then stop touching the queue until the driver resets).
+pub fn return_used<G: GuestMemory>(
+    queue: &mut Queue,
+    mem: &G,
+    done: impl IntoIterator<Item = (u16, u32)>,
+    interrupt: &Interrupt,
+    complaints: &mut Throttle,
+) -> Result<usize, virtio_queue::Error> {
+    let mut used = 0usize;
+    let mut result = Ok(());
+    for (head, len) in done {
+        if let Err(e) = queue.add_used(mem, head, len) {
+            if let Some(suppressed) = complaints.allow() {
+                tracing::warn!(suppressed, "virtqueue: cannot return a buffer: {e}");
+            }
+            result = Err(e);
+            break;
+        }
+        used += 1;
+    }
+    if used > 0 {
+        notify_used(queue, mem, interrupt);
+    }
+    result.map(|()| used)
 }

@@ -10,6 +10,7 @@
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
+use beacon_devices::virtio::block::Block;
 use beacon_devices::virtio::rng::Rng;
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -59,10 +60,10 @@ fn refuse_unsupported(config: &VmConfig) -> Result<(), VmError> {
     for device in &config.devices {
         let kind = match device {
             DeviceConfig::Rng => continue,
+            DeviceConfig::Block { .. } => continue,
             DeviceConfig::Net { .. } => "virtio-net",
             DeviceConfig::Vsock { .. } => "vsock",
             DeviceConfig::Fs { .. } => "virtio-fs",
-            DeviceConfig::Block { .. } => "virtio-blk",
         };
         return Err(VmError::Unsupported(format!(
             "{kind} is not implemented in the KVM backend yet; use --backend qemu for it"
@@ -78,11 +79,15 @@ fn attach_devices(dm: &mut DeviceManager, config: &VmConfig) -> Result<(), VmErr
             DeviceConfig::Rng => {
                 dm.attach_virtio("rng", Arc::new(Mutex::new(Rng::new())))?;
             }
+            DeviceConfig::Block { path, read_only } => {
+                let block = Block::open(path, *read_only).map_err(|e| VmError::Device {
+                    device: "virtio-blk".into(),
+                    reason: e.to_string(),
+                })?;
+                dm.attach_virtio("blk", Arc::new(Mutex::new(block)))?;
+            }
             // Refused by `refuse_unsupported` before anything was built.
-            DeviceConfig::Net { .. }
-            | DeviceConfig::Vsock { .. }
-            | DeviceConfig::Fs { .. }
-            | DeviceConfig::Block { .. } => {}
+            DeviceConfig::Net { .. } | DeviceConfig::Vsock { .. } | DeviceConfig::Fs { .. } => {}
         }
     }
     Ok(())
