@@ -5,7 +5,7 @@
 //!
 //! The sandbox id annotation names folders, logs, locks and the VM a container
 //! joins, so it is held to containerd's own id rule
-//! ([`beacon_paths::is_containerd_id`]) when the bundle loads; a bundle with a
+//! ([`beacon_common::id::valid_id`]) when the bundle loads; a bundle with a
 //! malformed one is refused rather than mapped onto some other sandbox.
 
 use std::path::{Path, PathBuf};
@@ -145,7 +145,7 @@ fn check_sandbox_id(spec: &Value) -> Result<(), BundleError> {
         return Ok(());
     };
     match value.as_str() {
-        Some(id) if beacon_paths::is_containerd_id(id) => Ok(()),
+        Some(id) if beacon_common::id::valid_id(id) => Ok(()),
         Some(id) => Err(BundleError::InvalidSandboxId {
             value: format!("{:?}", id.chars().take(100).collect::<String>()),
         }),

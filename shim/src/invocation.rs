@@ -42,7 +42,7 @@ pub enum InvocationError {
     UnknownAction(String),
     #[error("-{0} is required")]
     Required(&'static str),
-    #[error("{what} {value:?} may only contain letters, digits, '.', '_' and '-'")]
+    #[error("{what} {value:?} is not valid: {rule}", rule = beacon_common::id::ID_RULE)]
     BadName { what: &'static str, value: String },
     #[error("shim socket path {0:?} is longer than {MAX_SOCKET_PATH} bytes; set BEACON_SHIM_SOCKET_DIR to a shorter folder")]
     SocketPathTooLong(PathBuf),
@@ -150,16 +150,10 @@ pub fn socket_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET_DIR))
 }
 
-/// Ids and namespaces become file names and ttrpc paths: keep them tame.
-/// (containerd's own identifier rules are stricter than this.)
+/// Ids and namespaces become file names and ttrpc paths: they follow
+/// containerd's identifier rule.
 fn check_name(what: &'static str, value: &str) -> Result<(), InvocationError> {
-    let ok = !value.is_empty()
-        && value.len() <= 76
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        && !value.starts_with('.');
-    if ok {
+    if beacon_common::id::valid_id(value) {
         Ok(())
     } else {
         Err(InvocationError::BadName {

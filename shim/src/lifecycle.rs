@@ -28,7 +28,7 @@ pub fn start(inv: &Invocation) -> anyhow::Result<String> {
     let bundle = Bundle::load(&cwd).context("reading the bundle")?;
     let sandbox_id = bundle.sandbox_id(&inv.id).to_string();
     anyhow::ensure!(
-        beacon_common::guest_protocol::valid_id(&sandbox_id),
+        beacon_common::id::valid_id(&sandbox_id),
         "sandbox id {sandbox_id:?} is not a valid id"
     );
     let dir = socket_dir();

@@ -124,6 +124,8 @@ fn net_params(a: &NetworkAttachment) -> String {
 #[derive(Default)]
 struct Built {
     run_dir: Option<PathBuf>,
+    /// Holds the sandbox alive for netmgr's reconciler; released last.
+    liveness: Option<beacon_netmgr::LivenessGuard>,
     network: Option<String>,
     share: Option<PathBuf>,
     virtiofsd: Option<Virtiofsd>,
@@ -201,10 +203,20 @@ impl Sandbox {
             })?;
         }
 
-        // Network.
+        // Network: the sandbox is alive (for the reconciler) while this
+        // process holds its lock, then gets its lease and TAP.
         let network = match (req.config.network, &req.net) {
             (NetworkMode::None, _) => None,
             (NetworkMode::Bridge, Some(net)) => {
+                let liveness = net.liveness().clone();
+                let id = req.id.to_string();
+                let guard = tokio::task::spawn_blocking(move || liveness.acquire(&id))
+                    .await
+                    .map_err(|e| SandboxError::Io {
+                        what: "taking the sandbox's liveness lock".into(),
+                        source: std::io::Error::other(e.to_string()),
+                    })??;
+                built.liveness = Some(guard);
                 built.network = Some(req.id.to_string());
                 Some(net.setup(req.id).await?)
             }
@@ -262,7 +274,7 @@ impl Sandbox {
         if let Some(a) = &network {
             config.devices.push(DeviceConfig::Net {
                 tap: a.tap.clone(),
-                mac: beacon_vmm::MacAddr(a.mac.0),
+                mac: a.mac,
             });
         }
         let vm: Arc<dyn VmBackend> = Arc::from(tokio::task::block_in_place(|| {

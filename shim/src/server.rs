@@ -79,7 +79,14 @@ async fn run(inv: &Invocation, fd: RawFd) -> anyhow::Result<()> {
     let mode = guest_mode()?;
     let net = match mode {
         GuestMode::Vm => match NetworkManager::new(NetConfig::legacy(&paths)) {
-            Ok(n) => Some(Arc::new(n)),
+            Ok(n) => {
+                // Leases of sandboxes whose shim died (or of a host that
+                // rebooted) are freed at every start.
+                if let Err(e) = n.reconcile_once().await {
+                    tracing::warn!("network reconcile at start: {e}");
+                }
+                Some(Arc::new(n))
+            }
             Err(e) => {
                 tracing::error!("the network manager cannot start ({e}); sandboxes get no network");
                 None

@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use beacon_common::guest_protocol::{valid_id, GuestEvent, GUEST_SHARES_DIR};
+use beacon_common::guest_protocol::{GuestEvent, GUEST_SHARES_DIR};
+use beacon_common::id::valid_id;
 use beacon_netmgr::NetworkManager;
 use beacon_paths::BeaconPaths;
 use containerd_shim_protos::api::{

@@ -1,35 +1,10 @@
-//! Container and exec ids: the one rule every id from the host must pass
-//! before vminitd uses it as a file name, a cgroup name, a stream key or a
-//! crun argument. Owns only the rule and its error; callers decide when to
-//! check.
-//!
-//! The rule is containerd's character set and length: a leading ASCII letter
-//! or digit (so no id can be read as an option, `-x`, or a path, `.`/`..`),
-//! then letters, digits, `_`, `.` or `-`, at most [`MAX_ID_LEN`] bytes.
-//! containerd's own identifiers (`^[A-Za-z0-9]+([._-][A-Za-z0-9]+)*$`) all
-//! pass.
+//! Container and exec ids in vminitd: the shared rule
+//! ([`beacon_common::id`]) turned into the Task API's InvalidArgument error.
+//! Callers decide when to check.
 
 use crate::error::TaskError;
 
-/// Longest id accepted (containerd's `identifiers.maxLength`).
-pub const MAX_ID_LEN: usize = 76;
-
-/// The rule in words, for error messages.
-pub const ID_RULE: &str = "an id must start with an ASCII letter or digit, continue with ASCII \
-                           letters, digits, '_', '.' or '-', and be at most 76 bytes long";
-
-/// Whether `id` follows the id rule.
-pub fn valid_id(id: &str) -> bool {
-    let bytes = id.as_bytes();
-    let Some((first, rest)) = bytes.split_first() else {
-        return false;
-    };
-    bytes.len() <= MAX_ID_LEN
-        && first.is_ascii_alphanumeric()
-        && rest
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-}
+pub use beacon_common::id::{valid_id, ID_RULE, MAX_ID_LEN};
 
 /// `Ok` for a valid id; otherwise `InvalidArgument` naming what the id is
 /// for (`what`: "container", "exec"), the id and the rule.

@@ -164,7 +164,7 @@ pub fn liveness_lock_name(sandbox_id: &str) -> String {
 }
 
 /// Longest id containerd accepts; such ids are used verbatim by [`sanitize`].
-pub const MAX_VERBATIM_LEN: usize = 76;
+pub const MAX_VERBATIM_LEN: usize = beacon_common::id::MAX_ID_LEN;
 /// Readable characters kept in front of the hash when an id is not used verbatim.
 pub const HASHED_PREFIX_LEN: usize = 32;
 /// Hex digits of SHA-256 appended when an id is not used verbatim (64 bits).
@@ -213,15 +213,9 @@ pub fn sanitize(id: &str) -> String {
     format!("{prefix}+{hash}")
 }
 
-/// containerd's rule for container (and so sandbox) ids: a leading ASCII letter or
-/// digit, then only `[A-Za-z0-9_.-]`, at most [`MAX_VERBATIM_LEN`] bytes. Such an
-/// id is already a safe path component.
-pub fn is_containerd_id(id: &str) -> bool {
-    let mut bytes = id.bytes();
-    bytes.next().is_some_and(|b| b.is_ascii_alphanumeric())
-        && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-        && id.len() <= MAX_VERBATIM_LEN
-}
+/// containerd's rule for container (and so sandbox) ids, defined once in
+/// [`beacon_common::id`]. Such an id is already a safe path component.
+pub use beacon_common::id::valid_id as is_containerd_id;
 
 #[cfg(test)]
 mod tests {
