@@ -7,11 +7,13 @@
 //! (README.md).
 
 use std::collections::VecDeque;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use futures::FutureExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
+
+use beacon_common::guest_protocol::GuestEvent;
 
 use crate::transport::BoxStream;
 
@@ -25,10 +27,7 @@ pub const SUBSCRIBER_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The answer to a second subscriber.
 pub const ERR_SUBSCRIBED: &[u8] = b"ERR an event subscriber is already connected (one at a time)\n";
 
-/// Topic of an exit event (containerd's name).
-pub const TOPIC_EXIT: &str = "/tasks/exit";
-/// Topic of an OOM event (containerd's name).
-pub const TOPIC_OOM: &str = "/tasks/oom";
+pub use beacon_common::guest_protocol::{TOPIC_EXIT, TOPIC_OOM};
 
 /// Something the host must hear about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,34 +46,28 @@ pub enum Event {
 }
 
 impl Event {
-    /// The event as one JSON line, newline included.
+    /// The event as one JSON line, newline included, in the wire format of
+    /// [`GuestEvent`] (shared with the shim).
     pub fn to_line(&self) -> Vec<u8> {
-        let v = match self {
+        match self {
             Event::Exit {
                 container_id,
                 id,
                 pid,
                 exit_status,
                 exited_at,
-            } => {
-                let d = exited_at.duration_since(UNIX_EPOCH).unwrap_or_default();
-                serde_json::json!({
-                    "topic": TOPIC_EXIT,
-                    "container_id": container_id,
-                    "id": id,
-                    "pid": pid,
-                    "exit_status": exit_status,
-                    "exited_at": {"seconds": d.as_secs(), "nanos": d.subsec_nanos()},
-                })
-            }
-            Event::Oom { container_id } => serde_json::json!({
-                "topic": TOPIC_OOM,
-                "container_id": container_id,
-            }),
-        };
-        let mut line = v.to_string().into_bytes();
-        line.push(b'\n');
-        line
+            } => GuestEvent::Exit {
+                container_id: container_id.clone(),
+                id: id.clone(),
+                pid: *pid,
+                exit_status: *exit_status,
+                exited_at: (*exited_at).into(),
+            },
+            Event::Oom { container_id } => GuestEvent::Oom {
+                container_id: container_id.clone(),
+            },
+        }
+        .to_line()
     }
 }
 
@@ -225,7 +218,7 @@ mod tests {
             id: "a".into(),
             pid: 42,
             exit_status: 137,
-            exited_at: UNIX_EPOCH + std::time::Duration::new(5, 6),
+            exited_at: std::time::UNIX_EPOCH + std::time::Duration::new(5, 6),
         });
         let (ours, theirs) = tokio::io::duplex(4096);
         hub.subscribe(Box::new(ours));

@@ -22,7 +22,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::events::EventHub;
-use crate::ids::valid_id;
 use crate::transport::{BoxStream, RefusalLog, StreamListener};
 
 /// Longest handshake line accepted.
@@ -76,35 +75,25 @@ pub enum Handshake {
     Events,
 }
 
-/// Parses one handshake line (without the newline).
+/// Parses one handshake line (without the newline), with the wire format of
+/// [`beacon_common::guest_protocol::StreamRequest`], shared with the shim.
 pub fn parse_handshake(line: &str) -> Result<Handshake, String> {
-    let words: Vec<&str> = line.split(' ').collect();
-    match words.as_slice() {
-        ["EVENTS"] => Ok(Handshake::Events),
-        ["STDIO", container, exec, kind] => {
-            if !valid_id(container) {
-                return Err(format!("bad container id {container:?}"));
-            }
-            let exec = if *exec == "-" {
-                String::new()
-            } else if valid_id(exec) {
-                (*exec).to_string()
-            } else {
-                return Err(format!("bad exec id {exec:?}"));
-            };
-            let kind = match *kind {
-                "stdin" => StdioKind::Stdin,
-                "stdout" => StdioKind::Stdout,
-                "stderr" => StdioKind::Stderr,
-                other => return Err(format!("bad stream kind {other:?}")),
-            };
-            Ok(Handshake::Stdio(StreamKey {
-                container: (*container).to_string(),
-                exec,
-                kind,
-            }))
-        }
-        _ => Err("expected `STDIO <id> <exec-id|-> <stdin|stdout|stderr>` or `EVENTS`".into()),
+    use beacon_common::guest_protocol::{StdioStream, StreamRequest};
+    match StreamRequest::parse(line).map_err(|e| e.to_string())? {
+        StreamRequest::Events => Ok(Handshake::Events),
+        StreamRequest::Stdio {
+            container,
+            exec,
+            stream,
+        } => Ok(Handshake::Stdio(StreamKey {
+            container,
+            exec: exec.unwrap_or_default(),
+            kind: match stream {
+                StdioStream::Stdin => StdioKind::Stdin,
+                StdioStream::Stdout => StdioKind::Stdout,
+                StdioStream::Stderr => StdioKind::Stderr,
+            },
+        })),
     }
 }
 

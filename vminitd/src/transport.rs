@@ -15,10 +15,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixListener;
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream};
 
-/// vsock port of the ttrpc Task API in the guest.
-pub const TASK_VSOCK_PORT: u32 = 1024;
-/// vsock port of the stdio and event streams in the guest.
-pub const STREAM_VSOCK_PORT: u32 = 1025;
+/// The guest's vsock ports (defined once, shared with the shim).
+pub use beacon_common::guest_protocol::{
+    STREAM_PORT as STREAM_VSOCK_PORT, TASK_PORT as TASK_VSOCK_PORT,
+};
 
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
