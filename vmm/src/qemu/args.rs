@@ -111,14 +111,27 @@ fn device_args(i: usize, device: &DeviceConfig) -> Result<Vec<OsString>, VmError
         }
     };
     Ok(match device {
-        DeviceConfig::Net { tap, mac } => vec![
-            os("-netdev"),
-            os(format!(
-                "tap,id=net{i},ifname={tap},script=no,downscript=no"
-            )),
-            os("-device"),
-            os(format!("virtio-net-device,netdev=net{i},mac={mac}")),
-        ],
+        DeviceConfig::Net {
+            tap,
+            mac,
+            vhost,
+            tap_fd,
+        } => {
+            if tap_fd.is_some() {
+                return Err(VmError::Qemu(
+                    "a caller-owned TAP fd (tap_fd) is only taken by the KVM backend; give QEMU the TAP by name".into(),
+                ));
+            }
+            let vhost = if *vhost { ",vhost=on" } else { "" };
+            vec![
+                os("-netdev"),
+                os(format!(
+                    "tap,id=net{i},ifname={tap},script=no,downscript=no{vhost}"
+                )),
+                os("-device"),
+                os(format!("virtio-net-device,netdev=net{i},mac={mac}")),
+            ]
+        }
         DeviceConfig::Vsock {
             guest_cid,
             uds_path,
@@ -236,6 +249,8 @@ mod tests {
             DeviceConfig::Net {
                 tap: "beacon-ab".into(),
                 mac: MacAddr([2, 0, 0, 0, 0, 9]),
+                vhost: false,
+                tap_fd: None,
             },
             DeviceConfig::Vsock {
                 guest_cid: 7,
@@ -302,5 +317,42 @@ mod tests {
         }];
         let err = build_args(&c, &s).expect_err("comma");
         assert!(err.to_string().contains("comma"));
+        let mut c = VmConfig::new("/k");
+        c.devices = vec![DeviceConfig::Net {
+            tap: "tap0".into(),
+            mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            vhost: false,
+            tap_fd: Some(5),
+        }];
+        let err = build_args(&c, &s).expect_err("tap fd");
+        assert!(err.to_string().contains("tap_fd"), "{err}");
+    }
+
+    #[test]
+    fn net_with_vhost_maps_to_a_vhost_tap_netdev() {
+        let mut c = VmConfig::new("/k");
+        c.devices = vec![DeviceConfig::Net {
+            tap: "bt0".into(),
+            mac: MacAddr([2, 0, 0, 0, 0, 2]),
+            vhost: true,
+            tap_fd: None,
+        }];
+        let (q, b) = sockets();
+        let args = strings(
+            &build_args(
+                &c,
+                &QemuSockets {
+                    qmp: &q,
+                    boot_timer: &b,
+                },
+            )
+            .expect("args"),
+        );
+        assert_eq!(
+            after(&args, "-netdev"),
+            ["tap,id=net0,ifname=bt0,script=no,downscript=no,vhost=on"]
+        );
+        assert!(after(&args, "-device")
+            .contains(&"virtio-net-device,netdev=net0,mac=02:00:00:00:00:02"));
     }
 }
