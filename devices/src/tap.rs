@@ -358,6 +358,20 @@ impl Tap {
         }
         Ok(n as usize)
     }
+
+    /// Write one frame (with its net header) gathered from `iovs`. The kernel
+    /// only reads the memory they describe; a bad pointer fails with EFAULT.
+    pub fn write_frame_vectored(&self, iovs: &[libc::iovec]) -> io::Result<usize> {
+        let count = libc::c_int::try_from(iovs.len())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: `iovs` is a valid array of `count` iovecs for the call; writev
+        // only reads the memory they point to and reports EFAULT for bad pointers.
+        let n = unsafe { libc::writev(self.file.as_raw_fd(), iovs.as_ptr(), count) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
 }
 
 impl AsRawFd for Tap {

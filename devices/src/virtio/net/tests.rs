@@ -151,7 +151,7 @@ impl Rig {
         let mut em = EventManager::new().expect("event manager");
         em.add_subscriber(h.subscriber());
         let rx = DriverQueue::new(RXQ, 64);
-        let tx = DriverQueue::new(TXQ, 64);
+        let tx = DriverQueue::new(TXQ, 128);
         assert_eq!(h.bring_up(accept, &[rx.clone(), tx.clone()]) & 0x4f, 0xf);
         let mut rig = Self { h, rx, tx, em };
         rig.turns(3);
@@ -289,13 +289,42 @@ fn transmits_frames_and_drops_hostile_chains() {
         let mut rig = Rig::new(tap, VIRTIO_RING_F_EVENT_IDX | features::MRG_RXBUF);
         rig.send(&guest_udp(host_mac, 5000, b"first"), BUF);
         rig.kick(TX_QUEUE);
-        let mut got = [0u8; 64];
+        let mut got = [0u8; 2048];
         let (n, from) = sock.recv_from(&mut got).expect("first datagram");
         assert_eq!(&got[..n], b"first");
         assert_eq!(
             from,
             std::net::SocketAddr::from(SocketAddrV4::new(GUEST_IP, 4000))
         );
+
+        let shattered = [b's'; 300];
+        // The header in its own descriptor, the frame in three more (written
+        // straight from guest memory), and a frame in 70 pieces (copied first).
+        for (payload, pieces, at) in [
+            (&b"split"[..], 4usize, BUF + 0x1000),
+            (&shattered[..], 70, BUF + 0x3000),
+        ] {
+            let frame = guest_udp(host_mac, 5000, payload);
+            rig.h
+                .mem
+                .memory()
+                .write_slice(&frame, GuestAddress(at))
+                .expect("frame");
+            let mut cuts = vec![0, VNET_HDR_LEN];
+            let rest = frame.len() - VNET_HDR_LEN;
+            for i in 1..pieces - 1 {
+                cuts.push(VNET_HDR_LEN + rest * i / (pieces - 1));
+            }
+            cuts.push(frame.len());
+            let chain: Vec<(u64, u32, bool)> = cuts
+                .windows(2)
+                .map(|w| (at + w[0] as u64, (w[1] - w[0]) as u32, false))
+                .collect();
+            rig.tx.add_chain(&rig.h.mem, &chain);
+            rig.kick(TX_QUEUE);
+            let (n, _) = sock.recv_from(&mut got).expect("a frame in pieces");
+            assert_eq!(&got[..n], payload);
+        }
 
         // Shorter than the header.
         rig.send(&[0u8; 8], BUF);
@@ -326,7 +355,7 @@ fn transmits_frames_and_drops_hostile_chains() {
         rig.send(&guest_udp(host_mac, 5000, b"after"), BUF + 0x6_0000);
         rig.kick(TX_QUEUE);
         let used = rig.tx.take_used(&rig.h.mem);
-        assert_eq!(used.len(), 9, "every chain is returned: {used:?}");
+        assert_eq!(used.len(), 11, "every chain is returned: {used:?}");
         assert!(used.iter().all(|&(_, len)| len == 0));
         let (n, _) = sock
             .recv_from(&mut got)

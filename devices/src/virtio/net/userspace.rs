@@ -21,8 +21,8 @@ use std::io::{ErrorKind, Read, Write};
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events};
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemory};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{features, RX_QUEUE, TAP_TOKEN, TX_QUEUE, VNET_HDR_LEN};
@@ -37,6 +37,9 @@ use crate::virtio::queue::{serve_queue, ChainOutcome};
 const RX_BUFFER_LEN: usize = VNET_HDR_LEN + (64 << 10) + 1024;
 /// Largest TX chain: the header plus [`super::MAX_TX_FRAME`].
 const TX_BUFFER_LEN: usize = VNET_HDR_LEN + super::MAX_TX_FRAME;
+/// Pieces of guest memory one transmitted frame may be written from; a chain
+/// with more is copied first.
+const TX_MAX_SEGMENTS: usize = 64;
 /// Frames moved from the TAP per event-loop turn, before other devices run.
 const RX_FRAMES_PER_TURN: usize = 256;
 
@@ -159,6 +162,88 @@ pub(super) fn plan_rx<M: GuestMemory>(
     };
     queue.set_next_avail(start);
     plan
+}
+
+/// Why a transmitted frame did not reach the TAP.
+enum TxError {
+    /// The guest's chain or header is wrong.
+    Dropped(&'static str),
+    /// The TAP refused it.
+    Tap(std::io::Error),
+}
+
+/// Send one transmit chain to the TAP. The header is copied out and checked
+/// (so the guest cannot change it after the check); the frame behind it goes
+/// to the TAP straight from guest memory (`writev`), or through `buf` when the
+/// chain has more than [`TX_MAX_SEGMENTS`] pieces.
+fn transmit(
+    tap: &Tap,
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    acked: u64,
+    buf: &mut [u8],
+) -> Result<(), TxError> {
+    let mut total = 0usize;
+    for desc in chain.clone().readable() {
+        total = total
+            .checked_add(desc.len() as usize)
+            .filter(|t| *t <= TX_BUFFER_LEN)
+            .ok_or(TxError::Dropped("longer than 64 KiB plus header"))?;
+    }
+    if total <= VNET_HDR_LEN {
+        return Err(TxError::Dropped("shorter than the net header"));
+    }
+    let mut slices = Vec::with_capacity(8);
+    for desc in chain.clone().readable() {
+        for slice in GuestMemoryBackend::get_slices(mem, desc.addr(), desc.len() as usize) {
+            slices.push(slice.map_err(|_| TxError::Dropped("outside guest memory"))?);
+        }
+    }
+    if slices.len() > TX_MAX_SEGMENTS {
+        // Too fragmented to hand over piecewise: copy it.
+        let frame = buf
+            .get_mut(..total)
+            .ok_or(TxError::Dropped("longer than 64 KiB plus header"))?;
+        let mut r = chain
+            .reader(mem)
+            .map_err(|_| TxError::Dropped("malformed chain"))?;
+        r.read_exact(frame)
+            .map_err(|_| TxError::Dropped("unreadable"))?;
+        check_tx_header(frame, acked).map_err(TxError::Dropped)?;
+        return tap.write_frame(frame).map(drop).map_err(TxError::Tap);
+    }
+    let mut hdr = [0u8; VNET_HDR_LEN];
+    let mut got = 0usize;
+    for slice in &slices {
+        if got == hdr.len() {
+            break;
+        }
+        got += slice.copy_to(&mut hdr[got..]);
+    }
+    check_tx_header(&hdr, acked).map_err(TxError::Dropped)?;
+    let mut iovs = Vec::with_capacity(slices.len() + 1);
+    iovs.push(libc::iovec {
+        iov_base: hdr.as_mut_ptr().cast(),
+        iov_len: hdr.len(),
+    });
+    let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard()).collect();
+    let mut skip = VNET_HDR_LEN;
+    for (slice, guard) in slices.iter().zip(&guards) {
+        let len = slice.len();
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        iovs.push(libc::iovec {
+            // `skip < len`: the offset stays inside the slice.
+            iov_base: guard.as_ptr().wrapping_add(skip).cast_mut().cast(),
+            iov_len: len - skip,
+        });
+        skip = 0;
+    }
+    tap.write_frame_vectored(&iovs)
+        .map(drop)
+        .map_err(TxError::Tap)
 }
 
 /// What one receive step left to do.
@@ -481,37 +566,23 @@ impl Userspace {
             &active.interrupt,
             &mut self.tx_ring,
             |chain| {
-                let frame = chain
-                    .reader(&*mem)
-                    .map_err(|_| "malformed chain")
-                    .and_then(|mut r| {
-                        let len = r.available_bytes();
-                        if len <= VNET_HDR_LEN {
-                            return Err("shorter than the net header");
-                        }
-                        let frame = buf.get_mut(..len).ok_or("longer than 64 KiB plus header")?;
-                        r.read_exact(frame).map_err(|_| "unreadable")?;
-                        check_tx_header(frame, acked)?;
-                        Ok(&frame[..])
-                    });
-                match frame {
-                    Ok(frame) => {
-                        if let Err(e) = tap.write_frame(frame) {
-                            if let Some(suppressed) = tap_io.allow() {
-                                tracing::warn!(
-                                    tap = tap.name(),
-                                    suppressed,
-                                    "virtio-net: writing a frame to the TAP failed: {e}; dropped"
-                                );
-                            }
-                        }
-                    }
-                    Err(why) => {
+                match transmit(tap, &mem, chain, acked, buf) {
+                    Ok(()) => {}
+                    Err(TxError::Dropped(why)) => {
                         if let Some(suppressed) = bad_tx.allow() {
                             tracing::warn!(
                                 tap = tap.name(),
                                 suppressed,
                                 "virtio-net: transmitted frame dropped: {why}"
+                            );
+                        }
+                    }
+                    Err(TxError::Tap(e)) => {
+                        if let Some(suppressed) = tap_io.allow() {
+                            tracing::warn!(
+                                tap = tap.name(),
+                                suppressed,
+                                "virtio-net: writing a frame to the TAP failed: {e}; dropped"
                             );
                         }
                     }
