@@ -408,9 +408,7 @@ mod tests {
         let err = Tap::from_caller_fd(fd, "tap0").expect_err("not tun");
         assert!(matches!(err, TapError::NotTunFd(_)), "{err}");
         // SAFETY: F_GETFD only reads the descriptor table.
-        assert!(
-            unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0,
-            "caller's fd still open"
-        );
+        let still_open = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+        assert!(still_open, "caller's fd still open");
     }
 }

@@ -563,10 +563,8 @@ fn caller_fds_are_attached_checked_and_never_closed() {
         assert!(matches!(Tap::open("t1"), Err(TapError::Busy(_))));
         drop(tap);
         // SAFETY: F_GETFD only reads the descriptor table.
-        assert!(
-            unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0,
-            "caller's fd open"
-        );
+        let still_open = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+        assert!(still_open, "caller's fd open");
         // Now attached: taken as it is, the name must match.
         let again = Tap::from_caller_fd(fd, "").expect("attached fd");
         assert_eq!(again.name(), "t1");

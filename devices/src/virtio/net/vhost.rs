@@ -123,6 +123,8 @@ impl VhostPath {
             let host = region
                 .get_host_address(MemoryRegionAddress(0))
                 .map_err(|e| ActivateError::Backend(format!("guest RAM region: {e}")))?;
+            // The update fills the fields vhost's `xen` feature adds.
+            #[allow(clippy::needless_update)]
             regions.push(VhostUserMemoryRegionInfo {
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
