@@ -7,9 +7,10 @@
 //! starts `iperf3 -s`; the guest checks its MAC came from config space and that
 //! checksum, TSO, mergeable-buffer and event-index features were negotiated,
 //! configures eth0 with busybox `ip`, pings the host end, and runs iperf3 both
-//! ways to completion. Afterwards the host checks the TAP carried segmentation
-//! offloaded frames in both directions (average frame size far above the MTU),
-//! which proves TSO works end to end and not just in the feature bits.
+//! ways to completion, measuring the average size of the frames eth0 sent
+//! during the upload and received during the download: above the largest
+//! Ethernet frame only if TSO carried them, so TSO is checked end to end and not
+//! just in the feature bits.
 //!
 //! The KVM userspace case hands the VMM an unattached `/dev/net/tun` descriptor
 //! (`fd=5`) that it must attach to the TAP itself: the path pods use.
@@ -24,8 +25,9 @@ const MAC: &str = "02:00:00:00:77:02";
 
 /// Feature bits (1-based columns of the guest's features string) that must be
 /// negotiated: CSUM, GUEST_CSUM, GUEST_TSO4, GUEST_TSO6, HOST_TSO4, HOST_TSO6,
-/// MRG_RXBUF, STATUS, EVENT_IDX, VERSION_1.
-const FEATURE_COLUMNS: &str = "1,2,8,9,12,13,16,17,30,33";
+/// MRG_RXBUF, STATUS, EVENT_IDX. (Not VERSION_1: QEMU's microvm runs its
+/// virtio-mmio devices in legacy mode; ours are modern only.)
+const FEATURE_COLUMNS: &str = "1,2,8,9,12,13,16,17,30";
 
 fn checks() -> String {
     format!(
@@ -38,10 +40,28 @@ ip link set eth0 up
 ip addr add 10.77.0.2/24 dev eth0
 ping -c 3 -W 10 10.77.0.1
 echo NET-PING-OK
-iperf3 -c 10.77.0.1 -t 2 -f m 2>&1 | tail -n 4
+s=/sys/class/net/eth0/statistics
+# measure DIR CMD...: run CMD (an iperf3 client) to completion, print its
+# summary, and set $avg to the average size of the frames eth0 moved in DIR
+# meanwhile: above the 1514-byte Ethernet maximum only if TSO carried them.
+measure() {{
+    d=$1; shift
+    b0=$(cat $s/${{d}}_bytes); p0=$(cat $s/${{d}}_packets)
+    "$@" >/tmp/iperf.out 2>&1 || {{ cat /tmp/iperf.out; return 1; }}
+    grep -E "sender|receiver" /tmp/iperf.out
+    grep -q receiver /tmp/iperf.out
+    b1=$(cat $s/${{d}}_bytes); p1=$(cat $s/${{d}}_packets)
+    avg=$(( (b1 - b0) / (p1 - p0 + 1) ))
+}}
+measure tx iperf3 -c 10.77.0.1 -t 2 -f m
+tx=$avg
 echo NET-IPERF-TX-OK
-iperf3 -c 10.77.0.1 -t 2 -f m -R 2>&1 | tail -n 4
+measure rx iperf3 -c 10.77.0.1 -t 2 -f m -R
+rx=$avg
 echo NET-IPERF-RX-OK
+echo "NET-AVG-FRAME: sent $tx, received $rx"
+if [ "$tx" -le 1600 ] || [ "$rx" -le 1600 ]; then exit 1; fi
+echo NET-TSO-OK
 "#
     )
 }
@@ -54,17 +74,12 @@ ip link set bt0 up
 iperf3 -s -D -B 10.77.0.1 --pidfile "$WORK/iperf3.pid"
 "#;
 
-/// Stop the server, check the TAP carried offloaded (multi-segment) frames
-/// both ways, delete the TAP.
+/// Stop the server, report what crossed the TAP, delete it.
 const HOST_AFTER: &str = r#"
 s=/sys/class/net/bt0/statistics
-rxb=$(cat $s/rx_bytes); rxp=$(cat $s/rx_packets); txb=$(cat $s/tx_bytes); txp=$(cat $s/tx_packets)
+echo "NET-HOST-TAP: from guest $(cat $s/rx_bytes) bytes in $(cat $s/rx_packets) frames, to guest $(cat $s/tx_bytes) bytes in $(cat $s/tx_packets) frames"
 kill "$(cat "$WORK/iperf3.pid")" 2>/dev/null
 ip link del bt0
-echo "NET-HOST-TAP: from guest $rxb bytes in $rxp frames, to guest $txb bytes in $txp frames"
-[ "$rxp" -gt 0 ] && [ "$txp" -gt 0 ] || exit 1
-echo "NET-HOST-AVG: from guest $((rxb / rxp)), to guest $((txb / txp))"
-[ $((rxb / rxp)) -gt 3000 ] && [ $((txb / txp)) -gt 3000 ] && echo NET-HOST-TSO-OK
 "#;
 
 fn iperf3() -> PathBuf {
@@ -94,12 +109,12 @@ fn scenario(
         host_after: HOST_AFTER.into(),
         expect: vec![
             format!("NET-MAC: {MAC}"),
-            "NET-FEATURES: 1111111111".into(),
+            "NET-FEATURES: 111111111".into(),
             "NET-PING-OK".into(),
             "NET-IPERF-TX-OK".into(),
             "NET-IPERF-RX-OK".into(),
             "receiver".into(),
-            "NET-HOST-TSO-OK".into(),
+            "NET-TSO-OK".into(),
         ],
         ..Scenario::default()
     }

@@ -36,11 +36,26 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 impl Qmp {
     /// Connect to QEMU's QMP socket, retrying until it exists or `timeout` passes,
     /// and leave capabilities negotiation done.
+    #[cfg(test)]
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self, VmError> {
+        Self::connect_while(path, timeout, || true)
+    }
+
+    /// Like [`Self::connect`], giving up early once `alive` says QEMU is gone.
+    pub fn connect_while(
+        path: &Path,
+        timeout: Duration,
+        alive: impl Fn() -> bool,
+    ) -> Result<Self, VmError> {
         let deadline = Instant::now() + timeout;
         let stream = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
+                Err(e) if !alive() => {
+                    return Err(VmError::Qemu(format!(
+                        "QEMU exited before its QMP socket {path:?} came up: {e}"
+                    )))
+                }
                 Err(e) if Instant::now() >= deadline => {
                     return Err(VmError::Qemu(format!(
                         "QMP socket {path:?} did not come up within {timeout:?}: {e}"
