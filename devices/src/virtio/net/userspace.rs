@@ -17,12 +17,12 @@
 //! It never lets a malformed chain, a wrong header or an oversized frame reach
 //! the TAP or the guest: those are dropped with a throttled log line.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read};
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{features, RX_QUEUE, TAP_TOKEN, TX_QUEUE, VNET_HDR_LEN};
@@ -105,6 +105,42 @@ pub(super) fn fix_rx_header(
     Ok(())
 }
 
+/// Bytes a receive chain can take: its device-writable descriptors, as long as
+/// every one lies in guest memory (a chain with one that does not takes
+/// nothing). Walks descriptors only; nothing is allocated per chain.
+fn writable_room(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> usize {
+    let mut room = 0usize;
+    for desc in chain.writable() {
+        if !GuestMemoryBackend::check_range(mem, desc.addr(), desc.len() as usize) {
+            return 0;
+        }
+        room = room.saturating_add(desc.len() as usize);
+    }
+    room
+}
+
+/// Copy `data` into a receive chain's device-writable descriptors, in order;
+/// returns the bytes written (fewer when the chain is shorter or leaves memory).
+fn fill_chain(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    data: &[u8],
+) -> usize {
+    let mut written = 0usize;
+    for desc in chain.writable() {
+        let rest = data.get(written..).unwrap_or_default();
+        if rest.is_empty() {
+            break;
+        }
+        let n = rest.len().min(desc.len() as usize);
+        if mem.write_slice(&rest[..n], desc.addr()).is_err() {
+            break;
+        }
+        written += n;
+    }
+    written
+}
+
 /// What the receive queue can do with a frame of some length.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum RxPlan {
@@ -122,9 +158,9 @@ pub(super) enum RxPlan {
 /// Look at the available chains, without consuming them, for room for `need`
 /// bytes. When the ring runs dry, notifications are armed with the queue's
 /// position at its end, so the guest's next buffer notifies us.
-pub(super) fn plan_rx<M: GuestMemory>(
+pub(super) fn plan_rx(
     queue: &mut Queue,
-    mem: &M,
+    mem: &GuestMemoryMmap,
     need: usize,
     mergeable: bool,
 ) -> RxPlan {
@@ -142,8 +178,7 @@ pub(super) fn plan_rx<M: GuestMemory>(
             Some(chain) => {
                 rearmed = false;
                 chains += 1;
-                let room = chain.writer(mem).map_or(0, |w| w.available_bytes());
-                have = have.saturating_add(room);
+                have = have.saturating_add(writable_room(mem, chain));
                 if have >= need {
                     break RxPlan::Fits(chains);
                 }
@@ -183,23 +218,56 @@ fn transmit(
     acked: u64,
     buf: &mut [u8],
 ) -> Result<(), TxError> {
+    const EMPTY: libc::iovec = libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    };
+    // Slot 0 is the header's checked copy; the frame follows from guest memory.
+    let mut iovs = [EMPTY; TX_MAX_SEGMENTS + 1];
+    let mut used = 1usize;
+    let mut hdr = [0u8; VNET_HDR_LEN];
+    let mut hdr_got = 0usize;
     let mut total = 0usize;
+    let mut fragmented = false;
     for desc in chain.clone().readable() {
+        let len = desc.len() as usize;
         total = total
-            .checked_add(desc.len() as usize)
+            .checked_add(len)
             .filter(|t| *t <= TX_BUFFER_LEN)
             .ok_or(TxError::Dropped("longer than 64 KiB plus header"))?;
+        for slice in GuestMemoryBackend::get_slices(mem, desc.addr(), len) {
+            let slice = slice.map_err(|_| TxError::Dropped("outside guest memory"))?;
+            let skip = if hdr_got < hdr.len() {
+                let n = slice.copy_to(&mut hdr[hdr_got..]);
+                hdr_got += n;
+                n
+            } else {
+                0
+            };
+            if slice.len() <= skip {
+                continue;
+            }
+            match iovs.get_mut(used) {
+                Some(iov) => {
+                    // The pointer stays valid after the guard goes: it points
+                    // into the guest RAM mapping, which `mem` keeps mapped for
+                    // this whole call (the guard only matters for Xen grants).
+                    let base = slice.ptr_guard().as_ptr();
+                    *iov = libc::iovec {
+                        // `skip < slice.len()`: the offset stays inside the slice.
+                        iov_base: base.wrapping_add(skip).cast_mut().cast(),
+                        iov_len: slice.len() - skip,
+                    };
+                    used += 1;
+                }
+                None => fragmented = true,
+            }
+        }
     }
     if total <= VNET_HDR_LEN {
         return Err(TxError::Dropped("shorter than the net header"));
     }
-    let mut slices = Vec::with_capacity(8);
-    for desc in chain.clone().readable() {
-        for slice in GuestMemoryBackend::get_slices(mem, desc.addr(), desc.len() as usize) {
-            slices.push(slice.map_err(|_| TxError::Dropped("outside guest memory"))?);
-        }
-    }
-    if slices.len() > TX_MAX_SEGMENTS {
+    if fragmented {
         // Too fragmented to hand over piecewise: copy it.
         let frame = buf
             .get_mut(..total)
@@ -212,36 +280,12 @@ fn transmit(
         check_tx_header(frame, acked).map_err(TxError::Dropped)?;
         return tap.write_frame(frame).map(drop).map_err(TxError::Tap);
     }
-    let mut hdr = [0u8; VNET_HDR_LEN];
-    let mut got = 0usize;
-    for slice in &slices {
-        if got == hdr.len() {
-            break;
-        }
-        got += slice.copy_to(&mut hdr[got..]);
-    }
     check_tx_header(&hdr, acked).map_err(TxError::Dropped)?;
-    let mut iovs = Vec::with_capacity(slices.len() + 1);
-    iovs.push(libc::iovec {
+    iovs[0] = libc::iovec {
         iov_base: hdr.as_mut_ptr().cast(),
         iov_len: hdr.len(),
-    });
-    let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard()).collect();
-    let mut skip = VNET_HDR_LEN;
-    for (slice, guard) in slices.iter().zip(&guards) {
-        let len = slice.len();
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        iovs.push(libc::iovec {
-            // `skip < len`: the offset stays inside the slice.
-            iov_base: guard.as_ptr().wrapping_add(skip).cast_mut().cast(),
-            iov_len: len - skip,
-        });
-        skip = 0;
-    }
-    tap.write_frame_vectored(&iovs)
+    };
+    tap.write_frame_vectored(&iovs[..used])
         .map(drop)
         .map_err(TxError::Tap)
 }
@@ -483,16 +527,7 @@ impl Userspace {
                     &mut self.rx_ring,
                     |chain| {
                         let rest = frame.get(offset..).unwrap_or_default();
-                        let written = match chain.writer(&*mem) {
-                            Ok(mut w) => {
-                                let n = w.available_bytes().min(rest.len());
-                                match w.write_all(&rest[..n]) {
-                                    Ok(()) => n,
-                                    Err(_) => w.bytes_written(),
-                                }
-                            }
-                            Err(_) => 0,
-                        };
+                        let written = fill_chain(&mem, chain, rest);
                         offset += written;
                         if written == 0 {
                             if let Some(suppressed) = bad_rx.allow() {
