@@ -116,6 +116,8 @@ fn scenario(
             "receiver".into(),
             "NET-TSO-OK".into(),
         ],
+        // The stock kernel alone can take two minutes to boot in a busy lab.
+        timeout_secs: 420,
         ..Scenario::default()
     }
 }
