@@ -616,3 +616,21 @@ fn vhost_net_is_used_when_present_and_refused_clearly_when_not() {
         }
     });
 }
+
+#[test]
+fn a_tap_deleted_under_the_device_does_not_make_the_loop_spin() {
+    in_netns(|| {
+        let (tap, _sock) = host_end();
+        let mut rig = Rig::new(tap, VIRTIO_RING_F_EVENT_IDX | features::MRG_RXBUF);
+        rig.rx.add_chain(&rig.h.mem, &[(BUF, 2048, true)]);
+        rig.kick(RX_QUEUE);
+        sh("ip link del t0");
+        rig.turns(5);
+        assert_eq!(rig.turns(3), 0, "an fd in error leaves the epoll set");
+        // Transmitting into the dead TAP fails quietly, and the loop stays idle.
+        rig.send(&guest_udp([2, 0, 0, 0, 0, 1], 5000, b"void"), BUF + 0x1000);
+        rig.kick(TX_QUEUE);
+        assert_eq!(rig.tx.take_used(&rig.h.mem).len(), 1);
+        assert_eq!(rig.turns(3), 0);
+    });
+}

@@ -487,15 +487,19 @@ impl Userspace {
                 }
                 Ok(n) => self.rx_len = n,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return RxStep::Drained,
+                Err(e) if e.kind() == ErrorKind::Interrupted => return RxStep::Next,
                 Err(e) => {
+                    // E.g. the TAP was deleted under us: its fd stays "ready"
+                    // with an error, so it must leave the epoll set or the loop
+                    // would spin. The guest's next receive buffers try again.
                     if let Some(suppressed) = self.tap_io.allow() {
                         tracing::warn!(
                             tap = self.tap.name(),
                             suppressed,
-                            "virtio-net: reading the TAP failed: {e}"
+                            "virtio-net: reading the TAP failed: {e}; receiving paused"
                         );
                     }
-                    return RxStep::Drained;
+                    return RxStep::Stop;
                 }
             }
         }
