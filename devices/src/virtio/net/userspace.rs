@@ -505,7 +505,7 @@ impl Userspace {
         }
         let mem = active.mem.memory();
         let mergeable = active.acked & features::MRG_RXBUF != 0;
-        match plan_rx(&mut active.rx, &*mem, self.rx_len, mergeable) {
+        match plan_rx(&mut active.rx, &mem, self.rx_len, mergeable) {
             RxPlan::Fits(chains) => {
                 let frame = &mut self.rx_buf[..self.rx_len];
                 self.rx_len = 0;
