@@ -81,7 +81,7 @@ pub enum TapError {
     },
     #[error("TAP {0} is in use by another process (a TAP without multi_queue takes one user); stop it or pass another TAP")]
     Busy(String),
-    #[error("{0} is not a TAP device (a TUN, a multi-queue TAP, or another kind of interface); pass a TAP made with `ip tuntap add {0} mode tap`")]
+    #[error("{0} is not a TAP device (a TUN, a multi-queue TAP, or another kind of interface); pass the name of a TAP made with `ip tuntap add NAME mode tap`")]
     NotATap(String),
     #[error("no permission to attach TAP {0}; run with CAP_NET_ADMIN or create the TAP owned by this user (`ip tuntap add {0} mode tap user $USER`)")]
     Permission(String),
