@@ -3,10 +3,10 @@
 //! both ways, mergeable receive buffers and event-index suppression.
 //!
 //! Two data paths behind one device model:
-//! - userspace ([`userspace`]): the VMM's event loop moves frames between the
+//! - userspace (`userspace.rs`): the VMM's event loop moves frames between the
 //!   TAP and the queues (TX on queue notification; RX when the TAP is readable
 //!   and the guest has posted buffers);
-//! - vhost-net ([`vhost`]): the kernel's vhost worker moves them; the VMM only
+//! - vhost-net (`vhost.rs`): the kernel's vhost worker moves them; the VMM only
 //!   sets it up, and turns its "used" signals into virtio-mmio interrupts.
 //!
 //! This module owns feature negotiation, the config space, the mapping from
