@@ -34,14 +34,14 @@ pub struct Qmp {
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Qmp {
-    /// Connect to QEMU's QMP socket, retrying until it exists or `timeout` passes,
-    /// and leave capabilities negotiation done.
+    /// [`Self::connect_while`] with a QEMU assumed alive (tests).
     #[cfg(test)]
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self, VmError> {
         Self::connect_while(path, timeout, || true)
     }
 
-    /// Like [`Self::connect`], giving up early once `alive` says QEMU is gone.
+    /// Connect to QEMU's QMP socket, retrying until it exists, `timeout` passes
+    /// or `alive` says QEMU is gone, and leave capabilities negotiation done.
     pub fn connect_while(
         path: &Path,
         timeout: Duration,
