@@ -205,4 +205,20 @@ mod tests {
         };
         assert!(err.to_string().contains("did not come up"));
     }
+
+    #[test]
+    fn a_qemu_that_exited_is_not_waited_for() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let started = std::time::Instant::now();
+        let err = match Qmp::connect_while(
+            &dir.path().join("none"),
+            Duration::from_secs(600),
+            || false,
+        ) {
+            Err(e) => e,
+            Ok(_) => panic!("connected to nothing"),
+        };
+        assert!(err.to_string().contains("exited"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(600));
+    }
 }
