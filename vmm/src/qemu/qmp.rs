@@ -209,7 +209,6 @@ mod tests {
     #[test]
     fn a_qemu_that_exited_is_not_waited_for() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let started = std::time::Instant::now();
         let err = match Qmp::connect_while(
             &dir.path().join("none"),
             Duration::from_secs(600),
@@ -218,7 +217,7 @@ mod tests {
             Err(e) => e,
             Ok(_) => panic!("connected to nothing"),
         };
+        // Only the liveness check says "exited"; the deadline is ten minutes away.
         assert!(err.to_string().contains("exited"), "{err}");
-        assert!(started.elapsed() < Duration::from_secs(600));
     }
 }
