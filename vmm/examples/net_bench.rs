@@ -201,26 +201,22 @@ fn main() -> anyhow::Result<()> {
          ip link set {TAP} up"
     ))?;
     let started = Instant::now();
-    let result = (|| -> anyhow::Result<Vec<(Vec<f64>, Vec<f64>)>> {
-        let mut samples = vec![(Vec::new(), Vec::new()); CONFIGS.len()];
-        // Interleave so drift in the machine's load hits every configuration alike.
-        for run in 0..args.runs {
-            for (i, (name, backend, vhost)) in CONFIGS.iter().enumerate() {
-                match boot_once(&args, &vmm, &initrd, work.path(), backend, *vhost) {
-                    Ok((tx, rx)) => {
-                        println!("run {run} {name:<15} guest->host {tx:>9.1} Mbit/s  host->guest {rx:>9.1} Mbit/s");
-                        samples[i].0.push(tx);
-                        samples[i].1.push(rx);
-                    }
-                    // One lost sample (a guest hung in a busy lab) is reported, not fatal.
-                    Err(e) => println!("run {run} {name:<15} failed: {e:#}"),
+    let mut samples = vec![(Vec::new(), Vec::new()); CONFIGS.len()];
+    // Interleave so drift in the machine's load hits every configuration alike.
+    for run in 0..args.runs {
+        for (i, (name, backend, vhost)) in CONFIGS.iter().enumerate() {
+            match boot_once(&args, &vmm, &initrd, work.path(), backend, *vhost) {
+                Ok((tx, rx)) => {
+                    println!("run {run} {name:<15} guest->host {tx:>9.1} Mbit/s  host->guest {rx:>9.1} Mbit/s");
+                    samples[i].0.push(tx);
+                    samples[i].1.push(rx);
                 }
+                // One lost sample (a guest hung in a busy lab) is reported, not fatal.
+                Err(e) => println!("run {run} {name:<15} failed: {e:#}"),
             }
         }
-        Ok(samples)
-    })();
+    }
     let _ = sh(&format!("ip link del {TAP}"));
-    let samples = result?;
     println!(
         "\n{} runs of {} s per direction, {} vCPU, {} MiB, interleaved, {:.0} s in all",
         args.runs,
