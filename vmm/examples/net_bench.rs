@@ -66,9 +66,9 @@ ip link set lo up
 ip link set eth0 up
 ip addr add 10.78.0.2/24 dev eth0
 ping -c 1 -W 10 10.78.0.1 >/dev/null
-c="iperf3 -c 10.78.0.1 -t {seconds} -f m --connect-timeout 10000 --rcv-timeout 30000"
+c="iperf3 -c 10.78.0.1 -t {seconds} -f m --connect-timeout 10000"
 echo "BENCH-TX: $($c | grep receiver)"
-echo "BENCH-RX: $($c -R | grep receiver)"
+echo "BENCH-RX: $($c -R --rcv-timeout 30000 | grep receiver)"
 "#
     )
 }
