@@ -1,7 +1,7 @@
 //! Device models for beacon VMs: the I/O and MMIO bus seam ([`bus`]), the legacy
 //! x86 devices every VM has ([`legacy`]: 16550 serial, i8042 reset, boot timer),
-//! the ACPI power-management registers ([`acpi_pm`]), and virtio devices on the
-//! virtio-mmio transport ([`virtio`]).
+//! the ACPI power-management registers ([`acpi_pm`]), virtio devices on the
+//! virtio-mmio transport ([`virtio`]), and the TAP behind virtio-net ([`tap`]).
 //!
 //! Devices here never know about the VMM: they see byte accesses at offsets inside
 //! their own range, guest memory through `vm-memory`, and report outward only
@@ -13,6 +13,7 @@
 pub mod acpi_pm;
 pub mod bus;
 pub mod legacy;
+pub mod tap;
 pub mod throttle;
 pub mod virtio;
 

@@ -275,6 +275,8 @@ impl Sandbox {
             config.devices.push(DeviceConfig::Net {
                 tap: a.tap.clone(),
                 mac: a.mac,
+                vhost: false,
+                tap_fd: None,
             });
         }
         let vm: Arc<dyn VmBackend> = Arc::from(tokio::task::block_in_place(|| {

@@ -107,8 +107,18 @@ impl FromStr for ConsoleConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum DeviceConfig {
-    /// virtio-net backed by an existing TAP device.
-    Net { tap: String, mac: MacAddr },
+    /// virtio-net backed by an existing TAP device: opened by name, or, with
+    /// `tap_fd`, an already-open TAP descriptor the caller keeps owning (the VMM
+    /// duplicates it; `tap` may then be empty). `vhost` moves the frames in the
+    /// kernel's vhost-net instead of the VMM's event loop.
+    Net {
+        tap: String,
+        mac: MacAddr,
+        #[serde(default)]
+        vhost: bool,
+        #[serde(default)]
+        tap_fd: Option<i32>,
+    },
     /// virtio-vsock with the given guest CID; `uds_path` is the hybrid unix-socket
     /// backend's listening socket (None: kernel vhost-vsock).
     Vsock {
@@ -255,6 +265,12 @@ pub enum ConfigError {
     Disk(String),
     #[error("--disk {0:?}: {1}")]
     BadDiskArg(String, &'static str),
+    #[error("TAP {0:?} is named by two net devices; give each its own TAP")]
+    DuplicateTap(String),
+    #[error(
+        "tap_fd {0} is not an open file descriptor of this process; pass an fd the VMM inherits"
+    )]
+    BadTapFd(i32),
 }
 
 impl VmConfig {
@@ -339,15 +355,24 @@ impl VmConfig {
     fn validate_devices(&self) -> Result<(), ConfigError> {
         let mut vsock_seen = false;
         let mut fs_tags = HashSet::new();
+        let mut taps = HashSet::new();
         for device in &self.devices {
             match device {
-                DeviceConfig::Net { tap, mac } => {
-                    if tap.is_empty()
-                        || tap.len() > 15
-                        || tap.contains('/')
-                        || tap.chars().any(char::is_whitespace)
-                    {
+                DeviceConfig::Net {
+                    tap, mac, tap_fd, ..
+                } => {
+                    let unnamed_fd = tap.is_empty() && tap_fd.is_some();
+                    if !unnamed_fd && !beacon_devices::tap::valid_tap_name(tap) {
                         return Err(ConfigError::BadTapName(tap.clone()));
+                    }
+                    if !tap.is_empty() && !taps.insert(tap.as_str()) {
+                        return Err(ConfigError::DuplicateTap(tap.clone()));
+                    }
+                    if let Some(fd) = *tap_fd {
+                        // SAFETY: F_GETFD only reads the descriptor table.
+                        if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                            return Err(ConfigError::BadTapFd(fd));
+                        }
                     }
                     if !mac.is_unicast() {
                         return Err(ConfigError::MulticastMac(*mac));
@@ -497,14 +522,33 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut c = VmConfig::new(elf_kernel(tmp.path()));
         let mac: MacAddr = "02:00:00:00:00:01".parse().expect("mac");
-        c.devices = vec![DeviceConfig::Net {
-            tap: "this-name-is-too-long".into(),
+        let net = |tap: &str, tap_fd: Option<i32>| DeviceConfig::Net {
+            tap: tap.into(),
             mac,
-        }];
+            vhost: false,
+            tap_fd,
+        };
+        c.devices = vec![net("this-name-is-too-long", None)];
         assert!(matches!(c.validate(), Err(ConfigError::BadTapName(_))));
+        c.devices = vec![net("", None)];
+        assert!(matches!(c.validate(), Err(ConfigError::BadTapName(_))));
+        c.devices = vec![net("tap0", None), net("tap0", None)];
+        assert!(matches!(c.validate(), Err(ConfigError::DuplicateTap(_))));
+        c.devices = vec![net("", Some(-1))];
+        assert_eq!(c.validate(), Err(ConfigError::BadTapFd(-1)));
+        c.devices = vec![net("", Some(1_000_000))];
+        assert_eq!(c.validate(), Err(ConfigError::BadTapFd(1_000_000)));
+        let open = std::fs::File::open("/dev/null").expect("null");
+        c.devices = vec![net("", Some(std::os::fd::AsRawFd::as_raw_fd(&open)))];
+        assert!(
+            c.validate().is_ok(),
+            "an open fd without a name is accepted"
+        );
         c.devices = vec![DeviceConfig::Net {
             tap: "tap0".into(),
             mac: MacAddr([1, 0, 0, 0, 0, 1]),
+            vhost: false,
+            tap_fd: None,
         }];
         assert!(matches!(c.validate(), Err(ConfigError::MulticastMac(_))));
         let vsock = DeviceConfig::Vsock {
@@ -590,6 +634,8 @@ mod tests {
             DeviceConfig::Net {
                 tap: "beacon-1".into(),
                 mac: MacAddr([2, 0, 0, 0, 0, 1]),
+                vhost: true,
+                tap_fd: Some(7),
             },
             DeviceConfig::Rng,
         ];
@@ -598,5 +644,17 @@ mod tests {
         assert!(json.contains("\"02:00:00:00:00:01\""));
         let back: VmConfig = serde_json::from_str(&json).expect("deserialize");
         assert_eq!(back, c);
+        // Configs written before vhost and tap_fd existed still read.
+        let old = r#"{"type":"net","tap":"beacon-1","mac":"02:00:00:00:00:01"}"#;
+        let net: DeviceConfig = serde_json::from_str(old).expect("old net config");
+        assert_eq!(
+            net,
+            DeviceConfig::Net {
+                tap: "beacon-1".into(),
+                mac: MacAddr([2, 0, 0, 0, 0, 1]),
+                vhost: false,
+                tap_fd: None,
+            }
+        );
     }
 }

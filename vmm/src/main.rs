@@ -61,6 +61,13 @@ struct RunArgs {
     /// unopenable file, or one another VM holds, is refused before boot.
     #[arg(long = "disk", value_name = "path=FILE[,ro]", value_parser = DeviceConfig::parse_disk)]
     disks: Vec<DeviceConfig>,
+    /// Add a virtio-net device on an existing TAP (repeatable):
+    /// `tap=NAME,mac=MAC[,vhost=on][,fd=N]`. `vhost=on` moves frames in the
+    /// kernel's vhost-net (needs /dev/vhost-net); `fd=N` uses the inherited,
+    /// already-open TAP descriptor N instead of opening NAME (KVM backend only;
+    /// an unattached /dev/net/tun descriptor is attached to NAME).
+    #[arg(long = "net", value_name = "tap=NAME,mac=MAC[,vhost=on][,fd=N]", value_parser = parse_net)]
+    nets: Vec<DeviceConfig>,
     /// Also name the virtio-mmio devices on the kernel command line
     /// (virtio_mmio.device=), for kernels without ACPI; the KVM backend always
     /// describes them in the DSDT.
@@ -111,6 +118,7 @@ fn run(args: RunArgs) -> Result<VmExit, VmError> {
         config.devices.push(DeviceConfig::Rng);
     }
     config.devices.extend(args.disks);
+    config.devices.extend(args.nets);
     let vm = create_backend(args.backend, config)?;
     vm.start()?;
     let exit = vm.wait()?;
@@ -122,4 +130,92 @@ fn run(args: RunArgs) -> Result<VmExit, VmError> {
         tracing::info!(backend = ?args.backend, "guest init reached after {} µs", t.as_micros());
     }
     Ok(exit)
+}
+
+/// `--net tap=NAME,mac=MAC[,vhost=on][,fd=N]`.
+fn parse_net(spec: &str) -> Result<DeviceConfig, String> {
+    let (mut tap, mut mac, mut vhost, mut tap_fd) = (None, None, false, None);
+    for item in spec.split(',') {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| format!("{item:?} is not key=value (keys: tap, mac, vhost, fd)"))?;
+        match key {
+            "tap" => tap = Some(value.to_string()),
+            "mac" => mac = Some(value.parse().map_err(|e| format!("mac: {e}"))?),
+            "vhost" => {
+                vhost = match value {
+                    "on" | "true" | "1" => true,
+                    "off" | "false" | "0" => false,
+                    _ => return Err(format!("vhost={value}: use on or off")),
+                }
+            }
+            "fd" => {
+                tap_fd = Some(
+                    value
+                        .parse::<i32>()
+                        .map_err(|_| format!("fd={value} is not a file descriptor number"))?,
+                )
+            }
+            _ => return Err(format!("unknown key {key:?} (keys: tap, mac, vhost, fd)")),
+        }
+    }
+    let mac = mac.ok_or("mac=MAC is required (a unicast address, e.g. 02:00:00:00:00:01)")?;
+    let tap = match (tap, tap_fd) {
+        (Some(tap), _) => tap,
+        (None, Some(_)) => String::new(),
+        (None, None) => return Err("tap=NAME (or fd=N) is required".into()),
+    };
+    Ok(DeviceConfig::Net {
+        tap,
+        mac,
+        vhost,
+        tap_fd,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_flag_parses_and_refuses_clearly() {
+        let net = parse_net("tap=bt0,mac=02:00:00:00:00:01,vhost=on").expect("net");
+        assert_eq!(
+            net,
+            DeviceConfig::Net {
+                tap: "bt0".into(),
+                mac: "02:00:00:00:00:01".parse().expect("mac"),
+                vhost: true,
+                tap_fd: None,
+            }
+        );
+        let net = parse_net("fd=5,mac=02:00:00:00:00:01").expect("fd only");
+        assert!(matches!(
+            net,
+            DeviceConfig::Net {
+                tap_fd: Some(5),
+                ..
+            }
+        ));
+        assert!(parse_net("tap=bt0").unwrap_err().contains("mac"));
+        assert!(parse_net("mac=02:00:00:00:00:01")
+            .unwrap_err()
+            .contains("tap"));
+        assert!(parse_net("tap=bt0,mac=zz").unwrap_err().contains("mac"));
+        assert!(parse_net("tap=bt0,mac=02:00:00:00:00:01,vhost=maybe").is_err());
+        assert!(parse_net("tap=bt0,mac=02:00:00:00:00:01,speed=10").is_err());
+        let cli = Cli::try_parse_from([
+            "beacon-vmm",
+            "run",
+            "--kernel",
+            "/k",
+            "--net",
+            "tap=a0,mac=02:00:00:00:00:01",
+            "--net",
+            "tap=a1,mac=02:00:00:00:00:02,vhost=on",
+        ])
+        .expect("two nets");
+        let Cmd::Run(args) = cli.command;
+        assert_eq!(args.nets.len(), 2);
+    }
 }

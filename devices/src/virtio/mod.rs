@@ -19,6 +19,7 @@ pub mod block;
 pub mod device;
 pub mod events;
 pub mod mmio;
+pub mod net;
 pub mod queue;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]

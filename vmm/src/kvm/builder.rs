@@ -10,7 +10,9 @@
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
+use beacon_devices::tap::Tap;
 use beacon_devices::virtio::block::Block;
+use beacon_devices::virtio::net::{Net, NetError};
 use beacon_devices::virtio::rng::Rng;
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -61,7 +63,15 @@ fn refuse_unsupported(config: &VmConfig) -> Result<(), VmError> {
         let kind = match device {
             DeviceConfig::Rng => continue,
             DeviceConfig::Block { .. } => continue,
-            DeviceConfig::Net { .. } => "virtio-net",
+            DeviceConfig::Net { vhost: false, .. } => continue,
+            DeviceConfig::Net { vhost: true, .. } => {
+                if std::path::Path::new(beacon_devices::virtio::net::VHOST_NET_DEVICE).exists() {
+                    continue;
+                }
+                return Err(VmError::Unsupported(
+                    beacon_devices::virtio::net::NetError::VhostMissing.to_string(),
+                ));
+            }
             DeviceConfig::Vsock { .. } => "vsock",
             DeviceConfig::Fs { .. } => "virtio-fs",
         };
@@ -86,8 +96,31 @@ fn attach_devices(dm: &mut DeviceManager, config: &VmConfig) -> Result<(), VmErr
                 })?;
                 dm.attach_virtio("blk", Arc::new(Mutex::new(block)))?;
             }
+            DeviceConfig::Net {
+                tap,
+                mac,
+                vhost,
+                tap_fd,
+            } => {
+                let net = || -> Result<Net, NetError> {
+                    let tap = match tap_fd {
+                        Some(fd) => Tap::from_caller_fd(*fd, tap)?,
+                        None => Tap::open(tap)?,
+                    };
+                    if *vhost {
+                        Net::with_vhost(tap, *mac, dm.guest_memory())
+                    } else {
+                        Ok(Net::new(tap, *mac))
+                    }
+                };
+                let device = net().map_err(|e| VmError::Device {
+                    device: "virtio-net".into(),
+                    reason: e.to_string(),
+                })?;
+                dm.attach_virtio("net", Arc::new(Mutex::new(device)))?;
+            }
             // Refused by `refuse_unsupported` before anything was built.
-            DeviceConfig::Net { .. } | DeviceConfig::Vsock { .. } | DeviceConfig::Fs { .. } => {}
+            DeviceConfig::Vsock { .. } | DeviceConfig::Fs { .. } => {}
         }
     }
     Ok(())

@@ -149,20 +149,35 @@ pub fn build_args(config: &VmConfig, sockets: &QemuSockets<'_>) -> Result<Vec<Os
 
 fn device_args(i: usize, device: &DeviceConfig) -> Result<Vec<OsString>, VmError> {
     Ok(match device {
-        DeviceConfig::Net { tap, mac } => vec![
-            os("-netdev"),
-            QemuOpts::new("tap")
+        DeviceConfig::Net {
+            tap,
+            mac,
+            vhost,
+            tap_fd,
+        } => {
+            if tap_fd.is_some() {
+                return Err(VmError::Qemu(
+                    "a caller-owned TAP fd (tap_fd) is only taken by the KVM backend; give QEMU the TAP by name".into(),
+                ));
+            }
+            let mut netdev = QemuOpts::new("tap")
                 .set("id", format!("net{i}"))
                 .set("ifname", tap)
                 .set("script", "no")
-                .set("downscript", "no")
-                .build(),
-            os("-device"),
-            QemuOpts::new("virtio-net-device")
-                .set("netdev", format!("net{i}"))
-                .set("mac", mac.to_string())
-                .build(),
-        ],
+                .set("downscript", "no");
+            if *vhost {
+                netdev = netdev.set("vhost", "on");
+            }
+            vec![
+                os("-netdev"),
+                netdev.build(),
+                os("-device"),
+                QemuOpts::new("virtio-net-device")
+                    .set("netdev", format!("net{i}"))
+                    .set("mac", mac.to_string())
+                    .build(),
+            ]
+        }
         DeviceConfig::Vsock {
             guest_cid,
             uds_path,
@@ -297,6 +312,8 @@ mod tests {
             DeviceConfig::Net {
                 tap: "beacon-ab".into(),
                 mac: MacAddr([2, 0, 0, 0, 0, 9]),
+                vhost: false,
+                tap_fd: None,
             },
             DeviceConfig::Vsock {
                 guest_cid: 7,
@@ -359,6 +376,43 @@ mod tests {
             uds_path: Some("/run/v.sock".into()),
         }];
         assert!(build_args(&c, &s).is_err());
+        let mut c = VmConfig::new("/k");
+        c.devices = vec![DeviceConfig::Net {
+            tap: "tap0".into(),
+            mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            vhost: false,
+            tap_fd: Some(5),
+        }];
+        let err = build_args(&c, &s).expect_err("tap fd");
+        assert!(err.to_string().contains("tap_fd"), "{err}");
+    }
+
+    #[test]
+    fn net_with_vhost_maps_to_a_vhost_tap_netdev() {
+        let mut c = VmConfig::new("/k");
+        c.devices = vec![DeviceConfig::Net {
+            tap: "bt0".into(),
+            mac: MacAddr([2, 0, 0, 0, 0, 2]),
+            vhost: true,
+            tap_fd: None,
+        }];
+        let (q, b) = sockets();
+        let args = strings(
+            &build_args(
+                &c,
+                &QemuSockets {
+                    qmp: &q,
+                    boot_timer: &b,
+                },
+            )
+            .expect("args"),
+        );
+        assert_eq!(
+            after(&args, "-netdev"),
+            ["tap,id=net0,ifname=bt0,script=no,downscript=no,vhost=on"]
+        );
+        assert!(after(&args, "-device")
+            .contains(&"virtio-net-device,netdev=net0,mac=02:00:00:00:00:02"));
     }
 
     /// Every value a user or the system chose, with commas in it.
@@ -371,6 +425,8 @@ mod tests {
             DeviceConfig::Net {
                 tap: "t,ap".into(),
                 mac: MacAddr([2, 0, 0, 0, 0, 9]),
+                vhost: false,
+                tap_fd: None,
             },
             DeviceConfig::Fs {
                 tag: "root,fs=x".into(),
@@ -469,6 +525,8 @@ mod tests {
             DeviceConfig::Net {
                 tap: "t,ap".into(),
                 mac: MacAddr([2, 0, 0, 0, 0, 9]),
+                vhost: false,
+                tap_fd: None,
             },
             DeviceConfig::Fs {
                 tag: "fs".into(),

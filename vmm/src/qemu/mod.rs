@@ -25,6 +25,9 @@ use qmp::Qmp;
 
 /// Environment variable naming the QEMU binary (default `qemu-system-x86_64`).
 pub const QEMU_BINARY_ENV: &str = "BEACON_QEMU";
+/// How long QEMU may take to create its sockets (QMP, boot timer). Generous:
+/// in the nested lab QEMU with a `vhost=on` netdev takes about 25 s to get there.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the guest gets to power off after `shutdown()` before QEMU is killed.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -210,7 +213,7 @@ fn watch_boot_timer(
     let spawned = std::thread::Builder::new()
         .name("qemu-boot-timer".into())
         .spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(10);
+            let deadline = Instant::now() + STARTUP_TIMEOUT;
             let mut stream = loop {
                 match UnixStream::connect(&path) {
                     Ok(s) => break s,
@@ -283,9 +286,17 @@ impl VmBackend for QemuVm {
             self.created,
             Arc::clone(&self.init_reached),
         );
-        let qmp = match Qmp::connect(
+        let alive = || {
+            self.child
+                .lock()
+                .ok()
+                .and_then(|mut c| c.as_mut().map(|c| matches!(c.try_wait(), Ok(None))))
+                .unwrap_or(false)
+        };
+        let qmp = match Qmp::connect_while(
             &self.sockets.path().join("qmp.sock"),
-            Duration::from_secs(10),
+            STARTUP_TIMEOUT,
+            alive,
         ) {
             Ok(q) => Arc::new(q),
             Err(e) => {

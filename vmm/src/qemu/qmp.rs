@@ -34,13 +34,28 @@ pub struct Qmp {
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Qmp {
-    /// Connect to QEMU's QMP socket, retrying until it exists or `timeout` passes,
-    /// and leave capabilities negotiation done.
+    /// [`Self::connect_while`] with a QEMU assumed alive (tests).
+    #[cfg(test)]
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self, VmError> {
+        Self::connect_while(path, timeout, || true)
+    }
+
+    /// Connect to QEMU's QMP socket, retrying until it exists, `timeout` passes
+    /// or `alive` says QEMU is gone, and leave capabilities negotiation done.
+    pub fn connect_while(
+        path: &Path,
+        timeout: Duration,
+        alive: impl Fn() -> bool,
+    ) -> Result<Self, VmError> {
         let deadline = Instant::now() + timeout;
         let stream = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
+                Err(e) if !alive() => {
+                    return Err(VmError::Qemu(format!(
+                        "QEMU exited before its QMP socket {path:?} came up: {e}"
+                    )))
+                }
                 Err(e) if Instant::now() >= deadline => {
                     return Err(VmError::Qemu(format!(
                         "QMP socket {path:?} did not come up within {timeout:?}: {e}"
@@ -189,5 +204,20 @@ mod tests {
             Ok(_) => panic!("connected to nothing"),
         };
         assert!(err.to_string().contains("did not come up"));
+    }
+
+    #[test]
+    fn a_qemu_that_exited_is_not_waited_for() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = match Qmp::connect_while(
+            &dir.path().join("none"),
+            Duration::from_secs(600),
+            || false,
+        ) {
+            Err(e) => e,
+            Ok(_) => panic!("connected to nothing"),
+        };
+        // Only the liveness check says "exited"; the deadline is ten minutes away.
+        assert!(err.to_string().contains("exited"), "{err}");
     }
 }

@@ -91,6 +91,11 @@ impl DeviceManager {
         &self.mmio_bus
     }
 
+    /// The guest memory devices see (vhost back-ends need its regions).
+    pub fn guest_memory(&self) -> GuestMem {
+        self.mem.clone()
+    }
+
     /// COM1 (tests and the console).
     pub fn serial(&self) -> Option<&SharedSerial> {
         self.serial.as_ref()
