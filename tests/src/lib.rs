@@ -1,12 +1,13 @@
 //! Test support for beaconbox: where a real KVM is ([`kvm_host`]), the nested KVM
 //! lab ([`lab`]) that provides one on hosts without it, and the project's built
 //! assets ([`assets`]: the beacon kernel), guest initrds for device tests
-//! ([`guest`]) and the runner of device scenarios ([`device_suite`]), and helpers for generated test scripts ([`script`]).
+//! ([`guest`]) and the runner of device scenarios ([`device_suite`]), helpers for generated test scripts ([`script`]), and the vsock test tool's logic ([`vsock_tool`]).
 
 pub mod assets;
 pub mod device_suite;
 pub mod guest;
 pub mod lab;
 pub mod script;
+pub mod vsock_tool;
 
 pub use lab::{kvm_host, KvmHost, Lab, LabError, LabOutput};

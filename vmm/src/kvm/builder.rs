@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use beacon_devices::virtio::rng::Rng;
+use beacon_devices::virtio::vsock::{hybrid::HybridVsock, vhost::VhostVsock};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -58,9 +59,8 @@ fn refuse_unsupported(config: &VmConfig) -> Result<(), VmError> {
     }
     for device in &config.devices {
         let kind = match device {
-            DeviceConfig::Rng => continue,
+            DeviceConfig::Rng | DeviceConfig::Vsock { .. } => continue,
             DeviceConfig::Net { .. } => "virtio-net",
-            DeviceConfig::Vsock { .. } => "vsock",
             DeviceConfig::Fs { .. } => "virtio-fs",
             DeviceConfig::Block { .. } => "virtio-blk",
         };
@@ -78,11 +78,27 @@ fn attach_devices(dm: &mut DeviceManager, config: &VmConfig) -> Result<(), VmErr
             DeviceConfig::Rng => {
                 dm.attach_virtio("rng", Arc::new(Mutex::new(Rng::new())))?;
             }
+            DeviceConfig::Vsock {
+                guest_cid,
+                uds_path,
+            } => {
+                let failed = |e: &dyn std::fmt::Display| VmError::Device {
+                    device: "vsock".into(),
+                    reason: e.to_string(),
+                };
+                let cid = u64::from(*guest_cid);
+                let device: Arc<Mutex<dyn beacon_devices::virtio::VirtioDevice>> = match uds_path {
+                    Some(path) => Arc::new(Mutex::new(
+                        HybridVsock::new(cid, path).map_err(|e| failed(&e))?,
+                    )),
+                    None => Arc::new(Mutex::new(
+                        VhostVsock::new(cid, dm.guest_memory().clone()).map_err(|e| failed(&e))?,
+                    )),
+                };
+                dm.attach_virtio("vsock", device)?;
+            }
             // Refused by `refuse_unsupported` before anything was built.
-            DeviceConfig::Net { .. }
-            | DeviceConfig::Vsock { .. }
-            | DeviceConfig::Fs { .. }
-            | DeviceConfig::Block { .. } => {}
+            DeviceConfig::Net { .. } | DeviceConfig::Fs { .. } | DeviceConfig::Block { .. } => {}
         }
     }
     Ok(())

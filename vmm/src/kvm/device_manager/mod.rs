@@ -91,6 +91,11 @@ impl DeviceManager {
         &self.mmio_bus
     }
 
+    /// Guest RAM, for devices that hand it to a kernel backend (vhost).
+    pub fn guest_memory(&self) -> &GuestMem {
+        &self.mem
+    }
+
     /// COM1 (tests and the console).
     pub fn serial(&self) -> Option<&SharedSerial> {
         self.serial.as_ref()

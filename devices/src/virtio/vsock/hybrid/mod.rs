@@ -1,0 +1,938 @@
+//! The hybrid vsock backend: a userspace virtio-vsock device whose host side is
+//! unix sockets (the Firecracker / Cloud Hypervisor convention), so it needs no
+//! kernel module and no host-wide CID.
+//!
+//! - Host → guest: a program connects to `<uds_path>`, writes `CONNECT <port>\n`;
+//!   the device sends the guest a REQUEST and, once the guest accepts, answers
+//!   `OK <hostport>\n` (a refusal or reset closes the socket).
+//! - Guest → host: a REQUEST to port P connects to `<uds_path>_P`; nothing
+//!   listening means RST.
+//!
+//! The device owns every connection ([`conn`]), the listener and handshakes
+//! ([`host`]), and keeps the event loop's registrations in step with what each
+//! socket should be watched for. Everything is bounded: connections
+//! ([`MAX_CONNECTIONS`]), handshakes ([`MAX_HANDSHAKES`], each with a deadline),
+//! control packets waiting for RX buffers ([`MAX_CONTROL`]: the TX queue stops
+//! being served while they are full), per-connection buffers (credit). Sockets
+//! leave the event loop before they are closed, also after a device reset. No
+//! handler blocks: every socket is non-blocking.
+
+pub mod conn;
+pub mod host;
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventOps, EventSet, Events};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddressSpace;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::super::device::{
+    ActivateError, Activation, GuestMem, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use super::super::events::DEVICE_TOKEN_BASE;
+use super::super::queue::{serve_queue, ChainOutcome};
+use super::packet::{
+    parse_header, Header, HeaderError, Op, HEADER_LEN, HOST_CID, MAX_PAYLOAD, TYPE_STREAM,
+};
+use super::{EventQueue, EVENT_QUEUE, QUEUE_SIZES, RX_QUEUE, TX_QUEUE, VIRTIO_ID_VSOCK};
+use crate::throttle::Throttle;
+use conn::{Connection, State, Verdict};
+use host::{Handshake, HostListener, ListenError, PendingHandshake};
+
+/// Connections and handshakes at once, together.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Host programs connected but not through `CONNECT` yet.
+pub const MAX_HANDSHAKES: usize = 64;
+/// Control packets (RSTs to unknown connections) waiting for RX buffers.
+pub const MAX_CONTROL: usize = 256;
+/// How long a host program may take to send its `CONNECT` line.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the guest may take to accept a host connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadlines are checked this often while any is pending.
+const TIMER_PERIOD: Duration = Duration::from_millis(500);
+/// Connections accepted per listener event (the rest on the next turn).
+const ACCEPTS_PER_EVENT: usize = 32;
+/// TX and RX rounds per event before yielding to other devices.
+const ROUNDS: usize = 4;
+
+const TOKEN_LISTENER: u32 = DEVICE_TOKEN_BASE;
+const TOKEN_CLEANUP: u32 = DEVICE_TOKEN_BASE + 1;
+const TOKEN_TIMER: u32 = DEVICE_TOKEN_BASE + 2;
+const TOKEN_FIRST_SOCKET: u32 = DEVICE_TOKEN_BASE + 16;
+/// Host-side ports of host-initiated connections start here.
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+
+/// Why the hybrid device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum HybridError {
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error("vsock: creating {what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A socket on its way out: removed from the event loop, then closed.
+struct Doomed {
+    stream: UnixStream,
+    registered: bool,
+}
+
+/// Every host socket of the device and what the guest is owed.
+struct Muxer {
+    guest_cid: u64,
+    uds_path: PathBuf,
+    conns: HashMap<u32, Connection>,
+    by_ports: HashMap<(u32, u32), u32>,
+    handshakes: HashMap<u32, (PendingHandshake, Instant)>,
+    /// RSTs for packets that belong to no connection.
+    control: VecDeque<Header>,
+    /// Connections with something for the RX queue, served round robin.
+    rx_list: VecDeque<u32>,
+    doomed: Vec<Doomed>,
+    next_token: u32,
+    next_local_port: u32,
+    /// Host bytes on their way to the guest.
+    scratch: Vec<u8>,
+    protocol_log: Throttle,
+    host_log: Throttle,
+}
+
+impl Muxer {
+    fn new(guest_cid: u64, uds_path: PathBuf) -> Self {
+        Self {
+            guest_cid,
+            uds_path,
+            conns: HashMap::new(),
+            by_ports: HashMap::new(),
+            handshakes: HashMap::new(),
+            control: VecDeque::new(),
+            rx_list: VecDeque::new(),
+            doomed: Vec::new(),
+            next_token: TOKEN_FIRST_SOCKET,
+            next_local_port: FIRST_LOCAL_PORT,
+            scratch: vec![0; MAX_PAYLOAD as usize],
+            protocol_log: Throttle::default(),
+            host_log: Throttle::default(),
+        }
+    }
+
+    fn sockets(&self) -> usize {
+        self.conns.len() + self.handshakes.len()
+    }
+
+    fn alloc_token(&mut self) -> u32 {
+        loop {
+            let t = self.next_token;
+            self.next_token = self.next_token.checked_add(1).unwrap_or(TOKEN_FIRST_SOCKET);
+            if !self.conns.contains_key(&t) && !self.handshakes.contains_key(&t) {
+                return t;
+            }
+        }
+    }
+
+    fn alloc_local_port(&mut self, peer_port: u32) -> u32 {
+        loop {
+            let p = self.next_local_port;
+            self.next_local_port = match self.next_local_port.checked_add(1) {
+                Some(n) if n < u32::MAX => n,
+                _ => FIRST_LOCAL_PORT,
+            };
+            if !self.by_ports.contains_key(&(p, peer_port)) {
+                return p;
+            }
+        }
+    }
+
+    /// List `token` for RX work if it has some.
+    fn schedule(&mut self, token: u32) {
+        if let Some(c) = self.conns.get_mut(&token) {
+            if !c.in_rx_list && c.has_rx_work() {
+                c.in_rx_list = true;
+                self.rx_list.push_back(token);
+            }
+        }
+    }
+
+    /// Forget a connection; its socket leaves the event loop on the next sync.
+    fn forget(&mut self, token: u32) {
+        if let Some(c) = self.conns.remove(&token) {
+            self.by_ports.remove(&(c.local_port, c.peer_port));
+            tracing::debug!(
+                local_port = c.local_port,
+                peer_port = c.peer_port,
+                "vsock: connection closed"
+            );
+            self.doomed.push(Doomed {
+                registered: c.registered.is_some(),
+                stream: c.stream,
+            });
+        }
+    }
+
+    fn drop_handshake(&mut self, token: u32) {
+        if let Some((h, _)) = self.handshakes.remove(&token) {
+            self.doomed.push(Doomed {
+                stream: h.stream,
+                registered: true,
+            });
+        }
+    }
+
+    /// Drop everything (device reset); returns whether any connection existed.
+    fn clear(&mut self) -> bool {
+        let had = !self.conns.is_empty();
+        let tokens: Vec<u32> = self.conns.keys().copied().collect();
+        for t in tokens {
+            self.forget(t);
+        }
+        let tokens: Vec<u32> = self.handshakes.keys().copied().collect();
+        for t in tokens {
+            self.drop_handshake(t);
+        }
+        self.control.clear();
+        self.rx_list.clear();
+        had
+    }
+
+    fn apply(&mut self, token: u32, verdict: Verdict) {
+        match verdict {
+            Verdict::Keep => self.schedule(token),
+            Verdict::Reset => {
+                if let Some(c) = self.conns.get_mut(&token) {
+                    c.owe_rst();
+                }
+                self.schedule(token);
+            }
+            Verdict::Drop => self.forget(token),
+        }
+    }
+
+    /// A RST answering `h` (a packet that belongs to no connection).
+    fn push_rst(&mut self, h: &Header) {
+        if self.control.len() >= MAX_CONTROL {
+            return;
+        }
+        self.control.push_back(Header {
+            src_cid: HOST_CID,
+            dst_cid: self.guest_cid,
+            src_port: h.dst_port,
+            dst_port: h.src_port,
+            len: 0,
+            type_: h.type_,
+            op: Op::Rst as u16,
+            flags: 0,
+            buf_alloc: 0,
+            fwd_cnt: 0,
+        });
+    }
+
+    /// A packet header the parser refused.
+    fn bad_packet(&mut self, raw: &Header, e: HeaderError) {
+        if let Some(suppressed) = self.protocol_log.allow() {
+            tracing::warn!(suppressed, "vsock: guest packet refused: {e}");
+        }
+        match e {
+            // A socket type or op we do not serve: refuse it the normal way.
+            HeaderError::UnsupportedType(_) | HeaderError::UnknownOp(_)
+                if raw.op != Op::Rst as u16 =>
+            {
+                let known = self.by_ports.get(&(raw.dst_port, raw.src_port)).copied();
+                match known {
+                    Some(t) => self.apply(t, Verdict::Reset),
+                    None => self.push_rst(raw),
+                }
+            }
+            // Lengths that lie about the buffers on a live connection end it.
+            HeaderError::TooLong { .. }
+            | HeaderError::Truncated { .. }
+            | HeaderError::PayloadOnControl { .. } => {
+                if let Some(t) = self.by_ports.get(&(raw.dst_port, raw.src_port)).copied() {
+                    self.apply(t, Verdict::Reset);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A checked packet from the guest.
+    fn guest_packet(&mut self, op: Op, h: &Header, payload: &[u8]) {
+        let Some(token) = self.by_ports.get(&(h.dst_port, h.src_port)).copied() else {
+            match op {
+                Op::Request => self.guest_connect(h),
+                Op::Rst => {}
+                _ => self.push_rst(h),
+            }
+            return;
+        };
+        let Some(conn) = self.conns.get_mut(&token) else {
+            return;
+        };
+        let was_local_init = matches!(conn.state, State::LocalInit { .. });
+        let result = match op {
+            Op::Request => Ok(Verdict::Reset),
+            Op::Rw => conn.guest_data(h, payload),
+            op => conn.guest_control(op, h),
+        };
+        let verdict = match result {
+            Ok(v) => v,
+            Err(e) => {
+                if let Some(suppressed) = self.protocol_log.allow() {
+                    tracing::warn!(
+                        suppressed,
+                        local_port = h.dst_port,
+                        peer_port = h.src_port,
+                        "vsock: connection reset: {e}"
+                    );
+                }
+                Verdict::Reset
+            }
+        };
+        if verdict == Verdict::Keep && was_local_init && conn.state == State::Established {
+            if conn.send_ok_line() {
+                tracing::debug!(
+                    local_port = conn.local_port,
+                    peer_port = conn.peer_port,
+                    "vsock: guest accepted a host connection"
+                );
+            } else {
+                self.apply(token, Verdict::Reset);
+                return;
+            }
+        }
+        self.apply(token, verdict);
+    }
+
+    /// The guest asks for host port `h.dst_port`.
+    fn guest_connect(&mut self, h: &Header) {
+        if self.sockets() >= MAX_CONNECTIONS {
+            if let Some(suppressed) = self.host_log.allow() {
+                tracing::warn!(
+                    suppressed,
+                    "vsock: {MAX_CONNECTIONS} connections open; refusing the guest's request for port {}",
+                    h.dst_port
+                );
+            }
+            self.push_rst(h);
+            return;
+        }
+        let path = host::port_socket_path(&self.uds_path, h.dst_port);
+        match host::connect_nonblocking(&path) {
+            Ok(stream) => {
+                let token = self.alloc_token();
+                let conn = Connection::guest_initiated(stream, h, self.guest_cid);
+                self.by_ports.insert((h.dst_port, h.src_port), token);
+                self.conns.insert(token, conn);
+                self.schedule(token);
+                tracing::debug!(port = h.dst_port, "vsock: guest connected to {path:?}");
+            }
+            Err(e) => {
+                if let Some(suppressed) = self.host_log.allow() {
+                    tracing::info!(
+                        suppressed,
+                        "vsock: guest connection to port {} refused: {path:?}: {e}",
+                        h.dst_port
+                    );
+                }
+                self.push_rst(h);
+            }
+        }
+    }
+
+    /// The next packet for an RX buffer with `room` payload bytes.
+    fn next_rx(&mut self, room: usize) -> Option<(Header, usize)> {
+        if let Some(h) = self.control.pop_front() {
+            return Some((h, 0));
+        }
+        for _ in 0..self.rx_list.len() {
+            let token = self.rx_list.pop_front()?;
+            let Some(conn) = self.conns.get_mut(&token) else {
+                continue;
+            };
+            conn.in_rx_list = false;
+            let Some((hdr, len)) = conn.next_rx(room, &mut self.scratch) else {
+                continue;
+            };
+            if Connection::reset_sent(&hdr) {
+                self.forget(token);
+            } else {
+                let verdict = conn.after_progress();
+                self.apply(token, verdict);
+            }
+            return Some((hdr, len));
+        }
+        None
+    }
+
+    /// Drop handshakes and unanswered host connections past their deadline;
+    /// returns whether any deadline is still pending.
+    fn expire(&mut self, now: Instant) -> bool {
+        let late: Vec<u32> = self
+            .handshakes
+            .iter()
+            .filter(|(_, (_, deadline))| *deadline <= now)
+            .map(|(t, _)| *t)
+            .collect();
+        for t in late {
+            if let Some(suppressed) = self.host_log.allow() {
+                tracing::warn!(
+                    suppressed,
+                    "vsock: a host connection sent no CONNECT line within {HANDSHAKE_TIMEOUT:?}; dropped"
+                );
+            }
+            self.drop_handshake(t);
+        }
+        let late: Vec<(u32, Header)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.state, State::LocalInit { deadline } if deadline <= now))
+            .map(|(t, c)| {
+                let h = Header {
+                    src_cid: self.guest_cid,
+                    dst_cid: HOST_CID,
+                    src_port: c.peer_port,
+                    dst_port: c.local_port,
+                    type_: TYPE_STREAM,
+                    ..Header::default()
+                };
+                (*t, h)
+            })
+            .collect();
+        for (t, h) in late {
+            if let Some(suppressed) = self.host_log.allow() {
+                tracing::warn!(
+                    suppressed,
+                    port = h.src_port,
+                    "vsock: the guest did not accept a host connection within {CONNECT_TIMEOUT:?}; closed"
+                );
+            }
+            self.forget(t);
+            self.push_rst(&h);
+        }
+        !self.handshakes.is_empty()
+            || self
+                .conns
+                .values()
+                .any(|c| matches!(c.state, State::LocalInit { .. }))
+    }
+
+    /// Bring the event loop in step: closed sockets out, interests updated.
+    fn sync(&mut self, ops: &mut EventOps) {
+        for d in self.doomed.drain(..) {
+            if d.registered {
+                if let Err(e) = ops.remove(Events::empty(&d.stream)) {
+                    tracing::debug!("vsock: removing a socket from the event loop: {e:?}");
+                }
+            }
+        }
+        let mut failed = Vec::new();
+        for (token, c) in self.conns.iter_mut() {
+            let desired = c.desired_interest();
+            if desired == c.registered {
+                continue;
+            }
+            let res = match (c.registered, desired) {
+                (None, Some(set)) => ops.add(Events::with_data(&c.stream, *token, set)),
+                (Some(_), Some(set)) => ops.modify(Events::with_data(&c.stream, *token, set)),
+                (Some(_), None) => ops.remove(Events::empty(&c.stream)),
+                (None, None) => Ok(()),
+            };
+            match res {
+                Ok(()) => c.registered = desired,
+                Err(e) => {
+                    tracing::error!(
+                        "vsock: cannot watch a connection's socket: {e:?}; resetting it"
+                    );
+                    failed.push(*token);
+                }
+            }
+        }
+        for t in failed {
+            if let Some(c) = self.conns.get_mut(&t) {
+                c.owe_rst();
+            }
+            self.schedule(t);
+        }
+    }
+}
+
+struct Active {
+    mem: GuestMem,
+    interrupt: Arc<Interrupt>,
+    rx: Queue,
+    tx: Queue,
+    events: EventQueue,
+    rx_kick: EventFd,
+    tx_kick: EventFd,
+    rx_broken: bool,
+    tx_broken: bool,
+}
+
+/// The hybrid vsock device.
+pub struct HybridVsock {
+    guest_cid: u64,
+    listener: HostListener,
+    cleanup: EventFd,
+    timer: TimerFd,
+    timer_armed: bool,
+    active: Option<Active>,
+    mux: Muxer,
+    /// Guest payload on its way to a host socket.
+    tx_scratch: Vec<u8>,
+    /// Connections were dropped by a reset: tell the guest once it is back.
+    reset_event_owed: bool,
+    chain_log: Throttle,
+    rx_ring_log: Throttle,
+    tx_ring_log: Throttle,
+}
+
+impl HybridVsock {
+    /// A device for guest `guest_cid` listening on `uds_path` (created now, so
+    /// a bad path fails before the guest boots; removed when the device drops).
+    pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, HybridError> {
+        let io = |what| move |source| HybridError::Io { what, source };
+        let listener = HostListener::bind(uds_path)?;
+        let cleanup = EventFd::new(libc::EFD_NONBLOCK).map_err(io("an eventfd"))?;
+        let timer = TimerFd::new().map_err(|e| HybridError::Io {
+            what: "a timerfd",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+        // SAFETY: F_SETFL on a timerfd we own; the result is checked.
+        let rc = unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        if rc < 0 {
+            return Err(HybridError::Io {
+                what: "a non-blocking timerfd",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        tracing::info!(guest_cid, path = ?uds_path, "vsock: hybrid backend listening");
+        Ok(Self {
+            guest_cid,
+            listener,
+            cleanup,
+            timer,
+            timer_armed: false,
+            active: None,
+            mux: Muxer::new(guest_cid, uds_path.to_path_buf()),
+            tx_scratch: vec![0; MAX_PAYLOAD as usize],
+            reset_event_owed: false,
+            chain_log: Throttle::default(),
+            rx_ring_log: Throttle::default(),
+            tx_ring_log: Throttle::default(),
+        })
+    }
+
+    /// The listening socket's path.
+    pub fn uds_path(&self) -> &Path {
+        self.listener.path()
+    }
+
+    /// Open connections (tests, logs).
+    pub fn connections(&self) -> usize {
+        self.mux.conns.len()
+    }
+
+    /// Guest data buffered for host programs, over every connection.
+    pub fn buffered_bytes(&self) -> usize {
+        self.mux.conns.values().map(Connection::pending_len).sum()
+    }
+
+    /// Serve the TX queue; returns whether it stopped because control packets
+    /// for the guest are full (RX must drain first).
+    fn process_tx(&mut self) -> (bool, bool) {
+        let Some(active) = self.active.as_mut() else {
+            return (false, false);
+        };
+        if active.tx_broken {
+            return (false, false);
+        }
+        let mem = active.mem.memory();
+        let mux = &mut self.mux;
+        let buf = &mut self.tx_scratch;
+        let log = &mut self.chain_log;
+        let cid = self.guest_cid;
+        let mut stalled = false;
+        let served = serve_queue(
+            &mut active.tx,
+            &*mem,
+            usize::from(super::QUEUE_SIZE),
+            &active.interrupt,
+            &mut self.tx_ring_log,
+            |chain| {
+                if mux.control.len() >= MAX_CONTROL {
+                    stalled = true;
+                    return ChainOutcome::Later;
+                }
+                let mut reader = match chain.reader(&*mem) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        if let Some(suppressed) = log.allow() {
+                            tracing::warn!(suppressed, "vsock: malformed TX chain dropped: {e}");
+                        }
+                        return ChainOutcome::Used(0);
+                    }
+                };
+                let mut raw = [0u8; HEADER_LEN];
+                if reader.available_bytes() < HEADER_LEN || reader.read_exact(&mut raw).is_err() {
+                    if let Some(suppressed) = log.allow() {
+                        tracing::warn!(
+                            suppressed,
+                            "vsock: TX chain shorter than a packet header dropped"
+                        );
+                    }
+                    return ChainOutcome::Used(0);
+                }
+                match parse_header(&raw, reader.available_bytes(), cid) {
+                    Ok(pkt) => {
+                        let len = pkt.header.len as usize;
+                        let Some(payload) = buf.get_mut(..len) else {
+                            return ChainOutcome::Used(0);
+                        };
+                        if reader.read_exact(payload).is_err() {
+                            if let Some(suppressed) = log.allow() {
+                                tracing::warn!(suppressed, "vsock: unreadable TX payload dropped");
+                            }
+                            return ChainOutcome::Used(0);
+                        }
+                        mux.guest_packet(pkt.op, &pkt.header, payload);
+                    }
+                    Err(e) => {
+                        if let Ok(h) = Header::decode(&raw) {
+                            mux.bad_packet(&h, e);
+                        }
+                    }
+                }
+                ChainOutcome::Used(0)
+            },
+        );
+        active.tx_broken = served.broken;
+        (stalled, served.more_pending)
+    }
+
+    /// Fill RX buffers with what the guest is owed; returns whether the budget
+    /// ran out with more waiting.
+    fn process_rx(&mut self) -> bool {
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        if active.rx_broken {
+            return false;
+        }
+        if self.mux.control.is_empty() && self.mux.rx_list.is_empty() {
+            return false;
+        }
+        let mem = active.mem.memory();
+        let mux = &mut self.mux;
+        let log = &mut self.chain_log;
+        let served = serve_queue(
+            &mut active.rx,
+            &*mem,
+            usize::from(super::QUEUE_SIZE),
+            &active.interrupt,
+            &mut self.rx_ring_log,
+            |chain| {
+                let mut writer = match chain.writer(&*mem) {
+                    Ok(w) if w.available_bytes() >= HEADER_LEN => w,
+                    Ok(_) | Err(_) => {
+                        if let Some(suppressed) = log.allow() {
+                            tracing::warn!(
+                                suppressed,
+                                "vsock: RX buffer unusable (not writable, or smaller than a header); dropped"
+                            );
+                        }
+                        return ChainOutcome::Used(0);
+                    }
+                };
+                let room = writer.available_bytes() - HEADER_LEN;
+                let Some((hdr, len)) = mux.next_rx(room) else {
+                    return ChainOutcome::Later;
+                };
+                let payload = mux.scratch.get(..len).unwrap_or_default();
+                let wrote = std::io::Write::write_all(&mut writer, &hdr.encode())
+                    .and_then(|()| std::io::Write::write_all(&mut writer, payload));
+                if let Err(e) = wrote {
+                    if let Some(suppressed) = log.allow() {
+                        tracing::warn!(suppressed, "vsock: writing an RX buffer failed: {e}");
+                    }
+                }
+                ChainOutcome::Used(u32::try_from(writer.bytes_written()).unwrap_or(0))
+            },
+        );
+        active.rx_broken = served.broken;
+        served.more_pending
+    }
+
+    /// Move data both ways until nothing moves (bounded), then bring the
+    /// event loop in step.
+    fn pump(&mut self, ops: &mut EventOps) {
+        for round in 0..ROUNDS {
+            let (stalled, tx_more) = self.process_tx();
+            let rx_more = self.process_rx();
+            let last = round + 1 == ROUNDS;
+            if let Some(active) = self.active.as_ref() {
+                if rx_more && last {
+                    let _ = active.rx_kick.write(1);
+                }
+                if (tx_more || stalled) && last {
+                    let _ = active.tx_kick.write(1);
+                }
+            }
+            if !(stalled || tx_more || rx_more) {
+                break;
+            }
+        }
+        self.mux.sync(ops);
+        self.arm_timer();
+    }
+
+    fn arm_timer(&mut self) {
+        let wanted = !self.mux.handshakes.is_empty()
+            || self
+                .mux
+                .conns
+                .values()
+                .any(|c| matches!(c.state, State::LocalInit { .. }));
+        if wanted == self.timer_armed {
+            return;
+        }
+        let res = if wanted {
+            self.timer.reset(TIMER_PERIOD, Some(TIMER_PERIOD))
+        } else {
+            self.timer.clear()
+        };
+        match res {
+            Ok(()) => self.timer_armed = wanted,
+            Err(e) => tracing::error!("vsock: cannot arm the deadline timer: {e}"),
+        }
+    }
+
+    fn accept(&mut self, ops: &mut EventOps) {
+        for _ in 0..ACCEPTS_PER_EVENT {
+            let stream = match self.listener.accept() {
+                Ok(Some(s)) => s,
+                Ok(None) => break,
+                Err(e) => {
+                    if let Some(suppressed) = self.mux.host_log.allow() {
+                        tracing::warn!(
+                            suppressed,
+                            "vsock: accept on {:?} failed: {e}",
+                            self.listener.path()
+                        );
+                    }
+                    break;
+                }
+            };
+            if self.mux.sockets() >= MAX_CONNECTIONS || self.mux.handshakes.len() >= MAX_HANDSHAKES
+            {
+                if let Some(suppressed) = self.mux.host_log.allow() {
+                    tracing::warn!(
+                        suppressed,
+                        "vsock: too many host connections ({} open, {} handshaking); one refused",
+                        self.mux.conns.len(),
+                        self.mux.handshakes.len()
+                    );
+                }
+                continue;
+            }
+            let token = self.mux.alloc_token();
+            if let Err(e) = ops.add(Events::with_data(&stream, token, EventSet::IN)) {
+                tracing::error!("vsock: cannot watch a host connection: {e:?}");
+                continue;
+            }
+            self.mux.handshakes.insert(
+                token,
+                (
+                    PendingHandshake::new(stream),
+                    Instant::now() + HANDSHAKE_TIMEOUT,
+                ),
+            );
+        }
+    }
+
+    fn handshake_ready(&mut self, token: u32) {
+        let Some((pending, _)) = self.mux.handshakes.get_mut(&token) else {
+            return;
+        };
+        let port = match pending.advance() {
+            Ok(Handshake::Incomplete) => return,
+            Ok(Handshake::Connect(port)) => port,
+            Ok(Handshake::Garbage) => {
+                if let Some(suppressed) = self.mux.host_log.allow() {
+                    tracing::warn!(
+                        suppressed,
+                        "vsock: a host connection did not start with `CONNECT <port>\\n`; dropped"
+                    );
+                }
+                self.mux.drop_handshake(token);
+                return;
+            }
+            Err(e) => {
+                tracing::debug!("vsock: host connection ended during its handshake: {e}");
+                self.mux.drop_handshake(token);
+                return;
+            }
+        };
+        if self.active.is_none() {
+            if let Some(suppressed) = self.mux.host_log.allow() {
+                tracing::info!(
+                    suppressed,
+                    port,
+                    "vsock: host connection refused: the guest's vsock driver is not up"
+                );
+            }
+            self.mux.drop_handshake(token);
+            return;
+        }
+        let Some((pending, _)) = self.mux.handshakes.remove(&token) else {
+            return;
+        };
+        let local = self.mux.alloc_local_port(port);
+        let mut conn = Connection::host_initiated(
+            pending.stream,
+            local,
+            port,
+            self.guest_cid,
+            Instant::now() + CONNECT_TIMEOUT,
+        );
+        conn.registered = Some(EventSet::IN);
+        self.mux.by_ports.insert((local, port), token);
+        self.mux.conns.insert(token, conn);
+        self.mux.schedule(token);
+        tracing::debug!(port, local, "vsock: host connects to the guest");
+    }
+}
+
+impl VirtioDevice for HybridVsock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        super::read_config(self.guest_cid, offset, data);
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let mut queues = activation.queues.into_iter();
+        let mut take = |index: usize| {
+            queues
+                .next()
+                .filter(|q| q.ready())
+                .ok_or(ActivateError::QueueNotReady { index })
+        };
+        let rx = take(RX_QUEUE)?;
+        let tx = take(TX_QUEUE)?;
+        let ev = take(EVENT_QUEUE)?;
+        let mut kicks = activation.queue_events.into_iter();
+        let (Some(rx_kick), Some(tx_kick)) = (kicks.next(), kicks.next()) else {
+            return Err(ActivateError::Backend(
+                "no notification eventfds for the RX and TX queues".into(),
+            ));
+        };
+        let mut events = EventQueue::new(ev);
+        if std::mem::take(&mut self.reset_event_owed) {
+            events.transport_reset(&activation.mem, &activation.interrupt);
+        }
+        // Packets may already wait: serve them from the event loop.
+        let _ = tx_kick.write(1);
+        self.active = Some(Active {
+            mem: activation.mem,
+            interrupt: activation.interrupt,
+            rx,
+            tx,
+            events,
+            rx_kick,
+            tx_kick,
+            rx_broken: false,
+            tx_broken: false,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        if self.mux.clear() {
+            self.reset_event_owed = true;
+        }
+        // The sockets leave the event loop from the loop's own thread.
+        let _ = self.cleanup.write(1);
+    }
+
+    fn queue_notified(&mut self, index: usize, ops: &mut EventOps) {
+        if index == EVENT_QUEUE {
+            if let Some(a) = self.active.as_mut() {
+                a.events.deliver(&a.mem, &a.interrupt);
+            }
+            return;
+        }
+        self.pump(ops);
+    }
+
+    fn init_events(&mut self, ops: &mut EventOps) {
+        for (fd, token, what) in [
+            (
+                self.listener.as_raw_fd(),
+                TOKEN_LISTENER,
+                "listening socket",
+            ),
+            (self.cleanup.as_raw_fd(), TOKEN_CLEANUP, "cleanup eventfd"),
+            (self.timer.as_raw_fd(), TOKEN_TIMER, "deadline timer"),
+        ] {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
+                tracing::error!("vsock: cannot watch its {what}: {e:?}");
+            }
+        }
+    }
+
+    fn handle_event(&mut self, events: Events, ops: &mut EventOps) {
+        let token = events.data();
+        match token {
+            TOKEN_LISTENER => self.accept(ops),
+            TOKEN_CLEANUP => {
+                let _ = self.cleanup.read();
+            }
+            TOKEN_TIMER => {
+                let mut count = [0u8; 8];
+                // SAFETY: reading 8 bytes into a valid buffer from a
+                // non-blocking timerfd we own.
+                let _ = unsafe { libc::read(self.timer.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+                self.mux.expire(Instant::now());
+            }
+            t if self.mux.handshakes.contains_key(&t) => self.handshake_ready(t),
+            t => {
+                if let Some(c) = self.mux.conns.get_mut(&t) {
+                    let verdict = c.host_ready(events.event_set());
+                    self.mux.apply(t, verdict);
+                }
+            }
+        }
+        self.pump(ops);
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests;
