@@ -301,6 +301,28 @@ impl Listener {
     }
 }
 
+/// Hold guest CID `cid` in the host kernel's vhost-vsock (as a VM would)
+/// until the returned fd is closed: for tests of a CID that is in use.
+pub fn hold_cid(cid: u64) -> std::io::Result<OwnedFd> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/vhost-vsock")?;
+    // VHOST_SET_OWNER = _IO(0xAF, 0x01); VHOST_VSOCK_SET_GUEST_CID = _IOW(0xAF, 0x60, u64).
+    const VHOST_SET_OWNER: libc::c_ulong = 0xAF01;
+    const VHOST_VSOCK_SET_GUEST_CID: libc::c_ulong = 0x4008_AF60;
+    // SAFETY: ioctls on a vhost-vsock fd we own; the CID argument outlives the call.
+    unsafe {
+        check(libc::ioctl(f.as_raw_fd(), VHOST_SET_OWNER))?;
+        check(libc::ioctl(
+            f.as_raw_fd(),
+            VHOST_VSOCK_SET_GUEST_CID,
+            &cid as *const u64,
+        ))?;
+    }
+    Ok(OwnedFd::from(f))
+}
+
 /// What one connection saw.
 #[derive(Debug, Clone)]
 pub struct ConnReport {

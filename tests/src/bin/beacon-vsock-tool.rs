@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use beacon_tests::vsock_tool::{connect_retry, exchange, listen, summarize, Endpoint};
+use beacon_tests::vsock_tool::{connect_retry, exchange, hold_cid, listen, summarize, Endpoint};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -41,6 +41,9 @@ enum Cmd {
         #[arg(long)]
         unix: Option<PathBuf>,
     },
+    /// Hold a guest CID in /dev/vhost-vsock (prints `HOLDING <cid>`) until killed
+    /// or --timeout-secs.
+    HoldCid { cid: u64 },
     /// Open --conns connections.
     Connect {
         /// AF_VSOCK CID:PORT.
@@ -75,6 +78,13 @@ fn run(cli: Cli) -> Result<String, String> {
     let start = Instant::now();
     let bytes = cli.bytes;
     let reports = match cli.cmd {
+        Cmd::HoldCid { cid } => {
+            let _held = hold_cid(cid).map_err(|e| format!("holding CID {cid}: {e}"))?;
+            println!("HOLDING {cid}");
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
         Cmd::Serve { vsock, unix } => {
             let ep = match (vsock, unix) {
                 (Some(port), None) => Endpoint::Vsock {
