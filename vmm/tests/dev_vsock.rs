@@ -23,7 +23,7 @@ use beacon_tests::vsock_tool::expected_line;
 
 const VMM: &str = env!("CARGO_BIN_EXE_beacon-vmm");
 const GUEST_CID: u32 = 3;
-const BIG: u64 = 8 << 20;
+const BIG: u64 = 100 << 20;
 const MANY: usize = 64;
 const SMALL: u64 = 256 << 10;
 
@@ -168,7 +168,7 @@ fn cases(tool: &Path) -> Vec<Scenario> {
 "$T" serve --unix "$WORK/busy.sock" --timeout-secs 120 >/dev/null 2>&1 & bp=$!
 while [ ! -S "$WORK/busy.sock" ]; do kill -0 $bp || break; sleep 0.1; done
 {}
-kill $bp; wait $bp 2>/dev/null
+kill $bp 2>/dev/null; wait $bp 2>/dev/null
 "#,
             refusal(
                 "socket-in-use",

@@ -1,7 +1,8 @@
 //! `beacon-vsock-tool`: listen or connect over AF_VSOCK, a unix socket, or the
 //! hybrid vsock backend's `CONNECT` handshake, with many connections at once;
 //! each sends N bytes of a deterministic stream and checks what it receives.
-//! Prints `VSOCK-TOOL-OK <label> conns=K bytes=N sum=... secs=...` or exits 1.
+//! Prints `VSOCK-TOOL-OK <label> conns=K bytes=<received per connection>
+//! sum=<its checksum> secs=<slowest connection>` or exits 1.
 //! Runs on the host and, packed into a guest initrd, in the guest.
 
 use std::path::PathBuf;
@@ -25,6 +26,9 @@ struct Cli {
     /// Bytes each side of each connection sends.
     #[arg(long, global = true, default_value_t = 1 << 20)]
     bytes: u64,
+    /// Bytes each connection expects from its peer (default: --bytes).
+    #[arg(long, global = true)]
+    recv_bytes: Option<u64>,
     /// Exit 124 if not done by then.
     #[arg(long, global = true, default_value_t = 300)]
     timeout_secs: u64,
@@ -75,8 +79,8 @@ fn run(cli: Cli) -> Result<String, String> {
         eprintln!("beacon-vsock-tool: timed out after {timeout} s");
         std::process::exit(124);
     });
-    let start = Instant::now();
     let bytes = cli.bytes;
+    let recv_bytes = cli.recv_bytes.unwrap_or(bytes);
     let reports = match cli.cmd {
         Cmd::HoldCid { cid } => {
             let _held = hold_cid(cid).map_err(|e| format!("holding CID {cid}: {e}"))?;
@@ -130,12 +134,21 @@ fn run(cli: Cli) -> Result<String, String> {
                 _ => return Err("connect needs exactly one of --vsock, --unix or --hybrid".into()),
             };
             let deadline = Instant::now() + Duration::from_secs(retry_secs);
+            // One connection waits for the peer to listen; the others follow
+            // it at once (no storm of retries while the peer boots).
+            let first =
+                connect_retry(&ep, deadline).map_err(|e| format!("connect to {ep:?}: {e}"))?;
+            let mut first = Some(first);
             let mut threads = Vec::new();
             for _ in 0..cli.conns {
                 let ep = ep.clone();
+                let ready = first.take();
                 threads.push(std::thread::spawn(move || {
-                    connect_retry(&ep, deadline)
-                        .map(|c| exchange(c, bytes))
+                    let conn = match ready {
+                        Some(c) => Ok(c),
+                        None => connect_retry(&ep, deadline),
+                    };
+                    conn.map(|c| exchange(c, bytes))
                         .map_err(|e| format!("connect to {ep:?}: {e}"))
                 }));
             }
@@ -150,7 +163,7 @@ fn run(cli: Cli) -> Result<String, String> {
             reports
         }
     };
-    summarize(&cli.label, bytes, &reports, start.elapsed())
+    summarize(&cli.label, bytes, recv_bytes, &reports)
 }
 
 fn main() -> ExitCode {

@@ -276,3 +276,34 @@ impl Drop for VhostVsock {
         self.stop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::testing::guest_memory;
+
+    /// Without the module the error says how to get it or what to use
+    /// instead; with it, a CID can be held by one device only. (The VM suite
+    /// runs vhost-vsock for real, and checks the CID error through the CLI.)
+    #[test]
+    fn missing_module_or_cid_in_use_is_a_clear_error() {
+        let mem = guest_memory(4);
+        if !std::path::Path::new("/dev/vhost-vsock").exists() {
+            let e = VhostVsock::new(77, mem).err().expect("no /dev/vhost-vsock");
+            assert!(matches!(e, VhostVsockError::Open(_)), "{e}");
+            assert!(e.to_string().contains("modprobe vhost_vsock"), "{e}");
+            assert!(e.to_string().contains("uds=PATH"), "{e}");
+            return;
+        }
+        let first = VhostVsock::new(77_777, mem.clone()).expect("first holder");
+        let e = VhostVsock::new(77_777, mem).err().expect("CID in use");
+        assert!(
+            matches!(e, VhostVsockError::CidInUse { cid: 77_777 }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("77777"), "{e}");
+        assert_eq!(first.queue_max_sizes().len(), 3);
+        assert!(first.features() & VIRTIO_F_VERSION_1 != 0);
+        assert!(!first.handles_queue_notifications());
+    }
+}

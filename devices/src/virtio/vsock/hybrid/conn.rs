@@ -14,8 +14,9 @@
 //! the guest or the host program sends.
 
 use std::collections::VecDeque;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read};
 use std::num::Wrapping;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
@@ -454,18 +455,35 @@ impl Connection {
     }
 }
 
-/// Write as much of `data` as `stream` takes now.
+/// Write as much of `data` as `stream` takes now. `send(2)` with
+/// `MSG_NOSIGNAL`: a host program that went away is an error here, never a
+/// SIGPIPE for the whole process (whatever its signal dispositions).
 fn write_nonblocking(stream: &mut UnixStream, data: &[u8]) -> std::io::Result<usize> {
     let mut done = 0;
     while done < data.len() {
         let Some(rest) = data.get(done..) else { break };
-        match stream.write(rest) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+        // SAFETY: `rest` is a valid buffer of `rest.len()` bytes; the fd is
+        // the stream's open socket.
+        let n = unsafe {
+            libc::send(
+                stream.as_raw_fd(),
+                rest.as_ptr().cast(),
+                rest.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                ErrorKind::WouldBlock => break,
+                ErrorKind::Interrupted => continue,
+                _ => return Err(e),
+            }
         }
+        if n == 0 {
+            break;
+        }
+        done += n as usize;
     }
     Ok(done)
 }

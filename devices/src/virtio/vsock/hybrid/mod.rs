@@ -56,8 +56,10 @@ pub const MAX_HANDSHAKES: usize = 64;
 pub const MAX_CONTROL: usize = 256;
 /// How long a host program may take to send its `CONNECT` line.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long the guest may take to accept a host connection.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the guest may take to accept a host connection (its kernel
+/// answers at once when something listens; this is for a guest that is
+/// stalled or does not answer at all).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deadlines are checked this often while any is pending.
 const TIMER_PERIOD: Duration = Duration::from_millis(500);
 /// Connections accepted per listener event (the rest on the next turn).
@@ -622,17 +624,17 @@ impl HybridVsock {
         (stalled, served.more_pending)
     }
 
-    /// Fill RX buffers with what the guest is owed; returns whether the budget
-    /// ran out with more waiting.
-    fn process_rx(&mut self) -> bool {
+    /// Fill RX buffers with what the guest is owed; returns (whether any
+    /// buffer was used, whether the budget ran out with more waiting).
+    fn process_rx(&mut self) -> (bool, bool) {
         let Some(active) = self.active.as_mut() else {
-            return false;
+            return (false, false);
         };
         if active.rx_broken {
-            return false;
+            return (false, false);
         }
         if self.mux.control.is_empty() && self.mux.rx_list.is_empty() {
-            return false;
+            return (false, false);
         }
         let mem = active.mem.memory();
         let mux = &mut self.mux;
@@ -672,26 +674,32 @@ impl HybridVsock {
             },
         );
         active.rx_broken = served.broken;
-        served.more_pending
+        (served.used > 0, served.more_pending)
     }
 
     /// Move data both ways until nothing moves (bounded), then bring the
-    /// event loop in step.
+    /// event loop in step. A TX queue stalled on full control packets resumes
+    /// when RX buffers drain them (here, or on the guest's next RX
+    /// notification), never by rescheduling itself.
     fn pump(&mut self, ops: &mut EventOps) {
-        for round in 0..ROUNDS {
-            let (stalled, tx_more) = self.process_tx();
-            let rx_more = self.process_rx();
-            let last = round + 1 == ROUNDS;
-            if let Some(active) = self.active.as_ref() {
-                if rx_more && last {
-                    let _ = active.rx_kick.write(1);
-                }
-                if (tx_more || stalled) && last {
-                    let _ = active.tx_kick.write(1);
-                }
-            }
-            if !(stalled || tx_more || rx_more) {
+        let mut tx_more = false;
+        let mut rx_more = false;
+        for _ in 0..ROUNDS {
+            let (stalled, more) = self.process_tx();
+            tx_more = more;
+            let (rx_used, more) = self.process_rx();
+            rx_more = more;
+            if !(tx_more || rx_more || (stalled && rx_used)) {
                 break;
+            }
+        }
+        if let Some(active) = self.active.as_ref() {
+            // Budgets ran out with work left: come back after other devices.
+            if rx_more {
+                let _ = active.rx_kick.write(1);
+            }
+            if tx_more {
+                let _ = active.tx_kick.write(1);
             }
         }
         self.mux.sync(ops);

@@ -483,6 +483,18 @@ fn a_flood_of_requests_is_bounded() {
     }
     assert!(g.dev().connections() <= MAX_CONNECTIONS);
     assert!(g.dev().mux.control.len() <= MAX_CONTROL);
+    // Stalled on RX, the device waits for buffers instead of spinning.
+    let mut idle = false;
+    for _ in 0..20 {
+        if g.em.run_with_timeout(50).expect("event loop") == 0 {
+            idle = true;
+            break;
+        }
+    }
+    assert!(
+        idle,
+        "the event loop keeps waking up while TX waits for RX buffers"
+    );
     // Drain: every request got an answer, RESPONSE or RST.
     let mut answered = 0;
     for _ in 0..20 {
