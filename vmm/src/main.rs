@@ -152,3 +152,36 @@ fn run(args: RunArgs) -> Result<VmExit, VmError> {
     }
     Ok(exit)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vsock_flag_parses_cid_and_optional_uds() {
+        assert_eq!(
+            parse_vsock("cid=3"),
+            Ok(DeviceConfig::Vsock {
+                guest_cid: 3,
+                uds_path: None
+            })
+        );
+        assert_eq!(
+            parse_vsock("cid=7,uds=/run/v.sock"),
+            Ok(DeviceConfig::Vsock {
+                guest_cid: 7,
+                uds_path: Some("/run/v.sock".into())
+            })
+        );
+        for bad in [
+            "",
+            "uds=/x",
+            "cid=x",
+            "cid=-1",
+            "cid=3,port=2",
+            "cid=3,uds=",
+        ] {
+            assert!(parse_vsock(bad).is_err(), "{bad:?}");
+        }
+    }
+}

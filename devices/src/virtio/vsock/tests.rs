@@ -1,3 +1,5 @@
+//! The shared vsock pieces: config space and the event queue.
+
 use super::*;
 use crate::virtio::testing::{guest_memory, DriverQueue};
 use vm_memory::{Bytes, GuestAddress};

@@ -1,3 +1,5 @@
+//! The packet header parser against every field, length and op a guest can send.
+
 use super::*;
 
 const CID: u64 = 3;
