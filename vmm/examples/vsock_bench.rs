@@ -51,17 +51,24 @@ const CONFIGS: [(&str, &str, bool); 3] = [
     ("kvm hybrid", "kvm", true),
 ];
 
+/// The files every boot uses.
+struct Files<'a> {
+    vmm: &'a Path,
+    tool: &'a Path,
+    kernel: &'a Path,
+    initrd: &'a Path,
+    work: &'a Path,
+}
+
 /// Seconds for (host→guest, guest→host) in one boot.
-fn one_boot(
-    vmm: &Path,
-    tool: &Path,
-    kernel: &Path,
-    initrd: &Path,
-    work: &Path,
-    backend: &str,
-    hybrid: bool,
-    bytes: u64,
-) -> anyhow::Result<(f64, f64)> {
+fn one_boot(f: &Files<'_>, backend: &str, hybrid: bool, bytes: u64) -> anyhow::Result<(f64, f64)> {
+    let Files {
+        vmm,
+        tool,
+        kernel,
+        initrd,
+        work,
+    } = *f;
     let uds = work.join(format!("bench-{}.sock", std::process::id()));
     let vsock = if hybrid {
         format!("cid={CID},uds={}", uds.display())
@@ -189,16 +196,14 @@ fn main() -> anyhow::Result<()> {
     let mut samples: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); CONFIGS.len()];
     for run in 0..args.runs {
         for (i, (name, backend, hybrid)) in CONFIGS.iter().enumerate() {
-            match one_boot(
-                &vmm,
-                &tool,
-                &args.kernel,
-                &initrd,
-                work.path(),
-                backend,
-                *hybrid,
-                bytes,
-            ) {
+            let files = Files {
+                vmm: &vmm,
+                tool: &tool,
+                kernel: &args.kernel,
+                initrd: &initrd,
+                work: work.path(),
+            };
+            match one_boot(&files, backend, *hybrid, bytes) {
                 Ok((to_guest, to_host)) => {
                     eprintln!(
                         "run {run} {name}: host->guest {to_guest:.2} s, guest->host {to_host:.2} s"
