@@ -27,26 +27,31 @@ const BIG: u64 = 100 << 20;
 const MANY: usize = 64;
 const SMALL: u64 = 256 << 10;
 
-/// Build `beacon-vsock-tool` with this test's profile and return its path.
+/// Build `beacon-vsock-tool` (release: in the guest it checks 200 MiB under
+/// emulation, where a debug build would take most of the guest's CPU) and
+/// return its path.
 fn vsock_tool() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/dev_vsock-HASH -> target/<profile>
-    let profile_dir = exe
+    // target/<profile>/deps/dev_vsock-HASH -> target/
+    let target = exe
         .parent()
         .and_then(Path::parent)
+        .and_then(Path::parent)
         .expect("test binary under target/<profile>/deps");
-    let release = profile_dir.file_name().is_some_and(|n| n == "release");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = std::process::Command::new(cargo);
-    cmd.args(["build", "-p", "beacon-tests", "--bin", "beacon-vsock-tool"]);
-    if release {
-        cmd.arg("--release");
-    }
-    let status = cmd
+    let status = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "beacon-tests",
+            "--bin",
+            "beacon-vsock-tool",
+        ])
         .status()
         .expect("running cargo build for beacon-vsock-tool");
     assert!(status.success(), "building beacon-vsock-tool failed");
-    let tool = profile_dir.join("beacon-vsock-tool");
+    let tool = target.join("release").join("beacon-vsock-tool");
     assert!(tool.is_file(), "{} was not built", tool.display());
     tool
 }
