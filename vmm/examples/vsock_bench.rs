@@ -203,7 +203,13 @@ fn main() -> anyhow::Result<()> {
                 initrd: &initrd,
                 work: work.path(),
             };
-            match one_boot(&files, backend, *hybrid, bytes) {
+            // A boot that fails to start (QEMU's QMP socket is slow to come
+            // up on a loaded machine) is tried once more.
+            let result = one_boot(&files, backend, *hybrid, bytes).or_else(|e| {
+                eprintln!("run {run} {name}: failed ({e:#}); once more");
+                one_boot(&files, backend, *hybrid, bytes)
+            });
+            match result {
                 Ok((to_guest, to_host)) => {
                     eprintln!(
                         "run {run} {name}: host->guest {to_guest:.2} s, guest->host {to_host:.2} s"
