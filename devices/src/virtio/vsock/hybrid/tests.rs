@@ -14,7 +14,9 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use super::conn::{CONN_BUF_ALLOC, CREDIT_UPDATE_THRESHOLD};
 use super::*;
 use crate::virtio::testing::{DriverQueue, Harness};
-use crate::virtio::vsock::packet::{SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_SEQPACKET};
+use crate::virtio::vsock::packet::{
+    Op, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_SEQPACKET, TYPE_STREAM,
+};
 use crate::virtio::VirtioSubscriber;
 
 const CID: u64 = 3;
