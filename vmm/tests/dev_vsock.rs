@@ -100,10 +100,12 @@ job hc-many connect {c1} --label host-client-many --conns {MANY} --bytes {SMALL}
     )
 }
 
-/// Host side, after the boot: stop the jobs if the guest failed, then every
-/// job must have passed.
+/// Host side, after the boot: stop the jobs (each a subshell around one tool
+/// process: its children first) if the boot failed, so no server keeps a port
+/// and no client reaches the next case's guest; then every job must have
+/// passed.
 const HOST_AFTER: &str = r#"
-[ $rc -eq 0 ] || kill $pids 2>/dev/null
+if [ $rc -ne 0 ]; then for p in $pids; do pkill -P $p 2>/dev/null; kill $p 2>/dev/null; done; fi
 wait $pids
 hrc=0
 for f in hs-big hs-many hc-big hc-many; do cat "$WORK/$f.out"; grep -q '^rc=0$' "$WORK/$f.out" || hrc=1; done
