@@ -3,8 +3,8 @@
 //! assets ([`assets`]: the beacon kernel), guest initrds for device tests
 //! ([`guest`]), the runner of device scenarios ([`device_suite`]), a private
 //! containerd ([`containerd`]), locally built images ([`images`]), helpers for
-//! generated test scripts ([`script`]), and `make test`'s timing report
-//! ([`report`]).
+//! generated test scripts ([`script`]), `make test`'s timing report
+//! ([`report`]), and the vsock test tool's logic ([`vsock_tool`]).
 
 pub mod assets;
 pub mod containerd;
@@ -14,5 +14,6 @@ pub mod images;
 pub mod lab;
 pub mod report;
 pub mod script;
+pub mod vsock_tool;
 
 pub use lab::{kvm_host, KvmHost, Lab, LabError, LabOutput};

@@ -68,6 +68,13 @@ struct RunArgs {
     /// an unattached /dev/net/tun descriptor is attached to NAME).
     #[arg(long = "net", value_name = "tap=NAME,mac=MAC[,vhost=on][,fd=N]", value_parser = parse_net)]
     nets: Vec<DeviceConfig>,
+    /// Add a virtio-vsock device: `cid=N` (3 or above) with the kernel's
+    /// vhost-vsock (host programs use AF_VSOCK with that CID), or
+    /// `cid=N,uds=PATH` with the hybrid unix-socket backend (KVM backend only):
+    /// host programs connect to PATH and send `CONNECT <port>\n` (answered
+    /// `OK <hostport>\n`); guest connections to port P go to `PATH_P`.
+    #[arg(long, value_name = "cid=N[,uds=PATH]", value_parser = parse_vsock)]
+    vsock: Option<DeviceConfig>,
     /// Also name the virtio-mmio devices on the kernel command line
     /// (virtio_mmio.device=), for kernels without ACPI; the KVM backend always
     /// describes them in the DSDT.
@@ -105,6 +112,33 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--vsock cid=N[,uds=PATH]`.
+fn parse_vsock(s: &str) -> Result<DeviceConfig, String> {
+    let mut cid = None;
+    let mut uds = None;
+    for part in s.split(',') {
+        match part.split_once('=') {
+            Some(("cid", v)) => {
+                cid = Some(
+                    v.parse::<u32>()
+                        .map_err(|_| format!("cid {v:?} is not a number from 3 to 4294967294"))?,
+                )
+            }
+            Some(("uds", v)) if !v.is_empty() => uds = Some(PathBuf::from(v)),
+            _ => {
+                return Err(format!(
+                    "unknown vsock option {part:?}; expected cid=N[,uds=PATH]"
+                ))
+            }
+        }
+    }
+    let guest_cid = cid.ok_or("cid=N is required, e.g. --vsock cid=3")?;
+    Ok(DeviceConfig::Vsock {
+        guest_cid,
+        uds_path: uds,
+    })
+}
+
 fn run(args: RunArgs) -> Result<VmExit, VmError> {
     let mut config = VmConfig::new(args.kernel);
     config.initrd = args.initrd;
@@ -119,6 +153,9 @@ fn run(args: RunArgs) -> Result<VmExit, VmError> {
     }
     config.devices.extend(args.disks);
     config.devices.extend(args.nets);
+    if let Some(vsock) = args.vsock {
+        config.devices.push(vsock);
+    }
     let vm = create_backend(args.backend, config)?;
     vm.start()?;
     let exit = vm.wait()?;
@@ -217,5 +254,33 @@ mod tests {
         .expect("two nets");
         let Cmd::Run(args) = cli.command;
         assert_eq!(args.nets.len(), 2);
+    }
+
+    #[test]
+    fn vsock_flag_parses_cid_and_optional_uds() {
+        assert_eq!(
+            parse_vsock("cid=3"),
+            Ok(DeviceConfig::Vsock {
+                guest_cid: 3,
+                uds_path: None
+            })
+        );
+        assert_eq!(
+            parse_vsock("cid=7,uds=/run/v.sock"),
+            Ok(DeviceConfig::Vsock {
+                guest_cid: 7,
+                uds_path: Some("/run/v.sock".into())
+            })
+        );
+        for bad in [
+            "",
+            "uds=/x",
+            "cid=x",
+            "cid=-1",
+            "cid=3,port=2",
+            "cid=3,uds=",
+        ] {
+            assert!(parse_vsock(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -24,6 +24,7 @@ pub mod queue;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
+pub mod vsock;
 
 pub use device::{
     ActivateError, Activation, GuestMem, Interrupt, VirtioDevice, DEVICE_NEEDS_RESET,

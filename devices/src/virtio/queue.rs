@@ -7,7 +7,9 @@
 //! call (the caller re-schedules itself when [`Served::more_pending`] says so, so
 //! one busy queue cannot monopolise the event loop), and it stops when the ring
 //! claims entries it cannot deliver (an available index that ran ahead of what
-//! the driver published), instead of spinning on it.
+//! the driver published), instead of spinning on it; an index that moved
+//! between the last pop and the re-arm (the guest published concurrently) is
+//! a race, served in another round, not a broken ring.
 //!
 //! Devices whose requests finish elsewhere (a block device's I/O thread) take a
 //! chain with [`ChainOutcome::Deferred`] and hand it back later, from the event
@@ -43,6 +45,18 @@ pub struct Served {
     pub broken: bool,
 }
 
+/// Rounds that found nothing to pop although the re-arm saw new chains, before
+/// the ring is taken as broken (a race resolves in one).
+const MAX_EMPTY_RETRIES: usize = 4;
+
+/// Whether the available index is within a ring's size of where we are: if
+/// not, no pop can ever succeed.
+fn index_plausible<G: GuestMemory>(queue: &Queue, mem: &G) -> bool {
+    queue
+        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .is_ok_and(|idx| idx.0.wrapping_sub(queue.next_avail()) <= queue.size())
+}
+
 /// Serve up to `budget` chains from `queue` with `serve`, then signal the driver
 /// through `interrupt` if it asked to be told.
 pub fn serve_queue<'m, G: GuestMemory>(
@@ -55,6 +69,7 @@ pub fn serve_queue<'m, G: GuestMemory>(
 ) -> Served {
     let mut out = Served::default();
     let mut left = budget.max(1);
+    let mut empty_retries = 0;
     'rounds: loop {
         let mut popped = 0usize;
         while left > 0 {
@@ -89,6 +104,13 @@ pub fn serve_queue<'m, G: GuestMemory>(
         // Re-arm notifications; chains that raced in are served in another round.
         match queue.enable_notification(mem) {
             Ok(true) if popped > 0 => continue,
+            // Nothing was popped, yet the index moved: the driver published
+            // between our last pop and the re-arm (a vCPU runs concurrently),
+            // unless the index claims more than the ring holds.
+            Ok(true) if empty_retries < MAX_EMPTY_RETRIES && index_plausible(queue, mem) => {
+                empty_retries += 1;
+                continue;
+            }
             Ok(true) => {
                 if let Some(suppressed) = complaints.allow() {
                     tracing::warn!(

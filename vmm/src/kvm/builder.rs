@@ -14,6 +14,7 @@ use beacon_devices::tap::Tap;
 use beacon_devices::virtio::block::Block;
 use beacon_devices::virtio::net::{Net, NetError};
 use beacon_devices::virtio::rng::Rng;
+use beacon_devices::virtio::vsock::{hybrid::HybridVsock, vhost::VhostVsock};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -72,7 +73,7 @@ fn refuse_unsupported(config: &VmConfig) -> Result<(), VmError> {
                     beacon_devices::virtio::net::NetError::VhostMissing.to_string(),
                 ));
             }
-            DeviceConfig::Vsock { .. } => "vsock",
+            DeviceConfig::Vsock { .. } => continue,
             DeviceConfig::Fs { .. } => "virtio-fs",
         };
         return Err(VmError::Unsupported(format!(
@@ -119,8 +120,27 @@ fn attach_devices(dm: &mut DeviceManager, config: &VmConfig) -> Result<(), VmErr
                 })?;
                 dm.attach_virtio("net", Arc::new(Mutex::new(device)))?;
             }
+            DeviceConfig::Vsock {
+                guest_cid,
+                uds_path,
+            } => {
+                let failed = |e: &dyn std::fmt::Display| VmError::Device {
+                    device: "vsock".into(),
+                    reason: e.to_string(),
+                };
+                let cid = u64::from(*guest_cid);
+                let device: Arc<Mutex<dyn beacon_devices::virtio::VirtioDevice>> = match uds_path {
+                    Some(path) => Arc::new(Mutex::new(
+                        HybridVsock::new(cid, path).map_err(|e| failed(&e))?,
+                    )),
+                    None => Arc::new(Mutex::new(
+                        VhostVsock::new(cid, dm.guest_memory()).map_err(|e| failed(&e))?,
+                    )),
+                };
+                dm.attach_virtio("vsock", device)?;
+            }
             // Refused by `refuse_unsupported` before anything was built.
-            DeviceConfig::Vsock { .. } | DeviceConfig::Fs { .. } => {}
+            DeviceConfig::Fs { .. } => {}
         }
     }
     Ok(())

@@ -183,8 +183,8 @@ fn device_args(i: usize, device: &DeviceConfig) -> Result<Vec<OsString>, VmError
             uds_path,
         } => {
             if uds_path.is_some() {
-                return Err(VmError::Qemu(
-                    "the hybrid unix-socket vsock backend exists only in the KVM backend; QEMU needs /dev/vhost-vsock (leave uds_path unset)".into(),
+                return Err(VmError::Unsupported(
+                    "the hybrid unix-socket vsock backend (uds=PATH) exists only in the KVM backend; use --backend kvm, or drop uds= to use /dev/vhost-vsock with QEMU".into(),
                 ));
             }
             vec![
