@@ -17,6 +17,7 @@
 
 pub mod device;
 pub mod events;
+pub mod fs;
 pub mod mmio;
 pub mod queue;
 pub mod rng;
