@@ -1,3 +1,10 @@
+//! The virtio-fs frontend against a fake vhost-user backend (`fake_backend`),
+//! driven through the virtio-mmio registers like Linux drives it: config space
+//! (also hostile accesses), the handshake and its refusals, activation (memory
+//! table, vrings, kick and call fds), a request round trip ending in the
+//! used-buffer interrupt, driver resets, a backend that hangs up or goes mute,
+//! and teardown.
+
 use std::io::Read;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
