@@ -10,6 +10,7 @@
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
+use beacon_devices::virtio::fs::{FsConfig, VhostUserFs};
 use beacon_devices::virtio::rng::Rng;
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -59,9 +60,9 @@ fn refuse_unsupported(config: &VmConfig) -> Result<(), VmError> {
     for device in &config.devices {
         let kind = match device {
             DeviceConfig::Rng => continue,
+            DeviceConfig::Fs { .. } => continue,
             DeviceConfig::Net { .. } => "virtio-net",
             DeviceConfig::Vsock { .. } => "vsock",
-            DeviceConfig::Fs { .. } => "virtio-fs",
             DeviceConfig::Block { .. } => "virtio-blk",
         };
         return Err(VmError::Unsupported(format!(
@@ -78,11 +79,21 @@ fn attach_devices(dm: &mut DeviceManager, config: &VmConfig) -> Result<(), VmErr
             DeviceConfig::Rng => {
                 dm.attach_virtio("rng", Arc::new(Mutex::new(Rng::new())))?;
             }
+            DeviceConfig::Fs {
+                tag,
+                socket,
+                queue_size,
+            } => {
+                let mut fs = FsConfig::new(tag.clone(), socket.clone());
+                fs.queue_size = *queue_size;
+                let device = VhostUserFs::connect(&fs).map_err(|e| VmError::Device {
+                    device: format!("virtio-fs {tag:?}"),
+                    reason: e.to_string(),
+                })?;
+                dm.attach_virtio("fs", Arc::new(Mutex::new(device)))?;
+            }
             // Refused by `refuse_unsupported` before anything was built.
-            DeviceConfig::Net { .. }
-            | DeviceConfig::Vsock { .. }
-            | DeviceConfig::Fs { .. }
-            | DeviceConfig::Block { .. } => {}
+            DeviceConfig::Net { .. } | DeviceConfig::Vsock { .. } | DeviceConfig::Block { .. } => {}
         }
     }
     Ok(())
