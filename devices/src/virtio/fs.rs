@@ -148,6 +148,7 @@ pub struct VhostUserFs {
     link: BackendLink,
     active: Option<Active>,
     odd_config: Throttle,
+    reset_trouble: Throttle,
 }
 
 impl std::fmt::Debug for VhostUserFs {
@@ -233,6 +234,7 @@ impl VhostUserFs {
             link,
             active: None,
             odd_config: Throttle::default(),
+            reset_trouble: Throttle::default(),
         })
     }
 
@@ -356,7 +358,9 @@ impl VirtioDevice for VhostUserFs {
             Ok(()) => state.needs_reset.store(false, Ordering::SeqCst),
             Err(e) => {
                 state.needs_reset.store(true, Ordering::SeqCst);
-                tracing::warn!(tag = %self.tag, "virtio-fs reset: {e}");
+                if let Some(suppressed) = self.reset_trouble.allow() {
+                    tracing::warn!(tag = %self.tag, suppressed, "virtio-fs reset: {e}");
+                }
             }
         }
         // Completions of the old rings must not reach the next activation.

@@ -423,9 +423,9 @@ impl MmioTransport {
                 tracing::debug!(device = device.device_type(), "virtio device activated");
             }
             Err(e) => {
-                let kind = device.device_type();
                 drop(device);
-                tracing::warn!(device = kind, "virtio device failed to activate: {e}");
+                // The driver can retry at will: throttled like its other mistakes.
+                self.protocol_error(format_args!("virtio device failed to activate: {e}"));
                 self.needs_reset();
             }
         }

@@ -36,6 +36,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemory
 use vmm_sys_util::eventfd::EventFd;
 
 use super::FsError;
+use crate::throttle::Throttle;
 use crate::virtio::device::{GuestMem, Interrupt, VIRTIO_F_VERSION_1};
 
 /// How long the handshake before boot may take by default.
@@ -137,6 +138,7 @@ impl BackendLink {
             label: label.to_string(),
             negotiated: None,
             started: Vec::new(),
+            complaints: Throttle::default(),
         };
         let thread = std::thread::Builder::new()
             .name("vhost-user-fs".into())
@@ -247,6 +249,8 @@ struct Worker {
     negotiated: Option<Negotiated>,
     /// Queues the backend is running.
     started: Vec<usize>,
+    /// A driver can make activations fail as often as it likes.
+    complaints: Throttle,
 }
 
 impl Worker {
@@ -328,12 +332,15 @@ impl Worker {
         self.stop_rings();
     }
 
-    fn failed(&self, what: &str, e: &dyn std::fmt::Display) {
+    fn failed(&mut self, what: &str, e: &dyn std::fmt::Display) {
         self.state.needs_reset.store(true, Ordering::SeqCst);
+        let Some(suppressed) = self.complaints.allow() else {
+            return;
+        };
         if self.state.dead.load(Ordering::SeqCst) {
-            tracing::debug!(backend = %self.label, "vhost-user {what} failed: {e} (the backend is gone)");
+            tracing::debug!(backend = %self.label, suppressed, "vhost-user {what} failed: {e} (the backend is gone)");
         } else {
-            tracing::error!(backend = %self.label, "vhost-user {what} failed: {e}; the virtio-fs device needs a reset");
+            tracing::error!(backend = %self.label, suppressed, "vhost-user {what} failed: {e}; the virtio-fs device needs a reset");
         }
     }
 
