@@ -14,6 +14,7 @@ use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,6 +28,10 @@ use qmp::Qmp;
 pub const QEMU_BINARY_ENV: &str = "BEACON_QEMU";
 /// How long the guest gets to power off after `shutdown()` before QEMU is killed.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long a starting QEMU may take to open its QMP and boot-timer sockets: a
+/// few milliseconds normally, but well over 10 s inside the nested lab on a
+/// loaded machine (it only bounds how long a QEMU that never comes up is waited for).
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// The byte the guest init writes to the boot-timer port.
 const BOOT_TIMER_MAGIC: u8 = 123;
 
@@ -142,6 +147,15 @@ impl QemuVm {
         )))
     }
 
+    /// QEMU was started and has not exited yet.
+    fn child_running(&self) -> bool {
+        self.child
+            .lock()
+            .ok()
+            .and_then(|mut guard| guard.as_mut().map(|c| matches!(c.try_wait(), Ok(None))))
+            .unwrap_or(false)
+    }
+
     fn kill_child(&self) {
         if let Ok(mut guard) = self.child.lock() {
             if let Some(child) = guard.as_mut() {
@@ -212,11 +226,14 @@ fn watch_boot_timer(
     let spawned = std::thread::Builder::new()
         .name("qemu-boot-timer".into())
         .spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(10);
+            let deadline = Instant::now() + START_TIMEOUT;
             let mut stream = loop {
                 match UnixStream::connect(&path) {
                     Ok(s) => break s,
-                    Err(_) if Instant::now() < deadline => {
+                    // Until QEMU opens it, or the VM (and its socket folder) is gone.
+                    Err(_)
+                        if Instant::now() < deadline && path.parent().is_some_and(Path::exists) =>
+                    {
                         std::thread::sleep(Duration::from_millis(2))
                     }
                     Err(e) => {
@@ -285,12 +302,21 @@ impl VmBackend for QemuVm {
             self.created,
             Arc::clone(&self.init_reached),
         );
-        let qmp = match Qmp::connect(
-            &self.sockets.path().join("qmp.sock"),
-            Duration::from_secs(10),
-        ) {
+        let qmp_path = self.sockets.path().join("qmp.sock");
+        // Wait for the socket, but not for a QEMU that already gave up (bad
+        // options, a vhost-user socket nobody listens on): its stderr says why.
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !qmp_path.exists() && Instant::now() < deadline && self.child_running() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let qmp = match Qmp::connect(&qmp_path, Duration::from_secs(1)) {
             Ok(q) => Arc::new(q),
             Err(e) => {
+                let e = if self.child_running() {
+                    e.to_string()
+                } else {
+                    "QEMU exited during start-up".to_string()
+                };
                 self.kill_child();
                 let _ = self.wait();
                 return Err(VmError::Qemu(format!("{e}\n{}", self.stderr_tail())));
