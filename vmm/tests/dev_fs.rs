@@ -8,6 +8,7 @@
 //! its checksums on `rw` and `ro`, writes on `rw` (the host checks the bytes
 //! after the boot), sees `ro` refuse writes, reads `ext`. After the boot no
 //! virtiofsd is left and the host's own virtiofsd ended with its frontend.
+//! Before it, a missing and a dead vhost-user socket are refused, naming it.
 //!
 //! `kill`: the host kills the virtiofsd of one share (`victim`) while the guest
 //! runs, and tells the guest through a second share (`ctl`). beacon-vmm reports
@@ -19,7 +20,9 @@
 use std::path::Path;
 use std::time::Duration;
 
+use beacon_tests::assets::beacon_kernel_dir;
 use beacon_tests::device_suite::{assert_all_passed, run_scenarios, Scenario};
+use beacon_tests::script::sh_quote;
 
 const VMM: &str = env!("CARGO_BIN_EXE_beacon-vmm");
 const VIRTIOFSD: &str = "/usr/local/bin/virtiofsd";
@@ -32,6 +35,25 @@ const BOOT_TIMEOUT_SECS: u32 = 400;
 /// measurement of our device.
 const WARM_QEMU: &str = r#"
 case "$CASE" in *-qemu-*) qemu-system-x86_64 --version >/dev/null ;; esac
+"#;
+
+/// Before the `shares` boots: a missing and a dead vhost-user socket are
+/// errors naming the socket before anything boots, on the case's backend.
+const REFUSALS: &str = r#"
+backend=${CASE#fs-shares-}; backend=${backend%%-*}
+dead="$WORK/dead.sock"
+# A socket file whose listener is gone, as a dead virtiofsd leaves it.
+perl -MIO::Socket::UNIX -e 'IO::Socket::UNIX->new(Local => $ARGV[0], Listen => 1) or die' "$dead"
+for sock in "$WORK/missing.sock" "$dead"; do
+    out=$(timeout 120 "$VMM" run --backend "$backend" --kernel "$KERNEL" --memory 128 \
+        --console off --fs "tag=x,socket=$sock" 2>&1)
+    rc=$?
+    if [ $rc -ne 0 ] && [ $rc -ne 124 ] && echo "$out" | grep -q "$sock"; then
+        echo "HOST-REFUSED-BAD-SOCKET $(basename "$sock") on $backend"
+    else
+        echo "HOST-BAD-SOCKET-NOT-REFUSED ($rc): $out"
+    fi
+done
 "#;
 
 /// Host side of `shares`: a tree with its checksums, and a host-run virtiofsd.
@@ -190,6 +212,7 @@ fn virtio_fs_works_on_both_backends_with_beacon_and_stock_kernels() {
         "{VIRTIOFSD} missing: run resources/install.sh"
     );
     let modules = vec!["virtio_mmio", "virtiofs"];
+    let kernel = beacon_kernel_dir().expect("beacon kernel").join("vmlinux");
     let shares = Scenario {
         name: "fs-shares",
         vmm_args: strings(&[
@@ -200,12 +223,18 @@ fn virtio_fs_works_on_both_backends_with_beacon_and_stock_kernels() {
             "--fs",
             "tag=ext,socket={WORK}/ext.sock",
         ]),
-        host_before: format!("{WARM_QEMU}{SHARES_BEFORE}"),
+        host_before: format!(
+            "VMM={}\nKERNEL={}\n{WARM_QEMU}{REFUSALS}{SHARES_BEFORE}",
+            sh_quote(VMM),
+            sh_quote(&kernel.display().to_string())
+        ),
         checks: SHARES_CHECKS.into(),
         host_after: SHARES_AFTER.into(),
         stock_modules: modules.clone(),
         timeout_secs: BOOT_TIMEOUT_SECS,
         expect: strings(&[
+            "HOST-REFUSED-BAD-SOCKET missing.sock",
+            "HOST-REFUSED-BAD-SOCKET dead.sock",
             "FS-RW-SUMS-OK",
             "FS-RO-SUMS-OK",
             "FS-RW-WROTE",
