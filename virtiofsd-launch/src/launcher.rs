@@ -31,9 +31,11 @@ fn serve(requests: Receiver<Request>) {
     // it the parent thread of every virtiofsd) only ends with the process.
     for mut request in requests {
         let spawned = request.command.spawn();
-        // The requester may have given up; the child is then dropped unreaped
-        // here, which only happens if the requesting thread itself died.
-        let _ = request.reply.send(spawned);
+        // Nobody waits for it any more (the requesting thread died): end it.
+        if let Err(mpsc::SendError(Ok(mut orphan))) = request.reply.send(spawned) {
+            let _ = orphan.kill();
+            let _ = orphan.wait();
+        }
     }
 }
 
