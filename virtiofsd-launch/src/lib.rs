@@ -1,18 +1,25 @@
 //! Spawn, supervise and reap one `virtiofsd` per shared folder.
 //!
-//! This crate owns the virtiofsd process of one share: it finds the binary, checks
-//! the share before starting, waits until the vhost-user socket accepts
-//! connections, and guarantees the process is gone (and its socket removed) after
-//! [`Virtiofsd::stop`] or drop, or when the calling process dies
-//! (`PR_SET_PDEATHSIG`). It knows nothing about VMs: the VMM connects to
-//! [`Virtiofsd::socket_path`].
+//! This crate owns the virtiofsd processes of a share's owner (the shim, the
+//! `beacon-vmm` CLI, a benchmark): it finds the binary, checks the share before
+//! starting, spawns virtiofsd from one long-lived thread ([`launcher`], because
+//! `PR_SET_PDEATHSIG` follows the spawning *thread*), drains its stderr into a
+//! log file for its whole life ([`stderr_log`]), waits until its vhost-user
+//! socket exists, reports its death to whoever watches ([`Virtiofsd::on_exit`]),
+//! and guarantees the process, its socket file and the threads watching it are
+//! gone after [`Virtiofsd::stop`] or drop (and the process when the owner dies).
+//!
+//! It knows nothing about VMs: the VMM connects to [`Virtiofsd::socket_path`].
 
-use std::io::Read;
-use std::os::unix::net::UnixStream;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+pub mod launcher;
+mod process;
+pub mod stderr_log;
+
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+pub use process::{Exited, Virtiofsd};
 
 /// Environment variable naming the virtiofsd binary.
 pub const VIRTIOFSD_ENV: &str = "BEACON_VIRTIOFSD";
@@ -23,6 +30,8 @@ const CANDIDATES: &[&str] = &[
     "/usr/lib/qemu/virtiofsd",
     "/usr/bin/virtiofsd",
 ];
+/// Default size at which virtiofsd's log file is rotated.
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 8 << 20;
 
 /// virtiofsd's `--cache` policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -39,6 +48,21 @@ impl CachePolicy {
             Self::Never => "never",
             Self::Auto => "auto",
             Self::Always => "always",
+        }
+    }
+}
+
+impl std::str::FromStr for CachePolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "never" => Ok(Self::Never),
+            "auto" => Ok(Self::Auto),
+            "always" => Ok(Self::Always),
+            other => Err(format!(
+                "unknown virtiofsd cache policy {other:?}; use never, auto or always"
+            )),
         }
     }
 }
@@ -65,6 +89,21 @@ impl SandboxMode {
     }
 }
 
+impl std::str::FromStr for SandboxMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "namespace" => Ok(Self::Namespace),
+            "chroot" => Ok(Self::Chroot),
+            "none" => Ok(Self::None),
+            other => Err(format!(
+                "unknown virtiofsd sandbox {other:?}; use namespace, chroot or none"
+            )),
+        }
+    }
+}
+
 /// One share.
 #[derive(Debug, Clone)]
 pub struct ShareConfig {
@@ -73,8 +112,15 @@ pub struct ShareConfig {
     pub cache: CachePolicy,
     pub sandbox: SandboxMode,
     pub readonly: bool,
-    /// How long to wait for the socket to accept connections.
+    /// How long to wait for the socket to appear.
     pub ready_timeout: Duration,
+    /// Where virtiofsd's stderr goes (appended); `None`: the socket path with
+    /// `.log` added.
+    pub log_path: Option<PathBuf>,
+    /// Size at which the log file is rotated to `<log>.1`.
+    pub log_max_bytes: u64,
+    /// More virtiofsd arguments (e.g. `--log-level debug`), after ours.
+    pub extra_args: Vec<OsString>,
 }
 
 impl ShareConfig {
@@ -86,12 +132,24 @@ impl ShareConfig {
             sandbox: SandboxMode::default(),
             readonly: false,
             ready_timeout: Duration::from_secs(10),
+            log_path: None,
+            log_max_bytes: DEFAULT_LOG_MAX_BYTES,
+            extra_args: Vec::new(),
         }
     }
 
+    /// The log file virtiofsd's stderr goes to.
+    pub fn log_file(&self) -> PathBuf {
+        self.log_path.clone().unwrap_or_else(|| {
+            let mut p = self.socket_path.clone().into_os_string();
+            p.push(".log");
+            PathBuf::from(p)
+        })
+    }
+
     /// The virtiofsd argument list for this share.
-    pub fn args(&self) -> Vec<std::ffi::OsString> {
-        let mut a: Vec<std::ffi::OsString> = vec![
+    pub fn args(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec![
             "--socket-path".into(),
             self.socket_path.clone().into(),
             "--shared-dir".into(),
@@ -104,20 +162,30 @@ impl ShareConfig {
         if self.readonly {
             a.push("--readonly".into());
         }
+        a.extend(self.extra_args.iter().cloned());
         a
     }
 }
 
+/// Why a virtiofsd could not be started or stopped; each says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
-    #[error("virtiofsd not found (looked at ${VIRTIOFSD_ENV} and {CANDIDATES:?}); run resources/install.sh")]
+    #[error("virtiofsd not found (looked at ${VIRTIOFSD_ENV} and {CANDIDATES:?}); run resources/install.sh or set ${VIRTIOFSD_ENV}")]
     NotFound,
-    #[error("shared folder {0:?} does not exist or is not a folder")]
+    #[error("${VIRTIOFSD_ENV} names {0:?}, which is not an executable file; fix or unset it")]
+    BadOverride(PathBuf),
+    #[error("shared folder {0:?} does not exist or is not a folder; create it or share another")]
     BadShare(PathBuf),
     #[error("socket folder {0:?} does not exist; create it first")]
     NoSocketDir(PathBuf),
-    #[error("cannot remove the stale socket {path:?}: {source}")]
+    #[error("cannot remove the stale socket {path:?}: {source}; remove it by hand")]
     StaleSocket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open virtiofsd's log file {path:?}: {source}; pick a writable log path")]
+    Log {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -128,22 +196,30 @@ pub enum LaunchError {
         #[source]
         source: std::io::Error,
     },
-    #[error("virtiofsd exited during start-up ({status}): {stderr}")]
-    Died { status: String, stderr: String },
-    #[error("virtiofsd's socket {socket:?} did not accept connections within {timeout:?}; virtiofsd was stopped")]
-    NotReady { socket: PathBuf, timeout: Duration },
-    #[error("waiting for virtiofsd: {0}")]
-    Wait(#[source] std::io::Error),
+    #[error("virtiofsd for {share:?} exited during start-up ({status}): {stderr}")]
+    Died {
+        share: PathBuf,
+        status: String,
+        stderr: String,
+    },
+    #[error("virtiofsd's socket {socket:?} did not appear within {timeout:?}; virtiofsd was stopped (its log: {log:?})")]
+    NotReady {
+        socket: PathBuf,
+        timeout: Duration,
+        log: PathBuf,
+    },
+    #[error("virtiofsd (pid {pid}) did not exit after SIGKILL within {waited:?}")]
+    Unkillable { pid: u32, waited: Duration },
 }
 
 /// Find the virtiofsd binary: `$BEACON_VIRTIOFSD`, then the usual install places.
 pub fn find_binary() -> Result<PathBuf, LaunchError> {
-    if let Some(p) = std::env::var_os(VIRTIOFSD_ENV) {
+    if let Some(p) = std::env::var_os(VIRTIOFSD_ENV).filter(|p| !p.is_empty()) {
         let p = PathBuf::from(p);
         return if is_executable(&p) {
             Ok(p)
         } else {
-            Err(LaunchError::NotFound)
+            Err(LaunchError::BadOverride(p))
         };
     }
     CANDIDATES
@@ -160,182 +236,10 @@ fn is_executable(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// A running virtiofsd.
-#[derive(Debug)]
-pub struct Virtiofsd {
-    child: Option<Child>,
-    socket_path: PathBuf,
-}
-
-impl Virtiofsd {
-    /// Start virtiofsd for `share` with the binary from [`find_binary`].
-    pub fn spawn(share: &ShareConfig) -> Result<Self, LaunchError> {
-        Self::spawn_with(&find_binary()?, share)
-    }
-
-    /// Start `binary` for `share` and wait until its socket accepts connections.
-    pub fn spawn_with(binary: &Path, share: &ShareConfig) -> Result<Self, LaunchError> {
-        if !share.shared_dir.is_dir() {
-            return Err(LaunchError::BadShare(share.shared_dir.clone()));
-        }
-        let socket_dir = share
-            .socket_path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        if !socket_dir.is_dir() {
-            return Err(LaunchError::NoSocketDir(socket_dir.to_path_buf()));
-        }
-        match std::fs::remove_file(&share.socket_path) {
-            Ok(()) => tracing::debug!(socket = ?share.socket_path, "removed a stale socket"),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(LaunchError::StaleSocket {
-                    path: share.socket_path.clone(),
-                    source,
-                })
-            }
-        }
-        let mut cmd = Command::new(binary);
-        cmd.args(share.args())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        // SAFETY: runs in the forked child before exec; prctl(2) is async-signal-safe
-        // and the closure touches no parent memory.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
-            binary: binary.to_path_buf(),
-            source,
-        })?;
-        let mut me = Self {
-            child: Some(child),
-            socket_path: share.socket_path.clone(),
-        };
-        me.wait_ready(share.ready_timeout)?;
-        tracing::info!(share = ?share.shared_dir, socket = ?share.socket_path, pid = me.pid(), "virtiofsd ready");
-        Ok(me)
-    }
-
-    /// Poll until the socket exists (virtiofsd creates it when listening), watching
-    /// for an early exit.
-    ///
-    /// We only test for the socket file, never connect: virtiofsd serves exactly one
-    /// vhost-user frontend and exits when that connection closes, so a probe
-    /// connection would consume the share.
-    fn wait_ready(&mut self, timeout: Duration) -> Result<(), LaunchError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Some(status) = child.try_wait().map_err(LaunchError::Wait)? {
-                    let mut stderr = String::new();
-                    if let Some(mut e) = child.stderr.take() {
-                        let _ = e.read_to_string(&mut stderr);
-                    }
-                    self.child = None;
-                    return Err(LaunchError::Died {
-                        status: describe(status),
-                        stderr: stderr.trim().to_string(),
-                    });
-                }
-            }
-            if is_socket(&self.socket_path) {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                self.kill_and_reap();
-                return Err(LaunchError::NotReady {
-                    socket: self.socket_path.clone(),
-                    timeout,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    pub fn socket_path(&self) -> &Path {
-        &self.socket_path
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// Has virtiofsd exited (for example because its VM disconnected)?
-    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, LaunchError> {
-        match self.child.as_mut() {
-            Some(c) => c.try_wait().map_err(LaunchError::Wait),
-            None => Ok(None),
-        }
-    }
-
-    /// Ask virtiofsd to stop (SIGTERM), kill it after `grace`, reap it, remove the socket.
-    pub fn stop(mut self, grace: Duration) -> Result<ExitStatus, LaunchError> {
-        let Some(mut child) = self.child.take() else {
-            return Err(LaunchError::Wait(std::io::Error::other("already reaped")));
-        };
-        if let Ok(pid) = i32::try_from(child.id()) {
-            // SAFETY: kill(2) on our own unreaped child: the pid cannot have been reused.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
-        }
-        let deadline = Instant::now() + grace;
-        let status = loop {
-            if let Some(s) = child.try_wait().map_err(LaunchError::Wait)? {
-                break s;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                break child.wait().map_err(LaunchError::Wait)?;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        let _ = std::fs::remove_file(&self.socket_path);
-        Ok(status)
-    }
-
-    fn kill_and_reap(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_file(&self.socket_path);
-    }
-}
-
-impl Drop for Virtiofsd {
-    fn drop(&mut self) {
-        self.kill_and_reap();
-    }
-}
-
-fn is_socket(p: &Path) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    std::fs::metadata(p)
-        .map(|m| m.file_type().is_socket())
-        .unwrap_or(false)
-}
-
-fn describe(status: ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(c), _) => format!("exit code {c}"),
-        (None, Some(s)) => format!("signal {s}"),
-        _ => status.to_string(),
-    }
-}
-
-/// Connect to a vhost-user socket (the VMM side uses this; tests use it to prove
-/// the socket is live).
-pub fn connect(socket: &Path) -> std::io::Result<UnixStream> {
-    UnixStream::connect(socket)
+/// Connect to a vhost-user socket (tests use it to prove the socket is live; a
+/// virtiofsd serves exactly one connection, so this consumes the share).
+pub fn connect(socket: &Path) -> std::io::Result<std::os::unix::net::UnixStream> {
+    std::os::unix::net::UnixStream::connect(socket)
 }
 
 #[cfg(test)]
@@ -348,6 +252,7 @@ mod tests {
         s.readonly = true;
         s.cache = CachePolicy::Never;
         s.sandbox = SandboxMode::None;
+        s.extra_args = vec!["--log-level".into(), "debug".into()];
         let args: Vec<String> = s
             .args()
             .iter()
@@ -364,51 +269,19 @@ mod tests {
                 "never",
                 "--sandbox",
                 "none",
-                "--readonly"
+                "--readonly",
+                "--log-level",
+                "debug"
             ]
         );
+        assert_eq!(s.log_file(), PathBuf::from("/run/b/fs.sock.log"));
     }
 
     #[test]
-    fn bad_share_and_socket_dir_are_refused_before_spawning() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let s = ShareConfig::new(tmp.path().join("missing"), tmp.path().join("s.sock"));
-        assert!(matches!(
-            Virtiofsd::spawn_with(Path::new("/bin/true"), &s),
-            Err(LaunchError::BadShare(_))
-        ));
-        let s = ShareConfig::new(tmp.path(), tmp.path().join("no/such/dir/s.sock"));
-        assert!(matches!(
-            Virtiofsd::spawn_with(Path::new("/bin/true"), &s),
-            Err(LaunchError::NoSocketDir(_))
-        ));
-    }
-
-    #[test]
-    fn early_exit_reports_stderr() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let s = ShareConfig::new(tmp.path(), tmp.path().join("s.sock"));
-        // `sh` rejects virtiofsd's flags and exits at once with a message.
-        let err = Virtiofsd::spawn_with(Path::new("/bin/sh"), &s).expect_err("must fail");
-        match err {
-            LaunchError::Died { stderr, .. } => assert!(!stderr.is_empty()),
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-
-    #[test]
-    fn silent_program_times_out_and_is_killed() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let script = tmp.path().join("fake");
-        std::fs::write(&script, "#!/bin/sh\nexec sleep 60\n").expect("write");
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
-                .expect("chmod");
-        }
-        let mut s = ShareConfig::new(tmp.path(), tmp.path().join("s.sock"));
-        s.ready_timeout = Duration::from_millis(200);
-        let err = Virtiofsd::spawn_with(&script, &s).expect_err("must time out");
-        assert!(matches!(err, LaunchError::NotReady { .. }), "{err}");
+    fn policies_parse() {
+        assert_eq!("always".parse(), Ok(CachePolicy::Always));
+        assert_eq!("chroot".parse(), Ok(SandboxMode::Chroot));
+        assert!("sometimes".parse::<CachePolicy>().is_err());
+        assert!("jail".parse::<SandboxMode>().is_err());
     }
 }

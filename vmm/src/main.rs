@@ -12,6 +12,8 @@ use beacon_vmm::{
 };
 use clap::{Parser, Subcommand};
 
+mod fs_cli;
+
 #[derive(Parser, Debug)]
 #[command(version, about = "Run a microVM with the beaconbox VMM")]
 struct Cli {
@@ -75,6 +77,16 @@ struct RunArgs {
     /// `OK <hostport>\n`); guest connections to port P go to `PATH_P`.
     #[arg(long, value_name = "cid=N[,uds=PATH]", value_parser = parse_vsock)]
     vsock: Option<DeviceConfig>,
+    /// Share a host folder over virtio-fs (repeatable); the guest mounts it with
+    /// `mount -t virtiofs TAG /mnt`.
+    ///
+    /// `tag=T,dir=PATH[,ro][,cache=auto|always|never][,sandbox=namespace|chroot|none][,log=FILE]`
+    /// starts virtiofsd (/usr/local/bin/virtiofsd, or $BEACON_VIRTIOFSD) for PATH,
+    /// read-only with `ro`, logs its stderr to FILE (default: next to its private
+    /// socket), reports its death, and stops it when the VM ends.
+    /// `tag=T,socket=PATH` connects to an already running vhost-user backend.
+    #[arg(long = "fs", value_name = "SHARE", value_parser = fs_cli::parse_share)]
+    fs: Vec<fs_cli::FsShare>,
     /// Also name the virtio-mmio devices on the kernel command line
     /// (virtio_mmio.device=), for kernels without ACPI; the KVM backend always
     /// describes them in the DSDT.
@@ -91,7 +103,16 @@ fn main() -> ExitCode {
         )
         .init();
     let Cmd::Run(args) = Cli::parse().command;
-    match run(args) {
+    let shares = match fs_cli::FsShares::start(&args.fs) {
+        Ok(shares) => shares,
+        Err(e) => {
+            eprintln!("beacon-vmm: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = run(args, &shares);
+    shares.stop();
+    match result {
         Ok(VmExit::PowerOff) => ExitCode::SUCCESS,
         Ok(VmExit::Reboot) => {
             tracing::info!("guest requested a reboot; the VM has ended");
@@ -139,7 +160,7 @@ fn parse_vsock(s: &str) -> Result<DeviceConfig, String> {
     })
 }
 
-fn run(args: RunArgs) -> Result<VmExit, VmError> {
+fn run(args: RunArgs, shares: &fs_cli::FsShares) -> Result<VmExit, VmError> {
     let mut config = VmConfig::new(args.kernel);
     config.initrd = args.initrd;
     config.cmdline = args.cmdline;
@@ -156,7 +177,11 @@ fn run(args: RunArgs) -> Result<VmExit, VmError> {
     if let Some(vsock) = args.vsock {
         config.devices.push(vsock);
     }
+    config.devices.extend(shares.devices());
     let vm = create_backend(args.backend, config)?;
+    // Declared after the VM, so dropped before it: virtiofsd ending with its
+    // VM is no death to report.
+    let _watch = shares.watch_while_running();
     vm.start()?;
     let exit = vm.wait()?;
     let times = vm.boot_times();

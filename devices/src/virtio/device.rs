@@ -177,6 +177,13 @@ pub trait VirtioDevice: Send {
         );
     }
 
+    /// The device hit an error it cannot recover from by itself (its backend
+    /// died, say): the transport then shows DEVICE_NEEDS_RESET in the status
+    /// register. The device raises the config-change interrupt itself.
+    fn needs_reset(&self) -> bool {
+        false
+    }
+
     /// Whether the device is activated (for logs and tests).
     fn is_activated(&self) -> bool;
 }

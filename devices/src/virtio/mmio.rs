@@ -201,7 +201,7 @@ impl MmioTransport {
                 .get(self.queue_select as usize)
                 .map_or(0, |q| u32::from(q.ready())),
             reg::INTERRUPT_STATUS => self.interrupt.status(),
-            reg::STATUS => self.status,
+            reg::STATUS => self.status | self.device_needs_reset(),
             // No shared memory regions: a length of all ones means "none".
             reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH => u32::MAX,
             reg::CONFIG_GENERATION => 0,
@@ -315,11 +315,22 @@ impl MmioTransport {
         }
     }
 
+    /// DEVICE_NEEDS_RESET when the device itself asks for it.
+    fn device_needs_reset(&self) -> u32 {
+        if beacon_common::lock(&self.device).needs_reset() {
+            DEVICE_NEEDS_RESET
+        } else {
+            0
+        }
+    }
+
     fn write_status(&mut self, value: u32) {
         if value == 0 {
             self.reset();
             return;
         }
+        // Latch what the driver has seen, so writing it back is no error.
+        self.status |= self.device_needs_reset();
         if value & !self.status & DEVICE_NEEDS_RESET != 0 {
             self.protocol_error(format_args!("driver tried to set DEVICE_NEEDS_RESET"));
         }
@@ -412,9 +423,9 @@ impl MmioTransport {
                 tracing::debug!(device = device.device_type(), "virtio device activated");
             }
             Err(e) => {
-                let kind = device.device_type();
                 drop(device);
-                tracing::warn!(device = kind, "virtio device failed to activate: {e}");
+                // The driver can retry at will: throttled like its other mistakes.
+                self.protocol_error(format_args!("virtio device failed to activate: {e}"));
                 self.needs_reset();
             }
         }

@@ -18,6 +18,7 @@
 pub mod block;
 pub mod device;
 pub mod events;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod queue;

@@ -27,6 +27,26 @@ pub fn guest_memory(mib: usize) -> GuestMem {
     GuestMemoryAtomic::new(mem)
 }
 
+/// `mib` MiB of guest memory at address 0 backed by a memfd mapped shared, the
+/// way the VMM makes it, so a vhost-user backend can map the same pages (the
+/// region's file offset is 0).
+pub fn shared_guest_memory(mib: usize) -> GuestMem {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a valid NUL-terminated name and constant flags.
+    let fd = unsafe { libc::memfd_create(c"beacon-test-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len((mib << 20) as u64).expect("size the memfd");
+    let region = vm_memory::GuestRegionMmap::<()>::from_range(
+        GuestAddress(0),
+        mib << 20,
+        Some(vm_memory::FileOffset::new(file, 0)),
+    )
+    .expect("map the memfd");
+    GuestMemoryAtomic::new(GuestMemoryMmap::from_regions(vec![region]).expect("test guest memory"))
+}
+
 /// One split virtqueue as the driver sees it.
 #[derive(Debug, Clone)]
 pub struct DriverQueue {
@@ -140,7 +160,11 @@ pub struct Harness {
 impl Harness {
     /// Wrap `device` with `mem_mib` MiB of guest memory.
     pub fn new(device: Arc<Mutex<dyn VirtioDevice>>, mem_mib: usize) -> Self {
-        let mem = guest_memory(mem_mib);
+        Self::with_memory(device, guest_memory(mem_mib))
+    }
+
+    /// Wrap `device` with the given guest memory (e.g. [`shared_guest_memory`]).
+    pub fn with_memory(device: Arc<Mutex<dyn VirtioDevice>>, mem: GuestMem) -> Self {
         let irq = EventFd::new(libc::EFD_NONBLOCK).expect("irq eventfd");
         let interrupt = Arc::new(Interrupt::new(irq.try_clone().expect("clone irq")));
         let n = beacon_common::lock(&device).queue_max_sizes().len();

@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use beacon_devices::tap::Tap;
 use beacon_devices::virtio::block::Block;
+use beacon_devices::virtio::fs::{FsConfig, VhostUserFs};
 use beacon_devices::virtio::net::{Net, NetError};
 use beacon_devices::virtio::rng::Rng;
 use beacon_devices::virtio::vsock::{hybrid::HybridVsock, vhost::VhostVsock};
@@ -60,25 +61,16 @@ fn refuse_unsupported(config: &VmConfig) -> Result<(), VmError> {
             "memory hotplug (hotplug room above 0 MiB) is not implemented in the KVM backend yet; drop the hotplug room".into(),
         ));
     }
-    for device in &config.devices {
-        let kind = match device {
-            DeviceConfig::Rng => continue,
-            DeviceConfig::Block { .. } => continue,
-            DeviceConfig::Net { vhost: false, .. } => continue,
-            DeviceConfig::Net { vhost: true, .. } => {
-                if std::path::Path::new(beacon_devices::virtio::net::VHOST_NET_DEVICE).exists() {
-                    continue;
-                }
-                return Err(VmError::Unsupported(
-                    beacon_devices::virtio::net::NetError::VhostMissing.to_string(),
-                ));
-            }
-            DeviceConfig::Vsock { .. } => continue,
-            DeviceConfig::Fs { .. } => "virtio-fs",
-        };
-        return Err(VmError::Unsupported(format!(
-            "{kind} is not implemented in the KVM backend yet; use --backend qemu for it"
-        )));
+    let wants_vhost_net = config
+        .devices
+        .iter()
+        .any(|d| matches!(d, DeviceConfig::Net { vhost: true, .. }));
+    if wants_vhost_net
+        && !std::path::Path::new(beacon_devices::virtio::net::VHOST_NET_DEVICE).exists()
+    {
+        return Err(VmError::Unsupported(
+            beacon_devices::virtio::net::NetError::VhostMissing.to_string(),
+        ));
     }
     Ok(())
 }
@@ -139,8 +131,19 @@ fn attach_devices(dm: &mut DeviceManager, config: &VmConfig) -> Result<(), VmErr
                 };
                 dm.attach_virtio("vsock", device)?;
             }
-            // Refused by `refuse_unsupported` before anything was built.
-            DeviceConfig::Fs { .. } => {}
+            DeviceConfig::Fs {
+                tag,
+                socket,
+                queue_size,
+            } => {
+                let mut fs = FsConfig::new(tag.clone(), socket.clone());
+                fs.queue_size = *queue_size;
+                let device = VhostUserFs::connect(&fs).map_err(|e| VmError::Device {
+                    device: format!("virtio-fs {tag:?}"),
+                    reason: e.to_string(),
+                })?;
+                dm.attach_virtio("fs", Arc::new(Mutex::new(device)))?;
+            }
         }
     }
     Ok(())

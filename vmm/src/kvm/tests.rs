@@ -567,3 +567,37 @@ fn a_panicking_vcpu_thread_crashes_the_vm_and_stops_the_others() {
         Some(VmExit::Crashed("vCPU 1 thread panicked".into()))
     );
 }
+
+/// A virtio-fs share whose vhost-user socket is missing, or has nobody
+/// listening (virtiofsd died), is refused while the VM is built, before any
+/// vCPU runs, with an error naming the socket, and nothing is left behind.
+#[test]
+fn a_missing_or_dead_virtio_fs_socket_is_refused_before_boot() {
+    if !kvm_here_or_in_lab("kvm::tests::a_missing_or_dead_virtio_fs_socket_is_refused_before_boot")
+    {
+        return;
+    }
+    let _serial = VM_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dead = tmp.path().join("dead.sock");
+    drop(std::os::unix::net::UnixListener::bind(&dead).expect("bind"));
+    for (socket, says) in [
+        (tmp.path().join("missing.sock"), "does not exist"),
+        (dead, "nothing is listening"),
+    ] {
+        let mut config = guest_config(HALT_FOREVER, 1, tmp.path());
+        config.devices = vec![crate::config::DeviceConfig::Fs {
+            tag: "share".into(),
+            socket: socket.clone(),
+            queue_size: 1024,
+        }];
+        let err = match KvmVm::create(config) {
+            Ok(_) => panic!("a VM was built with fs socket {socket:?}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(says), "{err}");
+        assert!(err.contains(&socket.display().to_string()), "{err}");
+        assert!(err.contains("virtio-fs \"share\""), "{err}");
+    }
+    assert_eq!(vcpu_threads_and_kvm_fds(), (0, 0), "nothing left behind");
+}

@@ -14,6 +14,7 @@ use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -143,6 +144,15 @@ impl QemuVm {
         )))
     }
 
+    /// QEMU was started and has not exited yet.
+    fn child_running(&self) -> bool {
+        self.child
+            .lock()
+            .ok()
+            .and_then(|mut guard| guard.as_mut().map(|c| matches!(c.try_wait(), Ok(None))))
+            .unwrap_or(false)
+    }
+
     fn kill_child(&self) {
         if let Ok(mut guard) = self.child.lock() {
             if let Some(child) = guard.as_mut() {
@@ -217,7 +227,10 @@ fn watch_boot_timer(
             let mut stream = loop {
                 match UnixStream::connect(&path) {
                     Ok(s) => break s,
-                    Err(_) if Instant::now() < deadline => {
+                    // Until QEMU opens it, or the VM (and its socket folder) is gone.
+                    Err(_)
+                        if Instant::now() < deadline && path.parent().is_some_and(Path::exists) =>
+                    {
                         std::thread::sleep(Duration::from_millis(2))
                     }
                     Err(e) => {
@@ -286,20 +299,20 @@ impl VmBackend for QemuVm {
             self.created,
             Arc::clone(&self.init_reached),
         );
-        let alive = || {
-            self.child
-                .lock()
-                .ok()
-                .and_then(|mut c| c.as_mut().map(|c| matches!(c.try_wait(), Ok(None))))
-                .unwrap_or(false)
-        };
+        // Wait for the socket, but not for a QEMU that already gave up (bad
+        // options, a vhost-user socket nobody listens on): its stderr says why.
         let qmp = match Qmp::connect_while(
             &self.sockets.path().join("qmp.sock"),
             STARTUP_TIMEOUT,
-            alive,
+            || self.child_running(),
         ) {
             Ok(q) => Arc::new(q),
             Err(e) => {
+                let e = if self.child_running() {
+                    e.to_string()
+                } else {
+                    "QEMU exited during start-up".to_string()
+                };
                 self.kill_child();
                 let _ = self.wait();
                 return Err(VmError::Qemu(format!("{e}\n{}", self.stderr_tail())));
