@@ -26,15 +26,25 @@ fn map_err(program: &str, action: &str, e: NftablesError) -> NetError {
                 program: program.to_string(),
             }
         }
-        NftablesError::NftFailed { stderr, .. } => NetError::Nft {
+        NftablesError::NftFailed { stdout, stderr, .. } => NetError::Nft {
             action: action.to_string(),
-            detail: stderr.trim().to_string(),
+            detail: nft_failure_detail(&stdout, &stderr),
         },
         other => NetError::Nft {
             action: action.to_string(),
             detail: other.to_string(),
         },
     }
+}
+
+/// What nft said when it failed: its stderr, else its stdout (nft prints some
+/// errors there), else a note that it said nothing.
+fn nft_failure_detail(stdout: &str, stderr: &str) -> String {
+    [stderr.trim(), stdout.trim()]
+        .into_iter()
+        .find(|s| !s.is_empty())
+        .map(str::to_string)
+        .unwrap_or_else(|| "nft exited with an error and printed nothing (run it by hand with the same ruleset: `beacon-net reconcile` refreshes the tables)".to_string())
 }
 
 fn apply(program: &str, action: &str, doc: serde_json::Value) -> Result<()> {
@@ -137,6 +147,13 @@ pub fn enable_ip_forward() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nft_failure_detail_is_never_empty() {
+        assert_eq!(nft_failure_detail("", " bad rule \n"), "bad rule");
+        assert_eq!(nft_failure_detail("from stdout", ""), "from stdout");
+        assert!(nft_failure_detail("", "").contains("printed nothing"));
+    }
 
     #[test]
     fn ruleset_matches_the_nftables_schema() {
