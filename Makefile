@@ -14,7 +14,7 @@ BINS := beacon-vmm beacon-initrd beacon-net
 # When this make started (for `make test`'s total, which includes setup and kernel).
 TEST_START := $(shell date +%s.%N)
 
-.PHONY: all setup kernel hello-initrd run test lint unit install clean
+.PHONY: all setup kernel hello-initrd run hello test lint unit install clean
 
 all: kernel
 	$(CARGO) build --workspace --release
@@ -37,9 +37,14 @@ hello-initrd: setup
 	$(CARGO_TARGET_DIR)/debug/beacon-initrd --init resources/hello-init \
 	    --busybox /bin/busybox --output $(BUILD)/hello-initrd.gz
 
-# The main job: boot the beacon kernel with the hello initrd (in the nested KVM lab
-# when this host has no hardware KVM). BACKEND=qemu|kvm.
-run: kernel hello-initrd
+# The main job: a private containerd runs a busybox container in its own microVM
+# through our shim and VMM (in the nested KVM lab when this host has no hardware KVM).
+run: kernel
+	resources/run-container
+
+# Boot the beacon kernel with the hello initrd alone (no containerd, no shim).
+# BACKEND=qemu|kvm.
+hello: kernel hello-initrd
 	resources/run-hello $(BUILD)/kernel/vmlinux $(BUILD)/hello-initrd.gz
 
 lint:

@@ -17,33 +17,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use beacon_tests::assets::{beacon_kernel_dir, lab_visible_tempdir};
-use beacon_tests::containerd::{workspace_bin, Containerd, ContainerdSpec, RUNTIME};
+use beacon_tests::assets::lab_visible_tempdir;
+use beacon_tests::containerd::{install_guest, shim_env, Containerd, ContainerdSpec, RUNTIME};
 use beacon_tests::images::{busybox_archive, BUSYBOX_IMAGE};
 use beacon_tests::lab::{here_or_in_lab, kvm_host, KvmHost};
 
 const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-beaconbox-v1");
 const SHARE_ENV: &str = "BEACON_TEST_SHARE_DIR";
-
-/// Kernel and initrd laid out the way `make install` does, under `dir`.
-fn install_guest(dir: &Path) -> PathBuf {
-    let share = dir.join("share");
-    let kernel_dir = share.join("kernel");
-    std::fs::create_dir_all(&kernel_dir).expect("share folder");
-    let kernel = beacon_kernel_dir().expect("beacon kernel").join("vmlinux");
-    std::fs::copy(&kernel, kernel_dir.join(beacon_paths::KERNEL_FILE)).expect("kernel");
-    let vminitd = workspace_bin("vminitd", "vminitd").expect("vminitd");
-    let spec = beacon_initrd::InitrdSpec {
-        init: vminitd,
-        busybox: Some(PathBuf::from("/bin/busybox")),
-        crun: Some(PathBuf::from("/usr/bin/crun")),
-        ..Default::default()
-    };
-    let mut out =
-        std::fs::File::create(kernel_dir.join(beacon_paths::INITRD_FILE)).expect("initrd file");
-    beacon_initrd::build(&spec, &mut out).expect("initrd");
-    share
-}
 
 fn has_hardware_kvm_and_caps() -> bool {
     kvm_host() == KvmHost::Hardware
@@ -71,7 +51,7 @@ fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
         Some(s) => PathBuf::from(s),
         None => {
             let dir = lab_visible_tempdir().expect("tempdir").keep();
-            install_guest(&dir)
+            install_guest(&dir).expect("guest kernel and initrd")
         }
     };
     if !here_or_in_lab(
@@ -90,23 +70,8 @@ fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
     let dir = tmp.path().to_path_buf();
     let shim_dir = Path::new(SHIM).parent().expect("shim dir").to_path_buf();
     let run_dir = dir.join("run");
-    let env = vec![
-        ("BEACON_SHARE_DIR".to_string(), share.display().to_string()),
-        (
-            "BEACON_SHIM_SOCKET_DIR".into(),
-            dir.join("s").display().to_string(),
-        ),
-        ("BEACON_RUN_DIR".into(), run_dir.display().to_string()),
-        (
-            "BEACON_STATE_DIR".into(),
-            dir.join("state").display().to_string(),
-        ),
-        (
-            "BEACON_LOG_DIR".into(),
-            dir.join("log").display().to_string(),
-        ),
-        ("BEACON_LOG".into(), "debug".into()),
-    ];
+    let mut env = shim_env(&dir, &share);
+    env.push(("BEACON_LOG".into(), "debug".into()));
     let containerd = Containerd::start(
         &dir.join("containerd"),
         &ContainerdSpec {

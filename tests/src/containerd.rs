@@ -133,6 +133,43 @@ impl Drop for Containerd {
     }
 }
 
+/// Lay out the beacon kernel and an initrd with vminitd as `/init` (plus
+/// busybox and crun) under `dir/share/kernel`, the way `make install` lays them
+/// out under `$BEACON_SHARE_DIR`, and return `dir/share` (for `BEACON_SHARE_DIR`).
+pub fn install_guest(dir: &Path) -> Result<PathBuf, String> {
+    let share = dir.join("share");
+    let kernel_dir = share.join("kernel");
+    std::fs::create_dir_all(&kernel_dir).map_err(|e| format!("{}: {e}", kernel_dir.display()))?;
+    let kernel = crate::assets::beacon_kernel_dir()?.join("vmlinux");
+    std::fs::copy(&kernel, kernel_dir.join(beacon_paths::KERNEL_FILE))
+        .map_err(|e| format!("copying {}: {e}", kernel.display()))?;
+    let spec = beacon_initrd::InitrdSpec {
+        init: workspace_bin("vminitd", "vminitd")?,
+        busybox: Some(PathBuf::from("/bin/busybox")),
+        crun: Some(PathBuf::from("/usr/bin/crun")),
+        ..Default::default()
+    };
+    let initrd = kernel_dir.join(beacon_paths::INITRD_FILE);
+    let mut out =
+        std::fs::File::create(&initrd).map_err(|e| format!("{}: {e}", initrd.display()))?;
+    beacon_initrd::build(&spec, &mut out).map_err(|e| format!("building the initrd: {e}"))?;
+    Ok(share)
+}
+
+/// The environment a private containerd hands its beaconbox shims: the guest
+/// files from `share` (see [`install_guest`]) and every state, run, log and
+/// socket folder under `dir`, so nothing touches the host's real ones.
+pub fn shim_env(dir: &Path, share: &Path) -> Vec<(String, String)> {
+    let at = |sub: &str| dir.join(sub).display().to_string();
+    vec![
+        ("BEACON_SHARE_DIR".into(), share.display().to_string()),
+        ("BEACON_SHIM_SOCKET_DIR".into(), at("s")),
+        ("BEACON_RUN_DIR".into(), at("run")),
+        ("BEACON_STATE_DIR".into(), at("state")),
+        ("BEACON_LOG_DIR".into(), at("log")),
+    ]
+}
+
 /// Path of binary `bin` of workspace package `package`, built by cargo now if
 /// needed (same profile as the calling test).
 pub fn workspace_bin(package: &str, bin: &str) -> Result<PathBuf, String> {
