@@ -160,7 +160,7 @@ fn ctr_runs_containers_through_the_shim_and_vminitd_on_the_host() {
         .expect("ctr import");
     assert!(import.status.success(), "import: {}", common::text(&import));
 
-    common::basic_scenarios(&containerd);
+    common::basic_scenarios(&containerd, &common::Extras::default());
 
     // Nothing is left: no mounts under the run folder, no shim server.
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
