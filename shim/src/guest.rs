@@ -19,8 +19,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
-/// How long one handshake (hybrid CONNECT, stream request) may take.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one handshake (hybrid CONNECT, stream request, events subscription)
+/// may take. Bounds a mute guest; generous because a CPU-starved guest (several
+/// VMs booting at once on one core) answers late.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a Task API call to vminitd may take before the shim gives up on it.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 

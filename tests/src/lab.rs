@@ -645,6 +645,12 @@ pub fn os_args(args: &[String]) -> Vec<OsString> {
 /// Set inside the lab for a test binary that re-ran itself there: no second hop.
 pub const RERUN_ENV: &str = "BEACON_TEST_IN_LAB";
 
+/// True inside the lab for a test that [`here_or_in_lab`] re-ran there (its
+/// KVM is real but emulated: one slow CPU).
+pub fn rerun_in_lab() -> bool {
+    std::env::var_os(RERUN_ENV).is_some()
+}
+
 /// For tests that need what this host lacks (a KVM that runs real guests,
 /// capabilities the host's sandbox withholds): when `here` is true, return true
 /// and let the caller run. Otherwise run `test` of the calling test binary
