@@ -59,7 +59,12 @@ pub fn serve(inv: &Invocation) -> anyhow::Result<()> {
         .thread_name("beacon-shim")
         .build()
         .context("starting the shim's runtime")?;
-    runtime.block_on(run(inv, fd))
+    let result = runtime.block_on(run(inv, fd));
+    // A blocking task still waiting on a peer (a FIFO nobody opens, say) must
+    // not keep a finished shim alive: dropping the runtime would wait for it.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    tracing::info!("shim exiting");
+    result
 }
 
 async fn run(inv: &Invocation, fd: RawFd) -> anyhow::Result<()> {
@@ -123,6 +128,7 @@ async fn run(inv: &Invocation, fd: RawFd) -> anyhow::Result<()> {
         tracing::warn!("stopping the ttrpc server: {e}");
     }
     service.cleanup().await;
+    tracing::debug!("sandboxes cleaned up; flushing events");
     publisher.close(Duration::from_secs(5)).await;
     Ok(())
 }

@@ -226,10 +226,20 @@ fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
         if shims.trim().is_empty() && fsd.trim().is_empty() {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "still running: shims [{shims}] virtiofsd [{fsd}]"
-        );
+        if Instant::now() >= deadline {
+            // What each leftover shim is and where its threads wait.
+            let detail = sh(&format!(
+                "for p in {shims} {fsd}; do echo \"== $p: $(tr '\\0' ' ' </proc/$p/cmdline)\"; \
+                 for t in /proc/$p/task/*; do echo \"  $(cat $t/comm) $(cat $t/wchan)\"; done; done; \
+                 ctr --address {} task ls; ctr --address {} containers ls",
+                containerd.socket.display(),
+                containerd.socket.display()
+            ));
+            panic!(
+                "still running: shims [{shims}] virtiofsd [{fsd}]\n{detail}\ncontainerd log:\n{}",
+                containerd.log_tail(60)
+            );
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
     let shim_paths = beacon_paths::BeaconPaths::from_lookup(|k| {
