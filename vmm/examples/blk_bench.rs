@@ -17,7 +17,7 @@
 //! default `cache=writeback`; ours reads and writes through the page cache).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -25,22 +25,17 @@ use anyhow::{bail, Context};
 use beacon_tests::guest::{device_initrd, DeviceGuest};
 use clap::Parser;
 
+mod common;
+
 #[derive(Parser, Debug)]
 struct Args {
-    /// Guest kernel with virtio_blk built in (the beacon vmlinux).
-    #[arg(long)]
-    kernel: PathBuf,
-    /// Boots per backend (medians are reported).
-    #[arg(long, default_value_t = 3)]
-    runs: usize,
+    #[command(flatten)]
+    vm: common::VmArgs,
     #[arg(long, default_value_t = 256)]
     memory: u64,
     /// Size of the disk image in MiB (at least 64).
     #[arg(long, default_value_t = 128)]
     disk_mib: u64,
-    /// beacon-vmm binary (default: next to this example's folder).
-    #[arg(long)]
-    vmm: Option<PathBuf>,
 }
 
 const BACKENDS: [&str; 2] = ["kvm", "qemu"];
@@ -84,15 +79,6 @@ fn guest_script() -> String {
     s
 }
 
-fn default_vmm() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("cannot find the target folder next to this example")?;
-    Ok(dir.join("beacon-vmm"))
-}
-
 /// One boot: centiseconds per workload.
 fn boot(
     args: &Args,
@@ -106,7 +92,7 @@ fn boot(
         .arg("run")
         .args(["--backend", backend, "--memory", &args.memory.to_string()])
         .arg("--kernel")
-        .arg(&args.kernel)
+        .arg(&args.vm.kernel)
         .arg("--initrd")
         .arg(initrd)
         .arg("--disk")
@@ -144,20 +130,12 @@ fn boot(
     Ok(times)
 }
 
-fn median(v: &mut [u64]) -> u64 {
-    v.sort_unstable();
-    v.get(v.len() / 2).copied().unwrap_or(0)
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.disk_mib < 64 {
         bail!("--disk-mib must be at least 64 (the sequential workloads move 64 MiB)");
     }
-    let vmm = match &args.vmm {
-        Some(p) => p.clone(),
-        None => default_vmm()?,
-    };
+    let vmm = args.vm.vmm()?;
     let tmp = tempfile::tempdir()?;
     let image = tmp.path().join("disk.img");
     // Real data (not a sparse file): reads come from the page cache, not holes.
@@ -185,21 +163,22 @@ fn main() -> anyhow::Result<()> {
         .arg("--version")
         .stdout(Stdio::null())
         .status();
-    let mut samples: BTreeMap<(&str, &str), Vec<u64>> = BTreeMap::new();
-    for run in 0..args.runs {
+    // Centiseconds (whole numbers, exact as f64).
+    let mut samples: BTreeMap<(&str, &str), Vec<f64>> = BTreeMap::new();
+    for run in 0..args.vm.runs {
         for backend in BACKENDS {
             let times = boot(&args, &vmm, backend, &initrd, &image)
                 .with_context(|| format!("run {run}"))?;
             for (name, _, _) in WORKLOADS {
                 let cs = times.get(name).copied().unwrap_or(1);
-                samples.entry((backend, name)).or_default().push(cs);
+                samples.entry((backend, name)).or_default().push(cs as f64);
             }
         }
     }
 
     println!(
         "virtio-blk, O_DIRECT dd in the guest, {} boots per backend, medians",
-        args.runs
+        args.vm.runs
     );
     println!(
         "{:<14} {:>11} {:>11} {:>11} {:>11} {:>9}",
@@ -211,9 +190,13 @@ fn main() -> anyhow::Result<()> {
         } else {
             1048576.0
         };
-        let mut rate = |backend| {
-            let cs = median(samples.entry((backend, name)).or_default());
-            bytes as f64 / (cs as f64 / 100.0)
+        let rate = |backend| {
+            // No samples (--runs 0): 0 cs, an infinite rate, as before.
+            let cs = samples
+                .get(&(backend, name))
+                .and_then(|v| common::median(v.iter().copied()))
+                .unwrap_or(0.0);
+            bytes as f64 / (cs / 100.0)
         };
         let (k, q) = (rate("kvm"), rate("qemu"));
         let mib = 1048576.0;

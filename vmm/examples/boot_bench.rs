@@ -28,22 +28,19 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 
+mod common;
+use common::median;
+
 #[derive(Parser, Debug)]
 struct Args {
-    #[arg(long)]
-    kernel: PathBuf,
+    #[command(flatten)]
+    vm: common::VmArgs,
     #[arg(long)]
     initrd: PathBuf,
-    /// Boots per backend (medians are reported).
-    #[arg(long, default_value_t = 3)]
-    runs: usize,
     #[arg(long, default_value_t = 2)]
     cpus: u8,
     #[arg(long, default_value_t = 512)]
     memory: u64,
-    /// beacon-vmm binary (default: next to this example's folder).
-    #[arg(long)]
-    vmm: Option<PathBuf>,
     /// Skip the memory runs.
     #[arg(long)]
     no_memory: bool,
@@ -71,7 +68,7 @@ fn vmm_command(args: &Args, vmm: &Path, backend: &str, hold: u32) -> Command {
         .args(["--cpus", &args.cpus.to_string()])
         .args(["--memory", &args.memory.to_string()])
         .arg("--kernel")
-        .arg(&args.kernel)
+        .arg(&args.vm.kernel)
         .arg("--initrd")
         .arg(&args.initrd)
         .args(["--cmdline", &cmdline(backend, hold)])
@@ -182,14 +179,6 @@ fn overhead_once(args: &Args, vmm: &Path, backend: &str) -> anyhow::Result<u64> 
     result
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    Some(v[v.len() / 2])
-}
-
 fn fmt(v: Option<f64>, unit: &str) -> String {
     v.map(|x| format!("{x:.1} {unit}"))
         .unwrap_or_else(|| "-".into())
@@ -220,18 +209,11 @@ fn main() -> anyhow::Result<()> {
         installed.display(),
         file_size(&installed)
     );
-    let vmm = match &args.vmm {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .and_then(Path::parent)
-            .context("locating beacon-vmm")?
-            .join("beacon-vmm"),
-    };
+    let vmm = args.vm.vmm()?;
     let mut samples: [Vec<Sample>; 2] = [Vec::new(), Vec::new()];
     let mut overhead: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     // Interleave the backends so drift in the machine's load hits both alike.
-    for run in 0..args.runs {
+    for run in 0..args.vm.runs {
         for (i, backend) in BACKENDS.iter().enumerate() {
             let s = boot_once(&args, &vmm, backend)?;
             println!(
@@ -253,22 +235,20 @@ fn main() -> anyhow::Result<()> {
     }
     let stat = |i: usize| {
         (
-            median(samples[i].iter().map(|s| s.wall.as_secs_f64()).collect()),
+            median(samples[i].iter().map(|s| s.wall.as_secs_f64())),
             median(
                 samples[i]
                     .iter()
                     .filter_map(|s| s.first_run_us)
-                    .map(|v| v as f64 / 1000.0)
-                    .collect(),
+                    .map(|v| v as f64 / 1000.0),
             ),
             median(
                 samples[i]
                     .iter()
                     .filter_map(|s| s.init_us)
-                    .map(|v| v as f64 / 1000.0)
-                    .collect(),
+                    .map(|v| v as f64 / 1000.0),
             ),
-            median(overhead[i].clone()),
+            median(overhead[i].iter().copied()),
         )
     };
     let (k, q) = (stat(0), stat(1));
@@ -278,7 +258,7 @@ fn main() -> anyhow::Result<()> {
     };
     println!(
         "\nmedians of {} runs, {} vCPUs, {} MiB:",
-        args.runs, args.cpus, args.memory
+        args.vm.runs, args.cpus, args.memory
     );
     println!("{:<22}{:>14}{:>14}{:>10}", "", "kvm", "qemu", "kvm/qemu");
     for (name, a, b, unit) in [

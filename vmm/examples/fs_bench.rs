@@ -27,14 +27,13 @@ use anyhow::{bail, Context};
 use beacon_virtiofsd_launch::{SandboxMode, ShareConfig, Virtiofsd};
 use clap::Parser;
 
+mod common;
+use common::Spread;
+
 #[derive(Parser, Debug)]
 struct Args {
-    /// Guest kernel with virtiofs built in (the beacon vmlinux).
-    #[arg(long)]
-    kernel: PathBuf,
-    /// Boots per backend.
-    #[arg(long, default_value_t = 3)]
-    runs: usize,
+    #[command(flatten)]
+    vm: common::VmArgs,
     /// Files in the data set.
     #[arg(long, default_value_t = 256)]
     files: usize,
@@ -48,9 +47,6 @@ struct Args {
     /// Where to put the data set (default: a temporary folder).
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// beacon-vmm binary (default: next to this example's folder).
-    #[arg(long)]
-    vmm: Option<PathBuf>,
 }
 
 const BACKENDS: [&str; 2] = ["kvm", "qemu"];
@@ -135,7 +131,7 @@ fn boot_once(
         .args(["--cpus", &args.cpus.to_string()])
         .args(["--memory", &args.memory.to_string()])
         .arg("--kernel")
-        .arg(&args.kernel)
+        .arg(&args.vm.kernel)
         .arg("--initrd")
         .arg(initrd)
         .args([
@@ -196,25 +192,9 @@ fn boot_once(
     }
 }
 
-fn stats(v: &[f64]) -> (f64, f64, f64) {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let median = s.get(s.len() / 2).copied().unwrap_or(0.0);
-    let min = s.first().copied().unwrap_or(0.0);
-    let max = s.last().copied().unwrap_or(0.0);
-    (median, min, max)
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let vmm = match &args.vmm {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .and_then(Path::parent)
-            .context("locating beacon-vmm")?
-            .join("beacon-vmm"),
-    };
+    let vmm = args.vm.vmm()?;
     let work = tempfile::Builder::new()
         .prefix("beacon-fs-bench.")
         .tempdir()
@@ -231,7 +211,7 @@ fn main() -> anyhow::Result<()> {
     let initrd = build_initrd(work.path())?;
     let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     // Interleave the backends so drift in the machine's load hits both alike.
-    for run in 0..args.runs {
+    for run in 0..args.vm.runs {
         for (i, backend) in BACKENDS.iter().enumerate() {
             // A boot that fails before the guest reads anything (QEMU's QMP
             // socket can be slow to appear on a loaded machine) is retried once.
@@ -261,7 +241,7 @@ fn main() -> anyhow::Result<()> {
     }
     println!(
         "\nreading {mib} MiB ({} x {} MiB, cold guest cache), {} runs, {} vCPUs, {} MiB guest:",
-        args.files, args.file_mib, args.runs, args.cpus, args.memory
+        args.files, args.file_mib, args.vm.runs, args.cpus, args.memory
     );
     println!(
         "{:<8}{:>14}{:>12}{:>12}{:>10}",
@@ -269,14 +249,20 @@ fn main() -> anyhow::Result<()> {
     );
     let mut medians = [0.0; 2];
     for (i, backend) in BACKENDS.iter().enumerate() {
-        let (median, min, max) = stats(&rates[i]);
-        medians[i] = median;
-        let spread = if median > 0.0 {
-            (max - min) / median * 100.0
-        } else {
-            0.0
-        };
-        println!("{backend:<8}{median:>14.1}{min:>12.1}{max:>12.1}{spread:>9.0}%");
+        match Spread::of(rates[i].iter().copied()) {
+            Some(s) => {
+                medians[i] = s.median;
+                println!(
+                    "{backend:<8}{:>14.1}{:>12.1}{:>12.1}{:>9.0}%",
+                    s.median,
+                    s.min,
+                    s.max,
+                    s.percent()
+                );
+            }
+            // --runs 0.
+            None => println!("{backend:<8}{:>14}{:>12}{:>12}{:>10}", "-", "-", "-", "-"),
+        }
     }
     if medians[1] > 0.0 {
         println!(

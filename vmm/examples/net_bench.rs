@@ -17,7 +17,7 @@
 //! receiver's rate. Medians are over the boots that completed (`n` column);
 //! spread is (max - min) / median.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -25,14 +25,13 @@ use anyhow::{bail, Context};
 use beacon_tests::guest::{device_initrd, DeviceGuest};
 use clap::Parser;
 
+mod common;
+use common::Spread;
+
 #[derive(Parser, Debug)]
 struct Args {
-    /// Guest kernel (the beacon vmlinux).
-    #[arg(long)]
-    kernel: PathBuf,
-    /// Boots per configuration (medians and spread are over these).
-    #[arg(long, default_value_t = 3)]
-    runs: usize,
+    #[command(flatten)]
+    vm: common::VmArgs,
     /// Seconds of each iperf3 transfer.
     #[arg(long, default_value_t = 5)]
     seconds: u32,
@@ -40,9 +39,6 @@ struct Args {
     cpus: u8,
     #[arg(long, default_value_t = 512)]
     memory: u64,
-    /// beacon-vmm binary (default: next to this example's folder).
-    #[arg(long)]
-    vmm: Option<PathBuf>,
 }
 
 const TAP: &str = "nb0";
@@ -120,7 +116,7 @@ fn boot_once(
         .arg("run")
         .args(["--backend", backend])
         .arg("--kernel")
-        .arg(&args.kernel)
+        .arg(&args.vm.kernel)
         .arg("--initrd")
         .arg(initrd)
         .args(["--cpus", &args.cpus.to_string()])
@@ -156,34 +152,9 @@ fn boot_once(
     Ok((tx, rx))
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
-
-/// (max - min) / median, in percent.
-fn spread(v: &[f64]) -> f64 {
-    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = v.iter().copied().fold(0.0, f64::max);
-    let m = median(v);
-    if m > 0.0 {
-        (max - min) / m * 100.0
-    } else {
-        0.0
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let vmm = match &args.vmm {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .and_then(Path::parent)
-            .context("locating beacon-vmm")?
-            .join("beacon-vmm"),
-    };
+    let vmm = args.vm.vmm()?;
     anyhow::ensure!(
         Path::new("/usr/bin/iperf3").exists(),
         "iperf3 is missing: run resources/install.sh"
@@ -203,7 +174,7 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut samples = vec![(Vec::new(), Vec::new()); CONFIGS.len()];
     // Interleave so drift in the machine's load hits every configuration alike.
-    for run in 0..args.runs {
+    for run in 0..args.vm.runs {
         for (i, (name, backend, vhost)) in CONFIGS.iter().enumerate() {
             match boot_once(&args, &vmm, &initrd, work.path(), backend, *vhost) {
                 Ok((tx, rx)) => {
@@ -219,7 +190,7 @@ fn main() -> anyhow::Result<()> {
     let _ = sh(&format!("ip link del {TAP}"));
     println!(
         "\n{} runs of {} s per direction, {} vCPU, {} MiB, interleaved, {:.0} s in all",
-        args.runs,
+        args.vm.runs,
         args.seconds,
         args.cpus,
         args.memory,
@@ -245,11 +216,14 @@ fn main() -> anyhow::Result<()> {
                     &samples[i].1
                 }
             };
-            let (o, q) = (median(get(ours)), median(get(qemu)));
+            // A configuration with no completed boot (n 0) shows 0 and 0%.
+            let stats = |i| Spread::of(get(i).iter().copied());
+            let (so, sq) = (stats(ours), stats(qemu));
+            let (o, q) = (so.map_or(0.0, |s| s.median), sq.map_or(0.0, |s| s.median));
             println!(
                 "{dir:<13}{path:<12}{o:>16.1}{:>9.0}%{q:>16.1}{:>9.0}%{:>10.2}x{:>8}",
-                spread(get(ours)),
-                spread(get(qemu)),
+                so.map_or(0.0, |s| s.percent()),
+                sq.map_or(0.0, |s| s.percent()),
                 if q > 0.0 { o / q } else { 0.0 },
                 format!("{}/{}", get(ours).len(), get(qemu).len())
             );

@@ -25,20 +25,16 @@ use anyhow::{bail, Context};
 use beacon_tests::guest::{device_initrd, DeviceGuest};
 use clap::Parser;
 
+mod common;
+use common::Spread;
+
 #[derive(Parser, Debug)]
 struct Args {
-    /// Guest kernel (the beacon vmlinux).
-    #[arg(long)]
-    kernel: PathBuf,
-    /// Boots per configuration.
-    #[arg(long, default_value_t = 3)]
-    runs: usize,
+    #[command(flatten)]
+    vm: common::VmArgs,
     /// MiB per direction.
     #[arg(long, default_value_t = 100)]
     mib: u64,
-    /// beacon-vmm binary (default: next to this example's folder).
-    #[arg(long)]
-    vmm: Option<PathBuf>,
     /// beacon-vsock-tool binary (default: next to this example's folder).
     #[arg(long)]
     tool: Option<PathBuf>,
@@ -136,36 +132,10 @@ fn one_boot(f: &Files<'_>, backend: &str, hybrid: bool, bytes: u64) -> anyhow::R
     result
 }
 
-struct Stats {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-fn stats(mut v: Vec<f64>) -> Option<Stats> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    Some(Stats {
-        median: v[v.len() / 2],
-        min: v[0],
-        max: v[v.len() - 1],
-    })
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let here = std::env::current_exe()?
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .context("example path")?;
-    let vmm = args.vmm.clone().unwrap_or_else(|| here.join("beacon-vmm"));
-    let tool = args
-        .tool
-        .clone()
-        .unwrap_or_else(|| here.join("beacon-vsock-tool"));
+    let vmm = args.vm.vmm()?;
+    let tool = common::target_binary("beacon-vsock-tool", args.tool.as_deref())?;
     for (what, p) in [("beacon-vmm", &vmm), ("beacon-vsock-tool", &tool)] {
         if !p.is_file() {
             bail!(
@@ -194,12 +164,12 @@ fn main() -> anyhow::Result<()> {
     .map_err(anyhow::Error::msg)?;
 
     let mut samples: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); CONFIGS.len()];
-    for run in 0..args.runs {
+    for run in 0..args.vm.runs {
         for (i, (name, backend, hybrid)) in CONFIGS.iter().enumerate() {
             let files = Files {
                 vmm: &vmm,
                 tool: &tool,
-                kernel: &args.kernel,
+                kernel: &args.vm.kernel,
                 initrd: &initrd,
                 work: work.path(),
             };
@@ -224,35 +194,34 @@ fn main() -> anyhow::Result<()> {
 
     println!(
         "\nvsock transfer of {} MiB per direction, {} boots each (lower is better)\n",
-        args.mib, args.runs
+        args.mib, args.vm.runs
     );
     println!("| backend | direction | n | median s | min s | max s | spread % | MiB/s | vs QEMU |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for dir in 0..2 {
-        let qemu = stats(if dir == 0 {
-            samples[1].0.clone()
-        } else {
-            samples[1].1.clone()
-        });
-        for (i, (name, _, _)) in CONFIGS.iter().enumerate() {
-            let v = if dir == 0 {
-                samples[i].0.clone()
+        let pick = |i: usize| -> &[f64] {
+            if dir == 0 {
+                &samples[i].0
             } else {
-                samples[i].1.clone()
-            };
+                &samples[i].1
+            }
+        };
+        let qemu = Spread::of(pick(1).iter().copied());
+        for (i, (name, _, _)) in CONFIGS.iter().enumerate() {
+            let v = pick(i);
             let n = v.len();
             let direction = if dir == 0 {
                 "host→guest"
             } else {
                 "guest→host"
             };
-            match stats(v) {
+            match Spread::of(v.iter().copied()) {
                 Some(s) => println!(
                     "| {name} | {direction} | {n} | {:.2} | {:.2} | {:.2} | {:.0} | {:.1} | {} |",
                     s.median,
                     s.min,
                     s.max,
-                    100.0 * (s.max - s.min) / s.median,
+                    s.percent(),
                     args.mib as f64 / s.median,
                     qemu.as_ref()
                         .map(|q| format!("{:.2}x", s.median / q.median))
