@@ -35,6 +35,35 @@ fn has_hardware_kvm_and_caps() -> bool {
             .is_some_and(|c| c & (1 << 24) != 0)
 }
 
+/// Wait up to a minute for every shim and virtiofsd to be gone; otherwise fail
+/// naming each leftover, its threads and where they wait, and what containerd
+/// still lists. `after` says which scenario just ended.
+fn no_shim_left(containerd: &Containerd, after: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let pids = sh(&format!(
+            "pgrep -f '{SHIM} -namespace'; pgrep -x virtiofsd; true"
+        ));
+        let pids = pids.split_whitespace().collect::<Vec<_>>().join(" ");
+        if pids.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let detail = sh(&format!(
+                "for p in {pids}; do echo \"== $p: $(tr '\\0' ' ' </proc/$p/cmdline)\"; \
+                 for t in /proc/$p/task/*; do echo \"  $(cat $t/comm) $(cat $t/wchan)\"; done; done; \
+                 ctr --address {sock} task ls; ctr --address {sock} containers ls",
+                sock = containerd.socket.display(),
+            ));
+            panic!(
+                "after {after}: still running [{pids}]\n{detail}\ncontainerd log:\n{}",
+                containerd.log_tail(60)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn sh(script: &str) -> String {
     let o = Command::new("sh")
         .arg("-c")
@@ -154,6 +183,8 @@ fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
         "written\n"
     );
 
+    no_shim_left(&containerd, "the basic scenarios");
+
     // A terminal, with the size ctr's side has. (`ctr task exec -t` into a
     // running container fails inside the guest: stty gets EAGAIN on its
     // terminal; open on the shim issue, so the init process's terminal is what
@@ -176,6 +207,7 @@ fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
         "basic scenarios (2 VMs) and a terminal (1 VM): {:.1} s",
         started.elapsed().as_secs_f64()
     );
+    no_shim_left(&containerd, "the terminal");
 
     // Several containers (and so several VMs) at once: five on a host with
     // hardware KVM; two inside the lab, whose one emulated CPU boots VMs one
@@ -219,29 +251,7 @@ fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
     );
 
     // Nothing is left behind.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let shims = sh(&format!("pgrep -f '{SHIM} -namespace' || true"));
-        let fsd = sh("pgrep -x virtiofsd || true");
-        if shims.trim().is_empty() && fsd.trim().is_empty() {
-            break;
-        }
-        if Instant::now() >= deadline {
-            // What each leftover shim is and where its threads wait.
-            let detail = sh(&format!(
-                "for p in {shims} {fsd}; do echo \"== $p: $(tr '\\0' ' ' </proc/$p/cmdline)\"; \
-                 for t in /proc/$p/task/*; do echo \"  $(cat $t/comm) $(cat $t/wchan)\"; done; done; \
-                 ctr --address {} task ls; ctr --address {} containers ls",
-                containerd.socket.display(),
-                containerd.socket.display()
-            ));
-            panic!(
-                "still running: shims [{shims}] virtiofsd [{fsd}]\n{detail}\ncontainerd log:\n{}",
-                containerd.log_tail(60)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    no_shim_left(&containerd, "the end");
     let shim_paths = beacon_paths::BeaconPaths::from_lookup(|k| {
         env.iter()
             .find(|(name, _)| name == k)
