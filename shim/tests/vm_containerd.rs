@@ -41,9 +41,15 @@ fn has_hardware_kvm_and_caps() -> bool {
 fn no_shim_left(containerd: &Containerd, after: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let pids = sh(&format!(
-            "pgrep -f '{SHIM} -namespace'; pgrep -x virtiofsd; true"
-        ));
+        // pgrep run directly: a shell around it would match its own pattern.
+        let pgrep = |args: &[&str]| {
+            Command::new("pgrep")
+                .args(args)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        let pids = pgrep(&["-f", &format!("{SHIM} -namespace")]) + &pgrep(&["-x", "virtiofsd"]);
         let pids = pids.split_whitespace().collect::<Vec<_>>().join(" ");
         if pids.is_empty() {
             return;
