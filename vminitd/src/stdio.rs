@@ -47,6 +47,30 @@ impl StdioRequest {
     }
 }
 
+/// A terminal size in character cells, as the pty keeps it (16 bits each;
+/// larger requests are clamped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WinSize {
+    pub width: u16,
+    pub height: u16,
+}
+
+impl WinSize {
+    /// From a ResizePty request's width and height.
+    pub fn from_request(width: u32, height: u32) -> WinSize {
+        WinSize {
+            width: u16::try_from(width).unwrap_or(u16::MAX),
+            height: u16::try_from(height).unwrap_or(u16::MAX),
+        }
+    }
+
+    /// The OCI `process.consoleSize` object: crun sets it on the pty before
+    /// the process runs.
+    pub fn console_size_json(self) -> serde_json::Value {
+        serde_json::json!({"height": self.height, "width": self.width})
+    }
+}
+
 /// Our ends of a process's stdio, made before crun runs.
 pub struct StdioSetup {
     container: String,
@@ -199,15 +223,15 @@ impl ProcessIo {
     }
 
     /// Resizes the pty; an error if the process has no terminal.
-    pub fn resize(&self, width: u32, height: u32) -> TaskResult<()> {
+    pub fn resize(&self, size: WinSize) -> TaskResult<()> {
         let Some(pty) = &self.pty else {
             return Err(TaskError::FailedPrecondition(
                 "process has no terminal".into(),
             ));
         };
         let ws = libc::winsize {
-            ws_row: u16::try_from(height).unwrap_or(u16::MAX),
-            ws_col: u16::try_from(width).unwrap_or(u16::MAX),
+            ws_row: size.height,
+            ws_col: size.width,
             ws_xpixel: 0,
             ws_ypixel: 0,
         };

@@ -784,3 +784,117 @@ async fn stream_port_is_bounded() {
     v.stop();
     v.assert_clean();
 }
+
+fn resize(id: &str, exec: &str, width: u32, height: u32) -> ResizePtyRequest {
+    ResizePtyRequest {
+        id: id.into(),
+        exec_id: exec.into(),
+        width,
+        height,
+        ..Default::default()
+    }
+}
+
+/// Reads `s` until its text so far ends with `end` (the pty echoes input at
+/// once, so a test writes only after the output it must come after).
+async fn read_until(s: &mut UnixStream, end: &str) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 256];
+    while !out.ends_with(end.as_bytes()) {
+        let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{end:?} in time; got {out:?}"))
+            .expect("read output");
+        assert!(n > 0, "EOF before {end:?}; got {out:?}");
+        out.extend_from_slice(buf.get(..n).unwrap_or_default());
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `ctr task exec -t` order: Exec, ResizePty, then Start. The exec's pty
+/// is only made at Start (`crun exec --console-socket`), so vminitd keeps
+/// the size and crun sets it before the process runs: `stty size` at once
+/// reports it (it used to see 0x0 and print `stty: standard input` with a
+/// stale errno, EAGAIN in the guest). A resize after Start reaches the live
+/// pty. The init with a terminal, resized between Create and Start (its pty
+/// exists from Create), reports its size the same way.
+#[tokio::test(flavor = "current_thread")]
+async fn exec_pty_size_set_before_start() {
+    let mut v = Vminitd::spawn();
+    let c = v.client().await;
+    v.rootfs("p1");
+    let script = "stty size; echo rc=$?; read x; stty size; echo rc=$?";
+    c.create(
+        ctx(),
+        &create_req("p1", &spec(&["sh", "-c", script], true), true, true, false),
+    )
+    .await
+    .expect("create");
+    let mut init_in = stream(&v, "p1", "", "stdin").await;
+    let mut init_out = stream(&v, "p1", "", "stdout").await;
+    c.resize_pty(ctx(), &resize("p1", "", 100, 40))
+        .await
+        .expect("resize the created init");
+    c.start(ctx(), &start("p1", "")).await.expect("start");
+    c.exec(
+        ctx(),
+        &exec_req("p1", "tty", &["sh", "-c", script], true, true),
+    )
+    .await
+    .expect("exec");
+    let mut sin = stream(&v, "p1", "tty", "stdin").await;
+    let mut out = stream(&v, "p1", "tty", "stdout").await;
+    c.resize_pty(ctx(), &resize("p1", "tty", 100, 40))
+        .await
+        .expect("resize before the exec starts");
+    c.start(ctx(), &start("p1", "tty"))
+        .await
+        .expect("start exec");
+    let first = read_until(&mut out, "rc=0\r\n").await;
+    c.resize_pty(ctx(), &resize("p1", "tty", 120, 50))
+        .await
+        .expect("resize the running exec");
+    sin.write_all(b"go\n").await.expect("write exec stdin");
+    let text = first + &read_all(out).await;
+    let clean = |t: &str| {
+        assert!(!t.contains('\0'), "NUL byte in pty output {t:?}");
+        assert!(!t.contains("stty:"), "stty failed: {t:?}");
+        assert!(!t.contains("temporarily unavailable"), "EAGAIN: {t:?}");
+    };
+    clean(&text);
+    assert_eq!(text, "40 100\r\nrc=0\r\ngo\r\n50 120\r\nrc=0\r\n");
+    assert_eq!(
+        c.wait(ctx(), &wait("p1", "tty"))
+            .await
+            .expect("wait exec")
+            .exit_status,
+        0
+    );
+
+    let first = read_until(&mut init_out, "rc=0\r\n").await;
+    c.resize_pty(ctx(), &resize("p1", "", 90, 30))
+        .await
+        .expect("resize the running init");
+    init_in.write_all(b"go\n").await.expect("write init stdin");
+    let text = first + &read_all(init_out).await;
+    clean(&text);
+    assert_eq!(text, "40 100\r\nrc=0\r\ngo\r\n30 90\r\nrc=0\r\n");
+    assert_eq!(
+        c.wait(ctx(), &wait("p1", ""))
+            .await
+            .expect("wait init")
+            .exit_status,
+        0
+    );
+    // After Delete the exec is gone.
+    c.delete(ctx(), &delete("p1", "tty"))
+        .await
+        .expect("delete exec");
+    assert_eq!(
+        code_of(c.resize_pty(ctx(), &resize("p1", "tty", 1, 1)).await),
+        ttrpc::Code::NOT_FOUND
+    );
+    c.delete(ctx(), &delete("p1", "")).await.expect("delete");
+    v.stop();
+    v.assert_clean();
+}

@@ -1,6 +1,7 @@
 //! One container process (the init or an exec) as vminitd tracks it: its
-//! pid, lifecycle state, stdio, and its exit, which is recorded only after
-//! the output streams have drained and then announced as a TaskExit event.
+//! pid, lifecycle state, stdio, pty size, and its exit, which is recorded
+//! only after the output streams have drained and then announced as a
+//! TaskExit event.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -8,9 +9,10 @@ use std::time::Duration;
 use beacon_common::lock;
 use tokio::sync::{oneshot, watch};
 
+use crate::error::{TaskError, TaskResult};
 use crate::events::{Event, EventHub};
 use crate::reaper::ExitInfo;
-use crate::stdio::{drain, ProcessIo, StdioRequest};
+use crate::stdio::{drain, ProcessIo, StdioRequest, WinSize};
 
 /// How long an exited process's output may take to drain before the exit
 /// is reported anyway (a background child may hold the pipe open).
@@ -51,6 +53,11 @@ struct Inner {
     pid: u32,
     state: ProcState,
     io: Option<ProcessIo>,
+    /// The last size ResizePty asked for. An exec's pty exists only once it
+    /// starts, and clients resize before Start (`ctr task exec -t` does):
+    /// the size is kept, put in the exec's `consoleSize` for crun, and
+    /// applied again when the pty arrives.
+    console_size: Option<WinSize>,
 }
 
 /// One tracked process.
@@ -73,6 +80,7 @@ impl Process {
                 pid: 0,
                 state: ProcState::Created,
                 io: None,
+                console_size: None,
             }),
             exit_tx: watch::channel(None).0,
             start_claimed: std::sync::atomic::AtomicBool::new(false),
@@ -131,6 +139,32 @@ impl Process {
         }
     }
 
+    /// ResizePty: resizes the live pty, or, for a terminal process not yet
+    /// started, keeps the size for its start.
+    pub fn resize(&self, size: WinSize) -> TaskResult<()> {
+        if !self.names.terminal {
+            return Err(TaskError::FailedPrecondition(
+                "process has no terminal".into(),
+            ));
+        }
+        let mut i = self.lock();
+        if i.io.is_none() && i.state != ProcState::Created {
+            return Err(TaskError::FailedPrecondition(
+                "process is not running".into(),
+            ));
+        }
+        i.console_size = Some(size);
+        match &i.io {
+            Some(io) => io.resize(size),
+            None => Ok(()),
+        }
+    }
+
+    /// The size the pty should have, if ResizePty named one.
+    pub fn console_size(&self) -> Option<WinSize> {
+        self.lock().console_size
+    }
+
     /// Runs `f` on the live stdio, if any.
     pub fn with_io<T>(&self, f: impl FnOnce(&ProcessIo) -> T) -> Option<T> {
         self.lock().io.as_ref().map(f)
@@ -150,6 +184,12 @@ impl Process {
         let outputs = io.take_outputs();
         {
             let mut i = self.lock();
+            // A resize that came while crun ran: the pty gets it now.
+            if let Some(size) = i.console_size {
+                if let Err(e) = io.resize(size) {
+                    tracing::warn!(pid, "applying the requested pty size: {e}");
+                }
+            }
             i.pid = pid;
             i.io = Some(io);
         }
@@ -177,5 +217,53 @@ impl Process {
         if let Some(io) = self.lock().io.take() {
             io.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(terminal: bool) -> StdioNames {
+        StdioNames {
+            stdout: "out".into(),
+            terminal,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn resize_before_start_is_kept_for_a_terminal() {
+        let p = Process::new(names(true), None);
+        assert_eq!(p.console_size(), None);
+        p.resize(WinSize::from_request(100, 40))
+            .expect("a created terminal process takes a size");
+        p.resize(WinSize::from_request(70_000, 50))
+            .expect("the last size wins");
+        assert_eq!(
+            p.console_size(),
+            Some(WinSize {
+                width: u16::MAX,
+                height: 50
+            })
+        );
+    }
+
+    #[test]
+    fn resize_without_a_terminal_or_after_the_end_is_refused() {
+        let p = Process::new(names(false), None);
+        let e = p
+            .resize(WinSize::from_request(1, 1))
+            .expect_err("no terminal");
+        assert_eq!(e.code(), ttrpc::Code::FAILED_PRECONDITION);
+        assert!(e.to_string().contains("no terminal"), "{e}");
+        assert_eq!(p.console_size(), None);
+
+        let p = Process::new(names(true), None);
+        p.lock().state = ProcState::Stopped;
+        let e = p
+            .resize(WinSize::from_request(1, 1))
+            .expect_err("finished, no pty");
+        assert_eq!(e.code(), ttrpc::Code::FAILED_PRECONDITION);
     }
 }

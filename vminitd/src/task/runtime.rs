@@ -19,7 +19,7 @@ use crate::error::{TaskError, TaskResult};
 use crate::events::EventHub;
 use crate::ids::check_id;
 use crate::reaper::{boot_ticks_now, BirthWindow, ExitInfo, Reaper};
-use crate::stdio::StdioSetup;
+use crate::stdio::{StdioSetup, WinSize};
 use crate::streams::{StdioHub, StreamKey};
 use crate::task::process::{ProcState, Process, StdioNames};
 
@@ -360,7 +360,8 @@ impl Runtime {
             .as_ref()
             .ok_or_else(|| TaskError::FailedPrecondition("exec has no process spec".into()))?;
         let spec_file = c.dir.join(format!("exec-{exec_id}.json"));
-        let bytes = serde_json::to_vec(spec)
+        let spec = with_console_size(spec, proc.console_size());
+        let bytes = serde_json::to_vec(&spec)
             .map_err(|e| TaskError::InvalidArgument(format!("exec spec: {e}")))?;
         std::fs::write(&spec_file, bytes)
             .map_err(|e| TaskError::io(format!("write {}", spec_file.display()), e))?;
@@ -556,6 +557,18 @@ impl Runtime {
     }
 }
 
+/// The exec's process JSON as crun gets it: a size from ResizePty before
+/// Start becomes `consoleSize`, which crun sets on the pty before the
+/// process runs (the pty master only reaches us after that, too late for a
+/// process that asks its size at once, such as `stty size`).
+fn with_console_size(spec: &Value, size: Option<WinSize>) -> Value {
+    let mut spec = spec.clone();
+    if let (Some(size), Some(obj)) = (size, spec.as_object_mut()) {
+        obj.insert("consoleSize".into(), size.console_size_json());
+    }
+    spec
+}
+
 /// A pid that is safe to signal: never 0 or negative, which kill(2) would
 /// read as a process group or every process.
 fn target_pid(pid: u32) -> Option<nix::unistd::Pid> {
@@ -577,5 +590,29 @@ async fn read_pid_waiting(file: &Path) -> Option<u32> {
             return None;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_size_goes_into_the_exec_spec() {
+        let spec = serde_json::json!({"terminal": true, "args": ["stty", "size"]});
+        assert_eq!(with_console_size(&spec, None), spec);
+        let out = with_console_size(&spec, Some(WinSize::from_request(100, 40)));
+        assert_eq!(
+            out["consoleSize"],
+            serde_json::json!({"height": 40, "width": 100})
+        );
+        assert_eq!(out["args"], spec["args"]);
+        // A size the client sent in the spec is replaced by ResizePty's.
+        let spec = serde_json::json!({"consoleSize": {"height": 1, "width": 2}});
+        let out = with_console_size(&spec, Some(WinSize::from_request(80, 24)));
+        assert_eq!(
+            out["consoleSize"],
+            serde_json::json!({"height": 24, "width": 80})
+        );
     }
 }

@@ -24,6 +24,7 @@ use ttrpc::r#async::TtrpcContext;
 use crate::bundle::SPEC_TYPE_SUFFIX;
 use crate::error::TaskError;
 use crate::reaper::ExitInfo;
+use crate::stdio::WinSize;
 use crate::task::process::{ProcState, StdioNames};
 use crate::task::runtime::{CreateParams, Runtime};
 
@@ -270,8 +271,7 @@ impl Task for TaskService {
     async fn resize_pty(&self, _: &TtrpcContext, req: ResizePtyRequest) -> R<Empty> {
         let c = self.runtime.get(&req.id)?;
         let p = c.process(&req.exec_id)?;
-        p.with_io(|io| io.resize(req.width, req.height))
-            .ok_or_else(|| TaskError::FailedPrecondition("process is not running".into()))??;
+        p.resize(WinSize::from_request(req.width, req.height))?;
         Ok(Empty::new())
     }
 
