@@ -1,0 +1,268 @@
+//! virtio-vsock: the KVM backend with the hybrid unix-socket backend and with
+//! vhost-vsock, and QEMU with vhost-vsock.
+//!
+//! The part runs everything at once, both ways: a guest server with a host
+//! client and a host server with a guest client, each one connection sending
+//! 100 MiB each way (full duplex) and 64 concurrent connections; every end
+//! checks the stream it received byte for byte and prints its checksum, which
+//! must be the sender's ([`beacon_tests::vsock_tool`]). The hybrid part boots
+//! over a stale socket file it must replace and remove at exit.
+//!
+//! `vsock-refused` ([`refusals`], no guest, KVM backend): bad host-side setups
+//! are refused before any guest runs: a socket folder that does not exist, a
+//! socket someone listens on, hybrid on QEMU, a CID in use.
+
+use std::path::{Path, PathBuf};
+
+use beacon_tests::assets::beacon_kernel_dir;
+use beacon_tests::device_suite::Scenario;
+use beacon_tests::script::sh_quote;
+use beacon_tests::vsock_tool::expected_line;
+
+use crate::VMM;
+
+const GUEST_CID: u32 = 3;
+const BIG: u64 = 100 << 20;
+const MANY: usize = 64;
+const SMALL: u64 = 256 << 10;
+
+/// Build `beacon-vsock-tool` (release: in the guest it checks 200 MiB under
+/// emulation, where a debug build would take most of the guest's CPU) and
+/// return its path.
+pub fn tool() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/devices-HASH -> target/
+    let target = exe
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .expect("test binary under target/<profile>/deps");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "beacon-tests",
+            "--bin",
+            "beacon-vsock-tool",
+        ])
+        .status()
+        .expect("running cargo build for beacon-vsock-tool");
+    assert!(status.success(), "building beacon-vsock-tool failed");
+    let tool = target.join("release").join("beacon-vsock-tool");
+    assert!(tool.is_file(), "{} was not built", tool.display());
+    tool
+}
+
+/// Guest side: serve 5000 (one big) and 5001 (many), connect to the host's
+/// 6000 and 6001, all at once.
+fn guest_checks() -> String {
+    format!(
+        r#"
+T=/bin/beacon-vsock-tool
+job() {{ name=$1; shift; ( "$T" --timeout-secs 900 "$@" >/tmp/$name.out 2>&1; echo "rc=$?" >>/tmp/$name.out ) & }}
+job gs-big serve --vsock 5000 --label guest-server-big --bytes {BIG}
+job gs-many serve --vsock 5001 --label guest-server-many --conns {MANY} --bytes {SMALL}
+job gc-big connect --vsock 2:6000 --label guest-client-big --bytes {BIG} --retry-secs 300
+job gc-many connect --vsock 2:6001 --label guest-client-many --conns {MANY} --bytes {SMALL} --retry-secs 300
+wait
+rc=0
+for f in gs-big gs-many gc-big gc-many; do cat /tmp/$f.out; grep -q '^rc=0$' /tmp/$f.out || rc=1; done
+exit $rc
+"#
+    )
+}
+
+/// Host side, before the boot: servers on 6000/6001 and clients to the
+/// guest's 5000/5001 in the background (`server`/`client` are the tool's
+/// endpoint arguments with `PORT` to fill in).
+fn host_jobs(tool: &Path, server: &str, client: &str) -> String {
+    let t = sh_quote(&tool.display().to_string());
+    let srv = |port: u32| server.replace("PORT", &port.to_string());
+    let cli = |port: u32| client.replace("PORT", &port.to_string());
+    format!(
+        r#"
+T={t}
+pids=""
+job() {{ name=$1; shift; ( "$T" --timeout-secs 900 "$@" >"$WORK/$name.out" 2>&1; echo "rc=$?" >>"$WORK/$name.out" ) & pids="$pids $!"; }}
+job hs-big serve {s0} --label host-server-big --bytes {BIG}
+job hs-many serve {s1} --label host-server-many --conns {MANY} --bytes {SMALL}
+job hc-big connect {c0} --label host-client-big --bytes {BIG} --retry-secs 300
+job hc-many connect {c1} --label host-client-many --conns {MANY} --bytes {SMALL} --retry-secs 300
+"#,
+        s0 = srv(6000),
+        s1 = srv(6001),
+        c0 = cli(5000),
+        c1 = cli(5001),
+    )
+}
+
+/// Host side, after the boot: stop the jobs (each a subshell around one tool
+/// process: its children first) if the boot failed, so no server keeps a port
+/// and no client reaches the next case's guest; then every job must have
+/// passed.
+const HOST_AFTER: &str = r#"
+if [ $rc -ne 0 ]; then for p in $pids; do pkill -P $p 2>/dev/null; kill $p 2>/dev/null; done; fi
+wait $pids
+hrc=0
+for f in hs-big hs-many hc-big hc-many; do cat "$WORK/$f.out"; grep -q '^rc=0$' "$WORK/$f.out" || hrc=1; done
+"#;
+
+/// Every end's checksum line.
+fn expected() -> Vec<String> {
+    [
+        ("guest-server-big", 1, BIG),
+        ("guest-server-many", MANY, SMALL),
+        ("guest-client-big", 1, BIG),
+        ("guest-client-many", MANY, SMALL),
+        ("host-server-big", 1, BIG),
+        ("host-server-many", MANY, SMALL),
+        ("host-client-big", 1, BIG),
+        ("host-client-many", MANY, SMALL),
+    ]
+    .iter()
+    .map(|(label, conns, bytes)| expected_line(label, *conns, *bytes))
+    .collect()
+}
+
+fn common(tool: &Path) -> Scenario {
+    Scenario {
+        checks: guest_checks(),
+        stock_modules: vec!["virtio_mmio", "vmw_vsock_virtio_transport"],
+        guest_files: vec![(tool.to_path_buf(), "/bin/beacon-vsock-tool".into())],
+        memory_mib: 512,
+        expect: expected(),
+        ..Scenario::default()
+    }
+}
+
+/// The hybrid part (KVM backend): a stale socket file is in the way and must
+/// be replaced, and removed when the VMM ends.
+pub fn hybrid(tool: &Path) -> Scenario {
+    let t = sh_quote(&tool.display().to_string());
+    let before = format!(
+        r#"T={t}
+"$T" serve --unix "$WORK/v.sock" --timeout-secs 120 >/dev/null 2>&1 & sp=$!
+while [ ! -S "$WORK/v.sock" ]; do kill -0 $sp || break; sleep 0.1; done
+kill -9 $sp; wait $sp 2>/dev/null
+[ -S "$WORK/v.sock" ] && echo "STALE-SOCKET-IN-PLACE"
+{jobs}"#,
+        jobs = host_jobs(
+            tool,
+            r#"--unix "$WORK/v.sock_PORT""#,
+            r#"--hybrid "$WORK/v.sock:PORT""#
+        ),
+    );
+    let after = format!(
+        r#"{HOST_AFTER}
+if [ -e "$WORK/v.sock" ]; then echo "SOCKET-LEFT-BEHIND"; hrc=1; fi
+(exit $hrc)"#
+    );
+    let mut s = common(tool);
+    s.name = "vsock-hybrid";
+    s.backends = vec!["kvm"];
+    s.vmm_args = vec![
+        "--vsock".into(),
+        format!("cid={GUEST_CID},uds={{WORK}}/v.sock"),
+    ];
+    s.host_before = before;
+    s.host_after = after;
+    s.expect.push("STALE-SOCKET-IN-PLACE".into());
+    s
+}
+
+/// The vhost-vsock part (either backend).
+pub fn vhost(tool: &Path) -> Scenario {
+    let mut s = common(tool);
+    s.name = "vsock-vhost";
+    s.vmm_args = vec!["--vsock".into(), format!("cid={GUEST_CID}")];
+    s.host_before = host_jobs(tool, "--vsock PORT", &format!("--vsock {GUEST_CID}:PORT"));
+    s.host_after = format!("{HOST_AFTER}\n(exit $hrc)");
+    s
+}
+
+/// A refusal check: run `beacon-vmm` with `args`, expect exit code `rc` and
+/// `text` in its output, then `extra` (shell) to hold.
+fn refusal(name: &str, args: &str, rc: i32, text: &str, extra: &str) -> String {
+    format!(
+        r#"
+out=$(NO_COLOR=1 "$VMM" run --kernel "$KERNEL" --console off {args} 2>&1); got=$?
+if [ $got -eq {rc} ] && printf '%s' "$out" | grep -qF {text} && {extra}; then echo "REFUSED-OK {name}"; else echo "REFUSED-WRONG {name} (exit $got): $out"; fi
+"#,
+        text = sh_quote(text),
+    )
+}
+
+/// The refusal part (host shell only, KVM backend).
+pub fn refusals(tool: &Path) -> Scenario {
+    let kernel = beacon_kernel_dir().expect("beacon kernel").join("vmlinux");
+    let t = sh_quote(&tool.display().to_string());
+    let prelude = format!(
+        "VMM={}\nKERNEL={}\nT={t}\n",
+        sh_quote(VMM),
+        sh_quote(&kernel.display().to_string())
+    );
+    let hybrid = [
+        refusal(
+            "missing-folder",
+            r#"--vsock "cid=3,uds=$WORK/no/such/folder/v.sock""#,
+            1,
+            "cannot be created",
+            r#"[ ! -e "$WORK/no" ]"#,
+        ),
+        refusal(
+            "hybrid-on-qemu",
+            r#"--backend qemu --vsock "cid=3,uds=$WORK/q.sock""#,
+            2,
+            "exists only in the KVM backend",
+            r#"[ ! -e "$WORK/q.sock" ]"#,
+        ),
+        format!(
+            r#"
+"$T" serve --unix "$WORK/busy.sock" --timeout-secs 120 >/dev/null 2>&1 & bp=$!
+while [ ! -S "$WORK/busy.sock" ]; do kill -0 $bp || break; sleep 0.1; done
+{}
+kill $bp 2>/dev/null; wait $bp 2>/dev/null
+"#,
+            refusal(
+                "socket-in-use",
+                r#"--vsock "cid=3,uds=$WORK/busy.sock""#,
+                1,
+                "another process is listening on it",
+                r#"[ -S "$WORK/busy.sock" ]"#,
+            )
+        ),
+    ]
+    .concat();
+    let vhost = format!(
+        r#"
+"$T" hold-cid 9 --timeout-secs 120 >"$WORK/hold.out" 2>&1 & hp=$!
+while ! grep -q HOLDING "$WORK/hold.out"; do kill -0 $hp || break; sleep 0.1; done
+{}
+kill $hp; wait $hp 2>/dev/null
+"#,
+        refusal(
+            "cid-in-use",
+            "--vsock cid=9",
+            1,
+            "guest CID 9 is already used by another VM",
+            "true",
+        )
+    );
+    Scenario {
+        name: "vsock-refused",
+        backends: vec!["kvm"],
+        host_before: format!("{prelude}{hybrid}{vhost}"),
+        expect: [
+            "missing-folder",
+            "hybrid-on-qemu",
+            "socket-in-use",
+            "cid-in-use",
+        ]
+        .iter()
+        .map(|n| format!("REFUSED-OK {n}"))
+        .collect(),
+        ..Scenario::default()
+    }
+}
