@@ -196,7 +196,7 @@ impl Scenario {
             let guest = !p.checks.trim().is_empty();
             if guest {
                 checks.push_str(&format!(
-                    "echo '{}'\n(\n{}\n)\nprc=$?\necho \"{} rc=$prc\"\n[ $prc -eq 0 ] || rc=1\n",
+                    "echo '{}'\n(\n{}\n)\nprc=$?\necho \"{} rc=$prc at $(cut -d' ' -f1 /proc/uptime) s\"\n[ $prc -eq 0 ] || rc=1\n",
                     marker("GUEST", p.name),
                     p.checks,
                     marker("GUEST-END", p.name),
@@ -407,6 +407,14 @@ fn regions(text: &str, begin: &str, end: &str) -> Vec<(usize, usize)> {
     out
 }
 
+/// The exit code on the line `<end> rc=N` in `text`.
+fn end_rc(text: &str, end: &str) -> Option<i32> {
+    let tag = format!("{end} rc=");
+    let rest = &text[text.find(&tag)? + tag.len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
 /// Each part's problems in a combined case's output, named after the part: its
 /// guest checks' and host_after's exit codes, and its expected lines, looked
 /// for in its own output and in output no part owns.
@@ -442,22 +450,16 @@ fn part_problems(text: &str, parts: &[Part]) -> Vec<String> {
         let own: String = ranges.iter().map(|&(s, e)| &text[s..e]).collect();
         let mut mine = Vec::new();
         if p.guest {
-            let end = marker("GUEST-END", p.name);
-            match text.find(&format!("{end} rc=")) {
+            match end_rc(text, &marker("GUEST-END", p.name)) {
                 None => mine.push("guest checks did not finish".to_string()),
-                Some(i) if !text[i + end.len()..].starts_with(" rc=0") => {
-                    mine.push("guest checks failed".to_string())
-                }
-                Some(_) => {}
+                Some(0) => {}
+                Some(rc) => mine.push(format!("guest checks failed (exit code {rc})")),
             }
         }
-        let end = marker("HOST-AFTER-END", p.name);
-        match text.find(&format!("{end} rc=")) {
+        match end_rc(text, &marker("HOST-AFTER-END", p.name)) {
             None => mine.push("host_after did not run".to_string()),
-            Some(i) if !text[i + end.len()..].starts_with(" rc=0") => {
-                mine.push("host_after failed".to_string())
-            }
-            Some(_) => {}
+            Some(0) => {}
+            Some(rc) => mine.push(format!("host_after failed (exit code {rc})")),
         }
         for e in &p.expect {
             if !own.contains(e.as_str()) && !unowned.contains(e.as_str()) {
@@ -533,8 +535,8 @@ mod tests {
 === PART-HOST-BEFORE [a]\na-before\n=== PART-HOST-BEFORE-END [a]\n\
 === PART-HOST-BEFORE [b]\nb-before\n=== PART-HOST-BEFORE-END [b]\n\
 shared-line\n\
-=== PART-GUEST [a]\r\na-guest\r\n=== PART-GUEST-END [a] rc=0\r\n\
-=== PART-GUEST [b]\r\nb-only\r\n=== PART-GUEST-END [b] rc=0\r\n\
+=== PART-GUEST [a]\r\na-guest\r\n=== PART-GUEST-END [a] rc=0 at 9.1 s\r\n\
+=== PART-GUEST [b]\r\nb-only\r\n=== PART-GUEST-END [b] rc=0 at 9.5 s\r\n\
 === PART-HOST-AFTER [a]\n=== PART-HOST-AFTER-END [a] rc=0\n\
 === PART-HOST-AFTER [b]\n=== PART-HOST-AFTER-END [b] rc=0\n";
         assert_eq!(part_problems(ok, &c.parts), Vec::<String>::new());
@@ -543,12 +545,12 @@ shared-line\n\
         let bad = ok
             .replace("b-only", "")
             .replace("a-guest\r\n", "b-only\r\n")
-            .replace("[a] rc=0\r\n", "[a] rc=1\r\n")
+            .replace("[a] rc=0 ", "[a] rc=1 ")
             .replace("=== PART-HOST-AFTER-END [b] rc=0", "");
         assert_eq!(
             part_problems(&bad, &c.parts),
             [
-                "[a] guest checks failed",
+                "[a] guest checks failed (exit code 1)",
                 "[a] missing \"a-guest\"",
                 "[b] host_after did not run",
                 "[b] missing \"b-only\"",
