@@ -693,6 +693,84 @@ pub fn here_or_in_lab(here: bool, why: &str, test: &str, env: &[(&str, String)])
     false
 }
 
+/// Like [`here_or_in_lab`], but all tests of this binary that pass the same
+/// `group` share ONE lab run, so the lab VM starts once for them instead of
+/// once per test: the first caller runs `group` (a libtest name filter that
+/// must select every test of the group, `test` included) there, one test at a
+/// time, and every caller then asserts that its own test ran and passed in that
+/// run. Tests the filter selects that need no lab simply run there once more.
+pub fn here_or_in_lab_shared(
+    here: bool,
+    why: &str,
+    test: &str,
+    group: &str,
+    env: &[(&str, String)],
+) -> bool {
+    type Run = Arc<std::sync::OnceLock<Result<LabOutput, String>>>;
+    static RUNS: Mutex<Vec<(String, Run)>> = Mutex::new(Vec::new());
+    if here {
+        return true;
+    }
+    assert!(
+        std::env::var_os(RERUN_ENV).is_none(),
+        "{test}: inside the nested lab and still {why}"
+    );
+    assert!(
+        test.contains(group),
+        "{test} is not in its lab group {group:?}"
+    );
+    let run: Run = {
+        let mut runs = RUNS.lock().unwrap_or_else(|e| e.into_inner());
+        match runs.iter().find(|(g, _)| g == group) {
+            Some((_, r)) => r.clone(),
+            None => {
+                let r = Run::default();
+                runs.push((group.to_string(), r.clone()));
+                r
+            }
+        }
+    };
+    let out = run.get_or_init(|| {
+        let exe = std::env::current_exe()
+            .map_err(|e| format!("test binary path: {e}"))?
+            .display()
+            .to_string();
+        let mut lab = Lab::new();
+        lab.timeout = Duration::from_secs(1200);
+        lab.env.push((RERUN_ENV.into(), "1".into()));
+        lab.env
+            .extend(env.iter().map(|(k, v)| (k.to_string(), v.clone())));
+        eprintln!("lab group {group:?}: {why} here; running the group in the nested lab");
+        lab.run(&[exe.as_str(), group, "--test-threads=1"])
+            .map_err(|e| e.to_string())
+    });
+    let out = match out {
+        Ok(out) => out,
+        Err(e) => panic!("{test}: running lab group {group:?} in the nested lab failed: {e}"),
+    };
+    let passed = out
+        .output
+        .lines()
+        .any(|l| l == format!("test {test} ... ok"));
+    let failure = format!("---- {test} stdout ----");
+    assert!(
+        passed,
+        "{test} {} in the nested lab (group {group:?}, exit {}):\n{}",
+        if out.output.contains(&format!("test {test} ")) {
+            "failed"
+        } else {
+            "did not run"
+        },
+        out.exit_code,
+        out.output
+            .find(&failure)
+            .map(|i| &out.output[i..])
+            .unwrap_or(&out.output)
+    );
+    eprintln!("{test}: {why} here; ran and passed in the nested lab (group {group:?})");
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,8 +6,8 @@
 //! The lifecycle tests need a `/dev/kvm` that runs such guests: this host's when
 //! it can be opened (hardware KVM, or a paravirtual PVM `/dev/kvm`, which runs
 //! these guests too), and otherwise they run themselves again inside the nested
-//! lab and pass only if they passed there ([`kvm_here_or_in_lab`]). They never
-//! pass without having run.
+//! lab (all of them in one lab run) and pass only if they passed there
+//! ([`kvm_here_or_in_lab`]). They never pass without having run.
 
 use std::path::{Path, PathBuf};
 
@@ -300,12 +300,14 @@ const HALT_FOREVER: &[u8] = &[0xfa, 0xf4, 0xeb, 0xfd]; // cli; hlt; jmp back
 static VM_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// True when this process can run tiny guests itself; otherwise the test runs
-/// inside the nested lab and the caller returns.
+/// inside the nested lab and the caller returns. All of this module's tests share
+/// one lab run (one lab VM start).
 fn kvm_here_or_in_lab(test: &str) -> bool {
-    beacon_tests::lab::here_or_in_lab(
+    beacon_tests::lab::here_or_in_lab_shared(
         kvm_ioctls::Kvm::new().is_ok(),
         "/dev/kvm cannot be opened",
         test,
+        "kvm::tests::",
         &[],
     )
 }

@@ -1,27 +1,26 @@
-//! virtio-vsock in real guests: the KVM backend with the hybrid unix-socket
-//! backend and with vhost-vsock, and QEMU with vhost-vsock, each with the
-//! beacon kernel and Debian's stock cloud kernel (vsock as modules).
+//! virtio-vsock: the KVM backend with the hybrid unix-socket backend and with
+//! vhost-vsock, and QEMU with vhost-vsock.
 //!
-//! One boot per case runs everything at once, both ways: a guest server with
-//! a host client and a host server with a guest client, each one connection
-//! sending 100 MiB each way (full duplex) and 64 concurrent connections; every
-//! end checks the stream it received byte for byte and prints its checksum,
-//! which must be the sender's ([`beacon_tests::vsock_tool`]). On the KVM
-//! cases with the beacon kernel the host also checks, before that boot, that
-//! bad host-side setups are refused before any guest runs (a socket folder that
-//! does not exist, a socket someone listens on, hybrid on QEMU, a CID in use),
-//! and the hybrid case boots over a stale socket file it must replace and
-//! remove at exit.
+//! The part runs everything at once, both ways: a guest server with a host
+//! client and a host server with a guest client, each one connection sending
+//! 100 MiB each way (full duplex) and 64 concurrent connections; every end
+//! checks the stream it received byte for byte and prints its checksum, which
+//! must be the sender's ([`beacon_tests::vsock_tool`]). The hybrid part boots
+//! over a stale socket file it must replace and remove at exit.
+//!
+//! `vsock-refused` ([`refusals`], no guest, KVM backend): bad host-side setups
+//! are refused before any guest runs: a socket folder that does not exist, a
+//! socket someone listens on, hybrid on QEMU, a CID in use.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use beacon_tests::assets::beacon_kernel_dir;
-use beacon_tests::device_suite::{assert_all_passed, run_scenarios, Scenario};
+use beacon_tests::device_suite::Scenario;
 use beacon_tests::script::sh_quote;
 use beacon_tests::vsock_tool::expected_line;
 
-const VMM: &str = env!("CARGO_BIN_EXE_beacon-vmm");
+use crate::VMM;
+
 const GUEST_CID: u32 = 3;
 const BIG: u64 = 100 << 20;
 const MANY: usize = 64;
@@ -30,9 +29,9 @@ const SMALL: u64 = 256 << 10;
 /// Build `beacon-vsock-tool` (release: in the guest it checks 200 MiB under
 /// emulation, where a debug build would take most of the guest's CPU) and
 /// return its path.
-fn vsock_tool() -> PathBuf {
+pub fn tool() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/dev_vsock-HASH -> target/
+    // target/<profile>/deps/devices-HASH -> target/
     let target = exe
         .parent()
         .and_then(Path::parent)
@@ -62,7 +61,6 @@ fn guest_checks() -> String {
     format!(
         r#"
 T=/bin/beacon-vsock-tool
-mkdir -p /tmp
 job() {{ name=$1; shift; ( "$T" --timeout-secs 900 "$@" >/tmp/$name.out 2>&1; echo "rc=$?" >>/tmp/$name.out ) & }}
 job gs-big serve --vsock 5000 --label guest-server-big --bytes {BIG}
 job gs-many serve --vsock 5001 --label guest-server-many --conns {MANY} --bytes {SMALL}
@@ -111,6 +109,79 @@ hrc=0
 for f in hs-big hs-many hc-big hc-many; do cat "$WORK/$f.out"; grep -q '^rc=0$' "$WORK/$f.out" || hrc=1; done
 "#;
 
+/// Every end's checksum line.
+fn expected() -> Vec<String> {
+    [
+        ("guest-server-big", 1, BIG),
+        ("guest-server-many", MANY, SMALL),
+        ("guest-client-big", 1, BIG),
+        ("guest-client-many", MANY, SMALL),
+        ("host-server-big", 1, BIG),
+        ("host-server-many", MANY, SMALL),
+        ("host-client-big", 1, BIG),
+        ("host-client-many", MANY, SMALL),
+    ]
+    .iter()
+    .map(|(label, conns, bytes)| expected_line(label, *conns, *bytes))
+    .collect()
+}
+
+fn common(tool: &Path) -> Scenario {
+    Scenario {
+        checks: guest_checks(),
+        stock_modules: vec!["virtio_mmio", "vmw_vsock_virtio_transport"],
+        guest_files: vec![(tool.to_path_buf(), "/bin/beacon-vsock-tool".into())],
+        memory_mib: 512,
+        expect: expected(),
+        ..Scenario::default()
+    }
+}
+
+/// The hybrid part (KVM backend): a stale socket file is in the way and must
+/// be replaced, and removed when the VMM ends.
+pub fn hybrid(tool: &Path) -> Scenario {
+    let t = sh_quote(&tool.display().to_string());
+    let before = format!(
+        r#"T={t}
+"$T" serve --unix "$WORK/v.sock" --timeout-secs 120 >/dev/null 2>&1 & sp=$!
+while [ ! -S "$WORK/v.sock" ]; do kill -0 $sp || break; sleep 0.1; done
+kill -9 $sp; wait $sp 2>/dev/null
+[ -S "$WORK/v.sock" ] && echo "STALE-SOCKET-IN-PLACE"
+{jobs}"#,
+        jobs = host_jobs(
+            tool,
+            r#"--unix "$WORK/v.sock_PORT""#,
+            r#"--hybrid "$WORK/v.sock:PORT""#
+        ),
+    );
+    let after = format!(
+        r#"{HOST_AFTER}
+if [ -e "$WORK/v.sock" ]; then echo "SOCKET-LEFT-BEHIND"; hrc=1; fi
+(exit $hrc)"#
+    );
+    let mut s = common(tool);
+    s.name = "vsock-hybrid";
+    s.backends = vec!["kvm"];
+    s.vmm_args = vec![
+        "--vsock".into(),
+        format!("cid={GUEST_CID},uds={{WORK}}/v.sock"),
+    ];
+    s.host_before = before;
+    s.host_after = after;
+    s.expect.push("STALE-SOCKET-IN-PLACE".into());
+    s
+}
+
+/// The vhost-vsock part (either backend).
+pub fn vhost(tool: &Path) -> Scenario {
+    let mut s = common(tool);
+    s.name = "vsock-vhost";
+    s.vmm_args = vec!["--vsock".into(), format!("cid={GUEST_CID}")];
+    s.host_before = host_jobs(tool, "--vsock PORT", &format!("--vsock {GUEST_CID}:PORT"));
+    s.host_after = format!("{HOST_AFTER}\n(exit $hrc)");
+    s
+}
+
 /// A refusal check: run `beacon-vmm` with `args`, expect exit code `rc` and
 /// `text` in its output, then `extra` (shell) to hold.
 fn refusal(name: &str, args: &str, rc: i32, text: &str, extra: &str) -> String {
@@ -123,7 +194,8 @@ if [ $got -eq {rc} ] && printf '%s' "$out" | grep -qF {text} && {extra}; then ec
     )
 }
 
-fn cases(tool: &Path) -> Vec<Scenario> {
+/// The refusal part (host shell only, KVM backend).
+pub fn refusals(tool: &Path) -> Scenario {
     let kernel = beacon_kernel_dir().expect("beacon kernel").join("vmlinux");
     let t = sh_quote(&tool.display().to_string());
     let prelude = format!(
@@ -131,31 +203,7 @@ fn cases(tool: &Path) -> Vec<Scenario> {
         sh_quote(VMM),
         sh_quote(&kernel.display().to_string())
     );
-    let mut expect: Vec<String> = [
-        ("guest-server-big", 1, BIG),
-        ("guest-server-many", MANY, SMALL),
-        ("guest-client-big", 1, BIG),
-        ("guest-client-many", MANY, SMALL),
-        ("host-server-big", 1, BIG),
-        ("host-server-many", MANY, SMALL),
-        ("host-client-big", 1, BIG),
-        ("host-client-many", MANY, SMALL),
-    ]
-    .iter()
-    .map(|(label, conns, bytes)| expected_line(label, *conns, *bytes))
-    .collect();
-    let common = Scenario {
-        checks: guest_checks(),
-        stock_modules: vec!["virtio_mmio", "vmw_vsock_virtio_transport"],
-        guest_files: vec![(tool.to_path_buf(), "/bin/beacon-vsock-tool".into())],
-        memory_mib: 512,
-        timeout_secs: 900,
-        ..Scenario::default()
-    };
-
-    // Hybrid: a stale socket file is in the way and must be replaced, and
-    // removed when the VMM ends.
-    let hybrid_refusals = [
+    let hybrid = [
         refusal(
             "missing-folder",
             r#"--vsock "cid=3,uds=$WORK/no/such/folder/v.sock""#,
@@ -187,29 +235,7 @@ kill $bp 2>/dev/null; wait $bp 2>/dev/null
         ),
     ]
     .concat();
-    let hybrid_before = format!(
-        r#"{prelude}
-if [ "$CASE" = vsock-hybrid-kvm-beacon ]; then
-{hybrid_refusals}
-fi
-"$T" serve --unix "$WORK/v.sock" --timeout-secs 120 >/dev/null 2>&1 & sp=$!
-while [ ! -S "$WORK/v.sock" ]; do kill -0 $sp || break; sleep 0.1; done
-kill -9 $sp; wait $sp 2>/dev/null
-[ -S "$WORK/v.sock" ] && echo "STALE-SOCKET-IN-PLACE"
-{jobs}"#,
-        jobs = host_jobs(
-            tool,
-            r#"--unix "$WORK/v.sock_PORT""#,
-            r#"--hybrid "$WORK/v.sock:PORT""#
-        ),
-    );
-    let hybrid_after = format!(
-        r#"{HOST_AFTER}
-if [ -e "$WORK/v.sock" ]; then echo "SOCKET-LEFT-BEHIND"; hrc=1; fi
-(exit $hrc)"#
-    );
-
-    let vhost_refusals = format!(
+    let vhost = format!(
         r#"
 "$T" hold-cid 9 --timeout-secs 120 >"$WORK/hold.out" 2>&1 & hp=$!
 while ! grep -q HOLDING "$WORK/hold.out"; do kill -0 $hp || break; sleep 0.1; done
@@ -224,68 +250,19 @@ kill $hp; wait $hp 2>/dev/null
             "true",
         )
     );
-    let vhost_before = format!(
-        r#"{prelude}
-if [ "$CASE" = vsock-vhost-kvm-beacon ]; then
-{vhost_refusals}
-fi
-{jobs}"#,
-        jobs = host_jobs(tool, "--vsock PORT", &format!("--vsock {GUEST_CID}:PORT"),),
-    );
-    let vhost_after = format!("{HOST_AFTER}\n(exit $hrc)");
-
-    let mut hybrid_expect = expect.clone();
-    hybrid_expect.push("STALE-SOCKET-IN-PLACE".into());
-    expect.sort();
-    vec![
-        Scenario {
-            name: "vsock-hybrid",
-            backends: vec!["kvm"],
-            vmm_args: vec![
-                "--vsock".into(),
-                format!("cid={GUEST_CID},uds={{WORK}}/v.sock"),
-            ],
-            host_before: hybrid_before,
-            host_after: hybrid_after,
-            expect: hybrid_expect,
-            ..common.clone()
-        },
-        Scenario {
-            name: "vsock-vhost",
-            backends: vec!["kvm", "qemu"],
-            vmm_args: vec!["--vsock".into(), format!("cid={GUEST_CID}")],
-            host_before: vhost_before,
-            host_after: vhost_after,
-            expect,
-            ..common
-        },
-    ]
-}
-
-#[test]
-fn vsock_both_ways_on_hybrid_and_vhost_with_beacon_and_stock_kernels() {
-    let tool = vsock_tool();
-    let scenarios = cases(&tool);
-    let results = run_scenarios(Path::new(VMM), &scenarios, Duration::from_secs(3600));
-    // The refusal checks ran on the KVM cases with the beacon kernel.
-    let mut problems = Vec::new();
-    for (case, names) in [
-        (
-            "vsock-hybrid-kvm-beacon",
-            &["missing-folder", "hybrid-on-qemu", "socket-in-use"][..],
-        ),
-        ("vsock-vhost-kvm-beacon", &["cid-in-use"][..]),
-    ] {
-        let Some(r) = results.iter().find(|r| r.name == case) else {
-            problems.push(format!("{case} did not run"));
-            continue;
-        };
-        for n in names {
-            if !r.output.contains(&format!("REFUSED-OK {n}")) {
-                problems.push(format!("{case}: refusal {n} not confirmed"));
-            }
-        }
+    Scenario {
+        name: "vsock-refused",
+        backends: vec!["kvm"],
+        host_before: format!("{prelude}{hybrid}{vhost}"),
+        expect: [
+            "missing-folder",
+            "hybrid-on-qemu",
+            "socket-in-use",
+            "cid-in-use",
+        ]
+        .iter()
+        .map(|n| format!("REFUSED-OK {n}"))
+        .collect(),
+        ..Scenario::default()
     }
-    assert_all_passed(&results);
-    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }

@@ -2,14 +2,17 @@
 //! loop: the guest init announces itself, reads one line from its console, echoes
 //! it, and resets. The host types only after the announcement (bytes sent before
 //! the guest's UART driver starts are flushed by that driver, as on real hardware).
+//! A raw section of the device lab run: it needs the lab, not a device guest.
 
-use std::time::Duration;
+use std::path::Path;
 
-use beacon_tests::assets::{beacon_kernel_dir, lab_visible_tempdir};
-use beacon_tests::lab::run_with_kvm;
+use beacon_tests::device_suite::RawSection;
 use beacon_tests::script::{section, sh_command};
 
-const VMM: &str = env!("CARGO_BIN_EXE_beacon-vmm");
+use crate::VMM;
+
+/// The section's name.
+pub const NAME: &str = "console-input";
 
 const INIT: &str = r#"#!/bin/sh
 /bin/busybox --install -s /bin
@@ -20,17 +23,15 @@ echo "GOT: [$line]"
 reboot -f
 "#;
 
-#[test]
-fn typed_line_reaches_the_guest_console() {
-    let kernel = beacon_kernel_dir().expect("beacon kernel").join("vmlinux");
-    let tmp = lab_visible_tempdir().expect("tempdir");
-    let init = tmp.path().join("init");
+/// The section: one beacon-kernel boot with an initrd built in `dir`.
+pub fn section_for(kernel: &Path, dir: &Path) -> RawSection {
+    let init = dir.join("console-init");
     std::fs::write(&init, INIT).expect("write init");
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     }
-    let initrd = tmp.path().join("initrd.gz");
+    let initrd = dir.join("console-initrd.gz");
     let spec = beacon_initrd::InitrdSpec {
         init: init.clone(),
         busybox: Some("/bin/busybox".into()),
@@ -66,22 +67,29 @@ done
 printf 'hello from the host\n' >&3
 wait $pid
 rc=$?
-echo '=== BEGIN vm'
 cat "$d/out"
-echo "=== END vm rc=$rc"
+echo "CONSOLE-VM-RC: $rc"
 "#
     );
-    let script_path = tmp.path().join("console.sh");
-    std::fs::write(&script_path, script).expect("write script");
-    let out = run_with_kvm(
-        &["sh".to_string(), script_path.display().to_string()],
-        Duration::from_secs(400),
-    )
-    .expect("lab run");
-    let vm = section(&out.output, "vm").unwrap_or_else(|| panic!("no VM output:\n{}", out.console));
-    assert!(
-        vm.contains("GOT: [hello from the host]"),
-        "the guest did not receive the typed line:\n{vm}"
-    );
-    assert!(out.output.contains("=== END vm rc=0"), "{vm}");
+    RawSection {
+        name: NAME.into(),
+        script,
+    }
+}
+
+/// Problems in the lab output of the section (empty: it passed).
+pub fn problems(lab_output: &str) -> Vec<String> {
+    let Some(text) = section(lab_output, NAME) else {
+        return vec![format!("{NAME}: no output section")];
+    };
+    let mut p = Vec::new();
+    if !text.contains("GOT: [hello from the host]") {
+        p.push(format!(
+            "{NAME}: the guest did not receive the typed line:\n{text}"
+        ));
+    }
+    if !text.contains("CONSOLE-VM-RC: 0") {
+        p.push(format!("{NAME}: the VM did not end cleanly:\n{text}"));
+    }
+    p
 }
