@@ -121,10 +121,16 @@ fn boots(a: &Assets) -> Vec<Scenario> {
             } else {
                 (GuestKernel::Stock, 2, GuestEnd::PowerOff)
             };
-            let (vsock1, net1) = if backend == "kvm" {
-                (vsock::hybrid(a.tool), net::part(net::Variant::User))
+            // 100 MiB streams where our vsock device runs our kernel.
+            let big = if backend == "kvm" && beacon {
+                vsock::BIG
             } else {
-                (vsock::vhost(a.tool), net::part(net::Variant::Vhost))
+                vsock::MEDIUM
+            };
+            let (vsock1, net1) = if backend == "kvm" {
+                (vsock::hybrid(a.tool, big), net::part(net::Variant::User))
+            } else {
+                (vsock::vhost(a.tool, big), net::part(net::Variant::Vhost))
             };
             out.push(boot(
                 a,
@@ -151,7 +157,7 @@ fn boots(a: &Assets) -> Vec<Scenario> {
             };
             let mut devices = Vec::new();
             if backend == "kvm" {
-                devices.push(vsock::vhost(a.tool));
+                devices.push(vsock::vhost(a.tool, big));
                 devices.push(net::part(net::Variant::Vhost));
             } else {
                 devices.push(net::part(net::Variant::QemuTap));
