@@ -293,6 +293,8 @@ fn run_half(beacon: bool) {
 
 /// Every device and boot variant with the beacon kernel, on both backends,
 /// and console input (one lab VM; runs alongside the stock kernel's).
+// tests/run-all's main lane skips these two by the name prefix
+// `every_device_and_boot_variant_with_the` (its vmm lane runs them): keep it.
 #[test]
 fn every_device_and_boot_variant_with_the_beacon_kernel() {
     run_half(true);
