@@ -13,8 +13,13 @@
 //! flags, but needs `cargo install cargo-fuzz` on every machine and defaults to
 //! AddressSanitizer, which needs nightly.
 //!
-//! Adding a target for another parser (a net header, a vsock packet header) is
-//! one file in `src/bin/` with `libfuzzer_sys::fuzz_target!`; `../run` finds it.
+//! Targets: `virtqueue_chains` (the shared queue loop), `blk_request` (the
+//! block parser and executor), `mmio_registers` (the transport), `net_header`
+//! (virtio-net's TX header check and per-chain transmit, into a stand-in for
+//! the TAP through `virtio::net::tx`, hidden from the docs and there only for
+//! it) and `vsock_packet` (the vsock packet header, then whole packets through
+//! the hybrid device). Adding a target for another parser is one file in
+//! `src/bin/` with `libfuzzer_sys::fuzz_target!`; `../run` finds it.
 //! This crate never runs outside fuzzing and its helpers may panic on their own
 //! set-up failures (not on fuzz input).
 
@@ -157,6 +162,16 @@ pub fn lay_out_queue(
         q.set_avail_idx(mem, idx);
     }
     Ok(())
+}
+
+/// Where the descriptors of `q`'s table point (as laid out, e.g. by
+/// [`lay_out_queue`]): the places a device reads a request or packet header
+/// from, for targets that put headers there.
+pub fn descriptor_addresses(mem: &GuestMem, q: &DriverQueue) -> Vec<u64> {
+    let m = mem.memory();
+    (0..u64::from(q.size))
+        .filter_map(|i| m.read_obj(GuestAddress(q.desc + 16 * i)).ok())
+        .collect()
 }
 
 /// Scatter fuzz bytes over guest memory (headers, buffer contents).

@@ -33,6 +33,15 @@ use crate::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 pub use crate::tap::VNET_HDR_LEN;
 pub use vhost::VHOST_NET_DEVICE;
 
+/// The guest's transmit path without a TAP, for the fuzz target
+/// `devices/fuzz/src/bin/net_header.rs` (not an API): the header check and the
+/// per-chain gather-and-write the device runs on every TX chain, writing into
+/// any [`FrameSink`](userspace::FrameSink) instead of the TAP.
+#[doc(hidden)]
+pub mod tx {
+    pub use super::userspace::{check_tx_header, transmit, FrameSink, TxError, TX_BUFFER_LEN};
+}
+
 /// virtio device id of the network device.
 pub const VIRTIO_ID_NET: u32 = 1;
 /// Entries in each queue.

@@ -36,7 +36,7 @@ use crate::virtio::queue::{serve_queue, ChainOutcome};
 /// whole buffer may have been cut short and is dropped.
 const RX_BUFFER_LEN: usize = VNET_HDR_LEN + (64 << 10) + 1024;
 /// Largest TX chain: the header plus [`super::MAX_TX_FRAME`].
-const TX_BUFFER_LEN: usize = VNET_HDR_LEN + super::MAX_TX_FRAME;
+pub const TX_BUFFER_LEN: usize = VNET_HDR_LEN + super::MAX_TX_FRAME;
 /// Pieces of guest memory one transmitted frame may be written from; a chain
 /// with more is copied first.
 const TX_MAX_SEGMENTS: usize = 64;
@@ -54,7 +54,7 @@ const GSO_TCPV4: u8 = 1;
 const GSO_TCPV6: u8 = 4;
 
 /// Whether a TX header asks only for what the guest negotiated; `Err` says why not.
-pub(super) fn check_tx_header(hdr: &[u8], acked: u64) -> Result<(), &'static str> {
+pub fn check_tx_header(hdr: &[u8], acked: u64) -> Result<(), &'static str> {
     let (Some(&flags), Some(&gso)) = (hdr.get(HDR_FLAGS), hdr.get(HDR_GSO_TYPE)) else {
         return Err("header too short");
     };
@@ -200,19 +200,41 @@ pub(super) fn plan_rx(
 }
 
 /// Why a transmitted frame did not reach the TAP.
-enum TxError {
+#[derive(Debug)]
+pub enum TxError {
     /// The guest's chain or header is wrong.
     Dropped(&'static str),
     /// The TAP refused it.
     Tap(std::io::Error),
 }
 
+/// Where [`transmit`] writes a checked frame (net header first): the TAP, or
+/// a stand-in in fuzz targets, which cannot open a TAP.
+pub trait FrameSink {
+    /// Write one frame.
+    fn write_frame(&self, frame: &[u8]) -> std::io::Result<usize>;
+    /// Write one frame gathered from `iovs`, each of which points to memory
+    /// readable for the duration of the call.
+    fn write_frame_vectored(&self, iovs: &[libc::iovec]) -> std::io::Result<usize>;
+}
+
+impl FrameSink for Tap {
+    fn write_frame(&self, frame: &[u8]) -> std::io::Result<usize> {
+        Tap::write_frame(self, frame)
+    }
+
+    fn write_frame_vectored(&self, iovs: &[libc::iovec]) -> std::io::Result<usize> {
+        Tap::write_frame_vectored(self, iovs)
+    }
+}
+
 /// Send one transmit chain to the TAP. The header is copied out and checked
 /// (so the guest cannot change it after the check); the frame behind it goes
 /// to the TAP straight from guest memory (`writev`), or through `buf` when the
-/// chain has more than [`TX_MAX_SEGMENTS`] pieces.
-fn transmit(
-    tap: &Tap,
+/// chain has more than [`TX_MAX_SEGMENTS`] pieces. `buf` must hold
+/// [`TX_BUFFER_LEN`] bytes.
+pub fn transmit(
+    tap: &impl FrameSink,
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
     acked: u64,
@@ -605,7 +627,7 @@ impl Userspace {
             &active.interrupt,
             &mut self.tx_ring,
             |chain| {
-                match transmit(tap, &mem, chain, acked, buf) {
+                match transmit(&**tap, &mem, chain, acked, buf) {
                     Ok(()) => {}
                     Err(TxError::Dropped(why)) => {
                         if let Some(suppressed) = bad_tx.allow() {
