@@ -14,17 +14,10 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-/// `struct ifreq` flags (`<linux/if_tun.h>`).
-const IFF_TUN: libc::c_short = 0x0001;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-const IFF_VNET_HDR: libc::c_short = 0x4000;
-
-// _IOW('T', n, int) and _IOR('T', n, unsigned int).
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+use beacon_common::tun::{
+    IfReq, IFF_NO_PI, IFF_TAP, IFF_TUN, IFF_VNET_HDR, TUNGETIFF, TUNSETIFF, TUNSETOFFLOAD,
+    TUNSETVNETHDRSZ,
+};
 
 /// Offload flags for `TUNSETOFFLOAD`: what the reader of the TAP (the guest)
 /// accepts in frames coming from the host.
@@ -35,36 +28,6 @@ pub const TUN_F_TSO6: u32 = 0x04;
 /// Size of the virtio 1.x net header (`struct virtio_net_hdr_v1`) in front of
 /// every frame.
 pub const VNET_HDR_LEN: usize = 12;
-
-/// `struct ifreq` as far as the TUN ioctls read and write it.
-#[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
-impl IfReq {
-    fn new(name: &str, flags: libc::c_short) -> Self {
-        let mut req = Self {
-            name: [0; libc::IFNAMSIZ],
-            flags,
-            _pad: [0; 22],
-        };
-        let len = name.len().min(libc::IFNAMSIZ - 1);
-        req.name[..len].copy_from_slice(&name.as_bytes()[..len]);
-        req
-    }
-
-    fn name(&self) -> String {
-        let end = self
-            .name
-            .iter()
-            .position(|b| *b == 0)
-            .unwrap_or(self.name.len());
-        String::from_utf8_lossy(&self.name[..end]).into_owned()
-    }
-}
 
 /// Why a TAP cannot be used; each message names the TAP and the fix.
 #[derive(Debug, thiserror::Error)]

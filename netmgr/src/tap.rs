@@ -8,22 +8,9 @@ use std::os::fd::AsRawFd;
 
 use crate::error::{NetError, Result};
 
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-const IFF_VNET_HDR: libc::c_short = 0x4000;
-// _IOW('T', 202..206, int)
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
-const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
-const TUNSETGROUP: libc::c_ulong = 0x4004_54ce;
-
-/// `struct ifreq` as far as TUNSETIFF reads it.
-#[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
+use beacon_common::tun::{
+    IfReq, IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, TUNSETGROUP, TUNSETIFF, TUNSETOWNER, TUNSETPERSIST,
+};
 
 fn tap_err(action: &'static str, tap: &str, source: std::io::Error) -> NetError {
     NetError::Tap {
@@ -45,12 +32,7 @@ fn bind(name: &str, flags: libc::c_short) -> Result<File> {
         .write(true)
         .open("/dev/net/tun")
         .map_err(|e| tap_err("open /dev/net/tun for", name, e))?;
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags,
-        _pad: [0; 22],
-    };
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    let mut req = IfReq::new(name, flags);
     // SAFETY: `file` is an open tun fd and `req` is a properly sized, initialised
     // ifreq that outlives the call; TUNSETIFF only reads and writes within it.
     let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) };

@@ -12,6 +12,7 @@ pub mod guest_protocol;
 pub mod id;
 pub mod mac;
 pub mod sync;
+pub mod tun;
 
 pub use id::valid_id;
 pub use mac::{MacAddr, MacParseError};
