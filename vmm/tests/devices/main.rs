@@ -14,7 +14,7 @@
 //!
 //! | boot | kvm | qemu |
 //! | --- | --- | --- |
-//! | `dev1` | boot, rng, vsock hybrid, blk, fs, net userspace (TAP fd) | boot, rng, vsock vhost, blk, fs, net vhost |
+//! | `dev1` | boot, rng, vsock hybrid, blk, fs, net userspace (TAP fd), hostile guest | boot, rng, vsock vhost, blk, fs, net vhost |
 //! | `dev2` | boot, vsock vhost, net vhost, fs kill | boot, net tap, fs kill |
 //!
 //! and the boot matrix spread over them, no variant needing a boot of its own:
@@ -39,12 +39,13 @@ mod blk;
 mod boot;
 mod console;
 mod fs;
+mod hostile;
 mod net;
 mod rng;
 mod vsock;
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use beacon_tests::assets::{beacon_kernel_dir, lab_visible_tempdir};
@@ -59,9 +60,39 @@ pub const VMM: &str = env!("CARGO_BIN_EXE_beacon-vmm");
 const DEV1_TIMEOUT_SECS: u32 = 1500;
 const DEV2_TIMEOUT_SECS: u32 = 1200;
 
+/// The guest programs, built in release (in the guest the vsock tool checks
+/// 200 MiB under emulation, where a debug build would take most of the
+/// guest's CPU); returns (`beacon-vsock-tool`, `beacon-hostile-guest`).
+fn guest_programs() -> (PathBuf, PathBuf) {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/devices-HASH -> target/
+    let target = exe
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .expect("test binary under target/<profile>/deps");
+    let names = ["beacon-vsock-tool", "beacon-hostile-guest"];
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(["build", "--release", "-p", "beacon-tests"]);
+    for n in names {
+        cmd.args(["--bin", n]);
+    }
+    let status = cmd
+        .status()
+        .expect("running cargo build for the guest programs");
+    assert!(status.success(), "building {names:?} failed");
+    let [vsock, hostile] = names.map(|n| target.join("release").join(n));
+    for p in [&vsock, &hostile] {
+        assert!(p.is_file(), "{} was not built", p.display());
+    }
+    (vsock, hostile)
+}
+
 /// What the boots need from the host.
 struct Assets<'a> {
     tool: &'a Path,
+    hostile: &'a Path,
     blk: &'a blk::Assets,
     marker: &'a Path,
     token: &'a str,
@@ -133,6 +164,18 @@ fn boots(a: &Assets) -> Vec<Scenario> {
             } else {
                 (vsock::vhost(a.tool, big), net::part(net::Variant::Vhost))
             };
+            let mut devices = vec![
+                rng::part(),
+                vsock1,
+                blk::part(a.blk, backend),
+                fs::shares(),
+                net1,
+            ];
+            // Last: it leaves the devices unusable.
+            if backend == "kvm" {
+                let windows = hostile::device_count(&devices);
+                devices.push(hostile::part(a.hostile, windows));
+            }
             out.push(boot(
                 a,
                 "dev1",
@@ -141,13 +184,7 @@ fn boots(a: &Assets) -> Vec<Scenario> {
                 cpus,
                 cpus,
                 end,
-                vec![
-                    rng::part(),
-                    vsock1,
-                    blk::part(a.blk, backend),
-                    fs::shares(),
-                    net1,
-                ],
+                devices,
                 DEV1_TIMEOUT_SECS,
             ));
             // dev2: the other variants; the killed virtiofsd last.
@@ -195,6 +232,7 @@ fn assert_coverage(boots: &[Scenario]) {
                 "net-vhost",
                 "vsock-hybrid",
                 "vsock-vhost",
+                "hostile",
             ],
         ),
         (
@@ -243,7 +281,7 @@ fn assert_coverage(boots: &[Scenario]) {
 /// Run the boots with the beacon kernel (`beacon`) or the stock kernel in one
 /// lab VM, plus `raw` sections (console input with the beacon kernel's).
 fn run_half(beacon: bool) {
-    let tool = vsock::tool();
+    let (tool, hostile) = guest_programs();
     let tmp = lab_visible_tempdir().expect("tempdir");
     let blk_dir = tmp.path().join("blk");
     std::fs::create_dir(&blk_dir).expect("blk folder");
@@ -253,6 +291,7 @@ fn run_half(beacon: bool) {
     std::fs::write(&marker, &token).expect("marker");
     let a = Assets {
         tool: &tool,
+        hostile: &hostile,
         blk: &blk,
         marker: &marker,
         token: &token,

@@ -12,7 +12,7 @@
 //! are refused before any guest runs: a socket folder that does not exist, a
 //! socket someone listens on, hybrid on QEMU, a CID in use.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use beacon_tests::assets::beacon_kernel_dir;
 use beacon_tests::device_suite::Scenario;
@@ -31,35 +31,6 @@ pub const BIG: u64 = 100 << 20;
 pub const MEDIUM: u64 = 8 << 20;
 const MANY: usize = 64;
 const SMALL: u64 = 256 << 10;
-
-/// Build `beacon-vsock-tool` (release: in the guest it checks 200 MiB under
-/// emulation, where a debug build would take most of the guest's CPU) and
-/// return its path.
-pub fn tool() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/devices-HASH -> target/
-    let target = exe
-        .parent()
-        .and_then(Path::parent)
-        .and_then(Path::parent)
-        .expect("test binary under target/<profile>/deps");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = std::process::Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "beacon-tests",
-            "--bin",
-            "beacon-vsock-tool",
-        ])
-        .status()
-        .expect("running cargo build for beacon-vsock-tool");
-    assert!(status.success(), "building beacon-vsock-tool failed");
-    let tool = target.join("release").join("beacon-vsock-tool");
-    assert!(tool.is_file(), "{} was not built", tool.display());
-    tool
-}
 
 /// Guest side: serve 5000 (one big) and 5001 (many), connect to the host's
 /// 6000 and 6001, all at once.
