@@ -10,8 +10,7 @@ use beacon_shim::{lifecycle, server};
 
 fn log_to_bundle_fifo(debug: bool) {
     let filter = if debug { "debug" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BEACON_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    let filter = beacon_vmm::log_filter(filter);
     // containerd reads the bundle's `log` FIFO into its own log.
     let fifo = std::fs::OpenOptions::new()
         .write(true)

@@ -21,3 +21,21 @@ pub fn create_backend(kind: BackendKind, config: VmConfig) -> Result<Box<dyn VmB
         BackendKind::Qemu => Ok(Box::new(qemu::QemuVm::create(config)?)),
     }
 }
+
+/// The log filter for a process that runs the VMM: `BEACON_LOG` if set, else
+/// `default`, with the `virtio_queue` crate's records off. That crate logs
+/// each malformed queue it meets at error level and without a rate limit, so
+/// a guest could flood the log through it; the device layer reports the same
+/// problems itself, rate-limited. Name `virtio_queue` in `BEACON_LOG` to see
+/// its records anyway.
+pub fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
+    let env = std::env::var("BEACON_LOG").ok();
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("BEACON_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    if !env.is_some_and(|e| e.contains("virtio_queue")) {
+        if let Ok(off) = "virtio_queue=off".parse() {
+            filter = filter.add_directive(off);
+        }
+    }
+    filter
+}

@@ -97,10 +97,7 @@ struct RunArgs {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BEACON_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(beacon_vmm::log_filter("info"))
         .init();
     let Cmd::Run(args) = Cli::parse().command;
     let shares = match fs_cli::FsShares::start(&args.fs) {

@@ -364,10 +364,8 @@ impl MmioTransport {
             latched &= !FEATURES_OK;
         }
         if new & FAILED != 0 {
-            tracing::info!(
-                device = beacon_common::lock(&self.device).device_type(),
-                "the guest driver marked the device FAILED"
-            );
+            // The guest can set it at will: throttled like its mistakes.
+            self.protocol_error(format_args!("the guest driver marked the device FAILED"));
         }
         self.status = latched;
         if new & DRIVER_OK != 0 && latched & DRIVER_OK != 0 {
