@@ -14,6 +14,12 @@
 //! - overhead: the VMM process's RSS minus the resident pages of its guest RAM
 //!   memfd mappings, sampled 1 s after init while the guest idles (beacon.hold=3).
 //!   For QEMU that is the qemu process (the beacon-vmm parent is not counted).
+//! - overhead with every device attached (unless `--no-devices`; needs root):
+//!   rng, a 64 MiB read-only disk, virtio-net on a TAP the benchmark creates
+//!   (`bbench<pid>`, userspace data path), a virtio-fs share (virtiofsd's own
+//!   memory is not counted, for either backend) and vsock (the hybrid
+//!   userspace backend on ours; vhost-vsock on QEMU, which has no other). The
+//!   beacon kernel's drivers bind every device at boot, so the queues are live.
 //!
 //! It also prints the size of the initrd it boots and of the one `make install`
 //! put in `$BEACON_SHARE_DIR/kernel/beacon-initrd` (every VM reads its whole
@@ -44,6 +50,67 @@ struct Args {
     /// Skip the memory runs.
     #[arg(long)]
     no_memory: bool,
+    /// Skip the memory runs with every device attached.
+    #[arg(long)]
+    no_devices: bool,
+}
+
+/// The host side of the all-devices runs: a folder (disk image, share, vsock
+/// socket) and a TAP, removed on drop.
+struct Devices {
+    dir: tempfile::TempDir,
+    tap: String,
+}
+
+impl Devices {
+    fn new() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir().context("temporary folder")?;
+        let disk = dir.path().join("disk.img");
+        std::fs::File::create(&disk)
+            .and_then(|f| f.set_len(64 << 20))
+            .context("disk image")?;
+        std::fs::create_dir(dir.path().join("share")).context("share folder")?;
+        std::fs::write(dir.path().join("share/hello"), "hello\n").context("share file")?;
+        let tap = format!("bbench{}", std::process::id() % 100_000);
+        let st = Command::new("ip")
+            .args(["tuntap", "add", "dev", &tap, "mode", "tap", "vnet_hdr"])
+            .status()
+            .context("running ip tuntap add")?;
+        if !st.success() {
+            bail!("ip tuntap add dev {tap} failed (root needed; or pass --no-devices)");
+        }
+        Ok(Self { dir, tap })
+    }
+
+    /// `beacon-vmm run` flags attaching every device on `backend`.
+    fn args(&self, backend: &str) -> Vec<String> {
+        let d = self.dir.path().display();
+        let vsock = if backend == "kvm" {
+            format!("cid=3,uds={d}/vsock.sock")
+        } else {
+            format!("cid={}", 1000 + std::process::id() % 100_000)
+        };
+        [
+            "--rng".to_string(),
+            "--disk".into(),
+            format!("path={d}/disk.img,ro"),
+            "--net".into(),
+            format!("tap={},mac=52:54:00:12:34:56", self.tap),
+            "--fs".into(),
+            format!("tag=share,dir={d}/share"),
+            "--vsock".into(),
+            vsock,
+        ]
+        .into()
+    }
+}
+
+impl Drop for Devices {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", "dev", &self.tap])
+            .status();
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -61,10 +128,11 @@ fn cmdline(backend: &str, hold: u32) -> String {
     format!("console=ttyS0{reboot} panic=-1 quiet beacon.hold={hold}")
 }
 
-fn vmm_command(args: &Args, vmm: &Path, backend: &str, hold: u32) -> Command {
+fn vmm_command(args: &Args, vmm: &Path, backend: &str, hold: u32, extra: &[String]) -> Command {
     let mut c = Command::new(vmm);
     c.arg("run")
         .args(["--backend", backend, "--console", "off"])
+        .args(extra)
         .args(["--cpus", &args.cpus.to_string()])
         .args(["--memory", &args.memory.to_string()])
         .arg("--kernel")
@@ -92,7 +160,7 @@ fn micros_after(line: &str, marker: &str) -> Option<u64> {
 
 fn boot_once(args: &Args, vmm: &Path, backend: &str) -> anyhow::Result<Sample> {
     let start = Instant::now();
-    let out = vmm_command(args, vmm, backend, 0)
+    let out = vmm_command(args, vmm, backend, 0, &[])
         .output()
         .with_context(|| format!("running {}", vmm.display()))?;
     let wall = start.elapsed();
@@ -147,8 +215,14 @@ fn children(pid: u32) -> Vec<u32> {
 }
 
 /// Overhead in KiB: boot with the guest held idle, sample 1 s after init.
-fn overhead_once(args: &Args, vmm: &Path, backend: &str) -> anyhow::Result<u64> {
-    let mut child = vmm_command(args, vmm, backend, 3)
+fn overhead_once(
+    args: &Args,
+    vmm: &Path,
+    backend: &str,
+    devices: Option<&Devices>,
+) -> anyhow::Result<u64> {
+    let extra = devices.map(|d| d.args(backend)).unwrap_or_default();
+    let mut child = vmm_command(args, vmm, backend, 3, &extra)
         .spawn()
         .context("spawning beacon-vmm")?;
     let stderr = child.stderr.take().context("stderr")?;
@@ -165,8 +239,13 @@ fn overhead_once(args: &Args, vmm: &Path, backend: &str) -> anyhow::Result<u64> 
             .context("the guest never reached init")?;
         std::thread::sleep(Duration::from_secs(1));
         let pid = if backend == "qemu" {
-            *children(child.id())
-                .first()
+            // beacon-vmm's children: qemu, and virtiofsd for a share.
+            children(child.id())
+                .into_iter()
+                .find(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/comm"))
+                        .is_ok_and(|c| c.starts_with("qemu"))
+                })
                 .context("no qemu child process")?
         } else {
             child.id()
@@ -212,6 +291,12 @@ fn main() -> anyhow::Result<()> {
     let vmm = args.vm.vmm()?;
     let mut samples: [Vec<Sample>; 2] = [Vec::new(), Vec::new()];
     let mut overhead: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut overhead_dev: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let devices = if args.no_memory || args.no_devices {
+        None
+    } else {
+        Some(Devices::new()?)
+    };
     // Interleave the backends so drift in the machine's load hits both alike.
     for run in 0..args.vm.runs {
         for (i, backend) in BACKENDS.iter().enumerate() {
@@ -224,12 +309,20 @@ fn main() -> anyhow::Result<()> {
             );
             samples[i].push(s);
             if !args.no_memory {
-                let kib = overhead_once(&args, &vmm, backend)?;
+                let kib = overhead_once(&args, &vmm, backend, None)?;
                 println!(
                     "run {run} {backend:>4}: overhead {:.1} MiB",
                     kib as f64 / 1024.0
                 );
                 overhead[i].push(kib as f64 / 1024.0);
+            }
+            if let Some(d) = &devices {
+                let kib = overhead_once(&args, &vmm, backend, Some(d))?;
+                println!(
+                    "run {run} {backend:>4}: overhead with every device {:.1} MiB",
+                    kib as f64 / 1024.0
+                );
+                overhead_dev[i].push(kib as f64 / 1024.0);
             }
         }
     }
@@ -249,6 +342,7 @@ fn main() -> anyhow::Result<()> {
                     .map(|v| v as f64 / 1000.0),
             ),
             median(overhead[i].iter().copied()),
+            median(overhead_dev[i].iter().copied()),
         )
     };
     let (k, q) = (stat(0), stat(1));
@@ -266,6 +360,7 @@ fn main() -> anyhow::Result<()> {
         ("first run", k.1, q.1, "ms"),
         ("init reached", k.2, q.2, "ms"),
         ("memory overhead", k.3, q.3, "MiB"),
+        ("  with every device", k.4, q.4, "MiB"),
     ] {
         println!(
             "{name:<22}{:>14}{:>14}{:>10}",
