@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
+use beacon_common::guest_protocol::{VsockSecret, GUEST_SECRET_FILE};
 use clap::{Parser, ValueEnum};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Notify;
@@ -99,6 +100,24 @@ fn main() -> anyhow::Result<()> {
     result
 }
 
+/// The per-VM vsock secret the host put in the initramfs, if any: read, then
+/// removed, so nothing started later finds it. A file that is there but
+/// malformed is an error (serving without the check would be open to any
+/// host process).
+fn take_secret() -> anyhow::Result<Option<Arc<VsockSecret>>> {
+    let path = std::path::Path::new("/").join(GUEST_SECRET_FILE);
+    let text = match std::fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("Reading {}", path.display())),
+    };
+    std::fs::remove_file(&path).with_context(|| format!("Removing {}", path.display()))?;
+    let secret = VsockSecret::parse_file(&text)
+        .with_context(|| format!("{}: the host's vsock secret", path.display()))?;
+    tracing::info!("host connections must authenticate (vhost-vsock)");
+    Ok(Some(Arc::new(secret)))
+}
+
 async fn run(args: Args, boot: Option<BootParams>) -> anyhow::Result<()> {
     let pid1 = boot.is_some();
     if args.cgroup_parent.is_empty() || args.cgroup_parent.contains('/') {
@@ -114,6 +133,7 @@ async fn run(args: Args, boot: Option<BootParams>) -> anyhow::Result<()> {
     } else {
         nix::sys::prctl::set_child_subreaper(true).context("Becoming a child subreaper")?;
     }
+    let secret = if pid1 { take_secret()? } else { None };
     let task_addr = ListenAddr::parse(&args.task_addr)?;
     let stream_addr = ListenAddr::parse(&args.stream_addr)?;
     std::fs::create_dir_all(&args.shares_dir)
@@ -135,13 +155,13 @@ async fn run(args: Args, boot: Option<BootParams>) -> anyhow::Result<()> {
         events.clone(),
     )?);
 
-    let listener = StreamListener::bind(&stream_addr)
+    let listener = StreamListener::bind(&stream_addr, secret.clone())
         .with_context(|| format!("Binding the stream port {}", args.stream_addr))?;
     let streams_task = tokio::spawn(streams::serve(listener, hub, events, limits));
 
     let shutdown = Arc::new(Notify::new());
     let service = TaskService::new(runtime.clone(), shutdown.clone());
-    let task_listener = transport::task_listener(&task_addr)
+    let task_listener = transport::task_listener(&task_addr, secret)
         .with_context(|| format!("Binding the Task API on {}", args.task_addr))?;
     let mut server = ttrpc::r#async::Server::new()
         .add_listener(task_listener)

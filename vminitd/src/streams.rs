@@ -617,7 +617,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("streams.sock");
         let listener =
-            StreamListener::bind(&crate::transport::ListenAddr::Unix(path.clone())).expect("bind");
+            StreamListener::bind(&crate::transport::ListenAddr::Unix(path.clone()), None)
+                .expect("bind");
         let hub = StdioHub::new(limits);
         let task = tokio::spawn(serve(listener, hub.clone(), EventHub::start(), limits));
         Port {

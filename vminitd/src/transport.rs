@@ -4,15 +4,25 @@
 //! on vsock only the host (CID 2) is ever served; any other peer (a
 //! container reaching the guest's own CID or the loopback CID) is closed
 //! before a byte is read from it, and logged (rate-limited) with its CID.
-//! Unix sockets (host mode, tests) have no CID and are not filtered. It
-//! knows nothing of what the bytes mean.
+//! Unix sockets (host mode, tests) have no CID and are not filtered. When
+//! the host reaches the guest through kernel vhost-vsock (any host process
+//! may connect to a guest CID), a per-VM secret is set
+//! ([`beacon_common::guest_protocol::VsockSecret`]) and a host connection is
+//! handed on only after its first line is the secret's `AUTH` line, read
+//! with a deadline in a task of its own (a silent peer never blocks the
+//! accept loop; at most [`MAX_PENDING_AUTH`] wait at once). It knows nothing
+//! else of what the bytes mean.
 
 use std::future::poll_fn;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use beacon_common::guest_protocol::{VsockSecret, MAX_AUTH_LINE};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::UnixListener;
+use tokio::sync::mpsc;
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream};
 
 /// The guest's vsock ports (defined once, shared with the shim).
@@ -155,41 +165,147 @@ pub fn admit(port: u32, peer: VsockAddr, log: &mut RefusalLog, now: Instant) -> 
     false
 }
 
-/// A vsock listener that hands out connections from the host only.
+/// How long a host connection has to send its `AUTH` line.
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections waiting for their `AUTH` line at once; more are closed.
+pub const MAX_PENDING_AUTH: usize = 16;
+
+/// The secret check of a [`VsockGate`].
+struct Auth {
+    secret: Arc<VsockSecret>,
+    pending: Arc<AtomicUsize>,
+    passed_tx: mpsc::Sender<VsockStream>,
+    passed_rx: mpsc::Receiver<VsockStream>,
+    failures: Arc<Mutex<RefusalLog>>,
+}
+
+/// Read the first line (at most [`MAX_AUTH_LINE`] bytes) and check it.
+async fn authenticate<S: AsyncRead + Unpin>(conn: &mut S, secret: &VsockSecret) -> bool {
+    let mut line = Vec::with_capacity(MAX_AUTH_LINE);
+    let mut byte = [0u8; 1];
+    let read = async {
+        while line.len() < MAX_AUTH_LINE {
+            match conn.read(&mut byte).await {
+                Ok(1) if byte[0] == b'\n' => return true,
+                Ok(1) => line.push(byte[0]),
+                _ => return false,
+            }
+        }
+        false
+    };
+    matches!(tokio::time::timeout(AUTH_TIMEOUT, read).await, Ok(true)) && secret.accepts(&line)
+}
+
+/// A vsock listener that hands out connections from the host only (and,
+/// with a secret, only those that proved they know it).
 pub struct VsockGate {
     listener: VsockListener,
     port: u32,
     refusals: RefusalLog,
+    auth: Option<Auth>,
 }
 
 impl VsockGate {
-    pub fn bind(cid: u32, port: u32) -> std::io::Result<VsockGate> {
+    pub fn bind(
+        cid: u32,
+        port: u32,
+        secret: Option<Arc<VsockSecret>>,
+    ) -> std::io::Result<VsockGate> {
+        let auth = secret.map(|secret| {
+            let (passed_tx, passed_rx) = mpsc::channel(MAX_PENDING_AUTH);
+            Auth {
+                secret,
+                pending: Arc::new(AtomicUsize::new(0)),
+                passed_tx,
+                passed_rx,
+                failures: Arc::new(Mutex::new(RefusalLog::default())),
+            }
+        });
         Ok(VsockGate {
             listener: VsockListener::bind(VsockAddr::new(cid, port))?,
             port,
             refusals: RefusalLog::default(),
+            auth,
         })
+    }
+
+    /// The next connection from the host (with a secret: that sent the
+    /// secret's `AUTH` line first).
+    pub async fn accept(&mut self) -> VsockStream {
+        if self.auth.is_none() {
+            return self.accept_host().await;
+        }
+        loop {
+            let passed = match &mut self.auth {
+                Some(a) => &mut a.passed_rx,
+                None => return self.accept_host().await,
+            };
+            let conn = tokio::select! {
+                Some(s) = passed.recv() => return s,
+                c = Self::accept_from(&self.listener, self.port, &mut self.refusals) => c,
+            };
+            let Some(a) = &self.auth else { continue };
+            if a.pending.fetch_add(1, Ordering::SeqCst) >= MAX_PENDING_AUTH {
+                a.pending.fetch_sub(1, Ordering::SeqCst);
+                tracing::warn!(
+                    port = self.port,
+                    "too many connections waiting to authenticate; closed one"
+                );
+                continue;
+            }
+            let (secret, pending, tx, failures, port) = (
+                a.secret.clone(),
+                a.pending.clone(),
+                a.passed_tx.clone(),
+                a.failures.clone(),
+                self.port,
+            );
+            tokio::spawn(async move {
+                let mut conn = conn;
+                let ok = authenticate(&mut conn, &secret).await;
+                pending.fetch_sub(1, Ordering::SeqCst);
+                if ok {
+                    let _ = tx.send(conn).await;
+                } else if let Some(suppressed) =
+                    beacon_common::lock(&failures).record(Instant::now())
+                {
+                    tracing::warn!(
+                        port,
+                        suppressed,
+                        "closed a host vsock connection without the VM's secret"
+                    );
+                }
+            });
+        }
+    }
+
+    async fn accept_host(&mut self) -> VsockStream {
+        Self::accept_from(&self.listener, self.port, &mut self.refusals).await
     }
 
     /// The next connection from the host. Other peers are closed unread;
     /// accept errors (out of descriptors, say) are logged and retried after
     /// a pause, so they never turn into a busy loop.
-    pub async fn accept(&mut self) -> VsockStream {
+    async fn accept_from(
+        listener: &VsockListener,
+        port: u32,
+        refusals: &mut RefusalLog,
+    ) -> VsockStream {
         loop {
-            match poll_fn(|cx| self.listener.poll_accept_std(cx)).await {
+            match poll_fn(|cx| listener.poll_accept_std(cx)).await {
                 Ok((conn, peer)) => {
-                    if !admit(self.port, peer, &mut self.refusals, Instant::now()) {
+                    if !admit(port, peer, refusals, Instant::now()) {
                         // Dropping closes it: nothing was read.
                         drop(conn);
                         continue;
                     }
                     match VsockStream::new(conn) {
                         Ok(s) => return s,
-                        Err(e) => tracing::warn!(port = self.port, "vsock stream setup: {e}"),
+                        Err(e) => tracing::warn!(port, "vsock stream setup: {e}"),
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(port = self.port, "vsock accept failed: {e}");
+                    tracing::warn!(port, "vsock accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
@@ -199,7 +315,10 @@ impl VsockGate {
 
 /// The Task API's listener for ttrpc: a unix socket as ttrpc binds it, or
 /// a [`VsockGate`] so only the host reaches the ttrpc server.
-pub fn task_listener(addr: &ListenAddr) -> std::io::Result<ttrpc::r#async::transport::Listener> {
+pub fn task_listener(
+    addr: &ListenAddr,
+    secret: Option<Arc<VsockSecret>>,
+) -> std::io::Result<ttrpc::r#async::transport::Listener> {
     use ttrpc::r#async::transport::Listener;
     match addr {
         ListenAddr::Unix(p) => {
@@ -207,7 +326,7 @@ pub fn task_listener(addr: &ListenAddr) -> std::io::Result<ttrpc::r#async::trans
             Listener::bind(addr.to_ttrpc())
         }
         ListenAddr::Vsock { cid, port } => {
-            let gate = VsockGate::bind(*cid, *port)?;
+            let gate = VsockGate::bind(*cid, *port, secret)?;
             let conns = futures::stream::unfold(gate, |mut gate| async move {
                 let conn = gate.accept().await;
                 Some((Ok::<_, std::io::Error>(conn), gate))
@@ -231,15 +350,19 @@ pub enum StreamListener {
 }
 
 impl StreamListener {
-    /// Binds the address (removing a stale unix socket file first).
-    pub fn bind(addr: &ListenAddr) -> std::io::Result<StreamListener> {
+    /// Binds the address (removing a stale unix socket file first); a
+    /// `secret` applies to vsock only.
+    pub fn bind(
+        addr: &ListenAddr,
+        secret: Option<Arc<VsockSecret>>,
+    ) -> std::io::Result<StreamListener> {
         match addr {
             ListenAddr::Unix(p) => {
                 let _ = std::fs::remove_file(p);
                 Ok(StreamListener::Unix(UnixListener::bind(p)?))
             }
             ListenAddr::Vsock { cid, port } => {
-                Ok(StreamListener::Vsock(VsockGate::bind(*cid, *port)?))
+                Ok(StreamListener::Vsock(VsockGate::bind(*cid, *port, secret)?))
             }
         }
     }
@@ -304,5 +427,28 @@ mod tests {
         // The next period's first line reports the 7 that went unlogged.
         assert_eq!(log.record(t0 + period), Some(7));
         assert_eq!(log.record(t0 + period), Some(0));
+    }
+
+    #[tokio::test]
+    async fn only_the_secret_line_authenticates() {
+        use tokio::io::AsyncWriteExt;
+        let secret = VsockSecret::generate().expect("random");
+        let other = VsockSecret::generate().expect("random");
+        for (send, want) in [
+            (secret.auth_line().into_bytes(), true),
+            (other.auth_line().into_bytes(), false),
+            (b"CONNECT 1024\n".to_vec(), false),
+            (vec![b'A'; 4 * MAX_AUTH_LINE], false),
+            (Vec::new(), false),
+        ] {
+            let (mut host, mut guest) = tokio::io::duplex(4096);
+            host.write_all(&send).await.expect("write");
+            drop(host);
+            assert_eq!(authenticate(&mut guest, &secret).await, want);
+        }
+        // A peer that says nothing is given up on at the deadline.
+        tokio::time::pause();
+        let (_host, mut guest) = tokio::io::duplex(64);
+        assert!(!authenticate(&mut guest, &secret).await);
     }
 }

@@ -24,6 +24,102 @@ pub const MAX_EVENT_LINE: usize = 4096;
 /// puts share NAME at `<GUEST_SHARES_DIR>/NAME`); container bundles live inside.
 pub const GUEST_SHARES_DIR: &str = "/run/vminitd/shares";
 
+/// Where the host puts the per-VM vsock secret in the guest's initramfs (a
+/// path relative to its root, as cpio members are named). Only with kernel
+/// vhost-vsock: there any host process that may open an `AF_VSOCK` socket can
+/// reach a guest CID, so vminitd serves a connection only after its first line
+/// is [`VsockSecret::auth_line`]. vminitd reads the file at start and removes
+/// it; it is never on the kernel command line (`/proc/cmdline` is readable in
+/// containers) and never in the shares containers see.
+pub const GUEST_SECRET_FILE: &str = "beacon-vsock-secret";
+/// Bytes of a [`VsockSecret`].
+pub const SECRET_BYTES: usize = 32;
+/// Longest authentication line accepted, newline included.
+pub const MAX_AUTH_LINE: usize = 5 + 2 * SECRET_BYTES + 1;
+
+/// The per-VM secret of a vhost-vsock link (see [`GUEST_SECRET_FILE`]). Its
+/// `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct VsockSecret([u8; SECRET_BYTES]);
+
+impl std::fmt::Debug for VsockSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VsockSecret(..)")
+    }
+}
+
+impl VsockSecret {
+    pub fn from_bytes(bytes: [u8; SECRET_BYTES]) -> Self {
+        Self(bytes)
+    }
+
+    /// A fresh secret from the kernel's random source.
+    pub fn generate() -> std::io::Result<Self> {
+        let mut b = [0u8; SECRET_BYTES];
+        let mut filled = 0;
+        while filled < SECRET_BYTES {
+            // SAFETY: writes at most the rest of `b`, which outlives the call.
+            let n = unsafe {
+                libc::getrandom(b[filled..].as_mut_ptr().cast(), SECRET_BYTES - filled, 0)
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            filled += n as usize;
+        }
+        Ok(Self(b))
+    }
+
+    fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The secret file's contents (hex and a newline).
+    pub fn to_file(&self) -> Vec<u8> {
+        format!("{}\n", self.hex()).into_bytes()
+    }
+
+    /// Parse [`VsockSecret::to_file`]'s output.
+    pub fn parse_file(text: &[u8]) -> Result<Self, ProtocolError> {
+        let text = text.strip_suffix(b"\n").unwrap_or(text);
+        if text.len() != 2 * SECRET_BYTES {
+            return Err(ProtocolError::Malformed("secret: wrong length"));
+        }
+        let mut b = [0u8; SECRET_BYTES];
+        for (i, pair) in text.chunks(2).enumerate() {
+            let s = std::str::from_utf8(pair)
+                .map_err(|_| ProtocolError::Malformed("secret: not hex"))?;
+            b[i] = u8::from_str_radix(s, 16)
+                .map_err(|_| ProtocolError::Malformed("secret: not hex"))?;
+        }
+        Ok(Self(b))
+    }
+
+    /// The first line a host connection sends: `AUTH <hex>\n`.
+    pub fn auth_line(&self) -> String {
+        format!("AUTH {}\n", self.hex())
+    }
+
+    /// Whether `line` (newline stripped or not) is this secret's auth line;
+    /// compared in constant time.
+    pub fn accepts(&self, line: &[u8]) -> bool {
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        let want = self.auth_line();
+        let want = want
+            .as_bytes()
+            .strip_suffix(b"\n")
+            .unwrap_or(want.as_bytes());
+        if line.len() != want.len() {
+            return false;
+        }
+        line.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+}
+
 /// Topic of an exit event (containerd's name).
 pub const TOPIC_EXIT: &str = "/tasks/exit";
 /// Topic of an OOM event (containerd's name).
@@ -276,5 +372,21 @@ mod tests {
             assert!(GuestEvent::parse(bad).is_err());
         }
         assert!(GuestEvent::parse(&vec![b' '; MAX_EVENT_LINE + 1]).is_err());
+    }
+
+    #[test]
+    fn vsock_secrets_round_trip_and_only_the_right_line_passes() {
+        let a = VsockSecret::generate().expect("random");
+        let b = VsockSecret::generate().expect("random");
+        assert_ne!(a, b);
+        assert_eq!(VsockSecret::parse_file(&a.to_file()).expect("parse"), a);
+        assert!(a.accepts(a.auth_line().as_bytes()));
+        assert!(!a.accepts(b.auth_line().as_bytes()));
+        assert!(!a.accepts(b"AUTH "));
+        assert!(!a.accepts(b""));
+        assert!(a.auth_line().len() <= MAX_AUTH_LINE);
+        assert!(!format!("{a:?}").contains(&a.hex()));
+        assert!(VsockSecret::parse_file(b"zz").is_err());
+        assert!(VsockSecret::parse_file(&[b'g'; 64]).is_err());
     }
 }
