@@ -2,17 +2,22 @@
 //! (ttrpc on guest port 1024), stdio streams and the event stream (port 1025).
 //!
 //! How bytes reach the guest is a [`GuestLink`]: the hybrid vsock backend's unix
-//! socket (connect, `CONNECT <port>\n`, wait for `OK <port>\n`), or plain unix
-//! sockets to a vminitd running as a host process (tests). Everything vminitd
+//! socket (connect, `CONNECT <port>\n`, wait for `OK <port>\n`), kernel
+//! vhost-vsock (`AF_VSOCK` to the guest's CID, then the VM's secret as the
+//! first line: any host process may connect to a CID, only the shim knows the
+//! secret), or plain unix sockets to a vminitd running as a host process
+//! (tests). Everything vminitd
 //! sends is bounded and time-limited: handshake lines are capped, every call
 //! has a timeout, and an event line that is malformed is dropped with a log line.
 //! This module never decides what to do with a container; it only carries.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use beacon_common::guest_protocol::{
-    GuestEvent, StreamRequest, MAX_EVENT_LINE, MAX_HANDSHAKE_LINE, STREAM_PORT, TASK_PORT,
+    GuestEvent, StreamRequest, VsockSecret, MAX_EVENT_LINE, MAX_HANDSHAKE_LINE, STREAM_PORT,
+    TASK_PORT,
 };
 use containerd_shim_protos::shim_async::TaskClient;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -50,8 +55,42 @@ pub enum GuestError {
 pub enum GuestLink {
     /// The VM's hybrid vsock unix socket.
     Hybrid { uds: PathBuf },
+    /// Kernel vhost-vsock: the guest's CID, and the secret vminitd asks of
+    /// every connection.
+    Vhost { cid: u32, secret: Arc<VsockSecret> },
     /// vminitd as a host process: its task and stream unix sockets.
     Unix { task: PathBuf, streams: PathBuf },
+}
+
+/// Connect an `AF_VSOCK` stream socket to (`cid`, `port`), blocking (run it
+/// off the async threads). `SO_VSOCK_CONNECT_TIMEOUT`'s default (2 s) bounds a
+/// guest that does not answer.
+fn vsock_connect(cid: u32, port: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket(2); the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_vm is plain data; all-zero is a valid start.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = cid;
+    addr.svm_port = port;
+    // SAFETY: `addr` is a sockaddr_vm of the length given; `fd` is open.
+    let rc = unsafe {
+        libc::connect(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            std::ptr::addr_of!(addr).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
 }
 
 /// Read one `\n`-terminated line of at most `max` bytes.
@@ -133,6 +172,30 @@ impl GuestLink {
                             reply: reply.chars().take(64).collect(),
                         })
                     }
+                })
+                .await
+            }
+            Self::Vhost { cid, secret } => {
+                let (cid, what) = (*cid, format!("guest CID {cid} port {port} (vhost-vsock)"));
+                timed(&what.clone(), HANDSHAKE_TIMEOUT, async {
+                    let io = |source| GuestError::Connect {
+                        what: what.clone(),
+                        source,
+                    };
+                    let fd = tokio::task::spawn_blocking(move || vsock_connect(cid, port))
+                        .await
+                        .map_err(|e| io(std::io::Error::other(e)))?
+                        .map_err(io)?;
+                    // An AF_VSOCK stream socket carries bytes as a unix stream
+                    // socket does (read, write, shutdown): tokio's UnixStream
+                    // drives it; nothing here asks it for a unix address.
+                    let std = std::os::unix::net::UnixStream::from(fd);
+                    std.set_nonblocking(true).map_err(io)?;
+                    let mut s = UnixStream::from_std(std).map_err(io)?;
+                    s.write_all(secret.auth_line().as_bytes())
+                        .await
+                        .map_err(io)?;
+                    Ok(s)
                 })
                 .await
             }

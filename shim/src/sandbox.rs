@@ -4,18 +4,22 @@
 //! tears down the sandbox only, never decides about containers.
 //!
 //! Building is a fixed sequence, each step recorded so that a failure undoes
-//! exactly what was done, in reverse: run folder (mode 0700) → network (netmgr)
-//! → share folder (a shared mount) → virtiofsd → VM (the in-process KVM backend,
-//! on threads of this process) → vminitd answering on vsock → event stream.
+//! exactly what was done, in reverse: run folder (mode 0700) → with
+//! vhost-vsock (config, or the QEMU backend), a CID lease and a copy of the
+//! initrd carrying the VM's secret → network (netmgr) → share folder (a shared
+//! mount) → virtiofsd → VM (the in-process KVM backend on threads of this
+//! process, or QEMU) → vminitd answering on vsock → event stream.
 //! Teardown is the same list backwards and keeps going when a step fails, so
-//! nothing leaks because something else went wrong.
+//! nothing leaks because something else went wrong. virtiofsd dying on its own
+//! ends the VM (the guest's files are gone), which the service sees as the
+//! VM's end.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use beacon_common::guest_protocol::GuestEvent;
+use beacon_common::guest_protocol::{GuestEvent, VsockSecret, GUEST_SECRET_FILE};
 use beacon_netmgr::{NetworkAttachment, NetworkManager};
 use beacon_paths::BeaconPaths;
 use beacon_virtiofsd_launch::{ShareConfig, Virtiofsd};
@@ -36,6 +40,80 @@ pub const SHARE_NAME: &str = "sb";
 pub const SHARE_TAG: &str = "beacon";
 /// Guest CID used with the hybrid vsock backend (private to the VM).
 pub const HYBRID_GUEST_CID: u32 = 3;
+/// The kernel's vhost-vsock device.
+const VHOST_VSOCK_DEV: &str = "/dev/vhost-vsock";
+/// vhost-vsock CIDs the shim hands out: [CID_BASE, CID_BASE + CID_COUNT),
+/// clear of the small CIDs hand-started VMs tend to use.
+const CID_BASE: u32 = 10_000;
+const CID_COUNT: u32 = 1 << 16;
+
+/// One vhost-vsock guest CID, held (`flock` on `<run>/vsock-cids/<cid>`) for as
+/// long as this value lives, so concurrent shims never pick the same one; a
+/// killed shim's lock goes with its process.
+struct CidLease {
+    cid: u32,
+    _lock: std::fs::File,
+}
+
+impl CidLease {
+    /// The first free CID, starting from one derived from `sandbox_id`.
+    fn acquire(dir: &Path, sandbox_id: &str) -> Result<Self, SandboxError> {
+        use std::os::fd::AsRawFd;
+        create_private_dir(dir)?;
+        let digest = Sha256::digest(sandbox_id.as_bytes());
+        let start = u32::from_le_bytes([digest[0], digest[1], digest[2], digest[3]]) % CID_COUNT;
+        for i in 0..CID_COUNT {
+            let cid = CID_BASE + (start + i) % CID_COUNT;
+            let path = dir.join(cid.to_string());
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|source| SandboxError::Io {
+                    what: format!("opening {}", path.display()),
+                    source,
+                })?;
+            // SAFETY: flock(2) on a descriptor `file` owns.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(Self { cid, _lock: file });
+            }
+        }
+        Err(SandboxError::Unsupported(format!(
+            "no free vhost-vsock CID under {}: {CID_COUNT} VMs hold one",
+            dir.display()
+        )))
+    }
+}
+
+/// `base` with a cpio member carrying `secret` appended (the kernel unpacks
+/// concatenated archives, compressed or not, in order), written to `out`
+/// (mode 0600, in the sandbox's private run folder).
+fn write_initrd_with_secret(
+    base: &Path,
+    out: &Path,
+    secret: &VsockSecret,
+) -> Result<(), SandboxError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |what: String| move |source| SandboxError::Io { what, source };
+    let mut bytes = std::fs::read(base).map_err(io(format!("reading {}", base.display())))?;
+    // A cpio header must start 4-byte aligned.
+    bytes.resize(bytes.len().next_multiple_of(4), 0);
+    let member = beacon_initrd::cpio::Entry::file(GUEST_SECRET_FILE, 0o400, secret.to_file());
+    beacon_initrd::cpio::write_archive(&mut bytes, &[member], 0)
+        .map_err(io("writing the secret's cpio member".into()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(io(format!("creating {}", out.display())))?;
+    f.write_all(&bytes)
+        .map_err(io(format!("writing {}", out.display())))
+}
+
 /// How long a VM gets to power off after vminitd was asked to shut down.
 const POWEROFF_GRACE: Duration = Duration::from_secs(10);
 
@@ -129,6 +207,8 @@ struct Built {
     network: Option<String>,
     share: Option<PathBuf>,
     virtiofsd: Option<Virtiofsd>,
+    /// The vhost-vsock CID, held until the VM is gone.
+    cid: Option<CidLease>,
 }
 
 /// A running sandbox.
@@ -187,15 +267,46 @@ impl Sandbox {
         if !initrd.is_file() {
             return Err(SandboxError::NoInitrd(initrd));
         }
-        if req.config.vsock == VsockMode::Vhost || req.vm.backend == BackendKind::Qemu {
-            return Err(SandboxError::Unsupported(
-                "the shim reaches vminitd through the hybrid vsock backend of the KVM backend only, so far; set vsock = \"hybrid\" and vm.backend = \"kvm\"".into(),
-            ));
+        // QEMU has no hybrid vsock: it always takes vhost-vsock.
+        let vhost = req.config.vsock == VsockMode::Vhost || req.vm.backend == BackendKind::Qemu;
+        if vhost && !Path::new(VHOST_VSOCK_DEV).exists() {
+            return Err(SandboxError::Unsupported(format!(
+                "vhost-vsock (vsock = \"vhost\" or the QEMU backend) needs {VHOST_VSOCK_DEV}: \
+                 load the vhost_vsock module, or use vsock = \"hybrid\" with the KVM backend"
+            )));
         }
 
         // Run folder: only this user may enter (the vsock socket is inside).
         create_private_dir(&dirs.run)?;
         built.run_dir = Some(dirs.run.clone());
+
+        // vhost-vsock: a CID no other shim holds, and the secret vminitd will
+        // ask of every connection, put in a copy of the initrd in the run
+        // folder (never on the command line: containers read /proc/cmdline).
+        let (link, initrd) = if vhost {
+            let cid = CidLease::acquire(&req.paths.vsock_cid_dir(), req.id)?;
+            let secret = VsockSecret::generate().map_err(|source| SandboxError::Io {
+                what: "generating the vsock secret".into(),
+                source,
+            })?;
+            let with_secret = dirs.run.join("initrd");
+            write_initrd_with_secret(&initrd, &with_secret, &secret)?;
+            let link = GuestLink::Vhost {
+                cid: cid.cid,
+                secret: Arc::new(secret),
+            };
+            built.cid = Some(cid);
+            (link, with_secret)
+        } else {
+            let link = GuestLink::Hybrid {
+                uds: dirs.vsock.clone(),
+            };
+            (link, initrd)
+        };
+        let guest_cid = match &link {
+            GuestLink::Vhost { cid, .. } => *cid,
+            _ => HYBRID_GUEST_CID,
+        };
         if let Some(parent) = dirs.vm_log.parent() {
             std::fs::create_dir_all(parent).map_err(|source| SandboxError::Io {
                 what: format!("creating the log folder {}", parent.display()),
@@ -263,8 +374,8 @@ impl Sandbox {
         config.memory.hotplug_mib = req.vm.hotplug_memory_mib;
         config.console = ConsoleConfig::File(dirs.vm_log.clone());
         config.devices.push(DeviceConfig::Vsock {
-            guest_cid: HYBRID_GUEST_CID,
-            uds_path: Some(dirs.vsock.clone()),
+            guest_cid,
+            uds_path: (!vhost).then(|| dirs.vsock.clone()),
         });
         config.devices.push(DeviceConfig::Fs {
             tag: SHARE_TAG.into(),
@@ -284,6 +395,30 @@ impl Sandbox {
         })?);
         let (exit_tx, vm_exit) = watch::channel(None);
         vm.start()?;
+        // virtiofsd dying on its own leaves every container without its files
+        // (the guest would wait on the share forever): end the VM, so each
+        // process exits non-zero and containerd hears of it.
+        if let Some(fsd) = &built.virtiofsd {
+            let vm = Arc::downgrade(&vm);
+            let id = req.id.to_string();
+            fsd.on_exit(move |exited| {
+                if exited.requested {
+                    return;
+                }
+                tracing::error!(
+                    sandbox = id,
+                    "virtiofsd died ({}): the containers lost their files; ending the VM. \
+                     Its log: {}",
+                    exited.status_text(),
+                    exited.stderr_tail.trim()
+                );
+                if let Some(vm) = vm.upgrade() {
+                    if let Err(e) = vm.kill() {
+                        tracing::warn!(sandbox = id, "ending the VM: {e}");
+                    }
+                }
+            });
+        }
         let waiter = vm.clone();
         std::thread::Builder::new()
             .name("beacon-vm-wait".into())
@@ -299,9 +434,6 @@ impl Sandbox {
             })?;
 
         // vminitd.
-        let link = GuestLink::Hybrid {
-            uds: dirs.vsock.clone(),
-        };
         let ended = vm_exit.clone();
         let connected = link
             .connect_task(Duration::from_secs(req.vm.boot_timeout_secs), move || {

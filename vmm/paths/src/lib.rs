@@ -132,6 +132,13 @@ impl BeaconPaths {
             .join(format!("{}.vm.log", sanitize(sandbox_id)))
     }
 
+    /// `run/vsock-cids`: one lock file per vhost-vsock guest CID in use
+    /// (`flock`ed by the process whose VM has it), so concurrent shims never
+    /// pick the same CID.
+    pub fn vsock_cid_dir(&self) -> PathBuf {
+        self.run_dir.join("vsock-cids")
+    }
+
     /// `run/sandboxes`: one liveness lock file per running sandbox.
     pub fn liveness_dir(&self) -> PathBuf {
         self.run_dir.join("sandboxes")
