@@ -17,6 +17,8 @@ packages=(
     busybox-static crun
     # host side: containerd, networking, images
     containerd nftables iproute2 util-linux containernetworking-plugins erofs-utils iperf3
+    # tests: another host user (setpriv) probing the VM sockets with Debian's python3
+    python3
     # virtiofsd build dependencies
     libseccomp-dev libcap-ng-dev
     # vminitd / shim ttrpc code generation

@@ -7,9 +7,12 @@
 //! Scenarios: the basic ones the host-mode test also runs (exact output, exit
 //! codes, 10 MiB, stdin, exec, kill, a bad id), then what only a VM has: the
 //! network to the bridge, metrics, pause and resume, bind mounts (read-only
-//! and read-write), a terminal with its size, SIGTERM, several containers at
-//! once, and afterwards nothing left behind (TAP, lease, mounts, virtiofsd,
-//! shim, run folders).
+//! and read-write), a terminal with its size, SIGTERM, the QEMU backend with
+//! vhost-vsock and the VM's secret (another host user reaching either vsock
+//! backend gets nowhere), a guest kernel panic and
+//! a killed virtiofsd under running containers (non-zero exit, nothing hangs),
+//! several containers at once, and afterwards nothing left behind (TAP, lease,
+//! mounts, virtiofsd, shim, run folders).
 
 mod common;
 
@@ -68,6 +71,83 @@ fn no_shim_left(containerd: &Containerd, after: &str) {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// `ctr run --rm` of `script` in container `id` (with `options`), which must
+/// print `armed`; then `kill` runs, and ctr must return non-zero within three
+/// minutes. Returns ctr's output and the shim log's tail.
+fn guest_dies(
+    containerd: &Containerd,
+    id: &str,
+    options: &[&str],
+    script: &str,
+    kill: impl FnOnce(),
+) -> (std::process::Output, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new("ctr")
+        .arg("--address")
+        .arg(&containerd.socket)
+        .args(["run", "--rm", "--runtime", RUNTIME])
+        .args(options)
+        .args([BUSYBOX_IMAGE, id, "sh", "-c", script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ctr run");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines.next().and_then(Result::ok).unwrap_or_default();
+    if first != "armed" {
+        let _ = child.kill();
+        let o = child.wait_with_output().expect("ctr");
+        panic!(
+            "{id}: never armed (first line {first:?})\n{}",
+            common::failure(containerd, id, &o)
+        );
+    }
+    kill();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while child.try_wait().expect("ctr").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let o = child.wait_with_output().expect("ctr");
+            panic!(
+                "{id}: ctr still running 3 minutes after the failure\n{}",
+                common::failure(containerd, id, &o)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let o = child.wait_with_output().expect("ctr");
+    assert!(
+        !o.status.success(),
+        "{id}: the task did not fail\n{}",
+        common::failure(containerd, id, &o)
+    );
+    (o, containerd.log_tail(40))
+}
+
+/// Run a `/usr/bin/python3` `script` as user nobody; its stdout (and stderr, for the
+/// failure message).
+fn as_nobody(script: &str) -> String {
+    let o = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            // Debian's: a python3 earlier in root's PATH may live where
+            // nobody cannot enter.
+            "/usr/bin/python3",
+            "-c",
+            script,
+        ])
+        .output()
+        .expect("setpriv");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 fn sh(script: &str) -> String {
@@ -181,6 +261,13 @@ fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
         );
         let o = containerd.ctr(&["task", "resume", "c5"]).expect("resume");
         assert!(o.status.success(), "{}", failure("resume", &o));
+        // Hybrid vsock: another host user cannot even reach the VM's socket.
+        let sockets = sh(&format!("ls {}/sandboxes/*/vsock.sock", run_dir.display()));
+        let socket = sockets.lines().next().expect("c5's hybrid vsock socket");
+        let tried = as_nobody(&format!(
+            "import socket\ns=socket.socket(socket.AF_UNIX)\ntry:\n s.connect({socket:?}); print('connected')\nexcept PermissionError: print('refused')\n"
+        ));
+        assert_eq!(tried.trim(), "refused", "a non-root user reached {socket}");
     };
     let started = Instant::now();
     common::basic_scenarios(
@@ -208,6 +295,108 @@ fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
 
     eprintln!(
         "basic scenarios (2 VMs): {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // The QEMU backend, so vhost-vsock with the VM's secret: a container runs
+    // and execs work; another host user reaching the guest's CID is closed
+    // without an answer on both of vminitd's ports.
+    let started = Instant::now();
+    let o = containerd
+        .ctr(&[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            "--annotation",
+            "io.beaconbox.vm.backend=qemu",
+            BUSYBOX_IMAGE,
+            "q1",
+            "sleep",
+            "600",
+        ])
+        .expect("ctr run");
+    assert!(o.status.success(), "{}", failure("qemu run", &o));
+    let o = containerd
+        .ctr(&["task", "exec", "--exec-id", "e1", "q1", "echo", "from-qemu"])
+        .expect("exec");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "from-qemu\n",
+        "{}",
+        failure("qemu exec", &o)
+    );
+    let cids = sh(&format!("ls {}/vsock-cids", run_dir.display()));
+    let cid: u32 = cids
+        .split_whitespace()
+        .next()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no CID lease file: {cids:?}"));
+    for (port, first) in [(1024, "\\0\\0\\0\\x10"), (1025, "EVENTS\\n")] {
+        let tried = as_nobody(&format!(
+            "import socket\ns=socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)\ns.settimeout(30)\ns.connect(({cid}, {port}))\ns.sendall(b'{first}' + b'x' * 100)\nprint('closed' if s.recv(100) == b'' else 'answered')\n"
+        ));
+        assert_eq!(
+            tried.trim(),
+            "closed",
+            "a non-root user got an answer from guest CID {cid} port {port}"
+        );
+    }
+    let o = containerd
+        .ctr(&["task", "kill", "-s", "SIGKILL", "q1"])
+        .expect("kill");
+    assert!(o.status.success(), "{}", failure("qemu kill", &o));
+    common::wait_stopped(&containerd, "q1");
+    common::remove(&containerd, "q1");
+    no_shim_left(&containerd, "the QEMU backend");
+    // pgrep run directly (a shell around it would match its own pattern); -f
+    // because a process name (comm) is cut to 15 characters.
+    let qemu = Command::new("pgrep")
+        .args(["-f", "qemu-system-x86_64"])
+        .output()
+        .expect("pgrep");
+    assert!(
+        qemu.stdout.is_empty(),
+        "a QEMU process is left: {}",
+        String::from_utf8_lossy(&qemu.stdout)
+    );
+    eprintln!(
+        "QEMU backend with vhost-vsock (1 VM): {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // The guest or its file server dies under a running container: the task
+    // exits non-zero, ctr returns, and (checked at the end) nothing is left.
+    let started = Instant::now();
+    // A real kernel panic: a privileged container arms panic_on_oom and eats
+    // the guest's memory (panic=-1 turns the panic into a reset, as for PID 1,
+    // vminitd, dying: the kernel panics then too, and no container can reach
+    // vminitd to kill it).
+    let (o, log) = guest_dies(
+        &containerd,
+        "panic",
+        &["--privileged"],
+        "echo 2 >/proc/sys/vm/panic_on_oom && echo armed && tail /dev/zero",
+        || {},
+    );
+    let vm_log = std::fs::read_to_string(dir.join("log").join("panic.vm.log")).unwrap_or_default();
+    assert!(
+        vm_log.contains("Kernel panic"),
+        "no kernel panic in the VM log:\n{vm_log}\n{}\n{log}",
+        failure("panic", &o)
+    );
+    // virtiofsd killed: the shim ends the VM (the guest would wait on the
+    // share forever).
+    guest_dies(&containerd, "fsdie", &[], "echo armed && sleep 600", || {
+        let o = Command::new("pkill")
+            .args(["-KILL", "-x", "virtiofsd"])
+            .output()
+            .expect("pkill");
+        assert!(o.status.success(), "no virtiofsd to kill");
+    });
+    no_shim_left(&containerd, "the guest failures");
+    eprintln!(
+        "guest failures (2 VMs): {:.1} s",
         started.elapsed().as_secs_f64()
     );
 
