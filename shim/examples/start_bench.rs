@@ -1,0 +1,267 @@
+//! Container start and sandbox memory benchmark: a private containerd (as
+//! `make run` starts one) runs busybox with our shim on the in-process KVM
+//! backend, with our shim on the QEMU backend (`io.beaconbox.vm.backend=qemu`
+//! annotation), and with runc, interleaved, and prints medians and ratios.
+//! Asserts nothing (timings on a shared machine, and in the nested lab, are
+//! noisy; in the lab only the ratios mean something).
+//!
+//! ```text
+//! cargo build -p beacon-shim --bin containerd-shim-beaconbox-v1 --example start_bench
+//! target/debug/examples/start_bench prepare DIR          # host: guest files, image
+//! tests/lab/run --timeout 1800 -- target/debug/examples/start_bench run DIR [RUNS]
+//! ```
+//!
+//! - start: `ctr run --rm ... echo` spawned, to its first output line (the
+//!   sandbox's VM boot, vminitd, crun and the container's start included);
+//! - memory: an idle detached container (`sleep`), once it answered an exec:
+//!   the host memory of its sandbox, guest RAM excluded: the shim server's RSS
+//!   (its VMM threads included) minus its guest-RAM (memfd) mappings, plus
+//!   virtiofsd's RSS, plus for QEMU the qemu process's RSS minus its guest RAM.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use beacon_tests::containerd::{install_guest, shim_env, Containerd, ContainerdSpec, RUNTIME};
+use beacon_tests::images::{busybox_archive, BUSYBOX_IMAGE};
+
+const SHIM: &str = "containerd-shim-beaconbox-v1";
+const RUNC: &str = "io.containerd.runc.v2";
+
+/// What one configuration runs as: (label, runtime, extra `ctr run` options).
+const CONFIGS: [(&str, &str, &[&str]); 3] = [
+    ("beaconbox kvm", RUNTIME, &[]),
+    (
+        "beaconbox qemu",
+        RUNTIME,
+        &["--annotation", "io.beaconbox.vm.backend=qemu"],
+    ),
+    ("runc", RUNC, &[]),
+];
+
+fn shim_dir() -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe().context("finding this program")?;
+    let dir = me
+        .parent()
+        .and_then(Path::parent)
+        .context("this program has no target folder")?;
+    if !dir.join(SHIM).exists() {
+        bail!("{} is missing: build it first", dir.join(SHIM).display());
+    }
+    Ok(dir.to_path_buf())
+}
+
+/// Seconds from spawning `ctr run` to its first output line.
+fn start_once(c: &Containerd, id: &str, runtime: &str, opts: &[&str]) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut child = Command::new("ctr")
+        .arg("--address")
+        .arg(&c.socket)
+        .args(["run", "--rm", "--runtime", runtime])
+        .args(opts)
+        .args([BUSYBOX_IMAGE, id, "echo", "ready"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning ctr")?;
+    let out = child.stdout.take().context("stdout")?;
+    let first = BufReader::new(out).lines().next().transpose()?;
+    let took = started.elapsed().as_secs_f64();
+    let o = child.wait_with_output()?;
+    if first.as_deref() != Some("ready") || !o.status.success() {
+        bail!(
+            "{id} ({runtime} {opts:?}): first line {first:?}, {}; {}\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr),
+            c.log_tail(30)
+        );
+    }
+    Ok(took)
+}
+
+/// (total Rss, Rss of /memfd: mappings) in KiB from /proc/PID/smaps.
+fn rss_split(pid: u32) -> (u64, u64) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut total, mut guest, mut in_memfd) = (0, 0, false);
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            in_memfd = line.contains("/memfd:");
+        } else if let Some(v) = line.strip_prefix("Rss:") {
+            let kib: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+            total += kib;
+            if in_memfd {
+                guest += kib;
+            }
+        }
+    }
+    (total, guest)
+}
+
+fn pgrep(args: &[&str]) -> Vec<u32> {
+    Command::new("pgrep")
+        .args(args)
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// MiB of host memory of one idle sandbox (see the module doc).
+fn memory_once(c: &Containerd, id: &str, opts: &[&str]) -> anyhow::Result<f64> {
+    let mut args = vec!["run", "-d", "--runtime", RUNTIME];
+    args.extend_from_slice(opts);
+    args.extend_from_slice(&[BUSYBOX_IMAGE, id, "sleep", "600"]);
+    let o = c.ctr(&args)?;
+    if !o.status.success() {
+        bail!("{id}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let result = (|| {
+        let o = c.ctr(&["task", "exec", "--exec-id", "m", id, "true"])?;
+        if !o.status.success() {
+            bail!("{id} exec: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        let mut kib = 0;
+        let shims = pgrep(&["-f", &format!("{SHIM} -namespace")]);
+        for pid in shims.iter().chain(&pgrep(&["-x", "virtiofsd"])) {
+            let (total, guest) = rss_split(*pid);
+            kib += total - guest;
+        }
+        // -f: a process name (comm) is cut to 15 characters.
+        for pid in pgrep(&["-f", "qemu-system-x86_64"]) {
+            let (total, guest) = rss_split(pid);
+            kib += total - guest;
+        }
+        Ok(kib as f64 / 1024.0)
+    })();
+    let _ = c.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if c.ctr(&["task", "rm", id]).is_ok_and(|o| o.status.success()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = c.ctr(&["containers", "rm", id]);
+    result
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
+fn run(dir: &Path, runs: usize) -> anyhow::Result<()> {
+    // The shims run elsewhere: every path they get must be absolute.
+    let dir = &std::fs::canonicalize(dir).with_context(|| format!("{}", dir.display()))?;
+    let archive = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "tar"))
+        .context("no image archive: run `start_bench prepare DIR` first")?;
+    let work = tempfile::Builder::new().prefix("beacon-bench").tempdir()?;
+    // Room for a slow boot in the emulated lab.
+    let config = work.path().join("runtime.toml");
+    std::fs::write(&config, "[vm]\nboot_timeout_secs = 600\n")?;
+    let mut env = shim_env(work.path(), &dir.join("share"));
+    env.push(("BEACON_RUNTIME_CONFIG".into(), config.display().to_string()));
+    let c = Containerd::start(
+        &work.path().join("containerd"),
+        &ContainerdSpec {
+            shim_dir: shim_dir()?,
+            env,
+            cri: false,
+        },
+    )
+    .map_err(anyhow::Error::msg)?;
+    let o = c.ctr(&["images", "import", &archive.display().to_string()])?;
+    if !o.status.success() {
+        bail!("import: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let mut start: Vec<Vec<f64>> = vec![Vec::new(); CONFIGS.len()];
+    let mut mem: Vec<Vec<f64>> = vec![Vec::new(); 2];
+    for run in 0..runs {
+        for (i, (label, runtime, opts)) in CONFIGS.iter().enumerate() {
+            match start_once(&c, &format!("s{run}-{i}"), runtime, opts) {
+                Ok(s) => {
+                    println!("run {run} {label:>14}: start {s:.3} s");
+                    start[i].push(s);
+                }
+                Err(e) => println!("run {run} {label:>14}: start failed: {e:#}"),
+            }
+            if i < 2 {
+                match memory_once(&c, &format!("m{run}-{i}"), opts) {
+                    Ok(m) => {
+                        println!("run {run} {label:>14}: idle sandbox memory {m:.1} MiB");
+                        mem[i].push(m);
+                    }
+                    Err(e) => println!("run {run} {label:>14}: memory run failed: {e:#}"),
+                }
+            }
+        }
+    }
+    let fmt = |v: Option<f64>, unit: &str| v.map_or("-".into(), |x| format!("{x:.2} {unit}"));
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "-".into(),
+    };
+    let s: Vec<Option<f64>> = start.into_iter().map(median).collect();
+    let m: Vec<Option<f64>> = mem.into_iter().map(median).collect();
+    println!("\nmedians of {runs} runs:");
+    println!(
+        "{:<28}{:>12}{:>12}{:>12}{:>10}",
+        "", "kvm", "qemu", "runc", "kvm/qemu"
+    );
+    println!(
+        "{:<28}{:>12}{:>12}{:>12}{:>10}",
+        "start (ctr run to output)",
+        fmt(s[0], "s"),
+        fmt(s[1], "s"),
+        fmt(s[2], "s"),
+        ratio(s[0], s[1])
+    );
+    println!(
+        "{:<28}{:>12}{:>12}{:>12}{:>10}",
+        "idle sandbox host memory",
+        fmt(m[0], "MiB"),
+        fmt(m[1], "MiB"),
+        "-",
+        ratio(m[0], m[1])
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.as_slice() {
+        [cmd, dir] if cmd == "prepare" => (|| {
+            let dir = Path::new(dir);
+            std::fs::create_dir_all(dir)?;
+            install_guest(dir).map_err(anyhow::Error::msg)?;
+            busybox_archive(dir, BUSYBOX_IMAGE, &[]).map_err(anyhow::Error::msg)?;
+            Ok(())
+        })(),
+        [cmd, dir] if cmd == "run" => run(Path::new(dir), 3),
+        [cmd, dir, runs] if cmd == "run" => match runs.parse() {
+            Ok(n) if n > 0 => run(Path::new(dir), n),
+            _ => Err(anyhow::anyhow!("RUNS must be a positive number")),
+        },
+        _ => Err(anyhow::anyhow!(
+            "usage: start_bench prepare DIR | start_bench run DIR [RUNS]"
+        )),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("start_bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
