@@ -98,7 +98,7 @@ impl Default for VmSettings {
 }
 
 /// The runtime config file.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
     pub vm: VmSettings,
@@ -108,6 +108,25 @@ pub struct RuntimeConfig {
     pub virtiofs_cache: Option<String>,
     /// Debug logging in the guest (`beacon.log=debug`).
     pub guest_debug: bool,
+    /// VM console logs (`$BEACON_LOG_DIR/<id>.vm.log`) kept after their
+    /// sandboxes end, newest first; older ones are removed when a sandbox ends.
+    pub keep_vm_logs: usize,
+}
+
+/// Default of [`RuntimeConfig::keep_vm_logs`].
+pub const DEFAULT_KEEP_VM_LOGS: usize = 32;
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            vm: VmSettings::default(),
+            vsock: VsockMode::default(),
+            network: NetworkMode::default(),
+            virtiofs_cache: None,
+            guest_debug: false,
+            keep_vm_logs: DEFAULT_KEEP_VM_LOGS,
+        }
+    }
 }
 
 impl RuntimeConfig {

@@ -209,6 +209,45 @@ struct Built {
     virtiofsd: Option<Virtiofsd>,
     /// The vhost-vsock CID, held until the VM is gone.
     cid: Option<CidLease>,
+    /// VM console logs to prune once everything else is undone.
+    logs: Option<LogRetention>,
+}
+
+/// How many VM console logs (`<log>/<id>.vm.log`) stay after a sandbox ends.
+struct LogRetention {
+    dir: PathBuf,
+    keep: usize,
+    liveness: PathBuf,
+}
+
+impl LogRetention {
+    /// Remove the oldest `*.vm.log` beyond the newest `keep`, sparing those
+    /// of sandboxes still alive (their liveness lock held). Failures are
+    /// logged: a log left behind must not fail a teardown.
+    fn prune(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut logs: Vec<(std::time::SystemTime, String, PathBuf)> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.to_string();
+                let id = name.strip_suffix(".vm.log")?.to_string();
+                let modified = e.metadata().ok()?.modified().ok()?;
+                Some((modified, id, e.path()))
+            })
+            .collect();
+        logs.sort_by_key(|l| std::cmp::Reverse(l.0));
+        let liveness = beacon_netmgr::SandboxLiveness::new(&self.liveness);
+        for (_, id, path) in logs.into_iter().skip(self.keep) {
+            if liveness.is_alive(&id).unwrap_or(false) {
+                continue;
+            }
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!("removing the old VM log {}: {e}", path.display());
+            }
+        }
+    }
 }
 
 /// A running sandbox.
@@ -259,6 +298,11 @@ impl Sandbox {
         built: &mut Built,
     ) -> Result<(Self, mpsc::Receiver<GuestEvent>), SandboxError> {
         let dirs = SandboxDirs::of(req.paths, req.run_root, req.id);
+        built.logs = dirs.vm_log.parent().map(|dir| LogRetention {
+            dir: dir.to_path_buf(),
+            keep: req.config.keep_vm_logs,
+            liveness: req.paths.liveness_dir(),
+        });
         let kernel = req.vm.kernel.clone().unwrap_or_else(|| req.paths.kernel());
         let initrd = req.vm.initrd.clone().unwrap_or_else(|| req.paths.initrd());
         if !kernel.is_file() {
@@ -572,5 +616,71 @@ async fn undo(built: Built, net: Option<&NetworkManager>, id: &str) {
                 m.display()
             );
         }
+    }
+    if let Some(logs) = built.logs {
+        logs.prune();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn only_the_newest_vm_logs_stay_and_live_sandboxes_keep_theirs() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let logs = tmp.path().join("log");
+        std::fs::create_dir(&logs).expect("log dir");
+        let t0 = SystemTime::now() - Duration::from_secs(3600);
+        for (i, id) in ["a", "b", "c", "d", "e"].iter().enumerate() {
+            let f = std::fs::File::create(logs.join(format!("{id}.vm.log"))).expect("log");
+            f.set_modified(t0 + Duration::from_secs(60 * i as u64))
+                .expect("mtime");
+        }
+        std::fs::write(logs.join("other.log"), "not a VM log").expect("other");
+        // "a", the oldest, belongs to a sandbox that still runs.
+        let liveness = tmp.path().join("live");
+        let _alive = beacon_netmgr::SandboxLiveness::new(&liveness)
+            .acquire("a")
+            .expect("lock");
+        LogRetention {
+            dir: logs.clone(),
+            keep: 2,
+            liveness,
+        }
+        .prune();
+        let mut left: Vec<String> = std::fs::read_dir(&logs)
+            .expect("read")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["a.vm.log", "d.vm.log", "e.vm.log", "other.log"]);
+    }
+
+    #[test]
+    fn the_secret_rides_in_an_appended_cpio_member() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let base = tmp.path().join("base");
+        // An odd length: the member must start 4-byte aligned all the same.
+        std::fs::write(&base, b"xyz").expect("base");
+        let out = tmp.path().join("initrd");
+        let secret = VsockSecret::generate().expect("secret");
+        write_initrd_with_secret(&base, &out, &secret).expect("write");
+        let bytes = std::fs::read(&out).expect("read");
+        assert_eq!(&bytes[..4], b"xyz\0");
+        let entries = beacon_initrd::cpio::read_archive(&bytes[4..]).expect("cpio");
+        let member = entries
+            .iter()
+            .find(|e| e.path == GUEST_SECRET_FILE)
+            .expect("secret member");
+        assert_eq!(member.mode & 0o777, 0o400);
+        assert_eq!(
+            VsockSecret::parse_file(&member.data).expect("parse"),
+            secret
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&out).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 }

@@ -12,7 +12,8 @@
 //! backend gets nowhere), a guest kernel panic and
 //! a killed virtiofsd under running containers (non-zero exit, nothing hangs),
 //! several containers at once, and afterwards nothing left behind (TAP, lease,
-//! mounts, virtiofsd, shim, run folders).
+//! mounts, virtiofsd, shim, run folders, VM logs beyond the configured
+//! retention).
 
 mod common;
 
@@ -27,6 +28,8 @@ use beacon_tests::lab::{here_or_in_lab, kvm_host, rerun_in_lab, KvmHost};
 
 const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-beaconbox-v1");
 const SHARE_ENV: &str = "BEACON_TEST_SHARE_DIR";
+/// VM console logs the runtime config keeps (the test runs more sandboxes).
+const KEEP_VM_LOGS: usize = 3;
 
 fn has_hardware_kvm_and_caps() -> bool {
     kvm_host() == KvmHost::Hardware
@@ -189,7 +192,11 @@ fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
     // several boot at once: a runtime config file (the one the shim reads from
     // BEACON_RUNTIME_CONFIG when containerd passes none) gives it room.
     let config = dir.join("runtime.toml");
-    std::fs::write(&config, "[vm]\nboot_timeout_secs = 600\n").expect("runtime config");
+    std::fs::write(
+        &config,
+        format!("keep_vm_logs = {KEEP_VM_LOGS}\n[vm]\nboot_timeout_secs = 600\n"),
+    )
+    .expect("runtime config");
     let mut env = shim_env(&dir, &share);
     env.push(("BEACON_LOG".into(), "debug".into()));
     env.push(("BEACON_RUNTIME_CONFIG".into(), config.display().to_string()));
@@ -473,5 +480,15 @@ fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
     assert!(
         leftovers.trim().is_empty(),
         "sandbox run folders left: {leftovers}"
+    );
+    let vm_logs: Vec<_> = std::fs::read_dir(dir.join("log"))
+        .expect("log folder")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".vm.log"))
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        vm_logs.len() <= KEEP_VM_LOGS,
+        "more VM logs than the {KEEP_VM_LOGS} configured: {vm_logs:?}"
     );
 }
