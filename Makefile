@@ -9,8 +9,10 @@ CARGO ?= cargo
 BUILD ?= $(CURDIR)/build
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
 
-# Binaries `make install` puts in $(PREFIX)/bin.
-BINS := beacon-vmm beacon-initrd beacon-net
+# Binaries `make install` puts in $(PREFIX)/bin (built with the `product`
+# profile: release with whole-program optimisation, see Cargo.toml).
+BINS := beacon-vmm beacon-initrd beacon-net containerd-shim-beaconbox-v1
+PRODUCT_PACKAGES := -p beacon-vmm -p beacon-initrd -p beacon-netmgr -p beacon-shim -p vminitd
 # When this make started (for `make test`'s total, which includes setup and kernel).
 TEST_START := $(shell date +%s.%N)
 
@@ -62,11 +64,11 @@ test: setup kernel
 	TEST_START=$(TEST_START) MAKE="$(MAKE)" CARGO="$(CARGO)" tests/run-all
 
 install: kernel
-	$(CARGO) build --workspace --release
+	$(CARGO) build --profile product --bins $(PRODUCT_PACKAGES)
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(BEACON_SHARE_DIR)/kernel
-	for b in $(BINS); do install -m 0755 $(CARGO_TARGET_DIR)/release/$$b $(DESTDIR)$(PREFIX)/bin/$$b; done
+	for b in $(BINS); do install -m 0755 $(CARGO_TARGET_DIR)/product/$$b $(DESTDIR)$(PREFIX)/bin/$$b; done
 	install -m 0644 $(BUILD)/kernel/vmlinux $(DESTDIR)$(BEACON_SHARE_DIR)/kernel/beacon-kernel-x86_64
-	$(CARGO_TARGET_DIR)/release/beacon-initrd --init $(CARGO_TARGET_DIR)/release/vminitd \
+	$(CARGO_TARGET_DIR)/product/beacon-initrd --init $(CARGO_TARGET_DIR)/product/vminitd \
 	    --busybox /bin/busybox --crun /usr/bin/crun \
 	    --output $(DESTDIR)$(BEACON_SHARE_DIR)/kernel/beacon-initrd
 	@echo "install: $(DESTDIR)$(BEACON_SHARE_DIR)/kernel/beacon-initrd is" \
