@@ -17,6 +17,9 @@
 //!   the host memory of its sandbox, guest RAM excluded: the shim server's RSS
 //!   (its VMM threads included) minus its guest-RAM (memfd) mappings, plus
 //!   virtiofsd's RSS, plus for QEMU the qemu process's RSS minus its guest RAM.
+//!
+//! `BEACON_BENCH_TRACE=1` prints the first start's VM console log and shim log
+//! lines for both backends (where the time goes).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -153,6 +156,18 @@ fn memory_once(c: &Containerd, id: &str, opts: &[&str]) -> anyhow::Result<f64> {
     result
 }
 
+/// With `BEACON_BENCH_TRACE` set: the VM's console log and the shim's log
+/// lines of sandbox `id`, to see where a start's time goes.
+fn trace(c: &Containerd, work: &Path, id: &str) {
+    let vm_log = std::fs::read_to_string(work.join("log").join(format!("{id}.vm.log")))
+        .unwrap_or_else(|e| format!("(no VM log: {e})"));
+    println!("--- {id}: VM log\n{vm_log}--- {id}: shim and containerd");
+    for line in c.log_tail(4000).lines().filter(|l| l.contains(id)) {
+        println!("{line}");
+    }
+    println!("--- {id}: end");
+}
+
 fn median(mut v: Vec<f64>) -> Option<f64> {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied()
@@ -193,6 +208,9 @@ fn run(dir: &Path, runs: usize) -> anyhow::Result<()> {
                 Ok(s) => {
                     println!("run {run} {label:>14}: start {s:.3} s");
                     start[i].push(s);
+                    if run == 0 && i < 2 && std::env::var_os("BEACON_BENCH_TRACE").is_some() {
+                        trace(&c, work.path(), &format!("s{run}-{i}"));
+                    }
                 }
                 Err(e) => println!("run {run} {label:>14}: start failed: {e:#}"),
             }
