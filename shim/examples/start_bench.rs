@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use beacon_tests::containerd::{install_guest, shim_env, Containerd, ContainerdSpec, RUNTIME};
 use beacon_tests::images::{busybox_archive, BUSYBOX_IMAGE};
+use beacon_tests::procfs::rss_split;
 
 const SHIM: &str = "containerd-shim-beaconbox-v1";
 const RUNC: &str = "io.containerd.runc.v2";
@@ -84,25 +85,6 @@ fn start_once(c: &Containerd, id: &str, runtime: &str, opts: &[&str]) -> anyhow:
     Ok(took)
 }
 
-/// (total Rss, Rss of /memfd: mappings) in KiB from /proc/PID/smaps.
-fn rss_split(pid: u32) -> (u64, u64) {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let (mut total, mut guest, mut in_memfd) = (0, 0, false);
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-            in_memfd = line.contains("/memfd:");
-        } else if let Some(v) = line.strip_prefix("Rss:") {
-            let kib: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
-            total += kib;
-            if in_memfd {
-                guest += kib;
-            }
-        }
-    }
-    (total, guest)
-}
-
 fn pgrep(args: &[&str]) -> Vec<u32> {
     Command::new("pgrep")
         .args(args)
@@ -134,12 +116,12 @@ fn memory_once(c: &Containerd, id: &str, opts: &[&str]) -> anyhow::Result<f64> {
         let mut kib = 0;
         let shims = pgrep(&["-f", &format!("{SHIM} -namespace")]);
         for pid in shims.iter().chain(&pgrep(&["-x", "virtiofsd"])) {
-            let (total, guest) = rss_split(*pid);
+            let (total, guest) = rss_split(*pid).unwrap_or_default();
             kib += total - guest;
         }
         // -f: a process name (comm) is cut to 15 characters.
         for pid in pgrep(&["-f", "qemu-system-x86_64"]) {
-            let (total, guest) = rss_split(pid);
+            let (total, guest) = rss_split(pid).unwrap_or_default();
             kib += total - guest;
         }
         Ok(kib as f64 / 1024.0)

@@ -12,6 +12,7 @@ pub mod device_suite;
 pub mod guest;
 pub mod images;
 pub mod lab;
+pub mod procfs;
 pub mod report;
 pub mod script;
 pub mod vsock_tool;

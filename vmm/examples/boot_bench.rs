@@ -35,6 +35,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 
 mod common;
+use beacon_tests::procfs::rss_split;
 use common::median;
 
 #[derive(Parser, Debug)]
@@ -181,27 +182,6 @@ fn boot_once(args: &Args, vmm: &Path, backend: &str) -> anyhow::Result<Sample> {
     Ok(s)
 }
 
-/// (total Rss, Rss of /memfd: mappings) in KiB from /proc/PID/smaps.
-fn rss_split(pid: u32) -> anyhow::Result<(u64, u64)> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
-        .with_context(|| format!("reading /proc/{pid}/smaps"))?;
-    let (mut total, mut guest) = (0, 0);
-    let mut in_memfd = false;
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-            in_memfd = line.contains("/memfd:");
-        } else if let Some(v) = line.strip_prefix("Rss:") {
-            let kib: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
-            total += kib;
-            if in_memfd {
-                guest += kib;
-            }
-        }
-    }
-    Ok((total, guest))
-}
-
 fn children(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
     if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
@@ -250,7 +230,8 @@ fn overhead_once(
         } else {
             child.id()
         };
-        let (total, guest) = rss_split(pid)?;
+        let (total, guest) =
+            rss_split(pid).with_context(|| format!("reading /proc/{pid}/smaps"))?;
         Ok(total.saturating_sub(guest))
     })();
     let _ = child.wait();
