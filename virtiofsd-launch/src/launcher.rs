@@ -1,12 +1,13 @@
-//! The one long-lived thread that spawns every virtiofsd of this process.
+//! The one long-lived thread that spawns every child that must die with this
+//! process: each virtiofsd, and QEMU for the QEMU backend.
 //!
-//! virtiofsd is started with `PR_SET_PDEATHSIG`, so it dies with its parent. Linux
+//! They are started with `PR_SET_PDEATHSIG`, so they die with their parent. Linux
 //! sends that signal when the *thread* that forked the child exits, not the
-//! process: a virtiofsd spawned from a short-lived thread (a request handler, a
+//! process: a child spawned from a short-lived thread (a request handler, a
 //! tokio blocking task) would be killed as soon as that thread ends, taking the
-//! guest's filesystem with it. So every spawn is handed to one thread,
-//! `virtiofsd-launcher`, that is started on first use and never exits; the
-//! children it forks then die only with the process.
+//! guest's filesystem (or the whole VM) with it. So every spawn is handed to one
+//! thread, `virtiofsd-launcher`, that is started on first use and never exits;
+//! the children it forks then die only with the process.
 //!
 //! This module owns that thread and the hand-off to it. It never waits for,
 //! signals or reaps a child: that is [`crate::Virtiofsd`]'s job.

@@ -2,7 +2,8 @@
 //!
 //! Kept for parity and performance comparison with the in-process KVM backend. This
 //! module owns the child process and its private sockets (QMP, boot timer) in a
-//! temporary folder; QEMU is killed when this process dies (`PR_SET_PDEATHSIG`),
+//! temporary folder; QEMU is killed when this process dies (`PR_SET_PDEATHSIG`,
+//! which is why the process's one long-lived launcher thread forks it),
 //! when the backend is dropped, and on [`VmBackend::kill`], and it is always reaped.
 
 mod args;
@@ -13,7 +14,7 @@ pub use args::{build_args, QemuSockets, BOOT_TIMER_PORT};
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -127,18 +128,13 @@ impl QemuVm {
             ConsoleConfig::Stdout => Stdio::inherit(),
             _ => Stdio::null(),
         });
-        // SAFETY: runs in the forked child before exec; prctl(2) is async-signal-safe
-        // and the closure touches no parent memory.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
         tracing::debug!(program = ?self.program, ?args, "starting QEMU");
-        cmd.spawn().map_err(VmError::io(format!(
+        // Forked by the process's one long-lived launcher thread, with
+        // PR_SET_PDEATHSIG: that signal fires when the *forking thread* ends,
+        // and the caller's thread may be short-lived (in the shim, a tokio
+        // thread that retires when idle, which killed QEMU under a running
+        // container).
+        beacon_virtiofsd_launch::launcher::spawn(cmd).map_err(VmError::io(format!(
             "starting {}",
             self.program.to_string_lossy()
         )))
