@@ -15,15 +15,15 @@
 //! Never touches the host's real containerd or beaconbox folders: everything
 //! lives under DIR and is removed by `run` (DIR itself is the caller's).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use beacon_tests::containerd::{install_guest, shim_env, Containerd, ContainerdSpec, RUNTIME};
+use beacon_tests::containerd::{
+    example_shim_dir, install_guest, shim_env, Containerd, ContainerdSpec, RUNTIME,
+};
 use beacon_tests::images::{busybox_archive, BUSYBOX_IMAGE};
-
-const SHIM: &str = "containerd-shim-beaconbox-v1";
 
 fn prepare(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -35,22 +35,6 @@ fn prepare(dir: &Path) -> anyhow::Result<()> {
         archive.display()
     );
     Ok(())
-}
-
-fn shim_dir() -> anyhow::Result<PathBuf> {
-    let me = std::env::current_exe().context("finding this program")?;
-    // target/<profile>/examples/run_container -> target/<profile>/
-    let dir = me
-        .parent()
-        .and_then(Path::parent)
-        .context("this program has no target folder")?;
-    if !dir.join(SHIM).exists() {
-        bail!(
-            "{} is missing: build it first (cargo build -p beacon-shim)",
-            dir.join(SHIM).display()
-        );
-    }
-    Ok(dir.to_path_buf())
 }
 
 fn run(dir: &Path) -> anyhow::Result<()> {
@@ -68,7 +52,7 @@ fn run(dir: &Path) -> anyhow::Result<()> {
     let containerd = Containerd::start(
         &work.path().join("containerd"),
         &ContainerdSpec {
-            shim_dir: shim_dir()?,
+            shim_dir: example_shim_dir().map_err(anyhow::Error::msg)?,
             env: shim_env(work.path(), &share),
             cri: false,
         },

@@ -22,16 +22,17 @@
 //! lines for both backends (where the time goes).
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use beacon_tests::containerd::{install_guest, shim_env, Containerd, ContainerdSpec, RUNTIME};
+use beacon_tests::containerd::{
+    example_shim_dir, install_guest, shim_env, Containerd, ContainerdSpec, RUNTIME, SHIM_BINARY,
+};
 use beacon_tests::images::{busybox_archive, BUSYBOX_IMAGE};
 use beacon_tests::procfs::rss_split;
 
-const SHIM: &str = "containerd-shim-beaconbox-v1";
 const RUNC: &str = "io.containerd.runc.v2";
 
 /// What one configuration runs as: (label, runtime, extra `ctr run` options).
@@ -44,18 +45,6 @@ const CONFIGS: [(&str, &str, &[&str]); 3] = [
     ),
     ("runc", RUNC, &[]),
 ];
-
-fn shim_dir() -> anyhow::Result<PathBuf> {
-    let me = std::env::current_exe().context("finding this program")?;
-    let dir = me
-        .parent()
-        .and_then(Path::parent)
-        .context("this program has no target folder")?;
-    if !dir.join(SHIM).exists() {
-        bail!("{} is missing: build it first", dir.join(SHIM).display());
-    }
-    Ok(dir.to_path_buf())
-}
 
 /// Seconds from spawning `ctr run` to its first output line.
 fn start_once(c: &Containerd, id: &str, runtime: &str, opts: &[&str]) -> anyhow::Result<f64> {
@@ -114,7 +103,7 @@ fn memory_once(c: &Containerd, id: &str, opts: &[&str]) -> anyhow::Result<f64> {
         }
         std::thread::sleep(Duration::from_secs(2));
         let mut kib = 0;
-        let shims = pgrep(&["-f", &format!("{SHIM} -namespace")]);
+        let shims = pgrep(&["-f", &format!("{SHIM_BINARY} -namespace")]);
         for pid in shims.iter().chain(&pgrep(&["-x", "virtiofsd"])) {
             let (total, guest) = rss_split(*pid).unwrap_or_default();
             kib += total - guest;
@@ -172,7 +161,7 @@ fn run(dir: &Path, runs: usize) -> anyhow::Result<()> {
     let c = Containerd::start(
         &work.path().join("containerd"),
         &ContainerdSpec {
-            shim_dir: shim_dir()?,
+            shim_dir: example_shim_dir().map_err(anyhow::Error::msg)?,
             env,
             cri: false,
         },

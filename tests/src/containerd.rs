@@ -8,6 +8,26 @@ use std::time::{Duration, Instant};
 
 /// The runtime name `ctr run --runtime` takes.
 pub const RUNTIME: &str = "io.containerd.beaconbox.v1";
+/// The shim's file name (containerd finds it on its PATH from [`RUNTIME`]).
+pub const SHIM_BINARY: &str = "containerd-shim-beaconbox-v1";
+
+/// For a cargo example: the folder above the example's own
+/// (`target/<profile>/`), where cargo put the shim built with it; an error
+/// saying to build it when it is not there.
+pub fn example_shim_dir() -> Result<PathBuf, String> {
+    let me = std::env::current_exe().map_err(|e| format!("finding this program: {e}"))?;
+    let dir = me
+        .parent()
+        .and_then(Path::parent)
+        .ok_or("this program has no target folder")?;
+    if !dir.join(SHIM_BINARY).exists() {
+        return Err(format!(
+            "{} is missing: build it first (cargo build -p beacon-shim)",
+            dir.join(SHIM_BINARY).display()
+        ));
+    }
+    Ok(dir.to_path_buf())
+}
 
 /// A running private containerd.
 pub struct Containerd {
