@@ -86,6 +86,13 @@ fn vfsd_threads() -> usize {
         .count()
 }
 
+/// After the threads are joined, wait for the kernel to drop them from
+/// `/proc/self/task`: `pthread_join` returns when the thread's exit wakes its
+/// joiner, which is a moment before the kernel releases the task entry.
+fn assert_no_vfsd_threads(what: &str) {
+    wait_until(what, Duration::from_secs(5), || vfsd_threads() == 0);
+}
+
 fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !done() {
@@ -175,7 +182,7 @@ fn stop_and_drop_leave_no_process_socket_or_thread() {
     let _serial = serial();
     let f = fake("quiet");
     let cfg = ShareConfig::new(&f.share, &f.socket);
-    assert_eq!(vfsd_threads(), 0);
+    assert_no_vfsd_threads("no vfsd thread left");
     let fs = Virtiofsd::spawn_with(&f.binary, &cfg).expect("spawn");
     let pid = fs.pid();
     assert!(alive(pid));
@@ -189,14 +196,14 @@ fn stop_and_drop_leave_no_process_socket_or_thread() {
     assert!(rx.try_recv().expect("the callback ran").requested);
     assert!(!alive(pid));
     assert!(!f.socket.exists(), "socket removed");
-    assert_eq!(vfsd_threads(), 0, "threads joined");
+    assert_no_vfsd_threads("threads joined");
 
     let fs = Virtiofsd::spawn_with(&f.binary, &cfg).expect("spawn again over the old path");
     let pid = fs.pid();
     drop(fs);
     assert!(!alive(pid));
     assert!(!f.socket.exists());
-    assert_eq!(vfsd_threads(), 0);
+    assert_no_vfsd_threads("no vfsd thread left");
 }
 
 #[test]
@@ -213,7 +220,7 @@ fn bad_input_fails_before_anything_runs() {
     cfg.log_path = Some(f.share.join("no/such/dir/fs.log"));
     let err = Virtiofsd::spawn_with(&f.binary, &cfg).expect_err("unwritable log");
     assert!(matches!(err, LaunchError::Log { .. }), "{err}");
-    assert_eq!(vfsd_threads(), 0);
+    assert_no_vfsd_threads("no vfsd thread left");
     assert!(!f.socket.exists());
 }
 
@@ -234,7 +241,7 @@ fn early_death_reports_stderr_and_a_silent_program_is_killed() {
     cfg.ready_timeout = Duration::from_millis(300);
     let err = Virtiofsd::spawn_with(&script, &cfg).expect_err("must time out");
     assert!(matches!(err, LaunchError::NotReady { .. }), "{err}");
-    assert_eq!(vfsd_threads(), 0);
+    assert_no_vfsd_threads("no vfsd thread left");
     let sleepers = std::fs::read_dir("/proc")
         .expect("proc")
         .filter_map(Result::ok)

@@ -20,7 +20,8 @@ struct Cli {
     /// Name printed in the summary line.
     #[arg(long, global = true, default_value = "vsock")]
     label: String,
-    /// Connections (the server accepts this many; the client opens them at once).
+    /// Connections (the server accepts this many; the client opens them at
+    /// once); data moves once all are open.
     #[arg(long, global = true, default_value_t = 1)]
     conns: usize,
     /// Bytes each side of each connection sends.
@@ -99,12 +100,17 @@ fn run(cli: Cli) -> Result<String, String> {
                 _ => return Err("serve needs exactly one of --vsock or --unix".into()),
             };
             let l = listen(&ep).map_err(|e| format!("listen on {ep:?}: {e}"))?;
-            let mut threads = Vec::new();
+            // Accept every connection before any data moves: a handshake
+            // answer must not queue behind this job's own streams (the guest
+            // sends its vsock packets first come, first served).
+            let mut conns = Vec::new();
             for _ in 0..cli.conns {
-                let c = l.accept().map_err(|e| format!("accept: {e}"))?;
-                threads.push(std::thread::spawn(move || exchange(c, bytes)));
+                conns.push(l.accept().map_err(|e| format!("accept: {e}"))?);
             }
-            threads
+            conns
+                .into_iter()
+                .map(|c| std::thread::spawn(move || exchange(c, bytes)))
+                .collect::<Vec<_>>()
                 .into_iter()
                 .filter_map(|t| t.join().ok())
                 .collect::<Vec<_>>()
@@ -138,25 +144,30 @@ fn run(cli: Cli) -> Result<String, String> {
             // it at once (no storm of retries while the peer boots).
             let first =
                 connect_retry(&ep, deadline).map_err(|e| format!("connect to {ep:?}: {e}"))?;
-            let mut first = Some(first);
-            let mut threads = Vec::new();
-            for _ in 0..cli.conns {
+            // Every connection is open before any data moves (see `serve`).
+            let mut connecting = Vec::new();
+            for _ in 1..cli.conns {
                 let ep = ep.clone();
-                let ready = first.take();
-                threads.push(std::thread::spawn(move || {
-                    let conn = match ready {
-                        Some(c) => Ok(c),
-                        None => connect_retry(&ep, deadline),
-                    };
-                    conn.map(|c| exchange(c, bytes))
-                        .map_err(|e| format!("connect to {ep:?}: {e}"))
+                connecting.push(std::thread::spawn(move || {
+                    connect_retry(&ep, deadline).map_err(|e| format!("connect to {ep:?}: {e}"))
                 }));
             }
+            let mut conns = vec![first];
+            for t in connecting {
+                match t.join() {
+                    Ok(Ok(c)) => conns.push(c),
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => return Err("a connecting thread panicked".into()),
+                }
+            }
+            let threads: Vec<_> = conns
+                .into_iter()
+                .map(|c| std::thread::spawn(move || exchange(c, bytes)))
+                .collect();
             let mut reports = Vec::new();
             for t in threads {
                 match t.join() {
-                    Ok(Ok(r)) => reports.push(r),
-                    Ok(Err(e)) => return Err(e),
+                    Ok(r) => reports.push(r),
                     Err(_) => return Err("a connection thread panicked".into()),
                 }
             }

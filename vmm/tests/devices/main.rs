@@ -30,8 +30,8 @@
 //! plain tests on the host. `cargo test -p beacon-vmm --test devices`.
 //!
 //! Where the time goes in the lab: a boot to init takes 10 to 60 s; the two
-//! boots with 100 MiB vsock streams (our device, beacon kernel: hybrid and
-//! vhost) spend about two minutes each on them, the four with 8 MiB streams
+//! boots with 32 MiB vsock streams (our device, beacon kernel: hybrid and
+//! vhost) spend under a minute each on them, the four with 8 MiB streams
 //! far less; the other parts take seconds to tens of seconds each (the guest
 //! prints its uptime at the end of every part).
 
@@ -153,7 +153,7 @@ fn boots(a: &Assets) -> Vec<Scenario> {
             } else {
                 (GuestKernel::Stock, 2, GuestEnd::PowerOff)
             };
-            // 100 MiB streams where our vsock device runs our kernel.
+            // 32 MiB streams where our vsock device runs our kernel.
             let big = if backend == "kvm" && beacon {
                 vsock::BIG
             } else {
