@@ -2,7 +2,7 @@
 //!
 //! On hosts without hardware KVM (this workplace's `/dev/kvm` is a paravirtual PVM
 //! that boots only PVM-patched guests), QEMU emulates an AMD CPU with SVM (`-accel
-//! tcg -cpu max -smp 1`) and boots Debian's generic kernel with a busybox initramfs
+//! tcg -cpu max,-xsave -smp 1`, see [`LAB_CPU`]) and boots Debian's generic kernel with a busybox initramfs
 //! (`tests/lab/prepare`, `tests/lab/init`). The host root is exported read-only over
 //! 9p under an overlay with a tmpfs upper layer, so the command sees the host's
 //! files at the same paths and may write anywhere without touching the host;
@@ -27,6 +27,16 @@ use crate::assets::{folder_from_script, lab_tmp_base, repo_root};
 pub const HEARTBEAT_STALE: Duration = Duration::from_secs(90);
 /// A lab VM with no heartbeat this long after QEMU started has frozen while booting.
 pub const FIRST_HEARTBEAT_WITHIN: Duration = Duration::from_secs(180);
+
+/// The lab's emulated CPU. Without XSAVE: QEMU's emulated SVM lets a nested
+/// guest's XSETBV through without the exit KVM relies on, so KVM never learns
+/// the guest's XCR0. Every guest in the lab (under QEMU or our VMM alike) then
+/// warned "XSAVE consistency problem" at boot (CPUID 0xD's size never followed
+/// XCR0), and KVM saved and restored the guest's extended state for the wrong
+/// XCR0, the likely cause of user programs that use AVX (glibc's string
+/// functions do) crashing now and then (busybox `ping` in `make test`). With
+/// FXSAVE only, the warning is gone and the guests' FPU state is plain.
+pub const LAB_CPU: &str = "max,-xsave";
 
 /// Forces [`kvm_host`]: `hardware` (use this host's /dev/kvm) or `lab`.
 pub const KVM_MODE_ENV: &str = "BEACON_KVM";
@@ -281,7 +291,7 @@ impl Lab {
             .map_err(io_err("writing the keep list"))?;
 
         let mut cmd = Command::new(&qemu);
-        cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "1"])
+        cmd.args(["-accel", "tcg", "-cpu", LAB_CPU, "-smp", "1"])
             .args(["-m", &self.memory_mib.to_string()])
             .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
             .args(["-nic", "none", "-no-reboot", "-nodefaults"])

@@ -8,6 +8,8 @@
 //! - how to power off (FADT hardware-reduced sleep control/status registers on
 //!   I/O ports [`SLEEP_CONTROL_PORT`]/[`SLEEP_STATUS_PORT`], `\_S5` = [`S5_SLEEP_TYPE`])
 //!   and reset ([`RESET_PORT`], value [`RESET_VALUE`]);
+//! - that there is no VGA, keyboard controller or CMOS RTC to probe
+//!   ([`IAPC_BOOT_ARCH`]);
 //! - every device in the VM, as AML inside `\_SB_` that the device manager
 //!   contributes after it attached them ([`AcpiConfig::devices_aml`]), built with the
 //!   helpers here: COM1 ([`com1_aml`], `PNP0501`: hardware-reduced ACPI has no legacy
@@ -36,6 +38,13 @@ pub const SLEEP_CONTROL_PORT: u16 = 0x3c0;
 pub const SLEEP_STATUS_PORT: u16 = 0x3c1;
 /// Writing [`RESET_VALUE`] here resets (ends) the VM.
 pub const RESET_PORT: u16 = 0x3c2;
+/// FADT IA-PC boot architecture flags: no VGA (bit 2) and no CMOS RTC (bit 5).
+/// The "8042" bit (1) stays clear: no keyboard controller for the guest to
+/// probe (the VMM still takes the 0xFE reset command on port 0x64). Without
+/// the RTC bit, a stock kernel's `rtc_cmos` spins on ports 0x70/0x71, which
+/// nothing decodes (seconds in the lab); the guest's wall clock comes from
+/// kvm-clock.
+pub const IAPC_BOOT_ARCH: u16 = (1 << 2) | (1 << 5);
 // The register semantics belong to the device that decodes them.
 pub use beacon_devices::acpi_pm::{RESET_VALUE, S5_SLEEP_TYPE};
 
@@ -187,6 +196,7 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
     b.sleep_status_reg = io_gas(SLEEP_STATUS_PORT);
     b.reset_reg = io_gas(RESET_PORT);
     b.reset_value = RESET_VALUE;
+    b.iapc_boot_arch = IAPC_BOOT_ARCH.into();
     // "KVMKVMKVM" is what Linux checks for in CPUID, not here; the field is optional.
     to_bytes(&b.finalize())
 }

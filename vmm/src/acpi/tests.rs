@@ -83,6 +83,9 @@ fn fadt_is_hardware_reduced_with_sleep_and_reset_registers() {
     assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
     assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
     // RESET_REG (GAS at 116): system I/O, port RESET_PORT; RESET_VALUE at 128.
+    // IAPC_BOOT_ARCH at offset 109: no VGA, no CMOS RTC, no 8042.
+    assert_eq!(u16::from_le_bytes([fadt[109], fadt[110]]), IAPC_BOOT_ARCH);
+    assert_eq!(IAPC_BOOT_ARCH & 0b10, 0, "no 8042");
     assert_eq!(fadt[116], 1);
     assert_eq!(u64_at(fadt, 120), u64::from(RESET_PORT));
     assert_eq!(fadt[128], RESET_VALUE);
