@@ -17,8 +17,9 @@ packages=(
     busybox-static crun
     # host side: containerd, networking, images
     containerd nftables iproute2 util-linux containernetworking-plugins erofs-utils iperf3
-    # tests: another host user (setpriv) probing the VM sockets with Debian's python3
-    python3
+    # tests: another host user (setpriv) probing the VM sockets with Debian's python3;
+    # ACPICA's iasl disassembles and recompiles the DSDT (vmm/tests/acpi_iasl.rs)
+    python3 acpica-tools
     # virtiofsd build dependencies
     libseccomp-dev libcap-ng-dev
     # vminitd / shim ttrpc code generation

@@ -1,6 +1,7 @@
 //! Device models for beacon VMs: the I/O and MMIO bus seam ([`bus`]), the legacy
 //! x86 devices every VM has ([`legacy`]: 16550 serial, i8042 reset, boot timer),
-//! the ACPI power-management registers ([`acpi_pm`]), virtio devices on the
+//! the ACPI power-management registers ([`acpi_pm`]), the hotplug controller
+//! the guest's ACPI code talks to ([`hotplug`]), virtio devices on the
 //! virtio-mmio transport ([`virtio`]), and the TAP behind virtio-net ([`tap`]).
 //!
 //! Devices here never know about the VMM: they see byte accesses at offsets inside
@@ -12,6 +13,7 @@
 
 pub mod acpi_pm;
 pub mod bus;
+pub mod hotplug;
 pub mod legacy;
 pub mod tap;
 pub mod throttle;

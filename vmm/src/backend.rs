@@ -125,6 +125,14 @@ pub trait VmBackend: Send + Sync {
     /// vCPUs currently online.
     fn vcpu_count(&self) -> u8;
 
+    /// The most vCPUs this VM can have (`--max-cpus`).
+    fn max_vcpus(&self) -> u8;
+
+    /// Hot-add or hot-remove vCPUs until `target` are online, with the
+    /// guest's cooperation (ACPI CPU hotplug); returns the new count. Only
+    /// while running; on error the VM keeps the vCPUs it had.
+    fn resize_vcpus(&self, target: u8) -> Result<u8, VmError>;
+
     /// Guest RAM currently plugged, in MiB.
     fn memory_mib(&self) -> u64;
 

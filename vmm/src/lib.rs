@@ -3,9 +3,11 @@
 //! The crate owns the VM's configuration ([`config`]), the backend seam
 //! ([`backend`]) and the backends themselves. It never knows about containerd or
 //! sandboxes: the shim turns a container into a [`VmConfig`] and drives a
-//! [`VmBackend`].
+//! [`VmBackend`]. A running VM can be inspected and resized through its
+//! control socket ([`api`]).
 
 pub mod acpi;
+pub mod api;
 pub mod backend;
 pub mod config;
 pub mod kvm;

@@ -24,7 +24,32 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Boot a kernel and wait until the guest powers off.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Inspect or resize a running VM through its control socket (--api-socket).
+    Ctl(CtlArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct CtlArgs {
+    /// The VM's control socket (`beacon-vmm run --api-socket PATH`).
+    #[arg(long)]
+    socket: PathBuf,
+    /// Seconds to wait for the answer (a resize waits for the guest).
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
+    #[command(subcommand)]
+    action: CtlAction,
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlAction {
+    /// Print the VM's figures as JSON.
+    Info,
+    /// Hot-add or hot-remove vCPUs: --cpus N is the new total.
+    Resize {
+        #[arg(long)]
+        cpus: u8,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -87,6 +112,10 @@ struct RunArgs {
     /// `tag=T,socket=PATH` connects to an already running vhost-user backend.
     #[arg(long = "fs", value_name = "SHARE", value_parser = fs_cli::parse_share)]
     fs: Vec<fs_cli::FsShare>,
+    /// Serve a control socket at PATH (`beacon-vmm ctl --socket PATH ...`):
+    /// JSON lines, mode 0600, removed when the VM ends.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
     /// Also name the virtio-mmio devices on the kernel command line
     /// (virtio_mmio.device=), for kernels without ACPI; the KVM backend always
     /// describes them in the DSDT.
@@ -99,7 +128,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_env_filter(beacon_vmm::log_filter("info"))
         .init();
-    let Cmd::Run(args) = Cli::parse().command;
+    let args = match Cli::parse().command {
+        Cmd::Run(args) => *args,
+        Cmd::Ctl(ctl) => return ctl_main(ctl),
+    };
     let shares = match fs_cli::FsShares::start(&args.fs) {
         Ok(shares) => shares,
         Err(e) => {
@@ -126,6 +158,36 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("beacon-vmm: {e}");
             ExitCode::from(1)
+        }
+    }
+}
+
+/// `beacon-vmm ctl`: one request, the reply on stdout; exit 1 when the VM
+/// refused it, 2 when it could not be asked.
+fn ctl_main(ctl: CtlArgs) -> ExitCode {
+    let request = match ctl.action {
+        CtlAction::Info => beacon_vmm::api::Request::Info {},
+        CtlAction::Resize { cpus } => beacon_vmm::api::Request::Resize { cpus },
+    };
+    match beacon_vmm::api::request(
+        &ctl.socket,
+        &request,
+        std::time::Duration::from_secs(ctl.timeout_secs),
+    ) {
+        Ok(reply) => {
+            println!(
+                "{}",
+                serde_json::to_string(&reply).unwrap_or_else(|e| format!("{reply:?} ({e})"))
+            );
+            if reply.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("beacon-vmm ctl: {e}");
+            ExitCode::from(2)
         }
     }
 }
@@ -175,11 +237,26 @@ fn run(args: RunArgs, shares: &fs_cli::FsShares) -> Result<VmExit, VmError> {
         config.devices.push(vsock);
     }
     config.devices.extend(shares.devices());
-    let vm = create_backend(args.backend, config)?;
+    let vm: std::sync::Arc<dyn beacon_vmm::VmBackend> =
+        create_backend(args.backend, config)?.into();
     // Declared after the VM, so dropped before it: virtiofsd ending with its
     // VM is no death to report.
     let _watch = shares.watch_while_running();
     vm.start()?;
+    let _api = match &args.api_socket {
+        Some(path) => match beacon_vmm::api::ApiServer::start(path, vm.clone()) {
+            Ok(server) => Some(server),
+            Err(e) => {
+                let _ = vm.kill();
+                let _ = vm.wait();
+                return Err(VmError::Io {
+                    what: "starting the control socket".into(),
+                    source: std::io::Error::other(e.to_string()),
+                });
+            }
+        },
+        None => None,
+    };
     let exit = vm.wait()?;
     let times = vm.boot_times();
     if let Some(t) = times.first_run {
@@ -274,7 +351,9 @@ mod tests {
             "tap=a1,mac=02:00:00:00:00:02,vhost=on",
         ])
         .expect("two nets");
-        let Cmd::Run(args) = cli.command;
+        let Cmd::Run(args) = cli.command else {
+            panic!("not run")
+        };
         assert_eq!(args.nets.len(), 2);
     }
 

@@ -28,6 +28,9 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 
+mod hotplug;
+pub use hotplug::hotplug_aml;
+
 /// Where the RSDP goes: the BIOS read-only area Linux scans (0xE0000..0xFFFFF).
 pub const RSDP_ADDR: u64 = 0x000e_0000;
 /// The tables must all end below this (the end of the legacy BIOS area).
@@ -74,6 +77,10 @@ pub enum AcpiError {
     TooManyDevices(usize),
     #[error("boot vCPUs ({boot}) must be between 1 and the maximum ({max})")]
     BadVcpus { boot: u8, max: u8 },
+    #[error("CPU hotplug AML needs at least one vCPU")]
+    NoHotplugVcpus,
+    #[error("hotplug registers at {0:#x} do not fit below 4 GiB")]
+    HotplugAbove4G(u32),
 }
 
 /// A 16550 UART on I/O `port` raising `gsi`, as DSDT device `COM1`.

@@ -1,7 +1,8 @@
 //! Assembles a KVM microVM from a [`VmConfig`], in a fixed order:
 //! memory → VM and irqchip → device manager (legacy devices, then every
 //! `config.devices` entry) → kernel and initrd → MP table and ACPI tables
-//! generated from the device manager → vCPUs.
+//! generated from the device manager → vCPUs ([`super::cpu_manager`]; with a
+//! hotplug controller and GED when `--max-cpus` leaves room).
 //!
 //! Everything that can fail happens here, before a vCPU runs, so a bad config is
 //! a [`VmError`] with no thread started; every fd made so far is released by
@@ -23,9 +24,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::boot::{self, layout};
 use super::console::ConsoleOutput;
 use super::control::{self, VcpuControl};
+use super::cpu_manager::{CpuManager, CpuSetup, VcpuLinks};
 use super::device_manager::{DeviceManager, LegacyHooks};
 use super::memory::GuestRam;
-use super::vcpu::{self, VcpuSetup};
 use super::KvmVm;
 use crate::backend::VmError;
 use crate::config::{ConfigError, DeviceConfig, VmConfig, MAX_CMDLINE_LEN};
@@ -225,6 +226,11 @@ fn build_inner(config: VmConfig, console: Option<ConsoleOutput>) -> Result<KvmVm
         },
     )?;
     attach_devices(&mut devices, &config)?;
+    let hotplug = if config.vcpus.max > config.vcpus.boot {
+        Some(devices.attach_hotplug(config.vcpus.boot, config.vcpus.max)?)
+    } else {
+        None
+    };
 
     // Kernel, command line and initrd, then the tables that describe the devices.
     let mut boot_config = config.clone();
@@ -248,20 +254,25 @@ fn build_inner(config: VmConfig, console: Option<ConsoleOutput>) -> Result<KvmVm
         .get_msr_index_list()
         .map_err(hv("KVM_GET_MSR_INDEX_LIST"))?;
     let msrs = boot::msr::boot_msrs(msr_list.as_slice());
-    let setup = VcpuSetup {
-        vcpus: config.vcpus.boot,
-        entry,
-        supported_cpuid: &supported_cpuid,
-        msrs: &msrs,
-    };
-    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus.boot));
-    for id in 0..config.vcpus.boot {
-        let fd = vm
-            .create_vcpu(u64::from(id))
-            .map_err(hv(format!("KVM_CREATE_VCPU {id}")))?;
-        vcpu::configure(&fd, id, &setup)?;
-        vcpus.push(fd);
-    }
+    let first_run = Arc::new(OnceLock::new());
+    let cpus = CpuManager::new(
+        vm.clone(),
+        CpuSetup {
+            boot: config.vcpus.boot,
+            max: config.vcpus.max,
+            entry,
+            supported_cpuid,
+            msrs,
+        },
+        VcpuLinks {
+            io_bus: devices.io_bus().clone(),
+            mmio_bus: devices.mmio_bus().clone(),
+            control: control.clone(),
+            first_run: first_run.clone(),
+            created,
+        },
+        hotplug,
+    )?;
     control::install_kick_handler().map_err(|e| VmError::Hypervisor {
         what: "installing the vCPU kick signal handler".into(),
         source: e,
@@ -269,9 +280,9 @@ fn build_inner(config: VmConfig, console: Option<ConsoleOutput>) -> Result<KvmVm
 
     Ok(KvmVm::assemble(
         config,
-        created,
         control,
-        vcpus,
+        cpus,
+        first_run,
         init_reached,
         devices,
         vm,

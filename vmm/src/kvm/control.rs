@@ -168,6 +168,33 @@ impl VcpuControl {
         }
     }
 
+    /// Kick thread `id` until it has finished (a vCPU told to retire), for up
+    /// to `timeout`; true once it has. Callers then join it.
+    pub fn wait_finished(&self, id: libc::pthread_t, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        loop {
+            let thread = state.threads.iter().find(|t| t.id == id && !t.finished);
+            let Some(thread) = thread else {
+                return true;
+            };
+            if Instant::now() >= deadline {
+                return false;
+            }
+            // SAFETY: the thread has not finished, so it has not been joined and
+            // its pthread_t is valid; we hold the lock that marks threads finished.
+            let rc = unsafe { libc::pthread_kill(thread.id, kick_signal()) };
+            if rc != 0 {
+                tracing::debug!("kicking a vCPU thread failed: errno {rc}");
+            }
+            state = self
+                .changed
+                .wait_timeout(state, KICK_INTERVAL)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
     /// Called by a vCPU thread before each `KVM_RUN`: park here while paused.
     pub fn park_if_paused(&self) {
         let mut state = self.lock();

@@ -5,16 +5,18 @@
 //! [`builder`] assembles a VM from its config (everything that can fail happens
 //! there, before a vCPU runs); this module holds only the running VM's
 //! lifecycle: [`VmBackend::start`] starts the device event loop and one thread
-//! per vCPU, [`VmBackend::wait`] joins them all, and pause, resume and kill park
-//! or stop the vCPUs through [`control`].
+//! per vCPU ([`cpu_manager`]), [`VmBackend::wait`] joins them all, pause,
+//! resume and kill park or stop the vCPUs through [`control`], and
+//! [`VmBackend::resize_vcpus`] hotplugs vCPUs through the CPU manager.
 //!
 //! Missing for now: an ACPI power button (so [`VmBackend::shutdown`] is a hard
-//! stop) and CPU and memory hotplug.
+//! stop) and memory hotplug.
 
 pub mod boot;
 pub mod builder;
 pub mod console;
 pub mod control;
+pub mod cpu_manager;
 pub mod device_manager;
 pub mod event_loop;
 pub mod memory;
@@ -23,22 +25,19 @@ pub mod vcpu;
 #[cfg(test)]
 mod tests;
 
-use std::os::unix::thread::JoinHandleExt;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use beacon_common::lock;
-use beacon_devices::Bus;
-use kvm_ioctls::{VcpuFd, VmFd};
+use kvm_ioctls::VmFd;
 
 use crate::backend::{BackendKind, BootTimes, VmBackend, VmError, VmExit};
 use crate::config::VmConfig;
 
 use control::VcpuControl;
+use cpu_manager::CpuManager;
 use device_manager::DeviceManager;
 use memory::GuestRam;
-use vcpu::VcpuThread;
 
 /// How long pause waits for every vCPU to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -65,16 +64,11 @@ impl Lifecycle {
 /// One KVM microVM.
 pub struct KvmVm {
     config: VmConfig,
-    created: Instant,
     control: Arc<VcpuControl>,
     lifecycle: Mutex<Lifecycle>,
-    /// vCPUs created and configured, waiting for `start`.
-    pending: Mutex<Vec<VcpuFd>>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    cpus: CpuManager,
     first_run: Arc<OnceLock<Duration>>,
     init_reached: Arc<OnceLock<Duration>>,
-    io_bus: Arc<Bus>,
-    mmio_bus: Arc<Bus>,
     // Field order is drop order: the devices (and their event loop) first, then
     // the VM fd, then the memory it maps.
     devices: Mutex<DeviceManager>,
@@ -91,9 +85,9 @@ impl KvmVm {
     #[allow(clippy::too_many_arguments)]
     fn assemble(
         config: VmConfig,
-        created: Instant,
         control: Arc<VcpuControl>,
-        vcpus: Vec<VcpuFd>,
+        cpus: CpuManager,
+        first_run: Arc<OnceLock<Duration>>,
         init_reached: Arc<OnceLock<Duration>>,
         devices: DeviceManager,
         vm: Arc<VmFd>,
@@ -101,15 +95,11 @@ impl KvmVm {
     ) -> Self {
         Self {
             config,
-            created,
             control,
             lifecycle: Mutex::new(Lifecycle::Created),
-            pending: Mutex::new(vcpus),
-            threads: Mutex::new(Vec::new()),
-            first_run: Arc::new(OnceLock::new()),
+            cpus,
+            first_run,
             init_reached,
-            io_bus: devices.io_bus().clone(),
-            mmio_bus: devices.mmio_bus().clone(),
             devices: Mutex::new(devices),
             vm,
             ram,
@@ -142,41 +132,10 @@ impl KvmVm {
     /// Stop, wait for and join every vCPU thread, then end the device event loop.
     fn join_all(&self) -> Option<String> {
         self.control.wait_all_finished();
-        let mut panic_note = None;
-        // Held while joining, so a second waiter returns only after the joins.
-        let mut threads = lock(&self.threads);
-        for handle in threads.drain(..) {
-            if let Err(payload) = handle.join() {
-                let msg = payload
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| payload.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                panic_note = Some(msg);
-            }
-        }
+        let panic_note = self.cpus.join_all();
         // No vCPU can touch a device any more: end the loop (it flushes the console).
         lock(&self.devices).stop();
         panic_note
-    }
-}
-
-/// Marks a vCPU thread finished however it leaves, and turns a panic into a
-/// crash of the VM so the other vCPUs stop too.
-struct FinishGuard {
-    control: Arc<VcpuControl>,
-    id: u8,
-}
-
-impl Drop for FinishGuard {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.control
-                .request_stop(VmExit::Crashed(format!("vCPU {} thread panicked", self.id)));
-        }
-        // SAFETY: pthread_self has no preconditions.
-        self.control
-            .thread_finished(unsafe { libc::pthread_self() });
     }
 }
 
@@ -200,43 +159,12 @@ impl VmBackend for KvmVm {
             *lock(&self.lifecycle) = Lifecycle::Ended;
             return Err(e);
         }
-        let vcpus = std::mem::take(&mut *lock(&self.pending));
-        for (id, fd) in (0u8..).zip(vcpus) {
-            let thread = VcpuThread {
-                id,
-                fd,
-                io_bus: self.io_bus.clone(),
-                mmio_bus: self.mmio_bus.clone(),
-                control: self.control.clone(),
-                first_run: self.first_run.clone(),
-                created: self.created,
-            };
-            let guard_control = self.control.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("beacon-vcpu{id}"))
-                .spawn(move || {
-                    let _guard = FinishGuard {
-                        control: guard_control,
-                        id,
-                    };
-                    thread.run();
-                });
-            match spawned {
-                Ok(handle) => {
-                    self.control.register_thread(handle.as_pthread_t());
-                    lock(&self.threads).push(handle);
-                }
-                Err(e) => {
-                    self.control
-                        .request_stop(VmExit::Crashed(format!("could not start vCPU {id}: {e}")));
-                    self.join_all();
-                    *lock(&self.lifecycle) = Lifecycle::Ended;
-                    return Err(VmError::Io {
-                        what: format!("spawning the thread of vCPU {id}"),
-                        source: e,
-                    });
-                }
-            }
+        if let Err(e) = self.cpus.start_boot_vcpus() {
+            self.control
+                .request_stop(VmExit::Crashed(format!("could not start the vCPUs: {e}")));
+            self.join_all();
+            *lock(&self.lifecycle) = Lifecycle::Ended;
+            return Err(e);
         }
         tracing::info!(vcpus = self.config.vcpus.boot, "VM started");
         Ok(())
@@ -315,7 +243,29 @@ impl VmBackend for KvmVm {
     }
 
     fn vcpu_count(&self) -> u8 {
-        self.config.vcpus.boot
+        self.cpus.online()
+    }
+
+    fn max_vcpus(&self) -> u8 {
+        self.cpus.max()
+    }
+
+    fn resize_vcpus(&self, target: u8) -> Result<u8, VmError> {
+        {
+            let lifecycle = lock(&self.lifecycle);
+            if *lifecycle != Lifecycle::Running || self.control.should_stop() {
+                return Err(VmError::WrongState {
+                    operation: "resize",
+                    expected: "running",
+                    actual: if self.control.should_stop() {
+                        "ending"
+                    } else {
+                        lifecycle.name()
+                    },
+                });
+            }
+        }
+        self.cpus.resize(target)
     }
 
     fn memory_mib(&self) -> u64 {

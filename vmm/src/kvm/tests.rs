@@ -530,7 +530,7 @@ fn a_panicking_vcpu_thread_crashes_the_vm_and_stops_the_others() {
     use std::sync::Arc;
 
     use super::control::{install_kick_handler, VcpuControl};
-    use super::FinishGuard;
+    use super::cpu_manager::FinishGuard;
 
     install_kick_handler().expect("handler");
     let control = Arc::new(VcpuControl::new());
@@ -602,4 +602,122 @@ fn a_missing_or_dead_virtio_fs_socket_is_refused_before_boot() {
         assert!(err.contains("virtio-fs \"share\""), "{err}");
     }
     assert_eq!(vcpu_threads_and_kvm_fds(), (0, 0), "nothing left behind");
+}
+
+/// 64-bit guest code standing in for the guest's ACPI hotplug methods, on the
+/// hotplug controller's page at `base`: forever read the GED events, select
+/// CPU 1, acknowledge its insertion, and acknowledge and eject it when asked.
+fn hotplug_stand_in(base: u64) -> Vec<u8> {
+    let mut code = vec![0x48, 0xbb]; // mov rbx, imm64
+    code.extend_from_slice(&base.to_le_bytes());
+    code.extend_from_slice(&[
+        0x8b, 0x03, // loop (10): mov eax, [rbx]          GED events
+        0xb9, 0x01, 0x00, 0x00, 0x00, // mov ecx, 1
+        0x89, 0x4b, 0x10, // mov [rbx + 0x10], ecx         select CPU 1
+        0x8a, 0x43, 0x14, // mov al, [rbx + 0x14]          its status
+        0xa8, 0x02, // test al, INSERTING
+        0x74, 0x04, // jz +4
+        0xc6, 0x43, 0x14, 0x02, // mov byte [rbx + 0x14], INSERTING (ack)
+        0xa8, 0x04, // test al, REMOVING
+        0x74, 0xe7, // jz loop
+        0xc6, 0x43, 0x14, 0x04, // mov byte [rbx + 0x14], REMOVING (ack)
+        0xc6, 0x43, 0x14, 0x08, // mov byte [rbx + 0x14], EJECT
+        0xeb, 0xdd, // jmp loop
+    ]);
+    code
+}
+
+/// vCPU hotplug against a guest that answers like Linux's ACPI code: add,
+/// remove (the thread ends, nothing leaks), add again (the vCPU fd is
+/// reused), and every refusal: beyond the maximum, zero, while paused, no
+/// room, and a guest that never answers (the VM keeps its vCPUs).
+#[test]
+fn vcpus_are_hot_added_removed_and_refused_clearly() {
+    if !kvm_here_or_in_lab("kvm::tests::vcpus_are_hot_added_removed_and_refused_clearly") {
+        return;
+    }
+    let _one_at_a_time = VM_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+    let (threads_before, fds_before) = vcpu_threads_and_kvm_fds();
+    let tmp = tempfile::tempdir().expect("tempdir");
+
+    // No room above the boot vCPUs.
+    let vm = guest(HALT_FOREVER, 1);
+    assert!(matches!(
+        vm.resize_vcpus(1),
+        Err(VmError::WrongState {
+            actual: "created",
+            ..
+        })
+    ));
+    vm.start().expect("start");
+    let err = vm.resize_vcpus(2).expect_err("no room");
+    assert!(err.to_string().contains("--max-cpus"), "{err}");
+    vm.kill().expect("kill");
+    vm.wait().expect("wait");
+    drop(vm);
+
+    // The controller is the first MMIO allocation of a VM without virtio devices.
+    let base = crate::kvm::boot::layout::MMIO_GAP_START;
+    let mut config = guest_config(&hotplug_stand_in(base), 1, tmp.path());
+    config.vcpus.max = 2;
+    let vm = KvmVm::create(config).expect("create");
+    assert_eq!(
+        beacon_common::lock(&vm.devices)
+            .hotplug_info()
+            .map(|h| h.base),
+        Some(base),
+        "the stand-in guest polls the right page"
+    );
+    vm.start().expect("start");
+    for round in 0..2 {
+        assert_eq!(vm.resize_vcpus(2).expect("add"), 2, "round {round}");
+        assert_eq!(vm.vcpu_count(), 2);
+        // A new thread takes its name as it starts.
+        wait_until(
+            || vcpu_threads_and_kvm_fds().0 == threads_before + 2,
+            "the added vCPU's thread runs",
+        );
+        assert!(vm.control.exit().is_none(), "{:?}", vm.control.exit());
+        assert_eq!(vm.resize_vcpus(1).expect("remove"), 1, "round {round}");
+        assert_eq!(vm.vcpu_count(), 1);
+        wait_until(
+            || vcpu_threads_and_kvm_fds().0 == threads_before + 1,
+            "the removed vCPU's thread ended",
+        );
+    }
+    for bad in [0, 3, 255] {
+        let err = vm.resize_vcpus(bad).expect_err("out of range");
+        assert!(matches!(err, VmError::Unsupported(_)), "{bad}: {err}");
+    }
+    vm.pause().expect("pause");
+    assert!(matches!(
+        vm.resize_vcpus(2),
+        Err(VmError::WrongState {
+            actual: "paused",
+            ..
+        })
+    ));
+    vm.resume().expect("resume");
+    assert_eq!(vm.vcpu_count(), 1, "refusals changed nothing");
+    vm.kill().expect("kill");
+    assert_eq!(vm.wait().expect("wait"), VmExit::PowerOff);
+    drop(vm);
+
+    // A guest that never answers: the request is undone.
+    let mut config = guest_config(HALT_FOREVER, 1, tmp.path());
+    config.vcpus.max = 2;
+    let vm = KvmVm::create(config).expect("create");
+    vm.cpus
+        .set_ack_timeout(std::time::Duration::from_millis(500));
+    vm.start().expect("start");
+    let err = vm.resize_vcpus(2).expect_err("never acknowledged");
+    assert!(err.to_string().contains("did not acknowledge"), "{err}");
+    assert_eq!(vm.vcpu_count(), 1);
+    vm.kill().expect("kill");
+    vm.wait().expect("wait");
+    drop(vm);
+    assert_eq!(
+        settle_to((threads_before, fds_before)),
+        (threads_before, fds_before)
+    );
 }

@@ -10,6 +10,7 @@
 //! can panic this loop: unclaimed accesses read as all-ones and writes vanish.
 
 use std::os::raw::c_char;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -168,6 +169,8 @@ pub struct VcpuThread {
     pub control: Arc<VcpuControl>,
     pub first_run: Arc<OnceLock<Duration>>,
     pub created: Instant,
+    /// Set (and the thread kicked) when hot-remove retires this vCPU.
+    pub retire: Arc<AtomicBool>,
 }
 
 /// What one exit means for the loop.
@@ -181,12 +184,14 @@ enum Step {
 }
 
 impl VcpuThread {
-    /// Run until the VM stops. The exit reason goes to the shared control.
-    pub fn run(mut self) {
+    /// Run until the VM stops or this vCPU is retired, and hand the fd back
+    /// (KVM cannot destroy a vCPU: a later hot-add reuses it). The exit reason
+    /// goes to the shared control.
+    pub fn run(mut self) -> VcpuFd {
         let id = self.id;
-        while !self.control.should_stop() {
+        while !self.control.should_stop() && !self.retire.load(Ordering::Acquire) {
             self.control.park_if_paused();
-            if self.control.should_stop() {
+            if self.control.should_stop() || self.retire.load(Ordering::Acquire) {
                 break;
             }
             self.first_run.get_or_init(|| self.created.elapsed());
@@ -209,6 +214,7 @@ impl VcpuThread {
             }
         }
         tracing::debug!(vcpu = id, "vCPU thread leaving");
+        self.fd
     }
 
     fn crash(&self, what: String) {

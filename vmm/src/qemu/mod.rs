@@ -427,6 +427,16 @@ impl VmBackend for QemuVm {
         self.config.vcpus.boot
     }
 
+    fn max_vcpus(&self) -> u8 {
+        self.config.vcpus.max
+    }
+
+    fn resize_vcpus(&self, _target: u8) -> Result<u8, VmError> {
+        Err(VmError::Unsupported(
+            "vCPU hotplug is not implemented in the QEMU backend yet (its microvm machine cannot hotplug); use the kvm backend".into(),
+        ))
+    }
+
     fn memory_mib(&self) -> u64 {
         self.config.memory.size_mib
     }

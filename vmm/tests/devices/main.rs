@@ -15,14 +15,14 @@
 //! | boot | kvm | qemu |
 //! | --- | --- | --- |
 //! | `dev1` | boot, rng, vsock hybrid, blk, fs, net userspace (TAP fd), hostile guest | boot, rng, vsock vhost, blk, fs, net vhost |
-//! | `dev2` | boot, vsock vhost, net vhost, fs kill | boot, net tap, fs kill |
+//! | `dev2` | boot, vsock vhost, net vhost, CPU hotplug, fs kill | boot, net tap, fs kill |
 //!
 //! and the boot matrix spread over them, no variant needing a boot of its own:
 //!
 //! | boot | beacon kernel | stock kernel |
 //! | --- | --- | --- |
 //! | `dev1` | ELF vmlinux, 2 vCPUs, reset | 2 vCPUs, power off |
-//! | `dev2` | bzImage, 2 vCPUs (of 4 hotplug-capable on kvm), power off | 1 vCPU, power off |
+//! | `dev2` | bzImage, 2 vCPUs (of 4 hotplug-capable on kvm: hot-added and removed), power off | 1 vCPU (of 2 on kvm: hot-added and removed), power off |
 //!
 //! The refusals that need a real KVM but no guest (`fs-refused` on both
 //! backends, `vsock-refused` on kvm) run in the lab before `dev1` with the
@@ -40,6 +40,7 @@ mod boot;
 mod console;
 mod fs;
 mod hostile;
+mod hotplug;
 mod net;
 mod rng;
 mod vsock;
@@ -191,12 +192,14 @@ fn boots(a: &Assets) -> Vec<Scenario> {
             let (kernel, cpus, max_cpus) = match (beacon, backend) {
                 (true, "kvm") => (GuestKernel::BeaconBzImage, 2, 4),
                 (true, _) => (GuestKernel::BeaconBzImage, 2, 2),
+                (false, "kvm") => (GuestKernel::Stock, 1, 2),
                 (false, _) => (GuestKernel::Stock, 1, 1),
             };
             let mut devices = Vec::new();
             if backend == "kvm" {
                 devices.push(vsock::vhost(a.tool, big));
                 devices.push(net::part(net::Variant::Vhost));
+                devices.push(hotplug::part(cpus, max_cpus));
             } else {
                 devices.push(net::part(net::Variant::QemuTap));
             }
@@ -233,6 +236,7 @@ fn assert_coverage(boots: &[Scenario]) {
                 "vsock-hybrid",
                 "vsock-vhost",
                 "hostile",
+                "cpu-hotplug",
             ],
         ),
         (

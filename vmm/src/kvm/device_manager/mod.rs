@@ -9,6 +9,9 @@
 //! device to the event loop → record it for the DSDT. The ACPI tables are written
 //! after every device is attached, from [`DeviceManager::dsdt_aml`].
 //!
+//! The hotplug controller ([`DeviceManager::attach_hotplug`]) is attached the
+//! same way, with a level-triggered GED interrupt (a resample irqfd).
+//!
 //! This module never knows what a device does; device models live in
 //! `beacon-devices`, and which devices a VM gets comes from its config.
 
@@ -44,6 +47,14 @@ pub struct VirtioMmioInfo {
     pub gsi: u32,
 }
 
+/// The hotplug controller, as the DSDT describes it.
+#[derive(Debug, Clone, Copy)]
+pub struct HotplugInfo {
+    pub base: u64,
+    pub gsi: u32,
+    pub max_vcpus: u8,
+}
+
 struct AttachedVirtio {
     info: VirtioMmioInfo,
     /// The irqfd; kept open for the life of the VM.
@@ -62,6 +73,7 @@ pub struct DeviceManager {
     console: Option<Arc<ConsoleBuffer>>,
     _serial_irq: Option<EventFd>,
     virtio: Vec<AttachedVirtio>,
+    hotplug: Option<HotplugInfo>,
 }
 
 impl DeviceManager {
@@ -78,6 +90,7 @@ impl DeviceManager {
             console: None,
             _serial_irq: None,
             virtio: Vec::new(),
+            hotplug: None,
         })
     }
 
@@ -239,6 +252,73 @@ impl DeviceManager {
         Ok(irq)
     }
 
+    /// Attach the hotplug controller (its MMIO page and the level-triggered
+    /// GED interrupt) for a VM of up to `max_vcpus` vCPUs, `boot_vcpus` of
+    /// them present at boot. Returns what the CPU manager needs to hotplug.
+    pub fn attach_hotplug(
+        &mut self,
+        boot_vcpus: u8,
+        max_vcpus: u8,
+    ) -> Result<crate::kvm::cpu_manager::CpuHotplug, VmError> {
+        use beacon_devices::hotplug::{
+            GedLine, GedResampler, HotplugController, HotplugState, HOTPLUG_REGION_SIZE,
+        };
+        let failed = |what: &'static str| {
+            move |e: std::io::Error| VmError::Device {
+                device: "hotplug".into(),
+                reason: format!("{what}: {e}"),
+            }
+        };
+        let gsi = self.resources.allocate_late_gsi()?;
+        let base = self
+            .resources
+            .allocate_mmio(HOTPLUG_REGION_SIZE, HOTPLUG_REGION_SIZE)?;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(failed("creating the GED eventfd"))?;
+        let resample = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(failed("creating the GED resample eventfd"))?;
+        self.vm
+            .register_irqfd_with_resample(&irq, &resample, gsi)
+            .map_err(hv(format!(
+                "KVM_IRQFD (level, resample) for the GED on GSI {gsi}"
+            )))?;
+        let state = HotplugState::new(boot_vcpus, max_vcpus);
+        let controller = HotplugController::new(
+            state.clone(),
+            Box::new(|cpu| tracing::debug!(vcpu = cpu, "the guest ejected a vCPU")),
+        );
+        self.mmio_bus
+            .insert(base, HOTPLUG_REGION_SIZE, Arc::new(Mutex::new(controller)))
+            .map_err(|e| VmError::Device {
+                device: "hotplug".into(),
+                reason: e.to_string(),
+            })?;
+        let dup = |fd: &EventFd| fd.try_clone().map_err(failed("duplicating a GED eventfd"));
+        self.event_loop.add(Box::new(GedResampler::new(
+            state.clone(),
+            dup(&irq)?,
+            resample,
+        )))?;
+        self.hotplug = Some(HotplugInfo {
+            base,
+            gsi,
+            max_vcpus,
+        });
+        tracing::debug!(
+            base = format_args!("{base:#x}"),
+            gsi,
+            "hotplug controller attached"
+        );
+        Ok(crate::kvm::cpu_manager::CpuHotplug {
+            ged: GedLine::new(state.clone(), irq),
+            state,
+        })
+    }
+
+    /// Where the hotplug controller is, if the VM has one.
+    pub fn hotplug_info(&self) -> Option<HotplugInfo> {
+        self.hotplug
+    }
+
     /// The attached virtio-mmio devices, in attach order.
     pub fn virtio_devices(&self) -> impl Iterator<Item = &VirtioMmioInfo> {
         self.virtio.iter().map(|d| &d.info)
@@ -261,6 +341,20 @@ impl DeviceManager {
                         device: d.info.kind.into(),
                         reason: e.to_string(),
                     })?,
+            );
+        }
+        if let Some(h) = self.hotplug {
+            let base = u32::try_from(h.base).map_err(|_| VmError::Device {
+                device: "hotplug".into(),
+                reason: format!("MMIO base {:#x} is above 4 GiB", h.base),
+            })?;
+            aml.extend(
+                crate::acpi::hotplug_aml(base, h.gsi, h.max_vcpus).map_err(|e| {
+                    VmError::Device {
+                        device: "hotplug".into(),
+                        reason: e.to_string(),
+                    }
+                })?,
             );
         }
         Ok(aml)

@@ -20,6 +20,14 @@ use crate::kvm::boot::layout::{IOAPIC_ADDR, MMIO_GAP_START};
 pub const FIRST_DEVICE_GSI: u32 = 5;
 /// The last pin of KVM's 24-pin IOAPIC.
 pub const LAST_GSI: u32 = 23;
+/// From here up, lines kept for level-triggered interrupts that may be raised
+/// before the guest set its interrupt controllers up (the GED). KVM routes
+/// GSIs 0-15 to the legacy PIC too, and a PIC the guest has not programmed yet
+/// delivers its IRQ n as vector n: a GED raised early on GSI 5 reached a
+/// booting stock kernel as exception 5 ("bounds") and killed it. These lines
+/// reach the IOAPIC only, whose pins stay masked (the level held) until the
+/// guest's driver unmasks them.
+pub const FIRST_LATE_GSI: u32 = 20;
 /// MMIO space for devices: from the start of the gap up to the IOAPIC (the LAPIC,
 /// the TSS and the identity-map pages live above it).
 pub const MMIO_WINDOW: (u64, u64) = (MMIO_GAP_START, IOAPIC_ADDR as u64);
@@ -28,6 +36,7 @@ pub const MMIO_WINDOW: (u64, u64) = (MMIO_GAP_START, IOAPIC_ADDR as u64);
 #[derive(Debug)]
 pub struct ResourceAllocator {
     gsis: IdAllocator,
+    late_gsis: IdAllocator,
     mmio: AddressAllocator,
     /// Reserved port ranges: first port → (number of ports, owner).
     ports: BTreeMap<u16, (u16, String)>,
@@ -47,7 +56,9 @@ impl ResourceAllocator {
             reason: format!("{what}: {e}"),
         };
         Ok(Self {
-            gsis: IdAllocator::new(FIRST_DEVICE_GSI, LAST_GSI)
+            gsis: IdAllocator::new(FIRST_DEVICE_GSI, FIRST_LATE_GSI - 1)
+                .map_err(|e| internal("GSI range", e))?,
+            late_gsis: IdAllocator::new(FIRST_LATE_GSI, LAST_GSI)
                 .map_err(|e| internal("GSI range", e))?,
             mmio: AddressAllocator::new(MMIO_WINDOW.0, MMIO_WINDOW.1 - MMIO_WINDOW.0)
                 .map_err(|e| internal("MMIO window", e))?,
@@ -57,14 +68,36 @@ impl ResourceAllocator {
 
     /// The next free interrupt line.
     pub fn allocate_gsi(&mut self) -> Result<u32, VmError> {
-        self.gsis
-            .allocate_id()
-            .map_err(|e| exhausted("interrupt lines (GSIs 5-23)", e))
+        self.gsis.allocate_id().map_err(|e| {
+            exhausted(
+                &format!(
+                    "interrupt lines (GSIs {FIRST_DEVICE_GSI}-{})",
+                    FIRST_LATE_GSI - 1
+                ),
+                e,
+            )
+        })
+    }
+
+    /// The next free line that reaches the IOAPIC only ([`FIRST_LATE_GSI`]),
+    /// for interrupts raised before the guest may be ready for them.
+    pub fn allocate_late_gsi(&mut self) -> Result<u32, VmError> {
+        self.late_gsis.allocate_id().map_err(|e| {
+            exhausted(
+                &format!("IOAPIC-only interrupt lines (GSIs {FIRST_LATE_GSI}-{LAST_GSI})"),
+                e,
+            )
+        })
     }
 
     /// Give a GSI back (a device that failed to attach, hot unplug).
     pub fn free_gsi(&mut self, gsi: u32) {
-        if let Err(e) = self.gsis.free_id(gsi) {
+        let pool = if gsi >= FIRST_LATE_GSI {
+            &mut self.late_gsis
+        } else {
+            &mut self.gsis
+        };
+        if let Err(e) = pool.free_id(gsi) {
             tracing::warn!(gsi, "freeing a GSI that was not allocated: {e}");
         }
     }
@@ -117,14 +150,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn gsis_run_from_5_to_23_then_fail_clearly() {
+    fn gsis_run_from_5_to_19_then_fail_clearly() {
         let mut r = ResourceAllocator::new().expect("allocator");
-        let got: Vec<u32> = (0..19).map(|_| r.allocate_gsi().expect("gsi")).collect();
-        assert_eq!(got, (5..=23).collect::<Vec<_>>());
+        let got: Vec<u32> = (0..15).map(|_| r.allocate_gsi().expect("gsi")).collect();
+        assert_eq!(got, (5..=19).collect::<Vec<_>>());
         let err = r.allocate_gsi().expect_err("exhausted");
         assert!(err.to_string().contains("attach fewer devices"), "{err}");
         r.free_gsi(7);
         assert_eq!(r.allocate_gsi().expect("reused"), 7);
+    }
+
+    #[test]
+    fn late_gsis_never_reach_the_pic() {
+        let mut r = ResourceAllocator::new().expect("allocator");
+        let got: Vec<u32> = (0..4)
+            .map(|_| r.allocate_late_gsi().expect("gsi"))
+            .collect();
+        assert_eq!(got, (20..=23).collect::<Vec<_>>());
+        assert!(got.iter().all(|g| *g >= 16), "GSIs 0-15 also go to the PIC");
+        assert!(r.allocate_late_gsi().is_err());
+        r.free_gsi(21);
+        assert_eq!(r.allocate_late_gsi().expect("reused"), 21);
+        assert_eq!(r.allocate_gsi().expect("the other pool is untouched"), 5);
     }
 
     #[test]
