@@ -1,8 +1,9 @@
 //! PID 1 duties inside the VM: file systems, console, hostname, network,
-//! shares, and power-off. Nothing here runs in host mode. Orphan reaping is
+//! shares, onlining hot-added CPUs and memory, and power-off. Nothing here runs in host mode. Orphan reaping is
 //! the `reaper` module's (it runs in both modes).
 
 pub mod cmdline;
+pub mod hotplug;
 pub mod mounts;
 pub mod net;
 
@@ -51,6 +52,7 @@ fn attach_console() {
 /// the Task API still comes up so the host can see what went wrong.
 pub fn setup(params: &BootParams, shares_dir: &Path, cgroup_mount: &Path) {
     mounts::enable_controllers(cgroup_mount);
+    hotplug::start();
     if let Some(h) = &params.hostname {
         if let Err(e) = nix::unistd::sethostname(h) {
             tracing::warn!("sethostname {h}: {e}");
