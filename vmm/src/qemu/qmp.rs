@@ -92,25 +92,35 @@ impl Qmp {
             writer: Mutex::new((stream, rx)),
             events,
         };
-        // The greeting arrives as the first non-event message.
-        qmp.receive()?;
-        qmp.execute("qmp_capabilities")?;
+        // The greeting arrives as the first non-event message. QEMU answers
+        // it, and the negotiation, only once its machine is set up: under
+        // emulation and load that took longer than REPLY_TIMEOUT (seen in
+        // `make test`), so the start-up budget applies here.
+        let budget = deadline
+            .saturating_duration_since(Instant::now())
+            .max(REPLY_TIMEOUT);
+        qmp.receive(budget)?;
+        qmp.execute_within("qmp_capabilities", budget)?;
         Ok(qmp)
     }
 
-    fn receive(&self) -> Result<Value, VmError> {
+    fn receive(&self, timeout: Duration) -> Result<Value, VmError> {
         let guard = self
             .writer
             .lock()
             .map_err(|_| VmError::Qemu("QMP lock poisoned".into()))?;
         guard
             .1
-            .recv_timeout(REPLY_TIMEOUT)
+            .recv_timeout(timeout)
             .map_err(|_| VmError::Qemu("QEMU closed QMP or did not answer".into()))
     }
 
     /// Run one command and return its `return` value.
     pub fn execute(&self, command: &str) -> Result<Value, VmError> {
+        self.execute_within(command, REPLY_TIMEOUT)
+    }
+
+    fn execute_within(&self, command: &str, timeout: Duration) -> Result<Value, VmError> {
         let mut guard = self
             .writer
             .lock()
@@ -119,8 +129,8 @@ impl Qmp {
         let request = serde_json::json!({ "execute": command });
         writeln!(stream, "{request}").map_err(VmError::io(format!("sending QMP {command}")))?;
         let reply = rx
-            .recv_timeout(REPLY_TIMEOUT)
-            .map_err(|_| VmError::Qemu(format!("no QMP reply to {command}")))?;
+            .recv_timeout(timeout)
+            .map_err(|_| VmError::Qemu(format!("no QMP reply to {command} within {timeout:?}")))?;
         if let Some(err) = reply.get("error") {
             return Err(VmError::Qemu(format!("QMP {command} failed: {err}")));
         }
