@@ -119,6 +119,8 @@ struct Sample {
     wall: Duration,
     first_run_us: Option<u64>,
     init_us: Option<u64>,
+    /// VM exits over the whole boot (our VMM's `--stats`; QEMU has none).
+    exits: Option<u64>,
 }
 
 const BACKENDS: [&str; 2] = ["kvm", "qemu"];
@@ -161,7 +163,12 @@ fn micros_after(line: &str, marker: &str) -> Option<u64> {
 
 fn boot_once(args: &Args, vmm: &Path, backend: &str) -> anyhow::Result<Sample> {
     let start = Instant::now();
-    let out = vmm_command(args, vmm, backend, 0, &[])
+    let stats = if backend == "kvm" {
+        vec!["--stats".to_string()]
+    } else {
+        Vec::new()
+    };
+    let out = vmm_command(args, vmm, backend, 0, &stats)
         .output()
         .with_context(|| format!("running {}", vmm.display()))?;
     let wall = start.elapsed();
@@ -178,6 +185,11 @@ fn boot_once(args: &Args, vmm: &Path, backend: &str) -> anyhow::Result<Sample> {
             .first_run_us
             .or(micros_after(line, "first vCPU run after"));
         s.init_us = s.init_us.or(micros_after(line, "guest init reached after"));
+        // `--stats`: "beacon-vmm: N exits; io-out ...".
+        s.exits = s.exits.or_else(|| {
+            let rest = line.strip_prefix("beacon-vmm: ")?;
+            rest.split(" exits").next()?.parse().ok()
+        });
     }
     Ok(s)
 }
@@ -283,10 +295,11 @@ fn main() -> anyhow::Result<()> {
         for (i, backend) in BACKENDS.iter().enumerate() {
             let s = boot_once(&args, &vmm, backend)?;
             println!(
-                "run {run} {backend:>4}: wall {:.3} s, first run {} µs, init {} µs",
+                "run {run} {backend:>4}: wall {:.3} s, first run {} µs, init {} µs, exits {}",
                 s.wall.as_secs_f64(),
                 s.first_run_us.map_or("-".into(), |v| v.to_string()),
-                s.init_us.map_or("-".into(), |v| v.to_string())
+                s.init_us.map_or("-".into(), |v| v.to_string()),
+                s.exits.map_or("-".into(), |v| v.to_string())
             );
             samples[i].push(s);
             if !args.no_memory {
@@ -324,6 +337,7 @@ fn main() -> anyhow::Result<()> {
             ),
             median(overhead[i].iter().copied()),
             median(overhead_dev[i].iter().copied()),
+            median(samples[i].iter().filter_map(|s| s.exits).map(|v| v as f64)),
         )
     };
     let (k, q) = (stat(0), stat(1));
@@ -342,6 +356,7 @@ fn main() -> anyhow::Result<()> {
         ("init reached", k.2, q.2, "ms"),
         ("memory overhead", k.3, q.3, "MiB"),
         ("  with every device", k.4, q.4, "MiB"),
+        ("VM exits per boot", k.5, q.5, ""),
     ] {
         println!(
             "{name:<22}{:>14}{:>14}{:>10}",

@@ -53,6 +53,36 @@ pub struct BootTimes {
     pub init_reached: Option<Duration>,
 }
 
+/// One line of [`ExitStats`]: an exit reason, or a reason at an address.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ExitCount {
+    pub what: String,
+    pub count: u64,
+}
+
+/// VM exits counted over a VM's life (KVM backend; see
+/// `kvm::exit_stats`), biggest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ExitStats {
+    pub total: u64,
+    pub by_kind: Vec<ExitCount>,
+    /// Port and MMIO exits by address (bounded; the rest as "other addresses").
+    pub by_address: Vec<ExitCount>,
+}
+
+impl std::fmt::Display for ExitStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} exits", self.total)?;
+        for c in &self.by_kind {
+            write!(f, "; {} {}", c.what, c.count)?;
+        }
+        for c in self.by_address.iter().take(12) {
+            write!(f, "\n  {:>10}  {}", c.count, c.what)?;
+        }
+        Ok(())
+    }
+}
+
 /// Errors of running a VM; each says what failed and what to try.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -138,4 +168,10 @@ pub trait VmBackend: Send + Sync {
 
     /// Milestones so far.
     fn boot_times(&self) -> BootTimes;
+
+    /// VM exits counted so far (vCPUs add theirs when their thread ends), if
+    /// this backend counts them (the KVM backend does; QEMU does not).
+    fn exit_stats(&self) -> Option<ExitStats> {
+        None
+    }
 }

@@ -13,7 +13,7 @@ pub mod config;
 pub mod kvm;
 pub mod qemu;
 
-pub use backend::{BackendKind, BootTimes, VmBackend, VmError, VmExit};
+pub use backend::{BackendKind, BootTimes, ExitCount, ExitStats, VmBackend, VmError, VmExit};
 pub use config::{ConfigError, ConsoleConfig, DeviceConfig, KernelFormat, MacAddr, VmConfig};
 
 /// Build the backend of `kind` for `config` (not started yet).

@@ -112,6 +112,10 @@ struct RunArgs {
     /// `tag=T,socket=PATH` connects to an already running vhost-user backend.
     #[arg(long = "fs", value_name = "SHARE", value_parser = fs_cli::parse_share)]
     fs: Vec<fs_cli::FsShare>,
+    /// Print the VM exits counted over the VM's life when it ends (KVM
+    /// backend): by reason, and the busiest ports and MMIO addresses.
+    #[arg(long)]
+    stats: bool,
     /// Serve a control socket at PATH (`beacon-vmm ctl --socket PATH ...`):
     /// JSON lines, mode 0600, removed when the VM ends.
     #[arg(long, value_name = "PATH")]
@@ -258,6 +262,12 @@ fn run(args: RunArgs, shares: &fs_cli::FsShares) -> Result<VmExit, VmError> {
         None => None,
     };
     let exit = vm.wait()?;
+    if args.stats {
+        match vm.exit_stats() {
+            Some(stats) => eprintln!("beacon-vmm: {stats}"),
+            None => eprintln!("beacon-vmm: the {:?} backend does not count VM exits", args.backend),
+        }
+    }
     let times = vm.boot_times();
     if let Some(t) = times.first_run {
         tracing::info!(backend = ?args.backend, "first vCPU run after {} µs", t.as_micros());

@@ -270,6 +270,7 @@ fn build_inner(config: VmConfig, console: Option<ConsoleOutput>) -> Result<KvmVm
             control: control.clone(),
             first_run: first_run.clone(),
             created,
+            exits: Default::default(),
         },
         hotplug,
     )?;

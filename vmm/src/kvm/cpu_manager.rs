@@ -29,6 +29,7 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use super::boot::BootEntry;
 use super::builder::hv;
 use super::control::VcpuControl;
+use super::exit_stats::SharedExitStats;
 use super::vcpu::{self, VcpuSetup, VcpuThread};
 use crate::backend::{VmError, VmExit};
 
@@ -78,6 +79,7 @@ pub struct VcpuLinks {
     pub control: Arc<VcpuControl>,
     pub first_run: Arc<OnceLock<Duration>>,
     pub created: Instant,
+    pub exits: Arc<SharedExitStats>,
 }
 
 /// Hotplug wiring: the controller's state and the GED line.
@@ -187,6 +189,7 @@ impl CpuManager {
             first_run: self.links.first_run.clone(),
             created: self.links.created,
             retire: retire.clone(),
+            exits: self.links.exits.clone(),
         };
         let guard_control = self.links.control.clone();
         let spawned = std::thread::Builder::new()
@@ -222,6 +225,11 @@ impl CpuManager {
 
     pub fn max(&self) -> u8 {
         self.setup.max
+    }
+
+    /// The exits of every vCPU thread that has ended.
+    pub fn exit_stats(&self) -> crate::backend::ExitStats {
+        self.links.exits.snapshot()
     }
 
     /// Join every vCPU thread (after they were told to stop); the panic

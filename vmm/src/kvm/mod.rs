@@ -19,6 +19,7 @@ pub mod control;
 pub mod cpu_manager;
 pub mod device_manager;
 pub mod event_loop;
+pub mod exit_stats;
 pub mod memory;
 pub mod vcpu;
 
@@ -270,6 +271,10 @@ impl VmBackend for KvmVm {
 
     fn memory_mib(&self) -> u64 {
         self.config.memory.size_mib
+    }
+
+    fn exit_stats(&self) -> Option<crate::backend::ExitStats> {
+        Some(self.cpus.exit_stats())
     }
 
     fn boot_times(&self) -> BootTimes {

@@ -29,6 +29,7 @@ use super::boot::layout::{
 use super::boot::BootEntry;
 use super::builder::hv;
 use super::control::VcpuControl;
+use super::exit_stats::{ExitCounter, ExitKind, SharedExitStats};
 use crate::backend::{VmError, VmExit};
 
 const CR0_PE: u64 = 1 << 0;
@@ -171,6 +172,8 @@ pub struct VcpuThread {
     pub created: Instant,
     /// Set (and the thread kicked) when hot-remove retires this vCPU.
     pub retire: Arc<AtomicBool>,
+    /// Where this vCPU's exit counts go when it leaves.
+    pub exits: Arc<SharedExitStats>,
 }
 
 /// What one exit means for the loop.
@@ -189,6 +192,7 @@ impl VcpuThread {
     /// goes to the shared control.
     pub fn run(mut self) -> VcpuFd {
         let id = self.id;
+        let mut counter = ExitCounter::default();
         while !self.control.should_stop() && !self.retire.load(Ordering::Acquire) {
             self.control.park_if_paused();
             if self.control.should_stop() || self.retire.load(Ordering::Acquire) {
@@ -196,8 +200,15 @@ impl VcpuThread {
             }
             self.first_run.get_or_init(|| self.created.elapsed());
             let step = match self.fd.run() {
-                Ok(exit) => Self::handle(id, exit, &self.io_bus, &self.mmio_bus),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
+                Ok(exit) => {
+                    let (kind, address) = classify(&exit);
+                    counter.count(kind, address);
+                    Self::handle(id, exit, &self.io_bus, &self.mmio_bus)
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    counter.count(ExitKind::Intr, 0);
+                    Step::Continue
+                }
                 Err(e) => Step::Crash(format!("vCPU {id}: KVM_RUN failed: {e}")),
             };
             match step {
@@ -214,6 +225,7 @@ impl VcpuThread {
             }
         }
         tracing::debug!(vcpu = id, "vCPU thread leaving");
+        self.exits.merge(&counter);
         self.fd
     }
 
@@ -286,6 +298,20 @@ impl VcpuThread {
             },
             other => Step::Crash(format!("vCPU {id}: unexpected KVM exit {other:?}")),
         }
+    }
+}
+
+/// The reason and address (port or guest-physical) of one exit, for counting.
+fn classify(exit: &VcpuExit<'_>) -> (ExitKind, u64) {
+    match exit {
+        VcpuExit::IoIn(port, _) => (ExitKind::IoIn, u64::from(*port)),
+        VcpuExit::IoOut(port, _) => (ExitKind::IoOut, u64::from(*port)),
+        VcpuExit::MmioRead(addr, _) => (ExitKind::MmioRead, *addr),
+        VcpuExit::MmioWrite(addr, _) => (ExitKind::MmioWrite, *addr),
+        VcpuExit::Hlt => (ExitKind::Hlt, 0),
+        VcpuExit::Intr | VcpuExit::IrqWindowOpen => (ExitKind::Intr, 0),
+        VcpuExit::SystemEvent(..) => (ExitKind::SystemEvent, 0),
+        _ => (ExitKind::Other, 0),
     }
 }
 
