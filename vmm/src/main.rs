@@ -265,7 +265,10 @@ fn run(args: RunArgs, shares: &fs_cli::FsShares) -> Result<VmExit, VmError> {
     if args.stats {
         match vm.exit_stats() {
             Some(stats) => eprintln!("beacon-vmm: {stats}"),
-            None => eprintln!("beacon-vmm: the {:?} backend does not count VM exits", args.backend),
+            None => eprintln!(
+                "beacon-vmm: the {:?} backend does not count VM exits",
+                args.backend
+            ),
         }
     }
     let times = vm.boot_times();
