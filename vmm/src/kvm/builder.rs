@@ -247,9 +247,12 @@ fn build_inner(config: VmConfig, console: Option<ConsoleOutput>) -> Result<KvmVm
     tracing::info!(?entry, ?format, "kernel loaded");
 
     // vCPUs.
-    let supported_cpuid = kvm
+    let mut supported_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(hv("KVM_GET_SUPPORTED_CPUID"))?;
+    if kvm.check_extension(Cap::TscDeadlineTimer) {
+        boot::cpuid::enable_tsc_deadline(supported_cpuid.as_mut_slice());
+    }
     let msr_list = kvm
         .get_msr_index_list()
         .map_err(hv("KVM_GET_MSR_INDEX_LIST"))?;

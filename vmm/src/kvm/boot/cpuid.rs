@@ -10,6 +10,8 @@ use kvm_bindings::{kvm_cpuid_entry2, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 
 /// Leaf 1 ECX: running under a hypervisor.
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 1 ECX: the LAPIC timer has TSC-deadline mode.
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 1 EDX: more than one logical processor per package.
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 /// The KVM signature, "KVMKVMKVM\0\0\0", as EBX/ECX/EDX.
@@ -64,6 +66,17 @@ fn topology_entry(index: u32, apic_id: u32, vcpus: u32) -> kvm_cpuid_entry2 {
         ecx,
         edx: apic_id,
         ..Default::default()
+    }
+}
+
+/// Offer the LAPIC's TSC-deadline timer mode. KVM_GET_SUPPORTED_CPUID leaves
+/// the bit clear because it depends on the in-kernel LAPIC; the caller sets it
+/// when KVM has `KVM_CAP_TSC_DEADLINE_TIMER` (QEMU does the same). Without it
+/// Linux calibrates the LAPIC timer against the PIT at boot and programs it
+/// through the initial-count register.
+pub fn enable_tsc_deadline(entries: &mut [kvm_cpuid_entry2]) {
+    for e in entries.iter_mut().filter(|e| e.function == 0x1) {
+        e.ecx |= LEAF1_ECX_TSC_DEADLINE;
     }
 }
 
@@ -281,5 +294,14 @@ mod tests {
             [1, 2, 3, 4, 5, 8, 9, 254].map(bits_for),
             [0, 1, 2, 2, 3, 3, 4, 8]
         );
+    }
+
+    #[test]
+    fn tsc_deadline_is_offered_in_leaf_1_only() {
+        let mut e = vec![leaf(0, 0, [0xd, 0, 0, 0]), leaf(1, 0, [0; 4]), leaf(7, 0, [0; 4])];
+        enable_tsc_deadline(&mut e);
+        assert_eq!(e[1].ecx, LEAF1_ECX_TSC_DEADLINE);
+        assert_eq!(e[0].ecx, 0);
+        assert_eq!(e[2].ecx, 0);
     }
 }
