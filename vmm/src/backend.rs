@@ -68,6 +68,9 @@ pub struct ExitStats {
     pub by_kind: Vec<ExitCount>,
     /// Port and MMIO exits by address (bounded; the rest as "other addresses").
     pub by_address: Vec<ExitCount>,
+    /// KVM's own counters (every exit, most handled in the kernel): `exits`,
+    /// `halt_exits`, `io_exits`, ... summed over the vCPUs.
+    pub kvm: Vec<ExitCount>,
 }
 
 impl std::fmt::Display for ExitStats {
@@ -75,6 +78,12 @@ impl std::fmt::Display for ExitStats {
         write!(f, "{} exits", self.total)?;
         for c in &self.by_kind {
             write!(f, "; {} {}", c.what, c.count)?;
+        }
+        if !self.kvm.is_empty() {
+            write!(f, "\n  in KVM:")?;
+            for c in &self.kvm {
+                write!(f, " {} {};", c.what, c.count)?;
+            }
         }
         for c in self.by_address.iter().take(12) {
             write!(f, "\n  {:>10}  {}", c.count, c.what)?;

@@ -721,3 +721,32 @@ fn vcpus_are_hot_added_removed_and_refused_clearly() {
         (threads_before, fds_before)
     );
 }
+
+/// Exit counters: ours by port (the boot timer and the i8042 reset), and
+/// KVM's own through its statistics fd.
+#[test]
+fn exits_are_counted_by_port_and_by_kvm() {
+    if !kvm_here_or_in_lab("kvm::tests::exits_are_counted_by_port_and_by_kvm") {
+        return;
+    }
+    let _one_at_a_time = VM_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+    let vm = guest(TIMER_THEN_RESET, 1);
+    vm.start().expect("start");
+    assert_eq!(vm.wait().expect("wait"), VmExit::Reboot);
+    let stats = vm.exit_stats().expect("the KVM backend counts exits");
+    let count = |what: &str| {
+        stats
+            .by_address
+            .iter()
+            .find(|c| c.what == what)
+            .map(|c| c.count)
+    };
+    assert_eq!(count("io-out 0x440"), Some(1), "{stats}");
+    assert_eq!(count("io-out 0x64"), Some(1), "{stats}");
+    assert!(stats.total >= 2, "{stats}");
+    let kvm_exits = stats.kvm.iter().find(|c| c.what == "exits");
+    assert!(
+        kvm_exits.is_some_and(|c| c.count >= stats.total),
+        "KVM's own counters (KVM_GET_STATS_FD, Linux 5.14+) missing or short: {stats}"
+    );
+}

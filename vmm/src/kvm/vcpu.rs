@@ -225,6 +225,10 @@ impl VcpuThread {
             }
         }
         tracing::debug!(vcpu = id, "vCPU thread leaving");
+        match super::exit_stats::kvm_vcpu_counters(&self.fd) {
+            Ok(kvm) => counter.set_kvm_counters(kvm),
+            Err(e) => tracing::debug!(vcpu = id, "KVM's statistics are not readable: {e}"),
+        }
         self.exits.merge(&counter);
         self.fd
     }

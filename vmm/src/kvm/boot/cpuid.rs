@@ -298,7 +298,11 @@ mod tests {
 
     #[test]
     fn tsc_deadline_is_offered_in_leaf_1_only() {
-        let mut e = vec![leaf(0, 0, [0xd, 0, 0, 0]), leaf(1, 0, [0; 4]), leaf(7, 0, [0; 4])];
+        let mut e = vec![
+            leaf(0, 0, [0xd, 0, 0, 0]),
+            leaf(1, 0, [0; 4]),
+            leaf(7, 0, [0; 4]),
+        ];
         enable_tsc_deadline(&mut e);
         assert_eq!(e[1].ecx, LEAF1_ECX_TSC_DEADLINE);
         assert_eq!(e[0].ecx, 0);
