@@ -280,6 +280,9 @@ impl CpuManager {
             )));
         }
         let current = self.online();
+        if target == current {
+            return Ok(current);
+        }
         if target > current {
             self.add(hotplug, current, target)?;
         } else {
@@ -319,16 +322,42 @@ impl CpuManager {
 
     fn add(&self, hotplug: &CpuHotplug, from: u8, to: u8) -> Result<(), VmError> {
         let ids: Vec<u8> = (from..to).collect();
-        {
+        let started = {
             let mut slots = lock(&self.slots);
+            let mut started = Vec::new();
+            let mut failed = None;
             for &id in &ids {
                 let slot = &mut slots[usize::from(id)];
                 if slot.idle.is_none() && slot.running.is_none() {
-                    slot.idle = Some(self.create(id)?);
+                    match self.create(id) {
+                        Ok(fd) => slot.idle = Some(fd),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
                 }
-                self.spawn(&mut slots, id)?;
+                match self.spawn(&mut slots, id) {
+                    Ok(()) => started.push(id),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
             }
-        }
+            match failed {
+                None => started,
+                Some(e) => {
+                    drop(slots);
+                    // Nothing was announced to the guest: just stop them again.
+                    for &id in started.iter().rev() {
+                        self.retire(id)?;
+                    }
+                    return Err(e);
+                }
+            }
+        };
+        debug_assert_eq!(started, ids);
         {
             let mut cpus = hotplug.state.lock();
             for &id in &ids {

@@ -669,6 +669,7 @@ fn vcpus_are_hot_added_removed_and_refused_clearly() {
         "the stand-in guest polls the right page"
     );
     vm.start().expect("start");
+    assert_eq!(vm.resize_vcpus(1).expect("no change"), 1);
     for round in 0..2 {
         assert_eq!(vm.resize_vcpus(2).expect("add"), 2, "round {round}");
         assert_eq!(vm.vcpu_count(), 2);
