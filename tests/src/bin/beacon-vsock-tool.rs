@@ -21,9 +21,14 @@ struct Cli {
     #[arg(long, global = true, default_value = "vsock")]
     label: String,
     /// Connections (the server accepts this many; the client opens them at
-    /// once); data moves once all are open.
+    /// once, each moving its data as soon as it is open).
     #[arg(long, global = true, default_value_t = 1)]
     conns: usize,
+    /// Open (or accept) every connection before any data moves, so no
+    /// handshake answer queues behind this job's own streams (a guest sends
+    /// its vsock packets first come, first served).
+    #[arg(long, global = true)]
+    open_all_first: bool,
     /// Bytes each side of each connection sends.
     #[arg(long, global = true, default_value_t = 1 << 20)]
     bytes: u64,
@@ -100,17 +105,22 @@ fn run(cli: Cli) -> Result<String, String> {
                 _ => return Err("serve needs exactly one of --vsock or --unix".into()),
             };
             let l = listen(&ep).map_err(|e| format!("listen on {ep:?}: {e}"))?;
-            // Accept every connection before any data moves: a handshake
-            // answer must not queue behind this job's own streams (the guest
-            // sends its vsock packets first come, first served).
-            let mut conns = Vec::new();
+            let mut threads = Vec::new();
+            let mut accepted = Vec::new();
             for _ in 0..cli.conns {
-                conns.push(l.accept().map_err(|e| format!("accept: {e}"))?);
+                let c = l.accept().map_err(|e| format!("accept: {e}"))?;
+                if cli.open_all_first {
+                    accepted.push(c);
+                } else {
+                    threads.push(std::thread::spawn(move || exchange(c, bytes)));
+                }
             }
-            conns
-                .into_iter()
-                .map(|c| std::thread::spawn(move || exchange(c, bytes)))
-                .collect::<Vec<_>>()
+            threads.extend(
+                accepted
+                    .into_iter()
+                    .map(|c| std::thread::spawn(move || exchange(c, bytes))),
+            );
+            threads
                 .into_iter()
                 .filter_map(|t| t.join().ok())
                 .collect::<Vec<_>>()
@@ -144,34 +154,59 @@ fn run(cli: Cli) -> Result<String, String> {
             // it at once (no storm of retries while the peer boots).
             let first =
                 connect_retry(&ep, deadline).map_err(|e| format!("connect to {ep:?}: {e}"))?;
-            // Every connection is open before any data moves (see `serve`).
-            let mut connecting = Vec::new();
-            for _ in 1..cli.conns {
-                let ep = ep.clone();
-                connecting.push(std::thread::spawn(move || {
-                    connect_retry(&ep, deadline).map_err(|e| format!("connect to {ep:?}: {e}"))
-                }));
-            }
-            let mut conns = vec![first];
-            for t in connecting {
-                match t.join() {
-                    Ok(Ok(c)) => conns.push(c),
-                    Ok(Err(e)) => return Err(e),
-                    Err(_) => return Err("a connecting thread panicked".into()),
+            if cli.open_all_first {
+                let mut connecting = Vec::new();
+                for _ in 1..cli.conns {
+                    let ep = ep.clone();
+                    connecting.push(std::thread::spawn(move || {
+                        connect_retry(&ep, deadline).map_err(|e| format!("connect to {ep:?}: {e}"))
+                    }));
                 }
-            }
-            let threads: Vec<_> = conns
-                .into_iter()
-                .map(|c| std::thread::spawn(move || exchange(c, bytes)))
-                .collect();
-            let mut reports = Vec::new();
-            for t in threads {
-                match t.join() {
-                    Ok(r) => reports.push(r),
-                    Err(_) => return Err("a connection thread panicked".into()),
+                let mut conns = vec![first];
+                for t in connecting {
+                    match t.join() {
+                        Ok(Ok(c)) => conns.push(c),
+                        Ok(Err(e)) => return Err(e),
+                        Err(_) => return Err("a connecting thread panicked".into()),
+                    }
                 }
+                let threads: Vec<_> = conns
+                    .into_iter()
+                    .map(|c| std::thread::spawn(move || exchange(c, bytes)))
+                    .collect();
+                let mut reports = Vec::new();
+                for t in threads {
+                    match t.join() {
+                        Ok(r) => reports.push(r),
+                        Err(_) => return Err("a connection thread panicked".into()),
+                    }
+                }
+                reports
+            } else {
+                let mut first = Some(first);
+                let mut threads = Vec::new();
+                for _ in 0..cli.conns {
+                    let ep = ep.clone();
+                    let ready = first.take();
+                    threads.push(std::thread::spawn(move || {
+                        let conn = match ready {
+                            Some(c) => Ok(c),
+                            None => connect_retry(&ep, deadline),
+                        };
+                        conn.map(|c| exchange(c, bytes))
+                            .map_err(|e| format!("connect to {ep:?}: {e}"))
+                    }));
+                }
+                let mut reports = Vec::new();
+                for t in threads {
+                    match t.join() {
+                        Ok(Ok(r)) => reports.push(r),
+                        Ok(Err(e)) => return Err(e),
+                        Err(_) => return Err("a connection thread panicked".into()),
+                    }
+                }
+                reports
             }
-            reports
         }
     };
     summarize(&cli.label, bytes, recv_bytes, &reports)
