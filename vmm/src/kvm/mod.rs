@@ -130,6 +130,26 @@ impl KvmVm {
         }
     }
 
+    /// `operation` needs a running VM that is not ending.
+    fn require_running(
+        &self,
+        operation: &'static str,
+        lifecycle: Lifecycle,
+    ) -> Result<(), VmError> {
+        if lifecycle == Lifecycle::Running && !self.control.should_stop() {
+            return Ok(());
+        }
+        Err(VmError::WrongState {
+            operation,
+            expected: "running",
+            actual: if self.control.should_stop() {
+                "ending"
+            } else {
+                lifecycle.name()
+            },
+        })
+    }
+
     /// Stop, wait for and join every vCPU thread, then end the device event loop.
     fn join_all(&self) -> Option<String> {
         self.control.wait_all_finished();
@@ -202,17 +222,7 @@ impl VmBackend for KvmVm {
 
     fn pause(&self) -> Result<(), VmError> {
         let mut lifecycle = lock(&self.lifecycle);
-        if *lifecycle != Lifecycle::Running || self.control.should_stop() {
-            return Err(VmError::WrongState {
-                operation: "pause",
-                expected: "running",
-                actual: if self.control.should_stop() {
-                    "ending"
-                } else {
-                    lifecycle.name()
-                },
-            });
-        }
+        self.require_running("pause", *lifecycle)?;
         if !self.control.pause(PAUSE_TIMEOUT) {
             self.control.resume();
             return Err(VmError::Hypervisor {
@@ -252,20 +262,8 @@ impl VmBackend for KvmVm {
     }
 
     fn resize_vcpus(&self, target: u8) -> Result<u8, VmError> {
-        {
-            let lifecycle = lock(&self.lifecycle);
-            if *lifecycle != Lifecycle::Running || self.control.should_stop() {
-                return Err(VmError::WrongState {
-                    operation: "resize",
-                    expected: "running",
-                    actual: if self.control.should_stop() {
-                        "ending"
-                    } else {
-                        lifecycle.name()
-                    },
-                });
-            }
-        }
+        let lifecycle = *lock(&self.lifecycle);
+        self.require_running("resize", lifecycle)?;
         self.cpus.resize(target)
     }
 
