@@ -16,8 +16,8 @@
 //!
 //! The device owns only these registers and the per-CPU state behind them
 //! ([`HotplugState`]); creating and stopping vCPUs and raising the GED
-//! interrupt belong to the VMM, which is told of every acknowledgement and
-//! ejection through the state's condition variable and its eject queue.
+//! interrupt belong to the VMM, which waits for every acknowledgement and
+//! ejection on the state's condition variable.
 //! The GED interrupt is level-triggered ([`GedLine`]): the VMM raises it
 //! through a KVM irqfd with a resample eventfd, and [`GedResampler`] raises it
 //! again after each end-of-interrupt while events are still unread. So an
@@ -74,8 +74,6 @@ pub struct CpuSlot {
 #[derive(Debug, Default)]
 pub struct HotplugCpus {
     pub slots: Vec<CpuSlot>,
-    /// CPUs the guest ejected, for the VMM to stop.
-    pub ejected: Vec<u8>,
     /// GED events not yet read by the guest.
     pub pending_events: u32,
 }
@@ -200,17 +198,11 @@ impl MutEventSubscriber for GedResampler {
 pub struct HotplugController {
     state: Arc<HotplugState>,
     selected: u32,
-    /// Called after the guest ejected a CPU (the VMM stops its thread).
-    on_eject: Box<dyn FnMut(u8) + Send>,
 }
 
 impl HotplugController {
-    pub fn new(state: Arc<HotplugState>, on_eject: Box<dyn FnMut(u8) + Send>) -> Self {
-        Self {
-            state,
-            selected: 0,
-            on_eject,
-        }
+    pub fn new(state: Arc<HotplugState>) -> Self {
+        Self { state, selected: 0 }
     }
 
     fn status_byte(slot: &CpuSlot) -> u8 {
@@ -268,7 +260,6 @@ impl BusDevice for HotplugController {
                 let Some(slot) = cpus.slots.get_mut(usize::from(index)) else {
                     return;
                 };
-                let mut ejected = false;
                 if value & CPU_INSERTING != 0 {
                     slot.inserting = false;
                 }
@@ -280,14 +271,10 @@ impl BusDevice for HotplugController {
                     slot.enabled = false;
                     slot.removing = false;
                     slot.eject_allowed = false;
-                    ejected = true;
-                    cpus.ejected.push(index);
+                    tracing::debug!(vcpu = index, "the guest ejected a vCPU");
                 }
                 drop(cpus);
                 self.state.notify();
-                if ejected {
-                    (self.on_eject)(index);
-                }
             }
             _ => {}
         }
@@ -297,18 +284,11 @@ impl BusDevice for HotplugController {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::mpsc;
 
-    fn controller(boot: u8, max: u8) -> (Arc<HotplugState>, HotplugController, mpsc::Receiver<u8>) {
+    fn controller(boot: u8, max: u8) -> (Arc<HotplugState>, HotplugController) {
         let state = HotplugState::new(boot, max);
-        let (tx, rx) = mpsc::channel();
-        let c = HotplugController::new(
-            state.clone(),
-            Box::new(move |i| {
-                let _ = tx.send(i);
-            }),
-        );
-        (state, c, rx)
+        let c = HotplugController::new(state.clone());
+        (state, c)
     }
 
     fn status(c: &mut HotplugController, cpu: u32) -> u8 {
@@ -320,7 +300,7 @@ mod tests {
 
     #[test]
     fn boot_cpus_are_enabled_and_the_rest_absent() {
-        let (_s, mut c, _rx) = controller(1, 3);
+        let (_s, mut c) = controller(1, 3);
         assert_eq!(status(&mut c, 0), CPU_ENABLED);
         assert_eq!(status(&mut c, 1), 0);
         assert_eq!(status(&mut c, 2), 0);
@@ -330,7 +310,7 @@ mod tests {
 
     #[test]
     fn insertion_is_acknowledged_and_events_read_clear() {
-        let (s, mut c, _rx) = controller(1, 2);
+        let (s, mut c) = controller(1, 2);
         {
             let mut cpus = s.lock();
             cpus.slots[1] = CpuSlot {
@@ -353,11 +333,10 @@ mod tests {
 
     #[test]
     fn only_a_cpu_asked_back_can_be_ejected_and_never_cpu0() {
-        let (s, mut c, rx) = controller(2, 2);
+        let (s, mut c) = controller(2, 2);
         c.write(CPU_SELECT, &1u32.to_le_bytes());
         c.write(CPU_STATUS, &[CPU_EJECT]);
         assert_eq!(status(&mut c, 1), CPU_ENABLED, "not asked: stays");
-        assert!(rx.try_recv().is_err());
         s.lock().slots[0].eject_allowed = true;
         c.write(CPU_SELECT, &0u32.to_le_bytes());
         c.write(CPU_STATUS, &[CPU_EJECT]);
@@ -373,13 +352,12 @@ mod tests {
         c.write(CPU_SELECT, &1u32.to_le_bytes());
         c.write(CPU_STATUS, &[CPU_EJECT]);
         assert_eq!(status(&mut c, 1), 0);
-        assert_eq!(rx.try_recv().ok(), Some(1));
-        assert_eq!(s.lock().ejected, vec![1]);
+        assert!(!s.lock().slots[1].eject_allowed, "one ejection per request");
     }
 
     #[test]
     fn odd_accesses_are_ignored() {
-        let (_s, mut c, _rx) = controller(1, 2);
+        let (_s, mut c) = controller(1, 2);
         for offset in [0u64, 1, 3, 0x10, 0x11, 0x14, 0x15, 0xfff, 0x1000, u64::MAX] {
             for len in [0usize, 1, 2, 3, 4, 8] {
                 let mut buf = vec![0xaau8; len];

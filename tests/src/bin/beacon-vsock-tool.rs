@@ -154,7 +154,8 @@ fn run(cli: Cli) -> Result<String, String> {
             // it at once (no storm of retries while the peer boots).
             let first =
                 connect_retry(&ep, deadline).map_err(|e| format!("connect to {ep:?}: {e}"))?;
-            if cli.open_all_first {
+            // Each thread yields one connection's report, or why it has none.
+            let threads: Vec<std::thread::JoinHandle<Result<_, String>>> = if cli.open_all_first {
                 let mut connecting = Vec::new();
                 for _ in 1..cli.conns {
                     let ep = ep.clone();
@@ -170,43 +171,36 @@ fn run(cli: Cli) -> Result<String, String> {
                         Err(_) => return Err("a connecting thread panicked".into()),
                     }
                 }
-                let threads: Vec<_> = conns
+                conns
                     .into_iter()
-                    .map(|c| std::thread::spawn(move || exchange(c, bytes)))
-                    .collect();
-                let mut reports = Vec::new();
-                for t in threads {
-                    match t.join() {
-                        Ok(r) => reports.push(r),
-                        Err(_) => return Err("a connection thread panicked".into()),
-                    }
-                }
-                reports
+                    .map(|c| std::thread::spawn(move || Ok(exchange(c, bytes))))
+                    .collect()
             } else {
                 let mut first = Some(first);
-                let mut threads = Vec::new();
-                for _ in 0..cli.conns {
-                    let ep = ep.clone();
-                    let ready = first.take();
-                    threads.push(std::thread::spawn(move || {
-                        let conn = match ready {
-                            Some(c) => Ok(c),
-                            None => connect_retry(&ep, deadline),
-                        };
-                        conn.map(|c| exchange(c, bytes))
-                            .map_err(|e| format!("connect to {ep:?}: {e}"))
-                    }));
+                (0..cli.conns)
+                    .map(|_| {
+                        let ep = ep.clone();
+                        let ready = first.take();
+                        std::thread::spawn(move || {
+                            let conn = match ready {
+                                Some(c) => Ok(c),
+                                None => connect_retry(&ep, deadline),
+                            };
+                            conn.map(|c| exchange(c, bytes))
+                                .map_err(|e| format!("connect to {ep:?}: {e}"))
+                        })
+                    })
+                    .collect()
+            };
+            let mut reports = Vec::new();
+            for t in threads {
+                match t.join() {
+                    Ok(Ok(r)) => reports.push(r),
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => return Err("a connection thread panicked".into()),
                 }
-                let mut reports = Vec::new();
-                for t in threads {
-                    match t.join() {
-                        Ok(Ok(r)) => reports.push(r),
-                        Ok(Err(e)) => return Err(e),
-                        Err(_) => return Err("a connection thread panicked".into()),
-                    }
-                }
-                reports
             }
+            reports
         }
     };
     summarize(&cli.label, bytes, recv_bytes, &reports)

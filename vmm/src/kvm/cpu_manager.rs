@@ -61,7 +61,7 @@ pub struct CpuSetup {
 
 /// A running vCPU thread.
 struct Running {
-    handle: JoinHandle<Option<VcpuFd>>,
+    handle: JoinHandle<VcpuFd>,
     retire: Arc<AtomicBool>,
 }
 
@@ -199,7 +199,7 @@ impl CpuManager {
                     control: guard_control,
                     id,
                 };
-                Some(thread.run())
+                thread.run()
             });
         match spawned {
             Ok(handle) => {
@@ -243,7 +243,7 @@ impl CpuManager {
                 continue;
             };
             match running.handle.join() {
-                Ok(fd) => slot.idle = fd,
+                Ok(fd) => slot.idle = Some(fd),
                 Err(payload) => {
                     panic_note = Some(
                         payload
@@ -473,7 +473,7 @@ impl CpuManager {
             what: format!("stopping the thread of vCPU {id}"),
             source: std::io::Error::other("the thread panicked"),
         })?;
-        lock(&self.slots)[usize::from(id)].idle = fd;
+        lock(&self.slots)[usize::from(id)].idle = Some(fd);
         Ok(())
     }
 }

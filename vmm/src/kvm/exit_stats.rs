@@ -24,7 +24,7 @@ use crate::backend::{ExitCount, ExitStats};
 pub const MAX_ADDRESSES: usize = 64;
 
 /// What a vCPU exit was.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ExitKind {
     IoIn,
     IoOut,
@@ -37,7 +37,21 @@ pub enum ExitKind {
     Other,
 }
 
+// `by_kind` is indexed by discriminant: ALL lists every kind, in order.
+const _: () = assert!(ExitKind::Other as usize + 1 == ExitKind::ALL.len());
+
 impl ExitKind {
+    const ALL: [Self; 8] = [
+        Self::IoIn,
+        Self::IoOut,
+        Self::MmioRead,
+        Self::MmioWrite,
+        Self::Hlt,
+        Self::Intr,
+        Self::SystemEvent,
+        Self::Other,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             Self::IoIn => "io-in",
@@ -62,7 +76,8 @@ impl ExitKind {
 /// One vCPU's counts.
 #[derive(Debug, Default)]
 pub struct ExitCounter {
-    by_kind: HashMap<ExitKind, u64>,
+    /// Indexed by `ExitKind as usize` (no hashing on the exit path).
+    by_kind: [u64; ExitKind::ALL.len()],
     by_address: HashMap<(ExitKind, u64), u64>,
     /// Address exits that did not fit in `by_address`.
     unlisted: u64,
@@ -132,7 +147,7 @@ impl ExitCounter {
     }
 
     pub fn count(&mut self, kind: ExitKind, address: u64) {
-        *self.by_kind.entry(kind).or_default() += 1;
+        self.by_kind[kind as usize] += 1;
         if !kind.has_address() {
             return;
         }
@@ -156,8 +171,8 @@ pub struct SharedExitStats {
 impl SharedExitStats {
     pub fn merge(&self, counter: &ExitCounter) {
         let mut merged = beacon_common::lock(&self.merged);
-        for (kind, n) in &counter.by_kind {
-            *merged.by_kind.entry(*kind).or_default() += n;
+        for (total, n) in merged.by_kind.iter_mut().zip(counter.by_kind) {
+            *total += n;
         }
         merged.unlisted += counter.unlisted;
         for (name, n) in &counter.kvm {
@@ -181,12 +196,13 @@ impl SharedExitStats {
     /// The totals so far, biggest first.
     pub fn snapshot(&self) -> ExitStats {
         let merged = beacon_common::lock(&self.merged);
-        let mut by_kind: Vec<ExitCount> = merged
-            .by_kind
+        let mut by_kind: Vec<ExitCount> = ExitKind::ALL
             .iter()
+            .zip(merged.by_kind)
+            .filter(|(_, n)| *n > 0)
             .map(|(k, n)| ExitCount {
                 what: k.name().to_string(),
-                count: *n,
+                count: n,
             })
             .collect();
         by_kind.sort_by(|a, b| b.count.cmp(&a.count).then(a.what.cmp(&b.what)));
@@ -216,7 +232,7 @@ impl SharedExitStats {
             .collect();
         kvm.sort_by(|a, b| b.count.cmp(&a.count).then(a.what.cmp(&b.what)));
         ExitStats {
-            total: merged.by_kind.values().sum(),
+            total: merged.by_kind.iter().sum(),
             by_kind,
             by_address,
             kvm,

@@ -282,10 +282,7 @@ impl DeviceManager {
                 "KVM_IRQFD (level, resample) for the GED on GSI {gsi}"
             )))?;
         let state = HotplugState::new(boot_vcpus, max_vcpus);
-        let controller = HotplugController::new(
-            state.clone(),
-            Box::new(|cpu| tracing::debug!(vcpu = cpu, "the guest ejected a vCPU")),
-        );
+        let controller = HotplugController::new(state.clone());
         self.mmio_bus
             .insert(base, HOTPLUG_REGION_SIZE, Arc::new(Mutex::new(controller)))
             .map_err(|e| VmError::Device {
