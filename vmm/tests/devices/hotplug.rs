@@ -28,6 +28,8 @@ hp_job() {{
     i=0
     while [ ! -S "$sock" ]; do
         i=$((i + 1)); [ $i -gt 6000 ] && {{ echo "HOTPLUG-HOST-NO-SOCKET"; return 1; }}
+        # The VM ended without ever serving it (a refused config, a crash).
+        [ $i -gt 100 ] && ! pgrep -f "beacon.case=$CASE" >/dev/null && {{ echo "HOTPLUG-HOST-NO-VM"; return 1; }}
         sleep 0.1
     done
     out=$(ctl resize --cpus 0); rc=$?
@@ -53,6 +55,7 @@ hp_job() {{
     # utime + stime in clock ticks: the guest's busy loop on the new vCPU.
     i=0
     while :; do
+        [ -d "$task" ] || {{ echo "HOTPLUG-HOST-VM-GONE before the guest used vCPU {last}"; return 1; }}
         ticks=$(awk '{{print $14 + $15}}' "$task/stat" 2>/dev/null || echo 0)
         [ "${{ticks:-0}}" -ge 100 ] && break
         i=$((i + 1)); [ $i -gt 6000 ] && {{ echo "HOTPLUG-HOST-VCPU-IDLE ($ticks ticks)"; return 1; }}
