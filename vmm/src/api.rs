@@ -2,8 +2,9 @@
 //! its client (`beacon-vmm ctl`).
 //!
 //! One JSON object per line each way, on a unix socket only its owner may use
-//! (mode 0600). Requests: `{"op":"info"}` and `{"op":"resize","cpus":N}`;
-//! replies: `{"ok":true,...}` with the VM's figures, or `{"ok":false,"error":
+//! (mode 0600). Requests: `{"op":"info"}` and
+//! `{"op":"resize","cpus":N,"memory_mib":M}` (either or both; `memory_mib` is
+//! the new total); replies: `{"ok":true,...}` with the VM's figures, or `{"ok":false,"error":
 //! "..."}`. A request line longer than [`MAX_REQUEST`] bytes, one that is not
 //! JSON or names an unknown operation gets an error reply; the VM keeps
 //! running whatever arrives. Connections are served one at a time, and a
@@ -35,7 +36,13 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     Info {},
-    Resize { cpus: u8 },
+    Resize {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cpus: Option<u8>,
+        /// The new total guest RAM.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        memory_mib: Option<u64>,
+    },
 }
 
 /// The VM's figures, in every successful reply.
@@ -45,6 +52,7 @@ pub struct Info {
     pub vcpus: u8,
     pub max_vcpus: u8,
     pub memory_mib: u64,
+    pub max_memory_mib: u64,
 }
 
 /// A reply on the control socket.
@@ -87,6 +95,7 @@ fn info(vm: &dyn VmBackend) -> Info {
         vcpus: vm.vcpu_count(),
         max_vcpus: vm.max_vcpus(),
         memory_mib: vm.memory_mib(),
+        max_memory_mib: vm.max_memory_mib(),
     }
 }
 
@@ -104,13 +113,22 @@ pub fn handle(vm: &dyn VmBackend, line: &str) -> Reply {
         Ok(r) => r,
         Err(e) => {
             return failure(format!(
-                "not a request ({e}); send {{\"op\":\"info\"}} or {{\"op\":\"resize\",\"cpus\":N}}"
+                "not a request ({e}); send {{\"op\":\"info\"}} or {{\"op\":\"resize\",\"cpus\":N,\"memory_mib\":M}}"
             ))
         }
     };
     let outcome = match request {
         Request::Info {} => Ok(()),
-        Request::Resize { cpus } => vm.resize_vcpus(cpus).map(|_| ()),
+        Request::Resize {
+            cpus: None,
+            memory_mib: None,
+        } => Err(crate::backend::VmError::Unsupported(
+            "a resize needs \"cpus\" or \"memory_mib\" (or both)".into(),
+        )),
+        // Memory first: a bigger VM's new vCPUs find their memory there.
+        Request::Resize { cpus, memory_mib } => memory_mib
+            .map_or(Ok(()), |m| vm.resize_memory(m).map(|_| ()))
+            .and_then(|()| cpus.map_or(Ok(()), |c| vm.resize_vcpus(c).map(|_| ()))),
     };
     match outcome {
         Ok(()) => Reply {
@@ -242,6 +260,7 @@ mod tests {
 
     struct FakeVm {
         vcpus: Mutex<u8>,
+        memory: Mutex<u64>,
     }
 
     impl VmBackend for FakeVm {
@@ -280,7 +299,19 @@ mod tests {
             Ok(target)
         }
         fn memory_mib(&self) -> u64 {
-            256
+            *beacon_common::lock(&self.memory)
+        }
+        fn max_memory_mib(&self) -> u64 {
+            512
+        }
+        fn resize_memory(&self, total_mib: u64) -> Result<u64, VmError> {
+            if !(256..=512).contains(&total_mib) || total_mib % 128 != 0 {
+                return Err(VmError::Unsupported(format!(
+                    "{total_mib} MiB is out of range"
+                )));
+            }
+            *beacon_common::lock(&self.memory) = total_mib;
+            Ok(total_mib)
         }
         fn boot_times(&self) -> BootTimes {
             BootTimes::default()
@@ -290,6 +321,7 @@ mod tests {
     fn fake() -> Arc<FakeVm> {
         Arc::new(FakeVm {
             vcpus: Mutex::new(1),
+            memory: Mutex::new(256),
         })
     }
 
@@ -306,6 +338,16 @@ mod tests {
         assert!(!r.ok);
         assert!(r.error.unwrap_or_default().contains("out of range"));
         assert_eq!(vm.vcpu_count(), 3, "a refused request changes nothing");
+        let r = handle(vm.as_ref(), r#"{"op":"resize","memory_mib":384}"#);
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.info.as_ref().map(|i| i.memory_mib), Some(384));
+        assert_eq!(r.info.map(|i| i.max_memory_mib), Some(512));
+        let r = handle(vm.as_ref(), r#"{"op":"resize","memory_mib":300,"cpus":2}"#);
+        assert!(!r.ok, "memory is checked first, and nothing changes");
+        assert_eq!((vm.vcpu_count(), vm.memory_mib()), (3, 384));
+        let r = handle(vm.as_ref(), r#"{"op":"resize","memory_mib":512,"cpus":2}"#);
+        assert!(r.ok, "{r:?}");
+        assert_eq!((vm.vcpu_count(), vm.memory_mib()), (2, 512));
         for bad in [
             "",
             "garbage",
@@ -314,6 +356,8 @@ mod tests {
             r#"{"op":"resize","cpus":-1}"#,
             r#"{"op":"resize","cpus":1000}"#,
             r#"{"op":"info","extra":1}"#,
+            r#"{"op":"resize","memory_mib":-5}"#,
+            r#"{"op":"resize","memory_mib":"lots"}"#,
         ] {
             let r = handle(vm.as_ref(), bad);
             assert!(!r.ok, "{bad:?} was accepted");
@@ -336,8 +380,15 @@ mod tests {
             ApiServer::start(&path, vm.clone()),
             Err(ApiError::InUse { .. })
         ));
-        let reply =
-            request(&path, &Request::Resize { cpus: 2 }, Duration::from_secs(5)).expect("reply");
+        let reply = request(
+            &path,
+            &Request::Resize {
+                cpus: Some(2),
+                memory_mib: None,
+            },
+            Duration::from_secs(5),
+        )
+        .expect("reply");
         assert!(reply.ok);
         assert_eq!(vm.vcpu_count(), 2);
         // An over-long line gets an error, and the server keeps serving.

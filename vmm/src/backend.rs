@@ -175,6 +175,16 @@ pub trait VmBackend: Send + Sync {
     /// Guest RAM currently plugged, in MiB.
     fn memory_mib(&self) -> u64;
 
+    /// The most guest RAM this VM can have, in MiB (boot memory plus the
+    /// hotplug room, `--hotplug-memory`).
+    fn max_memory_mib(&self) -> u64;
+
+    /// Hot-add or hot-remove memory blocks until the guest has `total_mib`
+    /// (boot memory plus whole blocks), with the guest's cooperation (ACPI
+    /// memory hotplug); returns the new total. Only while running; on error
+    /// the VM keeps what the error reports.
+    fn resize_memory(&self, total_mib: u64) -> Result<u64, VmError>;
+
     /// Milestones so far.
     fn boot_times(&self) -> BootTimes;
 

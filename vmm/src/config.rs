@@ -18,6 +18,9 @@ use serde::{Deserialize, Serialize};
 pub const MIN_MEMORY_MIB: u64 = 32;
 /// Largest guest RAM accepted by configuration (1 TiB); the host may still refuse less.
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+/// Memory is hot-added and removed in blocks of this many MiB (Linux's x86
+/// memory block size), each one ACPI memory device.
+pub const HOTPLUG_BLOCK_MIB: u64 = 128;
 /// Upper bound on vCPUs that the boot tables we write can describe (x2APIC ids fit
 /// easily; KVM's own `KVM_CAP_MAX_VCPUS` is checked again by the backend).
 pub const MAX_VCPUS: u8 = 254;
@@ -231,6 +234,8 @@ pub enum ConfigError {
         "guest memory of {0} MiB is too small to boot Linux; give at least {MIN_MEMORY_MIB} MiB"
     )]
     MemoryTooSmall(u64),
+    #[error("a memory hotplug room of {0} MiB is not a multiple of the {HOTPLUG_BLOCK_MIB} MiB block size; round it to one")]
+    HotplugRoomNotBlocks(u64),
     #[error("guest memory of {0} MiB (with hotplug room) exceeds the {MAX_MEMORY_MIB} MiB limit")]
     MemoryTooLarge(u64),
     #[error("initrd {path:?} is {size} bytes, more than half of guest memory ({memory_mib} MiB); give the VM more memory")]
@@ -344,6 +349,9 @@ impl VmConfig {
         } = self.memory;
         if size_mib < MIN_MEMORY_MIB {
             return Err(ConfigError::MemoryTooSmall(size_mib));
+        }
+        if hotplug_mib % HOTPLUG_BLOCK_MIB != 0 {
+            return Err(ConfigError::HotplugRoomNotBlocks(hotplug_mib));
         }
         let total = size_mib.saturating_add(hotplug_mib);
         if total > MAX_MEMORY_MIB {

@@ -45,10 +45,15 @@ struct CtlArgs {
 enum CtlAction {
     /// Print the VM's figures as JSON.
     Info,
-    /// Hot-add or hot-remove vCPUs: --cpus N is the new total.
+    /// Hot-add or hot-remove vCPUs and memory: --cpus N and --memory MiB
+    /// are the new totals (either or both).
+    #[command(arg_required_else_help = true)]
     Resize {
         #[arg(long)]
-        cpus: u8,
+        cpus: Option<u8>,
+        /// New total guest RAM in MiB: boot memory plus whole 128 MiB blocks.
+        #[arg(long)]
+        memory: Option<u64>,
     },
 }
 
@@ -72,6 +77,10 @@ struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 512)]
     memory: u64,
+    /// Room for memory hotplug in MiB (whole 128 MiB blocks; `ctl resize
+    /// --memory` plugs it in).
+    #[arg(long, default_value_t = 0)]
+    hotplug_memory: u64,
     /// Which VMM runs the guest: kvm (in-process) or qemu (child process, for comparison).
     #[arg(long, value_enum, default_value_t = BackendKind::Kvm)]
     backend: BackendKind,
@@ -171,7 +180,10 @@ fn main() -> ExitCode {
 fn ctl_main(ctl: CtlArgs) -> ExitCode {
     let request = match ctl.action {
         CtlAction::Info => beacon_vmm::api::Request::Info {},
-        CtlAction::Resize { cpus } => beacon_vmm::api::Request::Resize { cpus },
+        CtlAction::Resize { cpus, memory } => beacon_vmm::api::Request::Resize {
+            cpus,
+            memory_mib: memory,
+        },
     };
     match beacon_vmm::api::request(
         &ctl.socket,
@@ -230,6 +242,7 @@ fn run(args: RunArgs, shares: &fs_cli::FsShares) -> Result<VmExit, VmError> {
     config.vcpus.boot = args.cpus;
     config.vcpus.max = args.max_cpus.unwrap_or(args.cpus);
     config.memory.size_mib = args.memory;
+    config.memory.hotplug_mib = args.hotplug_memory;
     config.console = args.console;
     config.virtio_mmio_cmdline = args.virtio_cmdline;
     if args.rng {

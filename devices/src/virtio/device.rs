@@ -186,6 +186,17 @@ pub trait VirtioDevice: Send {
 
     /// Whether the device is activated (for logs and tests).
     fn is_activated(&self) -> bool;
+
+    /// Guest memory gained or lost regions (memory hotplug): `mem` (the same
+    /// memory the device got at activation) already shows the new layout.
+    /// Devices that map guest memory elsewhere (vhost) pass the new table on;
+    /// the rest read through `mem` and need nothing. Called from a VMM thread
+    /// (not a vCPU); must not block on the guest. A device that is not
+    /// activated does nothing (activation sends the whole table). Called after
+    /// an addition is mapped, and before a removed region is unmapped.
+    fn memory_changed(&mut self, mem: &GuestMem) {
+        let _ = mem;
+    }
 }
 
 #[cfg(test)]

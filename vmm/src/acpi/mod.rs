@@ -81,6 +81,8 @@ pub enum AcpiError {
     NoHotplugVcpus,
     #[error("hotplug registers at {0:#x} do not fit below 4 GiB")]
     HotplugAbove4G(u32),
+    #[error("{0} memory hotplug blocks are more than the {max} the DSDT can name; lower the hotplug room", max = hotplug::MAX_MEMORY_BLOCKS)]
+    TooManyMemoryBlocks(usize),
 }
 
 /// A 16550 UART on I/O `port` raising `gsi`, as DSDT device `COM1`.

@@ -1,8 +1,9 @@
 //! Assembles a KVM microVM from a [`VmConfig`], in a fixed order:
 //! memory → VM and irqchip → device manager (legacy devices, then every
 //! `config.devices` entry) → kernel and initrd → MP table and ACPI tables
-//! generated from the device manager → vCPUs ([`super::cpu_manager`]; with a
-//! hotplug controller and GED when `--max-cpus` leaves room).
+//! generated from the device manager → vCPUs ([`super::cpu_manager`]) and
+//! the memory hotplug room ([`super::memory_manager`]); with a hotplug
+//! controller and GED when `--max-cpus` or `--hotplug-memory` leaves room.
 //!
 //! Everything that can fail happens here, before a vCPU runs, so a bad config is
 //! a [`VmError`] with no thread started; every fd made so far is released by
@@ -27,6 +28,7 @@ use super::control::{self, VcpuControl};
 use super::cpu_manager::{CpuManager, CpuSetup, VcpuLinks};
 use super::device_manager::{DeviceManager, LegacyHooks};
 use super::memory::GuestRam;
+use super::memory_manager::{self, MemoryLinks, MemoryManager};
 use super::KvmVm;
 use crate::backend::VmError;
 use crate::config::{ConfigError, DeviceConfig, VmConfig, MAX_CMDLINE_LEN};
@@ -57,11 +59,6 @@ pub(crate) fn check_vcpu_limit(asked: u8, kvm_max: usize) -> Result<(), VmError>
 
 /// What this backend cannot do yet, refused before anything is built.
 fn refuse_unsupported(config: &VmConfig) -> Result<(), VmError> {
-    if config.memory.hotplug_mib > 0 {
-        return Err(VmError::Unsupported(
-            "memory hotplug (hotplug room above 0 MiB) is not implemented in the KVM backend yet; drop the hotplug room".into(),
-        ));
-    }
     let wants_vhost_net = config
         .devices
         .iter()
@@ -226,24 +223,43 @@ fn build_inner(config: VmConfig, console: Option<ConsoleOutput>) -> Result<KvmVm
         },
     )?;
     attach_devices(&mut devices, &config)?;
-    let hotplug = if config.vcpus.max > config.vcpus.boot {
-        Some(devices.attach_hotplug(config.vcpus.boot, config.vcpus.max)?)
+    let memory_blocks =
+        memory_manager::block_ranges(config.memory.size_mib, config.memory.hotplug_mib);
+    let hotplug = if config.vcpus.max > config.vcpus.boot || !memory_blocks.is_empty() {
+        Some(devices.attach_hotplug(config.vcpus.boot, config.vcpus.max, memory_blocks)?)
     } else {
         None
     };
+    let memory = MemoryManager::new(
+        MemoryLinks {
+            vm: vm.clone(),
+            mem: ram.shared(),
+            control: control.clone(),
+            devices: devices.virtio_handles(),
+        },
+        config.memory.size_mib,
+        config.memory.hotplug_mib,
+        hotplug.clone().filter(|_| config.memory.hotplug_mib > 0),
+    )?;
 
     // Kernel, command line and initrd, then the tables that describe the devices.
     let mut boot_config = config.clone();
+    if config.memory.hotplug_mib > 0 {
+        // Hot-added memory goes to ZONE_MOVABLE, so it can be taken back.
+        boot_config
+            .cmdline
+            .push_str(" memhp_default_state=online_movable");
+    }
     if config.virtio_mmio_cmdline {
         boot_config.cmdline.push_str(&devices.virtio_cmdline());
-        if boot_config.cmdline.len() >= MAX_CMDLINE_LEN {
-            return Err(ConfigError::CmdlineTooLong(boot_config.cmdline.len()).into());
-        }
     }
-    let memory = ram.memory();
-    let entry = boot::load(&memory, mem_bytes, &boot_config, format)?;
-    write_acpi_tables(&memory, &config, &devices)?;
-    drop(memory);
+    if boot_config.cmdline.len() >= MAX_CMDLINE_LEN {
+        return Err(ConfigError::CmdlineTooLong(boot_config.cmdline.len()).into());
+    }
+    let guest = ram.memory();
+    let entry = boot::load(&guest, mem_bytes, &boot_config, format)?;
+    write_acpi_tables(&guest, &config, &devices)?;
+    drop(guest);
     tracing::info!(?entry, ?format, "kernel loaded");
 
     // vCPUs.
@@ -286,6 +302,7 @@ fn build_inner(config: VmConfig, console: Option<ConsoleOutput>) -> Result<KvmVm
         config,
         control,
         cpus,
+        memory,
         first_run,
         init_reached,
         devices,

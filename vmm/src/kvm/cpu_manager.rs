@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use beacon_common::lock;
-use beacon_devices::hotplug::{CpuSlot, GedLine, HotplugState, EVENT_CPU};
+use beacon_devices::hotplug::{GedLine, HotplugSlot, HotplugState, EVENT_CPU};
 use beacon_devices::Bus;
 use kvm_bindings::{kvm_msr_entry, CpuId};
 use kvm_ioctls::{VcpuFd, VmFd};
@@ -42,7 +42,8 @@ const STOP_POLL: Duration = Duration::from_millis(100);
 /// How long retiring a vCPU thread may take once the guest let it go.
 const RETIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn ending() -> VmError {
+/// The error of a resize cut short because the VM is ending.
+pub(crate) fn ending() -> VmError {
     VmError::WrongState {
         operation: "resize",
         expected: "running",
@@ -82,10 +83,34 @@ pub struct VcpuLinks {
     pub exits: Arc<SharedExitStats>,
 }
 
-/// Hotplug wiring: the controller's state and the GED line.
-pub struct CpuHotplug {
+/// Hotplug wiring the CPU and memory managers share: the controller's
+/// state and the GED line.
+#[derive(Clone)]
+pub struct HotplugWiring {
     pub state: Arc<HotplugState>,
-    pub ged: GedLine,
+    pub ged: Arc<GedLine>,
+}
+
+/// Wait for the guest's answer (`done`) up to `timeout`; gives up at once
+/// when the VM ends.
+pub(crate) fn wait_guest(
+    state: &HotplugState,
+    control: &VcpuControl,
+    timeout: Duration,
+    done: impl Fn(&beacon_devices::hotplug::HotplugSlots) -> bool,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let slice = deadline
+            .saturating_duration_since(Instant::now())
+            .min(STOP_POLL);
+        if state.wait_until(slice, &done) {
+            return true;
+        }
+        if control.should_stop() || Instant::now() >= deadline {
+            return false;
+        }
+    }
 }
 
 pub struct CpuManager {
@@ -93,7 +118,7 @@ pub struct CpuManager {
     setup: CpuSetup,
     links: VcpuLinks,
     slots: Mutex<Vec<Slot>>,
-    hotplug: Option<CpuHotplug>,
+    hotplug: Option<HotplugWiring>,
     /// How long a request waits for the guest ([`HOTPLUG_ACK_TIMEOUT`]).
     ack_timeout: Mutex<Duration>,
     /// Serializes resize requests.
@@ -125,7 +150,7 @@ impl CpuManager {
         vm: Arc<VmFd>,
         setup: CpuSetup,
         links: VcpuLinks,
-        hotplug: Option<CpuHotplug>,
+        hotplug: Option<HotplugWiring>,
     ) -> Result<Self, VmError> {
         let mut slots: Vec<Slot> = (0..setup.max).map(|_| Slot::default()).collect();
         let me = Self {
@@ -299,28 +324,16 @@ impl CpuManager {
         *lock(&self.ack_timeout) = timeout;
     }
 
-    /// Wait for the guest's answer (`done`), up to the ack timeout;
-    /// gives up at once when the VM ends.
     fn wait_guest(
         &self,
-        hotplug: &CpuHotplug,
-        done: impl Fn(&beacon_devices::hotplug::HotplugCpus) -> bool,
+        hotplug: &HotplugWiring,
+        done: impl Fn(&beacon_devices::hotplug::HotplugSlots) -> bool,
     ) -> bool {
-        let deadline = Instant::now() + *lock(&self.ack_timeout);
-        loop {
-            let slice = deadline
-                .saturating_duration_since(Instant::now())
-                .min(STOP_POLL);
-            if hotplug.state.wait_until(slice, &done) {
-                return true;
-            }
-            if self.links.control.should_stop() || Instant::now() >= deadline {
-                return false;
-            }
-        }
+        let timeout = *lock(&self.ack_timeout);
+        wait_guest(&hotplug.state, &self.links.control, timeout, done)
     }
 
-    fn add(&self, hotplug: &CpuHotplug, from: u8, to: u8) -> Result<(), VmError> {
+    fn add(&self, hotplug: &HotplugWiring, from: u8, to: u8) -> Result<(), VmError> {
         let ids: Vec<u8> = (from..to).collect();
         let started = {
             let mut slots = lock(&self.slots);
@@ -361,22 +374,19 @@ impl CpuManager {
         {
             let mut cpus = hotplug.state.lock();
             for &id in &ids {
-                if let Some(s) = cpus.slots.get_mut(usize::from(id)) {
-                    *s = CpuSlot {
+                if let Some(s) = cpus.cpus.get_mut(usize::from(id)) {
+                    *s = HotplugSlot {
                         enabled: true,
                         inserting: true,
-                        ..CpuSlot::default()
+                        ..HotplugSlot::default()
                     };
                 }
             }
         }
         hotplug.ged.raise(EVENT_CPU);
         let acked = self.wait_guest(hotplug, |cpus| {
-            ids.iter().all(|&id| {
-                cpus.slots
-                    .get(usize::from(id))
-                    .is_some_and(|s| !s.inserting)
-            })
+            ids.iter()
+                .all(|&id| cpus.cpus.get(usize::from(id)).is_some_and(|s| !s.inserting))
         });
         if acked {
             tracing::info!(from, to, "vCPUs added; the guest acknowledged");
@@ -386,7 +396,7 @@ impl CpuManager {
         {
             let mut cpus = hotplug.state.lock();
             for &id in &ids {
-                if let Some(s) = cpus.slots.get_mut(usize::from(id)) {
+                if let Some(s) = cpus.cpus.get_mut(usize::from(id)) {
                     *s = Default::default();
                 }
             }
@@ -409,23 +419,23 @@ impl CpuManager {
         })
     }
 
-    fn remove(&self, hotplug: &CpuHotplug, id: u8) -> Result<(), VmError> {
+    fn remove(&self, hotplug: &HotplugWiring, id: u8) -> Result<(), VmError> {
         if id == 0 {
             return Err(VmError::Unsupported("vCPU 0 cannot be removed".into()));
         }
         {
             let mut cpus = hotplug.state.lock();
-            if let Some(s) = cpus.slots.get_mut(usize::from(id)) {
+            if let Some(s) = cpus.cpus.get_mut(usize::from(id)) {
                 s.removing = true;
                 s.eject_allowed = true;
             }
         }
         hotplug.ged.raise(EVENT_CPU);
         let ejected = self.wait_guest(hotplug, |cpus| {
-            cpus.slots.get(usize::from(id)).is_some_and(|s| !s.enabled)
+            cpus.cpus.get(usize::from(id)).is_some_and(|s| !s.enabled)
         });
         if !ejected {
-            if let Some(s) = hotplug.state.lock().slots.get_mut(usize::from(id)) {
+            if let Some(s) = hotplug.state.lock().cpus.get_mut(usize::from(id)) {
                 s.removing = false;
                 s.eject_allowed = false;
             }

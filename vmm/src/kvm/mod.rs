@@ -21,6 +21,7 @@ pub mod device_manager;
 pub mod event_loop;
 pub mod exit_stats;
 pub mod memory;
+pub mod memory_manager;
 pub mod vcpu;
 
 #[cfg(test)]
@@ -39,6 +40,7 @@ use control::VcpuControl;
 use cpu_manager::CpuManager;
 use device_manager::DeviceManager;
 use memory::GuestRam;
+use memory_manager::MemoryManager;
 
 /// How long pause waits for every vCPU to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -68,6 +70,7 @@ pub struct KvmVm {
     control: Arc<VcpuControl>,
     lifecycle: Mutex<Lifecycle>,
     cpus: CpuManager,
+    memory: MemoryManager,
     first_run: Arc<OnceLock<Duration>>,
     init_reached: Arc<OnceLock<Duration>>,
     // Field order is drop order: the devices (and their event loop) first, then
@@ -88,6 +91,7 @@ impl KvmVm {
         config: VmConfig,
         control: Arc<VcpuControl>,
         cpus: CpuManager,
+        memory: MemoryManager,
         first_run: Arc<OnceLock<Duration>>,
         init_reached: Arc<OnceLock<Duration>>,
         devices: DeviceManager,
@@ -99,6 +103,7 @@ impl KvmVm {
             control,
             lifecycle: Mutex::new(Lifecycle::Created),
             cpus,
+            memory,
             first_run,
             init_reached,
             devices: Mutex::new(devices),
@@ -268,7 +273,17 @@ impl VmBackend for KvmVm {
     }
 
     fn memory_mib(&self) -> u64 {
-        self.config.memory.size_mib
+        self.memory.total_mib()
+    }
+
+    fn max_memory_mib(&self) -> u64 {
+        self.memory.max_mib()
+    }
+
+    fn resize_memory(&self, total_mib: u64) -> Result<u64, VmError> {
+        let lifecycle = *lock(&self.lifecycle);
+        self.require_running("resize", lifecycle)?;
+        self.memory.resize(total_mib)
     }
 
     fn exit_stats(&self) -> Option<crate::backend::ExitStats> {

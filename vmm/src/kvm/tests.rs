@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::boot::layout::{
     CMDLINE_ADDR, GDT_ADDR, PML4_ADDR, PVH_INFO_ADDR, PVH_MODLIST_ADDR, ZERO_PAGE_ADDR,
@@ -717,6 +717,159 @@ fn vcpus_are_hot_added_removed_and_refused_clearly() {
     vm.kill().expect("kill");
     vm.wait().expect("wait");
     drop(vm);
+    assert_eq!(
+        settle_to((threads_before, fds_before)),
+        (threads_before, fds_before)
+    );
+}
+
+/// 64-bit guest code standing in for the guest's ACPI memory hotplug methods
+/// on the controller's page at `base`: forever read the GED events and, for
+/// memory blocks 0 and 1, acknowledge insertions and removal requests, and
+/// (when `eject`) eject blocks asked back, as Linux does once it offlined them.
+fn memory_stand_in(base: u64, eject: bool) -> Vec<u8> {
+    let mut code = vec![0x48, 0xbb]; // mov rbx, imm64
+    code.extend_from_slice(&base.to_le_bytes());
+    code.extend_from_slice(&[
+        0x8b, 0x03, // loop (0): mov eax, [rbx]           GED events
+        0x31, 0xc9, // xor ecx, ecx                       block 0
+        0x89, 0x4b, 0x20, // block (4): mov [rbx + 0x20], ecx   select it
+        0x8a, 0x43, 0x24, // mov al, [rbx + 0x24]         its status
+        0xa8, 0x02, // test al, INSERTING
+        0x74, 0x04, // jz +4
+        0xc6, 0x43, 0x24, 0x02, // mov byte [rbx + 0x24], INSERTING (ack)
+        0xa8, 0x04, // test al, REMOVING
+        0x74, 0x08, // jz +8
+        0xc6, 0x43, 0x24, 0x04, // mov byte [rbx + 0x24], REMOVING (ack)
+    ]);
+    if eject {
+        code.extend_from_slice(&[0xc6, 0x43, 0x24, 0x08]); // mov byte [rbx + 0x24], EJECT
+    } else {
+        code.extend_from_slice(&[0x90; 4]); // a guest that cannot offline it
+    }
+    code.extend_from_slice(&[
+        0xff, 0xc1, // inc ecx
+        0x83, 0xf9, 0x02, // cmp ecx, 2
+        0x72, 0xdf, // jb block
+        0xeb, 0xd9, // jmp loop
+    ]);
+    code
+}
+
+/// Memfds of hot-added memory blocks this process holds.
+fn hotplug_memfds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("fds")
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter(|target| {
+            target
+                .to_string_lossy()
+                .contains("beacon-guest-ram-hotplug")
+        })
+        .count()
+}
+
+/// Memory hotplug against a guest that answers like Linux's ACPI code: add
+/// two blocks, remove one (its memfd is closed), and every refusal: beyond
+/// the room, below boot memory, not whole blocks, while paused, no room, a
+/// guest that never acknowledges (nothing stays mapped) and one that cannot
+/// give a block back (the block stays).
+#[test]
+fn memory_is_hot_added_removed_and_refused_clearly() {
+    if !kvm_here_or_in_lab("kvm::tests::memory_is_hot_added_removed_and_refused_clearly") {
+        return;
+    }
+    let _one_at_a_time = VM_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+    let (threads_before, fds_before) = vcpu_threads_and_kvm_fds();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let regions = |vm: &KvmVm| vm.guest_ram().memory().num_regions();
+
+    // No room.
+    let vm = guest(HALT_FOREVER, 1);
+    vm.start().expect("start");
+    let err = vm.resize_memory(64 + 128).expect_err("no room");
+    assert!(err.to_string().contains("--hotplug-memory"), "{err}");
+    assert_eq!((vm.memory_mib(), vm.max_memory_mib()), (64, 64));
+    vm.kill().expect("kill");
+    vm.wait().expect("wait");
+    drop(vm);
+
+    // The controller is the first MMIO allocation of a VM without virtio devices.
+    let base = crate::kvm::boot::layout::MMIO_GAP_START;
+    let mut config = guest_config(&memory_stand_in(base, true), 1, tmp.path());
+    config.memory.hotplug_mib = 256;
+    let vm = KvmVm::create(config).expect("create");
+    assert!(matches!(
+        vm.resize_memory(192),
+        Err(VmError::WrongState {
+            actual: "created",
+            ..
+        })
+    ));
+    vm.start().expect("start");
+    assert_eq!((vm.memory_mib(), vm.max_memory_mib()), (64, 320));
+    let boot_regions = regions(&vm);
+    assert_eq!(vm.resize_memory(64).expect("no change"), 64);
+    for round in 0..2 {
+        assert_eq!(vm.resize_memory(320).expect("add"), 320, "round {round}");
+        assert_eq!(regions(&vm), boot_regions + 2);
+        assert_eq!(hotplug_memfds(), 2);
+        assert!(vm.control.exit().is_none(), "{:?}", vm.control.exit());
+        assert_eq!(vm.resize_memory(192).expect("remove"), 192, "round {round}");
+        assert_eq!(regions(&vm), boot_regions + 1);
+        assert_eq!(hotplug_memfds(), 1, "the removed block's memfd is closed");
+        assert_eq!(vm.resize_memory(64).expect("remove"), 64, "round {round}");
+        assert_eq!(hotplug_memfds(), 0);
+    }
+    for bad in [0, 63, 100, 64 + 127, 448, u64::MAX] {
+        let err = vm.resize_memory(bad).expect_err("refused");
+        assert!(matches!(err, VmError::Unsupported(_)), "{bad}: {err}");
+    }
+    vm.pause().expect("pause");
+    assert!(matches!(
+        vm.resize_memory(192),
+        Err(VmError::WrongState {
+            actual: "paused",
+            ..
+        })
+    ));
+    vm.resume().expect("resume");
+    assert_eq!(vm.memory_mib(), 64, "refusals changed nothing");
+    vm.kill().expect("kill");
+    assert_eq!(vm.wait().expect("wait"), VmExit::PowerOff);
+    drop(vm);
+
+    // A guest that never answers: nothing stays plugged or mapped.
+    let mut config = guest_config(HALT_FOREVER, 1, tmp.path());
+    config.memory.hotplug_mib = 128;
+    let vm = KvmVm::create(config).expect("create");
+    vm.memory
+        .set_ack_timeout(std::time::Duration::from_millis(500));
+    vm.start().expect("start");
+    let err = vm.resize_memory(192).expect_err("never acknowledged");
+    assert!(err.to_string().contains("did not acknowledge"), "{err}");
+    assert_eq!(vm.memory_mib(), 64);
+    assert_eq!(hotplug_memfds(), 0);
+    vm.kill().expect("kill");
+    vm.wait().expect("wait");
+    drop(vm);
+
+    // A guest that cannot give memory back: the block stays.
+    let mut config = guest_config(&memory_stand_in(base, false), 1, tmp.path());
+    config.memory.hotplug_mib = 128;
+    let vm = KvmVm::create(config).expect("create");
+    vm.memory
+        .set_ack_timeout(std::time::Duration::from_millis(500));
+    vm.start().expect("start");
+    assert_eq!(vm.resize_memory(192).expect("add"), 192);
+    let err = vm.resize_memory(64).expect_err("not given back");
+    assert!(err.to_string().contains("did not give back"), "{err}");
+    assert_eq!(vm.memory_mib(), 192);
+    assert_eq!(hotplug_memfds(), 1);
+    vm.kill().expect("kill");
+    vm.wait().expect("wait");
+    drop(vm);
+    assert_eq!(hotplug_memfds(), 0, "the VM's end releases its blocks");
     assert_eq!(
         settle_to((threads_before, fds_before)),
         (threads_before, fds_before)

@@ -441,6 +441,16 @@ impl VmBackend for QemuVm {
         self.config.memory.size_mib
     }
 
+    fn max_memory_mib(&self) -> u64 {
+        self.config.memory.size_mib
+    }
+
+    fn resize_memory(&self, _total_mib: u64) -> Result<u64, VmError> {
+        Err(VmError::Unsupported(
+            "memory hotplug is not implemented in the QEMU backend yet (its microvm machine cannot hotplug); use the kvm backend".into(),
+        ))
+    }
+
     fn boot_times(&self) -> BootTimes {
         let first_run = self
             .qmp

@@ -77,6 +77,17 @@ pub fn ram_regions(mem_bytes: u64) -> Vec<(u64, u64)> {
     }
 }
 
+/// Where the memory hotplug room starts: the first GiB boundary above RAM
+/// and the MMIO gap. Hot-added blocks go here, lowest first; the e820 map
+/// never lists them (the guest learns of them through ACPI).
+pub fn hotplug_base(mem_bytes: u64) -> u64 {
+    let ram_end = ram_regions(mem_bytes)
+        .last()
+        .map_or(0, |(base, len)| base + len);
+    // RAM ends far below 2^64 (the config caps it at 1 TiB).
+    align_up(ram_end.max(MMIO_GAP_END), 1 << 30).unwrap_or(MMIO_GAP_END)
+}
+
 /// The end (exclusive) of RAM below the MMIO gap.
 pub fn low_ram_end(mem_bytes: u64) -> u64 {
     mem_bytes.min(MMIO_GAP_START)
@@ -139,6 +150,15 @@ mod tests {
             .filter(|e| e.kind == E820_RAM)
             .map(|e| e.size)
             .sum()
+    }
+
+    #[test]
+    fn hotplug_room_starts_on_a_gib_above_ram_and_the_gap() {
+        assert_eq!(hotplug_base(512 * MIB), 4 * GIB);
+        assert_eq!(hotplug_base(3 * GIB), 4 * GIB);
+        assert_eq!(hotplug_base(3 * GIB + MIB), 5 * GIB);
+        assert_eq!(hotplug_base(4 * GIB), 5 * GIB);
+        assert_eq!(hotplug_base(8 * GIB + 3 * MIB), 10 * GIB);
     }
 
     #[test]

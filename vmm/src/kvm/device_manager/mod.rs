@@ -48,15 +48,18 @@ pub struct VirtioMmioInfo {
 }
 
 /// The hotplug controller, as the DSDT describes it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct HotplugInfo {
     pub base: u64,
     pub gsi: u32,
     pub max_vcpus: u8,
+    /// The memory hotplug room's blocks, `(guest address, bytes)`.
+    pub memory_blocks: Vec<(u64, u64)>,
 }
 
 struct AttachedVirtio {
     info: VirtioMmioInfo,
+    device: Arc<Mutex<dyn VirtioDevice>>,
     /// The irqfd; kept open for the life of the VM.
     _irq: EventFd,
 }
@@ -164,7 +167,7 @@ impl DeviceManager {
                 return Err(e);
             }
         };
-        let attached = self.wire_virtio(kind, device, queues, base, gsi);
+        let attached = self.wire_virtio(kind, device.clone(), queues, base, gsi);
         if attached.is_err() {
             // KVM registrations made so far die with their eventfds (and the VM).
             self.resources.free_mmio(base, MMIO_REGION_SIZE);
@@ -181,6 +184,7 @@ impl DeviceManager {
         );
         self.virtio.push(AttachedVirtio {
             info: info.clone(),
+            device,
             _irq: irq,
         });
         Ok(info)
@@ -254,12 +258,15 @@ impl DeviceManager {
 
     /// Attach the hotplug controller (its MMIO page and the level-triggered
     /// GED interrupt) for a VM of up to `max_vcpus` vCPUs, `boot_vcpus` of
-    /// them present at boot. Returns what the CPU manager needs to hotplug.
+    /// them present at boot, and a memory hotplug room of `memory_blocks`
+    /// (`(guest address, bytes)`, none plugged at boot). Returns what the CPU
+    /// and memory managers need to hotplug.
     pub fn attach_hotplug(
         &mut self,
         boot_vcpus: u8,
         max_vcpus: u8,
-    ) -> Result<crate::kvm::cpu_manager::CpuHotplug, VmError> {
+        memory_blocks: Vec<(u64, u64)>,
+    ) -> Result<crate::kvm::cpu_manager::HotplugWiring, VmError> {
         use beacon_devices::hotplug::{
             GedLine, GedResampler, HotplugController, HotplugState, HOTPLUG_REGION_SIZE,
         };
@@ -281,7 +288,7 @@ impl DeviceManager {
             .map_err(hv(format!(
                 "KVM_IRQFD (level, resample) for the GED on GSI {gsi}"
             )))?;
-        let state = HotplugState::new(boot_vcpus, max_vcpus);
+        let state = HotplugState::new(boot_vcpus, max_vcpus, memory_blocks.len());
         let controller = HotplugController::new(state.clone());
         self.mmio_bus
             .insert(base, HOTPLUG_REGION_SIZE, Arc::new(Mutex::new(controller)))
@@ -299,21 +306,28 @@ impl DeviceManager {
             base,
             gsi,
             max_vcpus,
+            memory_blocks,
         });
         tracing::debug!(
             base = format_args!("{base:#x}"),
             gsi,
             "hotplug controller attached"
         );
-        Ok(crate::kvm::cpu_manager::CpuHotplug {
-            ged: GedLine::new(state.clone(), irq),
+        Ok(crate::kvm::cpu_manager::HotplugWiring {
+            ged: Arc::new(GedLine::new(state.clone(), irq)),
             state,
         })
     }
 
     /// Where the hotplug controller is, if the VM has one.
-    pub fn hotplug_info(&self) -> Option<HotplugInfo> {
-        self.hotplug
+    pub fn hotplug_info(&self) -> Option<&HotplugInfo> {
+        self.hotplug.as_ref()
+    }
+
+    /// Every attached virtio device (the memory manager tells them when
+    /// guest memory changes).
+    pub fn virtio_handles(&self) -> Vec<Arc<Mutex<dyn VirtioDevice>>> {
+        self.virtio.iter().map(|d| d.device.clone()).collect()
     }
 
     /// The attached virtio-mmio devices, in attach order.
@@ -340,18 +354,18 @@ impl DeviceManager {
                     })?,
             );
         }
-        if let Some(h) = self.hotplug {
+        if let Some(h) = &self.hotplug {
             let base = u32::try_from(h.base).map_err(|_| VmError::Device {
                 device: "hotplug".into(),
                 reason: format!("MMIO base {:#x} is above 4 GiB", h.base),
             })?;
             aml.extend(
-                crate::acpi::hotplug_aml(base, h.gsi, h.max_vcpus).map_err(|e| {
-                    VmError::Device {
+                crate::acpi::hotplug_aml(base, h.gsi, h.max_vcpus, &h.memory_blocks).map_err(
+                    |e| VmError::Device {
                         device: "hotplug".into(),
                         reason: e.to_string(),
-                    }
-                })?,
+                    },
+                )?,
             );
         }
         Ok(aml)
