@@ -4,11 +4,16 @@
 //! driver sets DRIVER_OK the transport hands it an [`Activation`] (the negotiated
 //! features, guest memory, the configured queues and the interrupt line) and from
 //! then on the device serves its queues from the VMM's event loop
-//! ([`super::VirtioSubscriber`]). A driver reset takes everything back.
+//! ([`super::VirtioSubscriber`]). A driver reset takes everything back. When
+//! guest memory is hot-added or removed the VMM swaps the [`GuestMem`] every
+//! device holds and then tells each device ([`VirtioDevice::memory_changed`]),
+//! for the devices whose backend keeps its own copy of the memory table (vhost).
 //!
-//! Devices must never block in any method here: they are called from vCPU
-//! threads (config space, activate, reset) and from the one event-loop thread
-//! every device of the VM shares.
+//! Devices must never block on the guest in any method here, and wait for a
+//! backend only where the protocol needs an answer, and then for a bounded time
+//! (a vhost-user reset, a memory removal): they are called from vCPU threads
+//! (config space, activate, reset), from the one event-loop thread every device
+//! of the VM shares, and from the VMM thread that hotplugs memory.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -149,6 +154,17 @@ pub trait VirtioDevice: Send {
     /// the activation, and be ready to be activated again.
     fn reset(&mut self);
 
+    /// Guest memory gained or lost regions (memory hotplug): `mem` (the same
+    /// memory the device got at activation) already shows the new layout.
+    /// Devices that map guest memory elsewhere (vhost) pass the new table on;
+    /// the rest read through `mem` and need nothing. Called from a VMM thread
+    /// (not a vCPU); must not block on the guest. A device that is not
+    /// activated does nothing (activation sends the whole table). Called after
+    /// an addition is mapped, and before a removed region is unmapped.
+    fn memory_changed(&mut self, mem: &GuestMem) {
+        let _ = mem;
+    }
+
     /// Whether queue notifications should reach [`Self::queue_notified`] through
     /// the event loop (false for vhost devices, whose backend reads the
     /// notification eventfds itself).
@@ -186,17 +202,6 @@ pub trait VirtioDevice: Send {
 
     /// Whether the device is activated (for logs and tests).
     fn is_activated(&self) -> bool;
-
-    /// Guest memory gained or lost regions (memory hotplug): `mem` (the same
-    /// memory the device got at activation) already shows the new layout.
-    /// Devices that map guest memory elsewhere (vhost) pass the new table on;
-    /// the rest read through `mem` and need nothing. Called from a VMM thread
-    /// (not a vCPU); must not block on the guest. A device that is not
-    /// activated does nothing (activation sends the whole table). Called after
-    /// an addition is mapped, and before a removed region is unmapped.
-    fn memory_changed(&mut self, mem: &GuestMem) {
-        let _ = mem;
-    }
 }
 
 #[cfg(test)]

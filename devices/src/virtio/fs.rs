@@ -13,6 +13,10 @@
 //!   event loop, to raise the interrupt through [`Interrupt::signal_used_queue`]:
 //!   virtio-mmio's driver ignores an interrupt whose InterruptStatus bit is not
 //!   set, so the backend can never be handed the irqfd itself;
+//! - memory hotplug ([`VirtioDevice::memory_changed`]): the link's thread
+//!   brings the backend's memory table up to date; a removal is waited for
+//!   (bounded by [`MEMORY_WAIT`]) so the backend has let go of the region
+//!   before the VMM unmaps it; a failure makes the device need a reset;
 //! - the backend's death: its socket is watched for hang-up in the event loop;
 //!   the first hang-up is logged once and the device reports DEVICE_NEEDS_RESET
 //!   (with a config-change interrupt). The VM keeps running and can be stopped.
@@ -20,7 +24,7 @@
 //! It never reads or writes the queues or guest memory (no DAX either: virtiofsd
 //! has none) and never blocks the event loop: everything that waits on the
 //! backend happens on the link's thread, and the few waits the virtio protocol
-//! needs (handshake, reset) are bounded.
+//! needs (handshake, reset, memory removal) are bounded.
 
 mod backend;
 
@@ -32,13 +36,14 @@ use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::QueueT;
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::EventFd;
 
-use backend::{BackendLink, Request, VringSetup};
-pub use backend::{Negotiated, HANDSHAKE_TIMEOUT, RESET_WAIT};
+use backend::{BackendLink, Request, Slot, VringSetup};
+pub use backend::{Negotiated, HANDSHAKE_TIMEOUT, MEMORY_TABLE_MAX, MEMORY_WAIT, RESET_WAIT};
 
 use super::device::{
-    ActivateError, Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    ActivateError, Activation, GuestMem, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use super::events::DEVICE_TOKEN_BASE;
@@ -135,6 +140,9 @@ pub enum FsError {
 /// What the driver activated.
 struct Active {
     interrupt: Arc<Interrupt>,
+    /// The guest RAM regions as last announced to the link, to tell a removal
+    /// (waited for) from an addition.
+    layout: Vec<Slot>,
 }
 
 /// The virtio-fs device.
@@ -149,6 +157,7 @@ pub struct VhostUserFs {
     active: Option<Active>,
     odd_config: Throttle,
     reset_trouble: Throttle,
+    memory_trouble: Throttle,
 }
 
 impl std::fmt::Debug for VhostUserFs {
@@ -235,6 +244,7 @@ impl VhostUserFs {
             active: None,
             odd_config: Throttle::default(),
             reset_trouble: Throttle::default(),
+            memory_trouble: Throttle::default(),
         })
     }
 
@@ -333,6 +343,7 @@ impl VirtioDevice for VhostUserFs {
             .enumerate()
             .filter(|(i, _)| vrings.iter().any(|v| v.index == *i))
             .collect();
+        let layout = backend::layout(&activation.mem.memory());
         self.link
             .send(Request::Activate {
                 features: activation.acked_features,
@@ -344,6 +355,7 @@ impl VirtioDevice for VhostUserFs {
             .map_err(|e| ActivateError::Backend(e.to_string()))?;
         self.active = Some(Active {
             interrupt: activation.interrupt,
+            layout,
         });
         Ok(())
     }
@@ -366,6 +378,33 @@ impl VirtioDevice for VhostUserFs {
         // Completions of the old rings must not reach the next activation.
         for call in &self.calls {
             let _ = call.read();
+        }
+    }
+
+    fn memory_changed(&mut self, mem: &GuestMem) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        if self.link.state().dead.load(Ordering::SeqCst) {
+            // Already reported: the device needs a reset.
+            return;
+        }
+        let layout = backend::layout(&mem.memory());
+        if layout == active.layout {
+            return;
+        }
+        let removal = active.layout.iter().any(|s| !layout.contains(s));
+        active.layout = layout;
+        if let Err(e) = self.link.memory_changed(mem, &active.interrupt, removal) {
+            self.link.state().needs_reset.store(true, Ordering::SeqCst);
+            if let Some(suppressed) = self.memory_trouble.allow() {
+                tracing::error!(
+                    tag = %self.tag,
+                    suppressed,
+                    "virtio-fs: the vhost-user backend did not take the new guest memory layout: {e}; the device needs a reset"
+                );
+            }
+            active.interrupt.signal_config_change();
         }
     }
 

@@ -7,6 +7,7 @@
 //!   [`BusDevice`](crate::BusDevice) the VMM puts on its MMIO bus;
 //! - [`events`]: the adapter that puts a device on the VMM's event loop
 //!   ([`VirtioSubscriber`]): queue notifications and the device's own fds;
+//! - [`vhost_kernel`]: the guest memory table the kernel's vhost devices get;
 //! - one module per device.
 //!
 //! Nothing here knows about KVM: interrupts leave through an eventfd the VMM
@@ -25,6 +26,7 @@ pub mod queue;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
+pub mod vhost_kernel;
 pub mod vsock;
 
 pub use device::{

@@ -7,7 +7,9 @@
 use std::sync::{Arc, Mutex};
 
 use event_manager::SubscriberOps;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{GuestMem, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
@@ -31,20 +33,43 @@ pub fn guest_memory(mib: usize) -> GuestMem {
 /// way the VMM makes it, so a vhost-user backend can map the same pages (the
 /// region's file offset is 0).
 pub fn shared_guest_memory(mib: usize) -> GuestMem {
+    let region = memfd_region(GuestAddress(0), mib << 20);
+    GuestMemoryAtomic::new(GuestMemoryMmap::from_regions(vec![region]).expect("test guest memory"))
+}
+
+/// `len` bytes of guest RAM at `start` backed by a fresh memfd mapped shared
+/// (file offset 0), like the regions the VMM makes at boot and on hot-add.
+pub fn memfd_region(start: GuestAddress, len: usize) -> GuestRegionMmap {
     use std::os::fd::FromRawFd;
     // SAFETY: a valid NUL-terminated name and constant flags.
     let fd = unsafe { libc::memfd_create(c"beacon-test-ram".as_ptr(), libc::MFD_CLOEXEC) };
     assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
     // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
     let file = unsafe { std::fs::File::from_raw_fd(fd) };
-    file.set_len((mib << 20) as u64).expect("size the memfd");
-    let region = vm_memory::GuestRegionMmap::<()>::from_range(
-        GuestAddress(0),
-        mib << 20,
-        Some(vm_memory::FileOffset::new(file, 0)),
-    )
-    .expect("map the memfd");
-    GuestMemoryAtomic::new(GuestMemoryMmap::from_regions(vec![region]).expect("test guest memory"))
+    file.set_len(len as u64).expect("size the memfd");
+    GuestRegionMmap::<()>::from_range(start, len, Some(vm_memory::FileOffset::new(file, 0)))
+        .expect("map the memfd")
+}
+
+/// Memory hot-add as the VMM does it: swap `mem` to a map with `region` added.
+pub fn hot_add(mem: &GuestMem, region: GuestRegionMmap) {
+    let grown = mem
+        .memory()
+        .insert_region(Arc::new(region))
+        .expect("the new region fits");
+    mem.lock().expect("memory lock").replace(grown);
+}
+
+/// Memory hot-remove as the VMM does it: swap `mem` to a map without the
+/// region at `start` of `len` bytes; the region is returned, still mapped (the
+/// VMM unmaps it only after the devices were told).
+pub fn hot_remove(mem: &GuestMem, start: GuestAddress, len: u64) -> Arc<GuestRegionMmap> {
+    let (shrunk, region) = mem
+        .memory()
+        .remove_region(start, len)
+        .expect("a region to remove");
+    mem.lock().expect("memory lock").replace(shrunk);
+    region
 }
 
 /// One split virtqueue as the driver sees it.

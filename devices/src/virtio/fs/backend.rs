@@ -8,14 +8,19 @@
 //! `vhost-user-fs` thread that holds the [`Frontend`] and does all the talking;
 //! the device hands it requests through a bounded channel ([`REQUEST_BACKLOG`])
 //! and waits only where the virtio protocol needs an answer, and then only for a
-//! bounded time: the handshake before boot ([`HANDSHAKE_TIMEOUT`]) and a driver
-//! reset ([`RESET_WAIT`]). Tearing down shuts the socket, which unblocks the
-//! thread whatever state the backend is in, so a hung backend can never keep the
-//! VM from ending.
+//! bounded time: the handshake before boot ([`HANDSHAKE_TIMEOUT`]), a driver
+//! reset ([`RESET_WAIT`]) and the removal of guest memory ([`MEMORY_WAIT`]).
+//! Tearing down shuts the socket, which unblocks the thread whatever state the
+//! backend is in, so a hung backend can never keep the VM from ending.
 //!
-//! The thread keeps the frontend for the device's whole life, so memory hotplug
-//! can later announce new regions through it (`add_mem_region`, with
-//! `CONFIGURE_MEM_SLOTS`, which [`Negotiated::max_mem_slots`] records).
+//! Memory hotplug: the thread remembers which RAM regions the backend was
+//! given (set by the activation's memory table) and, when the layout changes,
+//! tells the backend the difference: with `CONFIGURE_MEM_SLOTS` (up to
+//! [`Negotiated::max_mem_slots`] regions) one `REM_MEM_REG` per region gone and
+//! one `ADD_MEM_REG` per new one, otherwise the whole table again with
+//! `SET_MEM_TABLE` (at most [`MEMORY_TABLE_MAX`] regions). A removal is waited
+//! for, because the VMM unmaps the region as soon as the device returns; an
+//! addition is only queued.
 //!
 //! This module never touches guest memory contents or virtqueues: it only tells
 //! the backend where they are.
@@ -32,7 +37,10 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion, GuestRegionMmap,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::FsError;
@@ -43,10 +51,16 @@ use crate::virtio::device::{GuestMem, Interrupt, VIRTIO_F_VERSION_1};
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a driver reset waits for the backend to stop its rings.
 pub const RESET_WAIT: Duration = Duration::from_secs(1);
+/// How long the removal of guest memory waits for the backend to let go of it.
+pub const MEMORY_WAIT: Duration = Duration::from_secs(5);
+/// Regions one `SET_MEM_TABLE` may carry (the protocol's
+/// `VHOST_MEMORY_BASELINE_NREGIONS`); more need `CONFIGURE_MEM_SLOTS`.
+pub const MEMORY_TABLE_MAX: usize = 8;
 /// How long teardown waits for the thread before shutting the socket under it.
 pub const TEARDOWN_WAIT: Duration = Duration::from_secs(1);
 /// Requests queued for the thread at most (activate, reset: a driver cannot
-/// usefully have more in flight).
+/// usefully have more in flight; memory additions share one queued request,
+/// and a memory removal is waited for).
 pub const REQUEST_BACKLOG: usize = 4;
 
 /// The vhost-user protocol features we use when the backend offers them.
@@ -79,6 +93,50 @@ pub struct VringSetup {
     pub next_avail: u16,
 }
 
+/// A guest RAM region as the backend knows it: what `REM_MEM_REG` names, and
+/// what tells one layout's regions from another's (a region re-added at the
+/// same address is a new mapping).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    pub guest_phys_addr: u64,
+    pub memory_size: u64,
+    /// Our mapping of it.
+    pub userspace_addr: u64,
+    /// Where it starts in its file.
+    pub mmap_offset: u64,
+}
+
+impl Slot {
+    /// `region` as it is mapped now.
+    pub fn of(region: &GuestRegionMmap) -> Self {
+        Self {
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            mmap_offset: region.file_offset().map_or(0, FileOffset::start),
+        }
+    }
+
+    /// The region as `REM_MEM_REG` sends it (no fd).
+    // The `..Default::default()` fills the fields vhost's `xen` feature adds.
+    #[allow(clippy::needless_update)]
+    fn removal(&self) -> VhostUserMemoryRegionInfo {
+        VhostUserMemoryRegionInfo {
+            guest_phys_addr: self.guest_phys_addr,
+            memory_size: self.memory_size,
+            userspace_addr: self.userspace_addr,
+            mmap_offset: self.mmap_offset,
+            mmap_handle: -1,
+            ..Default::default()
+        }
+    }
+}
+
+/// The regions of `mem`, in address order.
+pub fn layout(mem: &GuestMemoryMmap) -> Vec<Slot> {
+    mem.iter().map(Slot::of).collect()
+}
+
 /// Work for the thread.
 pub enum Request {
     /// Send features, the memory table and the vrings, then enable them.
@@ -92,6 +150,13 @@ pub enum Request {
     },
     /// Stop the rings (the driver reset the device); answer on `done`.
     Reset { done: SyncSender<()> },
+    /// Guest memory changed: bring the backend's table up to the current
+    /// layout of `mem`; answer on `done` (if any) once the backend has it.
+    MemoryChanged {
+        mem: GuestMem,
+        interrupt: Arc<Interrupt>,
+        done: Option<SyncSender<()>>,
+    },
 }
 
 /// Flags the thread and the device share.
@@ -101,6 +166,12 @@ pub struct LinkState {
     pub dead: AtomicBool,
     /// The device must report DEVICE_NEEDS_RESET.
     pub needs_reset: AtomicBool,
+    /// A memory update is queued and not yet started (it will read the layout
+    /// as it is then, so further additions need no request of their own).
+    pub memory_pending: AtomicBool,
+    /// A memory removal was not confirmed in time: until the thread answers
+    /// again, later removals fail at once instead of waiting behind it.
+    pub memory_stuck: AtomicBool,
 }
 
 /// The device's end of the conversation.
@@ -138,6 +209,7 @@ impl BackendLink {
             label: label.to_string(),
             negotiated: None,
             started: Vec::new(),
+            sent: None,
             complaints: Throttle::default(),
         };
         let thread = std::thread::Builder::new()
@@ -215,6 +287,47 @@ impl BackendLink {
             .recv_timeout(RESET_WAIT)
             .map_err(|_| "the backend did not confirm the reset in time")
     }
+
+    /// Bring the backend's memory table up to the layout of `mem`. A
+    /// `removal` waits (at most [`MEMORY_WAIT`]) until the thread has told the
+    /// backend (and, with `REPLY_ACK`, the backend acknowledged), because the
+    /// VMM unmaps the region right after; an addition is only queued. Failures
+    /// the thread meets it handles itself (needs-reset, config interrupt).
+    pub fn memory_changed(
+        &self,
+        mem: &GuestMem,
+        interrupt: &Arc<Interrupt>,
+        removal: bool,
+    ) -> Result<(), &'static str> {
+        let request = |done| Request::MemoryChanged {
+            mem: mem.clone(),
+            interrupt: interrupt.clone(),
+            done,
+        };
+        if !removal {
+            if self.state.memory_pending.swap(true, Ordering::SeqCst) {
+                return Ok(());
+            }
+            let queued = self.send(request(None));
+            if queued.is_err() {
+                self.state.memory_pending.store(false, Ordering::SeqCst);
+            }
+            return queued;
+        }
+        if self.state.memory_stuck.load(Ordering::SeqCst) {
+            return Err("the backend has not confirmed an earlier removal of guest memory");
+        }
+        let (done, confirmed) = mpsc::sync_channel(1);
+        self.send(request(Some(done)))?;
+        match confirmed.recv_timeout(MEMORY_WAIT) {
+            Ok(()) => Ok(()),
+            Err(RecvTimeoutError::Timeout) => {
+                self.state.memory_stuck.store(true, Ordering::SeqCst);
+                Err("the backend did not confirm the removal of guest memory in time")
+            }
+            Err(RecvTimeoutError::Disconnected) => Err("the vhost-user thread has ended"),
+        }
+    }
 }
 
 impl Drop for BackendLink {
@@ -249,6 +362,9 @@ struct Worker {
     negotiated: Option<Negotiated>,
     /// Queues the backend is running.
     started: Vec<usize>,
+    /// The RAM regions the backend was given; None until an activation's
+    /// memory table went through.
+    sent: Option<Vec<Slot>>,
     /// A driver can make activations fail as often as it likes.
     complaints: Throttle,
 }
@@ -327,6 +443,20 @@ impl Worker {
                     self.stop_rings();
                     let _ = done.send(());
                 }
+                Request::MemoryChanged {
+                    mem,
+                    interrupt,
+                    done,
+                } => {
+                    if let Err((what, e)) = self.update_memory(&mem) {
+                        self.failed(what, &e);
+                        interrupt.signal_config_change();
+                    }
+                    self.state.memory_stuck.store(false, Ordering::SeqCst);
+                    if let Some(done) = done {
+                        let _ = done.send(());
+                    }
+                }
             }
         }
         self.stop_rings();
@@ -355,32 +485,15 @@ impl Worker {
             return Err(("activation", "no handshake".into()));
         };
         let err = |what: &'static str| move |e: vhost::Error| (what, e.to_string());
-        let fe = &mut self.frontend;
         let features = (guest_features & negotiated.features)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        fe.set_features(features).map_err(err("SET_FEATURES"))?;
-
+        self.frontend
+            .set_features(features)
+            .map_err(err("SET_FEATURES"))?;
         let guard = mem.memory();
-        let regions = guard
-            .iter()
-            .map(VhostUserMemoryRegionInfo::from_guest_region)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| {
-                (
-                    "SET_MEM_TABLE",
-                    format!("guest RAM is not backed by a shareable file (memfd), which vhost-user needs: {e}"),
-                )
-            })?;
-        if let Some(max) = negotiated.max_mem_slots {
-            if regions.len() as u64 > max {
-                return Err((
-                    "SET_MEM_TABLE",
-                    format!("{} RAM regions, the backend takes {max}", regions.len()),
-                ));
-            }
-        }
-        fe.set_mem_table(&regions).map_err(err("SET_MEM_TABLE"))?;
+        self.send_table(&guard, negotiated)?;
 
+        let fe = &mut self.frontend;
         for v in vrings {
             let size = u64::from(v.size);
             let host = |gpa: u64, len: u64| host_address(&*guard, gpa, len);
@@ -432,6 +545,118 @@ impl Worker {
         Ok(())
     }
 
+    /// The whole memory table: `SET_MEM_TABLE` with up to [`MEMORY_TABLE_MAX`]
+    /// regions and, with `CONFIGURE_MEM_SLOTS`, the rest through `ADD_MEM_REG`.
+    fn send_table(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        negotiated: Negotiated,
+    ) -> Result<(), (&'static str, String)> {
+        self.sent = None;
+        let count = mem.num_regions();
+        match negotiated.max_mem_slots {
+            Some(max) if count as u64 > max => {
+                return Err((
+                    "SET_MEM_TABLE",
+                    format!("{count} RAM regions, the backend takes {max}"),
+                ))
+            }
+            None if count > MEMORY_TABLE_MAX => {
+                return Err((
+                    "SET_MEM_TABLE",
+                    format!("{count} RAM regions, but one memory table holds at most {MEMORY_TABLE_MAX} and the backend lacks CONFIGURE_MEM_SLOTS"),
+                ))
+            }
+            _ => {}
+        }
+        let regions: Vec<&GuestRegionMmap> = mem.iter().collect();
+        let (first, rest) = regions.split_at(count.min(MEMORY_TABLE_MAX));
+        let table = first
+            .iter()
+            .map(|r| shareable("SET_MEM_TABLE", r))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.frontend
+            .set_mem_table(&table)
+            .map_err(|e| ("SET_MEM_TABLE", e.to_string()))?;
+        let mut sent: Vec<Slot> = first.iter().map(|r| Slot::of(r)).collect();
+        let added = self.add_regions(&mut sent, rest);
+        self.sent = Some(sent);
+        added
+    }
+
+    /// `ADD_MEM_REG` for each of `regions`, noting each the backend took in `sent`.
+    fn add_regions(
+        &mut self,
+        sent: &mut Vec<Slot>,
+        regions: &[&GuestRegionMmap],
+    ) -> Result<(), (&'static str, String)> {
+        for region in regions {
+            let info = shareable("ADD_MEM_REG", region)?;
+            self.frontend
+                .add_mem_region(&info)
+                .map_err(|e| ("ADD_MEM_REG", e.to_string()))?;
+            sent.push(Slot::of(region));
+        }
+        Ok(())
+    }
+
+    /// Guest memory changed: tell the backend what differs from what it has.
+    fn update_memory(&mut self, mem: &GuestMem) -> Result<(), (&'static str, String)> {
+        // From here on a further addition needs a request of its own.
+        self.state.memory_pending.store(false, Ordering::SeqCst);
+        let Some(negotiated) = self.negotiated else {
+            return Err(("memory update", "no handshake".into()));
+        };
+        let guard = mem.memory();
+        let now = layout(&guard);
+        let Some(mut sent) = self.sent.take() else {
+            // The activation did not get the table through: the device needs
+            // a reset already, and the next activation sends the whole table.
+            return Ok(());
+        };
+        if sent == now {
+            self.sent = Some(sent);
+            return Ok(());
+        }
+        let Some(max) = negotiated.max_mem_slots else {
+            return self.send_table(&guard, negotiated);
+        };
+        let result = self.apply_difference(&mut sent, &guard, &now, max);
+        sent.sort_by_key(|s| s.guest_phys_addr);
+        self.sent = Some(sent);
+        result
+    }
+
+    /// With `CONFIGURE_MEM_SLOTS`: `REM_MEM_REG` for each region of `sent`
+    /// missing from `now` (first, freeing slots), then `ADD_MEM_REG` for each
+    /// new one, keeping `sent` what the backend has even when a step fails.
+    fn apply_difference(
+        &mut self,
+        sent: &mut Vec<Slot>,
+        mem: &GuestMemoryMmap,
+        now: &[Slot],
+        max: u64,
+    ) -> Result<(), (&'static str, String)> {
+        let gone: Vec<Slot> = sent.iter().filter(|s| !now.contains(s)).copied().collect();
+        for slot in gone {
+            self.frontend
+                .remove_mem_region(&slot.removal())
+                .map_err(|e| ("REM_MEM_REG", e.to_string()))?;
+            sent.retain(|s| *s != slot);
+        }
+        if now.len() as u64 > max {
+            return Err((
+                "ADD_MEM_REG",
+                format!("{} RAM regions, the backend takes {max}", now.len()),
+            ));
+        }
+        let new: Vec<&GuestRegionMmap> = mem
+            .iter()
+            .filter(|r| !sent.contains(&Slot::of(r)))
+            .collect();
+        self.add_regions(sent, &new)
+    }
+
     /// Stop every running ring (GET_VRING_BASE stops a ring, per the
     /// vhost-user spec) and reset the backend's device state.
     fn stop_rings(&mut self) {
@@ -458,6 +683,21 @@ impl Worker {
             }
         }
     }
+}
+
+/// `region` as a memory table entry, with the fd the backend maps it from.
+fn shareable(
+    what: &'static str,
+    region: &GuestRegionMmap,
+) -> Result<VhostUserMemoryRegionInfo, (&'static str, String)> {
+    VhostUserMemoryRegionInfo::from_guest_region(region).map_err(|e| {
+        (
+            what,
+            format!(
+                "guest RAM is not backed by a shareable file (memfd), which vhost-user needs: {e}"
+            ),
+        )
+    })
 }
 
 /// Our address of `len` bytes of guest memory at `gpa`, if they lie in one region.

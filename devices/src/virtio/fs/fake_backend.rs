@@ -1,9 +1,10 @@
 //! A vhost-user backend in miniature for the virtio-fs tests: it answers the
 //! frontend over one end of a socketpair (with the `vhost` crate's own backend
 //! request handler, the one virtiofsd uses), records every request, maps the
-//! guest memory it is handed, and can serve one request from a ring the way
-//! virtiofsd would: kick fd in, used ring and call fd out. It can also go mute
-//! after some requests, to play a hung backend.
+//! guest memory it is handed (the whole table, or with `CONFIGURE_MEM_SLOTS`
+//! regions added and removed one at a time), and can serve one request from a
+//! ring the way virtiofsd would: kick fd in, used ring and call fd out. It can
+//! also go mute after some requests, to play a hung backend.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -253,14 +254,31 @@ impl VhostUserBackendReqHandlerMut for Handler {
     }
     fn add_mem_region(
         &mut self,
-        _region: &VhostUserSingleMemoryRegion,
-        _fd: File,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
         _postcopy_listening: Option<bool>,
     ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
-        not_here()
+        let (gpa, size) = (region.guest_phys_addr, region.memory_size);
+        self.note(format!("ADD_MEM_REG {gpa:#x} {size:#x}"));
+        let mut rec = beacon_common::lock(&self.rec);
+        if rec.regions.len() as u64 >= self.config.max_mem_slots {
+            return Err(VuError::InvalidParam);
+        }
+        rec.regions.push((**region, fd));
+        Ok(None)
     }
-    fn remove_mem_region(&mut self, _region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
-        not_here()
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
+        let (gpa, size) = (region.guest_phys_addr, region.memory_size);
+        self.note(format!("REM_MEM_REG {gpa:#x} {size:#x}"));
+        let mut rec = beacon_common::lock(&self.rec);
+        let before = rec.regions.len();
+        rec.regions
+            .retain(|(r, _)| (r.guest_phys_addr, r.memory_size) != (gpa, size));
+        if rec.regions.len() == before {
+            // Like virtiofsd: removing what is not there is an error.
+            return Err(VuError::InvalidParam);
+        }
+        Ok(())
     }
     fn set_device_state_fd(
         &mut self,

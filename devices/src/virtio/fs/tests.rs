@@ -3,7 +3,8 @@
 //! (also hostile accesses), the handshake and its refusals, activation (memory
 //! table, vrings, kick and call fds), a request round trip ending in the
 //! used-buffer interrupt, driver resets, a backend that hangs up or goes mute,
-//! and teardown.
+//! teardown, and memory hotplug (regions added and removed one at a time, or
+//! the whole table again, and the limits of both).
 
 use std::io::Read;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -12,12 +13,17 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion,
+    GuestRegionMmap,
+};
 
 use super::fake_backend::{FakeBackend, FakeConfig, VIRTIOFSD_FEATURES};
 use super::*;
 use crate::virtio::device::{INT_CONFIG, INT_VRING};
-use crate::virtio::testing::{shared_guest_memory, DriverQueue, Harness};
+use crate::virtio::testing::{
+    hot_add, hot_remove, memfd_region, shared_guest_memory, DriverQueue, Harness,
+};
 use crate::virtio::VirtioSubscriber;
 use crate::BusDevice;
 
@@ -496,4 +502,275 @@ fn teardown_stops_the_rings_and_hangs_up() {
     fake.wait_disconnected();
     let log = fake.log();
     assert!(log.iter().any(|l| l == "GET_VRING_BASE 1"), "{log:?}");
+}
+
+// Memory hotplug: the VMM swaps the guest memory, then calls `memory_changed`.
+
+/// Where hot-added regions go (above 4 GiB), and their size.
+const HOTPLUG_BASE: u64 = 1 << 32;
+const DIMM: u64 = 2 << 20;
+
+fn dimm(i: u64) -> GuestAddress {
+    GuestAddress(HOTPLUG_BASE + i * DIMM)
+}
+
+fn plug(h: &Harness, fs: &Arc<Mutex<VhostUserFs>>, i: u64) {
+    hot_add(&h.mem, memfd_region(dimm(i), DIMM as usize));
+    beacon_common::lock(fs).memory_changed(&h.mem);
+}
+
+/// Removes DIMM `i` and tells the device; the region is handed back still
+/// mapped, as the VMM unmaps it only after the device returned.
+fn unplug(h: &Harness, fs: &Arc<Mutex<VhostUserFs>>, i: u64) -> Arc<GuestRegionMmap> {
+    let region = hot_remove(&h.mem, dimm(i), DIMM);
+    beacon_common::lock(fs).memory_changed(&h.mem);
+    region
+}
+
+fn memory_messages(fake: &FakeBackend) -> Vec<String> {
+    fake.log()
+        .into_iter()
+        .filter(|l| l.contains("MEM_REG") || l.starts_with("SET_MEM_TABLE"))
+        .collect()
+}
+
+fn wait_needs_reset(fs: &Arc<Mutex<VhostUserFs>>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !beacon_common::lock(fs).needs_reset() {
+        assert!(Instant::now() < deadline, "the device never needed a reset");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn protocol_without_mem_slots() -> FakeConfig {
+    let mut config = FakeConfig::default();
+    config
+        .protocol
+        .remove(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
+    config
+}
+
+#[test]
+fn hotplugged_memory_reaches_the_backend_region_by_region() {
+    let (mut h, fake, fs) = harness(FakeConfig::default());
+    bring_up(&mut h, &fake);
+    plug(&h, &fs, 0);
+    let added = format!("ADD_MEM_REG {:#x} {DIMM:#x}", dimm(0).0);
+    fake.wait_for(&added);
+    // The backend got the region's own memfd, at the region's offset in it.
+    h.mem
+        .memory()
+        .write_slice(b"hot", dimm(0).unchecked_add(0x100))
+        .expect("write the new RAM");
+    let host = h.mem.memory().get_host_address(dimm(0)).expect("mapped") as u64;
+    {
+        let rec = beacon_common::lock(&fake.rec);
+        let (table, file) = rec.regions.last().expect("the added region");
+        let (gpa, size, user, offset) = (
+            table.guest_phys_addr,
+            table.memory_size,
+            table.user_addr,
+            table.mmap_offset,
+        );
+        assert_eq!((gpa, size, user, offset), (dimm(0).0, DIMM, host, 0));
+        let mut seen = [0u8; 3];
+        std::os::unix::fs::FileExt::read_exact_at(file, &mut seen, 0x100).expect("read the memfd");
+        assert_eq!(&seen, b"hot");
+    }
+    // A removal is acknowledged before `memory_changed` returns: the VMM
+    // unmaps the region right after.
+    let region = unplug(&h, &fs, 0);
+    assert_eq!(
+        memory_messages(&fake),
+        [
+            "SET_MEM_TABLE 1".to_string(),
+            added,
+            format!("REM_MEM_REG {:#x} {DIMM:#x}", dimm(0).0),
+        ]
+    );
+    drop(region);
+    assert_eq!(beacon_common::lock(&fake.rec).regions.len(), 1);
+    // Nothing changed: nothing is sent.
+    beacon_common::lock(&fs).memory_changed(&h.mem);
+    // Two additions right after each other (they may share one update), and
+    // one removal.
+    plug(&h, &fs, 1);
+    plug(&h, &fs, 2);
+    fake.wait_for(&format!("ADD_MEM_REG {:#x} {DIMM:#x}", dimm(2).0));
+    drop(unplug(&h, &fs, 1));
+    assert_eq!(
+        memory_messages(&fake)[3..],
+        [
+            format!("ADD_MEM_REG {:#x} {DIMM:#x}", dimm(1).0),
+            format!("ADD_MEM_REG {:#x} {DIMM:#x}", dimm(2).0),
+            format!("REM_MEM_REG {:#x} {DIMM:#x}", dimm(1).0),
+        ]
+    );
+    // A region removed before the backend heard of it: either it never gets
+    // there, or it is added and removed; either way, once the removal
+    // returns, the backend has exactly the guest's regions.
+    plug(&h, &fs, 3);
+    drop(unplug(&h, &fs, 3));
+    let backend: Vec<(u64, u64)> = beacon_common::lock(&fake.rec)
+        .regions
+        .iter()
+        .map(|(r, _)| (r.guest_phys_addr, r.memory_size))
+        .collect();
+    assert_eq!(backend, [(0, 16 << 20), (dimm(2).0, DIMM)]);
+    assert_eq!(
+        fake.count(&format!("ADD_MEM_REG {:#x} {DIMM:#x}", dimm(3).0)),
+        fake.count(&format!("REM_MEM_REG {:#x} {DIMM:#x}", dimm(3).0)),
+    );
+    assert!(!beacon_common::lock(&fs).needs_reset());
+    assert_eq!(h.interrupt.status() & INT_CONFIG, 0);
+    assert_eq!(h.read32(STATUS) & DEVICE_NEEDS_RESET, 0);
+}
+
+#[test]
+fn without_configure_mem_slots_the_whole_table_is_sent_again() {
+    let (mut h, fake, fs) = harness(protocol_without_mem_slots());
+    assert_eq!(beacon_common::lock(&fs).negotiated().max_mem_slots, None);
+    bring_up(&mut h, &fake);
+    plug(&h, &fs, 0);
+    fake.wait_for("SET_MEM_TABLE 2");
+    // The removal is acknowledged before the call returns here too.
+    drop(unplug(&h, &fs, 0));
+    assert_eq!(
+        memory_messages(&fake),
+        ["SET_MEM_TABLE 1", "SET_MEM_TABLE 2", "SET_MEM_TABLE 1"]
+    );
+    assert_eq!(beacon_common::lock(&fake.rec).regions.len(), 1);
+    // One table holds at most 8 regions: the 9th cannot be announced.
+    for i in 0..7 {
+        plug(&h, &fs, i);
+    }
+    fake.wait_for("SET_MEM_TABLE 8");
+    assert!(!beacon_common::lock(&fs).needs_reset());
+    plug(&h, &fs, 7);
+    wait_needs_reset(&fs);
+    assert_ne!(
+        h.interrupt.status() & INT_CONFIG,
+        0,
+        "config-change interrupt"
+    );
+    assert_eq!(h.read32(STATUS) & DEVICE_NEEDS_RESET, DEVICE_NEEDS_RESET);
+    assert!(
+        !memory_messages(&fake)
+            .iter()
+            .any(|l| l == "SET_MEM_TABLE 9"),
+        "{:?}",
+        fake.log()
+    );
+}
+
+#[test]
+fn adding_past_the_backends_memory_slots_needs_a_reset() {
+    let config = FakeConfig {
+        max_mem_slots: 2,
+        ..FakeConfig::default()
+    };
+    let (mut h, fake, fs) = harness(config);
+    bring_up(&mut h, &fake);
+    plug(&h, &fs, 0);
+    fake.wait_for(&format!("ADD_MEM_REG {:#x} {DIMM:#x}", dimm(0).0));
+    plug(&h, &fs, 1);
+    wait_needs_reset(&fs);
+    assert_ne!(h.interrupt.status() & INT_CONFIG, 0);
+    assert_eq!(
+        memory_messages(&fake),
+        [
+            "SET_MEM_TABLE 1".to_string(),
+            format!("ADD_MEM_REG {:#x} {DIMM:#x}", dimm(0).0)
+        ]
+    );
+    // Removing still works (the VMM depends on it), and a driver reset and
+    // activation bring the device back with the whole table.
+    drop(unplug(&h, &fs, 1));
+    drop(unplug(&h, &fs, 0));
+    assert_eq!(
+        memory_messages(&fake).last().map(String::as_str),
+        Some(format!("REM_MEM_REG {:#x} {DIMM:#x}", dimm(0).0).as_str())
+    );
+    h.write32(STATUS, 0);
+    assert!(!beacon_common::lock(&fs).needs_reset());
+    bring_up(&mut h, &fake);
+    assert_eq!(fake.count("SET_MEM_TABLE 1"), 2);
+}
+
+#[test]
+fn a_device_that_is_not_activated_tells_the_backend_nothing() {
+    let (mut h, fake, fs) = harness(FakeConfig::default());
+    // Before the first activation.
+    plug(&h, &fs, 0);
+    drop(unplug(&h, &fs, 0));
+    // After a driver reset.
+    bring_up(&mut h, &fake);
+    h.write32(STATUS, 0);
+    plug(&h, &fs, 1);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(memory_messages(&fake), ["SET_MEM_TABLE 1"]);
+    // The next activation sends the whole table.
+    bring_up(&mut h, &fake);
+    assert_eq!(
+        memory_messages(&fake),
+        ["SET_MEM_TABLE 1", "SET_MEM_TABLE 2"]
+    );
+    assert!(!beacon_common::lock(&fs).needs_reset());
+}
+
+#[test]
+fn an_activation_with_more_than_eight_regions_adds_the_rest_one_by_one() {
+    let (mut h, fake, fs) = harness(FakeConfig::default());
+    for i in 0..9 {
+        plug(&h, &fs, i);
+    }
+    bring_up(&mut h, &fake);
+    let mut expected = vec!["SET_MEM_TABLE 8".to_string()];
+    expected.extend((7..9).map(|i| format!("ADD_MEM_REG {:#x} {DIMM:#x}", dimm(i).0)));
+    assert_eq!(memory_messages(&fake), expected);
+    assert_eq!(beacon_common::lock(&fake.rec).regions.len(), 10);
+    // The regions last sent include the added ones: removing one is one REM_MEM_REG.
+    drop(unplug(&h, &fs, 8));
+    assert_eq!(
+        memory_messages(&fake).last().map(String::as_str),
+        Some(format!("REM_MEM_REG {:#x} {DIMM:#x}", dimm(8).0).as_str())
+    );
+    assert!(!beacon_common::lock(&fs).needs_reset());
+}
+
+#[test]
+fn a_backend_that_does_not_confirm_a_removal_cannot_hang_the_vmm() {
+    // Answers the handshake (6 requests) and the activation (14), then goes silent.
+    let config = FakeConfig {
+        mute_after: Some(20),
+        ..FakeConfig::default()
+    };
+    let (mut h, fake, fs) = harness(config);
+    hot_add(&h.mem, memfd_region(dimm(0), DIMM as usize));
+    hot_add(&h.mem, memfd_region(dimm(1), DIMM as usize));
+    bring_up(&mut h, &fake);
+    fake.wait_for("SET_MEM_TABLE 3");
+    let start = Instant::now();
+    let region = unplug(&h, &fs, 0);
+    assert!(start.elapsed() >= MEMORY_WAIT, "waited for the backend");
+    assert!(start.elapsed() < MEMORY_WAIT + Duration::from_secs(5));
+    drop(region);
+    assert!(beacon_common::lock(&fs).needs_reset());
+    assert_ne!(h.interrupt.status() & INT_CONFIG, 0);
+    // The next removal does not wait behind the stuck one.
+    let start = Instant::now();
+    drop(unplug(&h, &fs, 1));
+    assert!(start.elapsed() < Duration::from_secs(1));
+    assert!(beacon_common::lock(&fs).needs_reset());
+    // Tearing down still ends the link's thread.
+    let (done, ended) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(h);
+        drop(fs);
+        let _ = done.send(());
+    });
+    ended
+        .recv_timeout(Duration::from_secs(20))
+        .expect("teardown finished");
+    drop(fake);
 }

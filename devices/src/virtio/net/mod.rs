@@ -275,6 +275,20 @@ impl VirtioDevice for Net {
         }
     }
 
+    fn memory_changed(&mut self, mem: &GuestMem) {
+        // The userspace path reads through `mem` itself.
+        if let DataPath::Vhost(v) = &mut self.path {
+            v.memory_changed(mem);
+        }
+    }
+
+    fn needs_reset(&self) -> bool {
+        match &self.path {
+            DataPath::Userspace(_) => false,
+            DataPath::Vhost(v) => v.needs_reset(),
+        }
+    }
+
     fn is_activated(&self) -> bool {
         match &self.path {
             DataPath::Userspace(u) => u.is_activated(),

@@ -9,6 +9,10 @@
 //! is not set, so the used-ring signal has to go through
 //! [`Interrupt::signal_used_queue`].
 //!
+//! When guest memory is hot-added or removed, a running worker gets the new
+//! table ([`VhostPath::memory_changed`]); if vhost-net refuses it the device
+//! reports DEVICE_NEEDS_RESET.
+//!
 //! A driver reset closes the vhost-net descriptor, which stops and joins the
 //! kernel worker, and opens a fresh one for the next activation. This module
 //! never reads the queues or the TAP itself and never blocks the event loop.
@@ -19,14 +23,14 @@ use std::sync::Arc;
 use event_manager::{EventOps, EventSet, Events};
 use vhost::net::VhostNet;
 use vhost::vhost_kern::net::Net as KernelNet;
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VringConfigData};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{NetError, VHOST_CALL_TOKEN};
 use crate::tap::Tap;
 use crate::virtio::device::{ActivateError, Activation, GuestMem, Interrupt};
+use crate::virtio::vhost_kernel::set_memory_table;
 
 /// The kernel's vhost-net device node.
 pub const VHOST_NET_DEVICE: &str = "/dev/vhost-net";
@@ -53,6 +57,8 @@ pub(super) struct VhostPath {
     calls: [EventFd; 2],
     /// Set while the driver has the device activated.
     interrupt: Option<Arc<Interrupt>>,
+    /// vhost-net refused a new memory table: the device needs a reset.
+    needs_reset: bool,
 }
 
 impl VhostPath {
@@ -77,6 +83,7 @@ impl VhostPath {
             supported,
             calls,
             interrupt: None,
+            needs_reset: false,
         })
     }
 
@@ -87,6 +94,27 @@ impl VhostPath {
 
     pub(super) fn is_activated(&self) -> bool {
         self.interrupt.is_some()
+    }
+
+    pub(super) fn needs_reset(&self) -> bool {
+        self.needs_reset
+    }
+
+    /// Guest memory gained or lost regions: give the running worker the new
+    /// table (the ioctl returns once the kernel uses it, so a removed region is
+    /// no longer touched afterwards). Not activated: the next activation sends it.
+    pub(super) fn memory_changed(&mut self, mem: &GuestMem) {
+        let (Some(interrupt), Some(kernel)) = (&self.interrupt, &self.kernel) else {
+            return;
+        };
+        if let Err(e) = set_memory_table(kernel, mem) {
+            tracing::error!(
+                tap = self.tap.name(),
+                "virtio-net: vhost-net refused the new guest memory table (VHOST_SET_MEM_TABLE: {e}); the device needs a reset"
+            );
+            self.needs_reset = true;
+            interrupt.signal_config_change();
+        }
     }
 
     pub(super) fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
@@ -117,26 +145,7 @@ impl VhostPath {
         kernel
             .set_features(activation.acked_features & self.supported)
             .map_err(fail("VHOST_SET_FEATURES"))?;
-        let mem = activation.mem.memory();
-        let mut regions = Vec::new();
-        for region in mem.iter() {
-            let host = region
-                .get_host_address(MemoryRegionAddress(0))
-                .map_err(|e| ActivateError::Backend(format!("guest RAM region: {e}")))?;
-            // The update fills the fields vhost's `xen` feature adds.
-            #[allow(clippy::needless_update)]
-            regions.push(VhostUserMemoryRegionInfo {
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-                mmap_offset: 0,
-                mmap_handle: -1,
-                ..Default::default()
-            });
-        }
-        kernel
-            .set_mem_table(&regions)
-            .map_err(fail("VHOST_SET_MEM_TABLE"))?;
+        set_memory_table(kernel, &activation.mem).map_err(fail("VHOST_SET_MEM_TABLE"))?;
         for (index, (queue, kick)) in activation
             .queues
             .iter()
@@ -192,6 +201,7 @@ impl VhostPath {
 
     pub(super) fn reset(&mut self) {
         self.interrupt = None;
+        self.needs_reset = false;
         self.restart_kernel();
         for call in &self.calls {
             let _ = call.read();

@@ -8,8 +8,10 @@
 //! kicks never leave the kernel), and call eventfds of ours: virtio-mmio's
 //! driver ignores an interrupt whose InterruptStatus bit is not set, so each
 //! call goes through the event loop, which sets the bit and raises the line.
-//! The event queue stays in userspace. A driver reset stops the vhost worker
-//! before the rings go away. This module never reads the RX or TX rings itself.
+//! The event queue stays in userspace. After memory hotplug the kernel gets the
+//! new RAM layout; if it refuses it, the device reports DEVICE_NEEDS_RESET. A
+//! driver reset stops the vhost worker before the rings go away. This module
+//! never reads the RX or TX rings itself.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -17,9 +19,8 @@ use std::sync::Arc;
 use event_manager::{EventOps, EventSet, Events};
 use vhost::vhost_kern::vsock::Vsock;
 use vhost::vsock::VhostVsock as _;
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VringConfigData};
 use virtio_queue::QueueT;
-use vm_memory::{Address, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::super::device::{
@@ -27,6 +28,7 @@ use super::super::device::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use super::super::events::DEVICE_TOKEN_BASE;
+use super::super::vhost_kernel::set_memory_table;
 use super::{EventQueue, EVENT_QUEUE, QUEUE_SIZES, RX_QUEUE, TX_QUEUE, VIRTIO_ID_VSOCK};
 
 /// Event data of the RX and TX call eventfds.
@@ -68,6 +70,8 @@ pub struct VhostVsock {
     calls: [EventFd; 2],
     active: Option<Active>,
     running: bool,
+    /// The kernel refused a new memory table: the device needs a reset.
+    broken: bool,
 }
 
 impl VhostVsock {
@@ -102,6 +106,7 @@ impl VhostVsock {
             calls,
             active: None,
             running: false,
+            broken: false,
         })
     }
 
@@ -110,27 +115,7 @@ impl VhostVsock {
         self.backend
             .set_features(a.acked_features & self.offered)
             .map_err(ioctl("VHOST_SET_FEATURES"))?;
-        let regions: Vec<VhostUserMemoryRegionInfo> = {
-            let m = a.mem.memory();
-            m.iter()
-                .map(|r| {
-                    let host = r
-                        .get_host_address(vm_memory::MemoryRegionAddress(0))
-                        .map(|p| p as u64)
-                        .unwrap_or(0);
-                    VhostUserMemoryRegionInfo {
-                        guest_phys_addr: r.start_addr().raw_value(),
-                        memory_size: r.len(),
-                        userspace_addr: host,
-                        mmap_offset: 0,
-                        mmap_handle: -1,
-                    }
-                })
-                .collect()
-        };
-        self.backend
-            .set_mem_table(&regions)
-            .map_err(ioctl("VHOST_SET_MEM_TABLE"))?;
+        set_memory_table(&self.backend, &a.mem).map_err(ioctl("VHOST_SET_MEM_TABLE"))?;
         for index in [RX_QUEUE, TX_QUEUE] {
             let (Some(q), Some(kick), Some(call)) = (
                 a.queues.get(index),
@@ -230,6 +215,27 @@ impl VirtioDevice for VhostVsock {
     fn reset(&mut self) {
         self.stop();
         self.active = None;
+        self.broken = false;
+    }
+
+    fn memory_changed(&mut self, mem: &GuestMem) {
+        // The ioctl returns once the kernel uses the new table, so a removed
+        // region is no longer touched afterwards.
+        let Some(a) = self.active.as_ref() else {
+            return;
+        };
+        if let Err(e) = set_memory_table(&self.backend, mem) {
+            tracing::error!(
+                guest_cid = self.guest_cid,
+                "vsock: vhost-vsock refused the new guest memory table (VHOST_SET_MEM_TABLE: {e}); the device needs a reset"
+            );
+            self.broken = true;
+            a.interrupt.signal_config_change();
+        }
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.broken
     }
 
     fn handles_queue_notifications(&self) -> bool {
