@@ -218,24 +218,13 @@ impl RuntimeConfig {
             }
         }
         // The container's own limits: the VM must hold them.
-        let resources = spec.pointer("/linux/resources");
-        if let Some(limit) = resources
-            .and_then(|r| r.pointer("/memory/limit"))
-            .and_then(Value::as_i64)
-            .filter(|l| *l > 0)
-        {
-            let need = (limit as u64).div_ceil(1 << 20) + GUEST_OVERHEAD_MIB;
-            vm.memory_mib = vm.memory_mib.max(need);
-        }
-        let quota = resources
-            .and_then(|r| r.pointer("/cpu/quota"))
-            .and_then(Value::as_i64);
-        let period = resources
-            .and_then(|r| r.pointer("/cpu/period"))
-            .and_then(Value::as_u64);
-        if let (Some(q), Some(p)) = (quota, period) {
-            if q > 0 && p > 0 {
-                let want = (q as u64).div_ceil(p).min(u64::from(MAX_VCPUS)) as u8;
+        if let Some(resources) = spec.pointer("/linux/resources") {
+            let needs = ResourceNeeds::of(resources);
+            if let Some(mib) = needs.memory_mib {
+                vm.memory_mib = vm.memory_mib.max(mib);
+            }
+            if let Some(cpus) = needs.cpus {
+                let want = cpus.min(u64::from(MAX_VCPUS)) as u8;
                 vm.cpus = vm.cpus.max(want);
             }
         }
@@ -244,6 +233,44 @@ impl RuntimeConfig {
             return Err(bad("memory_mib", "must be at least 64"));
         }
         Ok(vm)
+    }
+}
+
+/// What a container's OCI `LinuxResources` need of its VM: vCPUs for its
+/// CPU quota (`ceil(quota / period)`), memory for its limit plus
+/// [`GUEST_OVERHEAD_MIB`]. None where the resources set no bound. Used to
+/// size the VM at create time and when containerd updates the limits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResourceNeeds {
+    pub cpus: Option<u64>,
+    pub memory_mib: Option<u64>,
+}
+
+impl ResourceNeeds {
+    /// The CFS period the kernel uses when none is given (100 ms).
+    const DEFAULT_PERIOD_US: u64 = 100_000;
+
+    pub fn of(resources: &Value) -> Self {
+        let memory_mib = resources
+            .pointer("/memory/limit")
+            .and_then(Value::as_i64)
+            .filter(|l| *l > 0)
+            .map(|limit| {
+                (limit as u64)
+                    .div_ceil(1 << 20)
+                    .saturating_add(GUEST_OVERHEAD_MIB)
+            });
+        let period = resources
+            .pointer("/cpu/period")
+            .and_then(Value::as_u64)
+            .filter(|p| *p > 0)
+            .unwrap_or(Self::DEFAULT_PERIOD_US);
+        let cpus = resources
+            .pointer("/cpu/quota")
+            .and_then(Value::as_i64)
+            .filter(|q| *q > 0)
+            .map(|quota| (quota as u64).div_ceil(period));
+        Self { cpus, memory_mib }
     }
 }
 

@@ -23,6 +23,7 @@ pub mod invocation;
 pub mod lifecycle;
 pub mod logfifo;
 pub mod mounts;
+pub mod resize;
 pub mod sandbox;
 pub mod server;
 pub mod service;

@@ -261,6 +261,8 @@ pub struct Sandbox {
     vm_exit: watch::Receiver<Option<VmExit>>,
     built: Built,
     net: Option<Arc<NetworkManager>>,
+    /// vCPUs and memory the VM booted with (what a resize never goes below).
+    boot: (u8, u64),
 }
 
 /// Everything [`Sandbox::create`] needs.
@@ -510,6 +512,7 @@ impl Sandbox {
                 vm_exit,
                 built: std::mem::take(built),
                 net: req.net.clone(),
+                boot: (req.vm.cpus, req.vm.memory_mib),
             },
             events,
         ))
@@ -523,6 +526,18 @@ impl Sandbox {
     /// The VM backend (pause, resume, stats).
     pub fn vm(&self) -> &Arc<dyn VmBackend> {
         &self.vm
+    }
+
+    /// The VM's size now and its limits.
+    pub fn shape(&self) -> crate::resize::VmShape {
+        crate::resize::VmShape {
+            boot_cpus: self.boot.0,
+            cpus: self.vm.vcpu_count(),
+            max_cpus: self.vm.max_vcpus(),
+            boot_mib: self.boot.1,
+            memory_mib: self.vm.memory_mib(),
+            max_mib: self.vm.max_memory_mib(),
+        }
     }
 
     /// Stop the VM (asking vminitd first when `graceful`) and undo everything.

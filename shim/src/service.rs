@@ -51,6 +51,45 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 /// Exit status reported for processes the VM took down with it.
 pub const VM_GONE_STATUS: u32 = 255;
 
+/// Resize the VM to `target`, memory first when growing (new vCPUs then find
+/// it), vCPUs first when shrinking; off the async threads (a resize waits for
+/// the guest's answer).
+async fn resize_vm(
+    vm: Arc<dyn beacon_vmm::VmBackend>,
+    target: crate::resize::Target,
+    why: &'static str,
+) -> Result<(), String> {
+    let grow = why == "grow";
+    let joined = tokio::task::spawn_blocking(move || {
+        let memory = |vm: &dyn beacon_vmm::VmBackend| {
+            if vm.memory_mib() != target.memory_mib {
+                vm.resize_memory(target.memory_mib)
+                    .map(drop)
+                    .map_err(|e| format!("memory to {} MiB: {e}", target.memory_mib))
+            } else {
+                Ok(())
+            }
+        };
+        let cpus = |vm: &dyn beacon_vmm::VmBackend| {
+            if vm.vcpu_count() != target.cpus {
+                vm.resize_vcpus(target.cpus)
+                    .map(drop)
+                    .map_err(|e| format!("vCPUs to {}: {e}", target.cpus))
+            } else {
+                Ok(())
+            }
+        };
+        if grow {
+            memory(vm.as_ref()).and_then(|()| cpus(vm.as_ref()))
+        } else {
+            cpus(vm.as_ref()).and_then(|()| memory(vm.as_ref()))
+        }
+    })
+    .await;
+    let outcome = joined.map_err(|e| format!("the resize task failed: {e}"))?;
+    outcome.map_err(|e| format!("cannot {why} the sandbox VM: {e}"))
+}
+
 fn status(code: Code, msg: impl ToString) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
 }
@@ -805,8 +844,42 @@ impl Task for Service {
             .await
     }
 
+    /// Grow the VM to fit the new limits before vminitd applies them; shrink
+    /// it after they were lowered ([`crate::resize`]).
     async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> ttrpc::Result<Empty> {
-        self.guest().await?.task.update(call_context(), &req).await
+        let guest = self.guest().await?;
+        let plan = {
+            let st = self.state.lock().await;
+            match (&st.vm, req.resources.as_ref()) {
+                (Some(sandbox), Some(any)) => {
+                    let shape = sandbox.shape();
+                    let target = crate::resize::target(&shape, &any.value)
+                        .map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
+                    Some((sandbox.vm().clone(), shape, target))
+                }
+                // Attached to a host process (tests), or nothing to size by.
+                _ => None,
+            }
+        };
+        if let Some((vm, shape, target)) = &plan {
+            let up = target.grown(shape);
+            if !up.is(shape) {
+                resize_vm(vm.clone(), up, "grow")
+                    .await
+                    .map_err(|e| status(Code::FAILED_PRECONDITION, e))?;
+            }
+        }
+        guest.task.update(call_context(), &req).await?;
+        if let Some((vm, shape, target)) = plan {
+            if target != target.grown(&shape) {
+                // The lower limits hold already; a VM that keeps more than
+                // it needs is only wasteful, so this is not the update's error.
+                if let Err(e) = resize_vm(vm, target, "shrink").await {
+                    tracing::warn!(id = %req.id, "the new limits are applied, but the VM could not shrink to fit them: {e}");
+                }
+            }
+        }
+        Ok(Empty::new())
     }
 
     async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> ttrpc::Result<StatsResponse> {

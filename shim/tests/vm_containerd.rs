@@ -162,6 +162,36 @@ fn sh(script: &str) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// containerd's Tasks.Update for task `id` with OCI LinuxResources `json`
+/// (what `ctr` 1.6 cannot send), in the `default` namespace.
+fn update_task(socket: &Path, id: &str, json: &str) -> Result<(), String> {
+    use containerd_client::services::v1::{tasks_client::TasksClient, UpdateTaskRequest};
+    use containerd_client::tonic::Request;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let channel = containerd_client::connect(socket)
+            .await
+            .map_err(|e| format!("connecting to containerd: {e}"))?;
+        let request = UpdateTaskRequest {
+            container_id: id.into(),
+            resources: Some(prost_types::Any {
+                type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
+                value: json.as_bytes().to_vec(),
+            }),
+            annotations: Default::default(),
+        };
+        let request = containerd_client::with_namespace!(request, "default");
+        TasksClient::new(channel)
+            .update(request)
+            .await
+            .map(drop)
+            .map_err(|s| s.message().to_string())
+    })
+}
+
 #[test]
 fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
     // Built on the host (cargo and the kernel build are too slow under emulation).
@@ -369,6 +399,101 @@ fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
     );
     eprintln!(
         "QEMU backend with vhost-vsock (1 VM): {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // containerd's Tasks.Update resizes the VM: a CPU quota of 2 and a 640 MiB
+    // limit grow a 1-vCPU, 512 MiB VM (with room for 1 more vCPU and 256 MiB)
+    // before vminitd applies them; beyond the room is refused with nothing
+    // changed; lowering them shrinks the VM after the cgroup.
+    let started = Instant::now();
+    let o = containerd
+        .ctr(&[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            "--annotation",
+            "io.beaconbox.vm.max_cpus=2",
+            "--annotation",
+            "io.beaconbox.vm.hotplug_memory_mib=256",
+            BUSYBOX_IMAGE,
+            "up1",
+            "sleep",
+            "600",
+        ])
+        .expect("ctr run");
+    assert!(o.status.success(), "{}", failure("resize run", &o));
+    let in_up1 = |script: &str| {
+        let o = containerd
+            .ctr(&[
+                "task",
+                "exec",
+                "--exec-id",
+                "look",
+                "up1",
+                "sh",
+                "-c",
+                script,
+            ])
+            .expect("exec");
+        assert!(o.status.success(), "{}", failure(script, &o));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let shape = "echo $(nproc) $(awk '/^MemTotal:/{print int($2/1024)}' /proc/meminfo) $(cat /sys/fs/cgroup/memory.max)";
+    let before = in_up1(shape);
+    let update = |json: &str| update_task(&containerd.socket, "up1", json);
+    update(r#"{"cpu":{"quota":200000,"period":100000},"memory":{"limit":671088640}}"#)
+        .unwrap_or_else(|e| panic!("{}", failure(&format!("update: {e}"), &o)));
+    // vminitd onlines the new vCPU when the kernel announces it.
+    let mut grown = String::new();
+    for _ in 0..600 {
+        grown = in_up1(shape);
+        if grown.starts_with("2 ") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let fields: Vec<&str> = grown.split_whitespace().collect();
+    let mem_before: u64 = before
+        .split_whitespace()
+        .nth(1)
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("MemTotal before: {before:?}"));
+    assert_eq!(
+        fields.first(),
+        Some(&"2"),
+        "vCPUs after the update: {grown:?} (before: {before:?})"
+    );
+    let mem_after: u64 = fields.get(1).and_then(|m| m.parse().ok()).unwrap_or(0);
+    assert_eq!(
+        mem_after,
+        mem_before + 256,
+        "MemTotal after the update: {grown:?} (before: {before:?})"
+    );
+    assert_eq!(fields.get(2), Some(&"671088640"), "cgroup limit: {grown:?}");
+    let err = update(r#"{"cpu":{"quota":300000,"period":100000}}"#).expect_err("3 vCPUs > max 2");
+    assert!(err.contains("max_cpus"), "{err}");
+    let err = update(r#"{"memory":{"limit":1073741824}}"#).expect_err("beyond the room");
+    assert!(err.contains("hotplug_memory_mib"), "{err}");
+    assert_eq!(in_up1(shape), grown, "a refused update changes nothing");
+    update(r#"{"cpu":{"quota":100000,"period":100000},"memory":{"limit":268435456}}"#)
+        .unwrap_or_else(|e| panic!("shrink: {e}"));
+    let shrunk = in_up1(shape);
+    assert_eq!(
+        shrunk,
+        format!("1 {mem_before} 268435456"),
+        "after lowering the limits (before: {before:?}, grown: {grown:?})"
+    );
+    let o = containerd
+        .ctr(&["task", "kill", "-s", "SIGKILL", "up1"])
+        .expect("kill");
+    assert!(o.status.success(), "{}", failure("resize kill", &o));
+    common::wait_stopped(&containerd, "up1");
+    common::remove(&containerd, "up1");
+    no_shim_left(&containerd, "the resize");
+    eprintln!(
+        "resize through Tasks.Update (1 VM): {:.1} s",
         started.elapsed().as_secs_f64()
     );
 

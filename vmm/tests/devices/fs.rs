@@ -33,7 +33,7 @@ fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| (*s).to_string()).collect()
 }
 
-fn modules() -> Vec<&'static str> {
+pub fn modules() -> Vec<&'static str> {
     assert!(
         Path::new(VIRTIOFSD).exists(),
         "{VIRTIOFSD} missing: run resources/install.sh"

@@ -1,5 +1,7 @@
-//! ACPI CPU hotplug on our VMM (`cpu-hotplug`), driven through the control
-//! socket (`--api-socket`, `beacon-vmm ctl`) while the guest runs.
+//! ACPI CPU hotplug (`cpu-hotplug`) and memory hotplug (`memory-hotplug`)
+//! on our VMM, driven through the control socket (`--api-socket`,
+//! `beacon-vmm ctl`) while the guest runs. The memory part runs after the
+//! CPU part (its host job waits for the CPU job's end) on the same socket.
 //!
 //! The host refuses a resize to 0 and beyond the maximum, then adds vCPUs up
 //! to the maximum (retrying while the guest is still booting: a request waits
@@ -83,7 +85,7 @@ hp_job() {{
     echo "$out" | grep -q '"vcpus":{boot}' || {{ echo "HOTPLUG-HOST-WRONG-COUNT"; return 1; }}
     [ -z "$(vcpu_task {last})" ] && echo "HOTPLUG-HOST-THREAD-GONE"
 }}
-hp_job >"$WORK/hotplug-host.out" 2>&1 &
+( hp_job >"$WORK/hotplug-host.out" 2>&1; echo $? >"$WORK/hotplug-host.rc" ) &
 hp_pid=$!
 "#,
         too_many = u16::from(max) + 1,
@@ -124,7 +126,7 @@ echo "HOTPLUG-GUEST-REMOVED $n"
         vmm_args: vec!["--api-socket".into(), "{WORK}/api.sock".into()],
         host_before,
         checks,
-        host_after: r#"wait $hp_pid; hrc=$?; cat "$WORK/hotplug-host.out"; [ $hrc -eq 0 ]"#.into(),
+        host_after: r#"wait $hp_pid; cat "$WORK/hotplug-host.out"; [ "$(cat "$WORK/hotplug-host.rc")" = 0 ]"#.into(),
         expect: vec![
             "HOTPLUG-HOST-REFUSED-ZERO".into(),
             "HOTPLUG-HOST-REFUSED-TOO-MANY".into(),
@@ -134,6 +136,150 @@ echo "HOTPLUG-GUEST-REMOVED $n"
             "HOTPLUG-HOST-REMOVED".into(),
             format!("HOTPLUG-GUEST-REMOVED {boot}"),
             "HOTPLUG-HOST-THREAD-GONE".into(),
+        ],
+        ..Scenario::default()
+    }
+}
+
+/// The memory part for a VM of `boot_mib` with a hotplug room of `room_mib`
+/// (at least two blocks): after the CPU part, the host refuses sizes that
+/// are not whole blocks or beyond the room, adds the room; the guest sees
+/// MemTotal grow and a Movable zone of that size (the VMM puts
+/// `memhp_default_state=online_movable` on the command line), fills most of
+/// it from a tmpfs, and reads a file from a virtio-fs share with its page
+/// cache in the new memory (so virtiofsd writes into the hot-added region:
+/// its memory table was updated). Then the host removes the room again:
+/// the guest offlines and ejects the blocks, MemTotal is back, the VMM
+/// closed the blocks' memfds, and the share still reads correctly (the
+/// removal reached virtiofsd's table without breaking it).
+pub fn memory_part(boot_mib: u64, room_mib: u64) -> Scenario {
+    assert!(
+        room_mib >= 256 && room_mib % 128 == 0,
+        "whole blocks, two or more"
+    );
+    let vmm = sh_quote(VMM);
+    let total = boot_mib + room_mib;
+    let room_pages = room_mib * 256;
+    let host_before = format!(
+        r#"
+mkdir -p "$WORK/share"
+head -c 48M /dev/urandom >"$WORK/share/data"
+md5sum <"$WORK/share/data" | cut -d' ' -f1 >"$WORK/share/data.md5"
+mem_job() {{
+    sock="$CASE_WORK/cpu-hotplug/api.sock"
+    ctl() {{ {vmm} ctl --socket "$sock" --timeout-secs 300 "$@"; }}
+    # After the CPU part's host job.
+    i=0
+    while [ ! -e "$CASE_WORK/cpu-hotplug/hotplug-host.rc" ]; do
+        i=$((i + 1)); [ $i -gt 18000 ] && {{ echo "MEMHP-HOST-CPU-PART-NEVER-ENDED"; return 1; }}
+        sleep 0.1
+    done
+    out=$(ctl resize --memory {odd}); rc=$?
+    [ $rc -eq 1 ] && echo "MEMHP-HOST-REFUSED-PARTIAL-BLOCK" || echo "MEMHP-HOST-PARTIAL-NOT-REFUSED ($rc) $out"
+    out=$(ctl resize --memory {too_much}); rc=$?
+    [ $rc -eq 1 ] && echo "MEMHP-HOST-REFUSED-TOO-MUCH" || echo "MEMHP-HOST-TOO-MUCH-NOT-REFUSED ($rc) $out"
+    out=$(ctl resize --memory {total}) || {{ echo "MEMHP-HOST-ADD-FAILED $out"; return 1; }}
+    echo "MEMHP-HOST-ADDED $out"
+    pid=""
+    for p in $(pgrep -f "beacon.case=$CASE"); do
+        [ "$(cat /proc/$p/comm 2>/dev/null)" = beacon-vmm ] && pid=$p
+    done
+    [ -n "$pid" ] || {{ echo "MEMHP-HOST-NO-VMM"; return 1; }}
+    memfds() {{ ls -l /proc/$pid/fd 2>/dev/null | grep -c beacon-guest-ram-hotplug; }}
+    echo "MEMHP-HOST-MEMFDS $(memfds)"
+    # The guest says when it is done with the new memory.
+    i=0
+    while [ ! -e "$WORK/share/guest-done" ]; do
+        [ -d /proc/$pid ] || {{ echo "MEMHP-HOST-VM-GONE"; return 1; }}
+        i=$((i + 1)); [ $i -gt 9000 ] && {{ echo "MEMHP-HOST-GUEST-NEVER-DONE"; return 1; }}
+        sleep 0.1
+    done
+    out=$(ctl resize --memory {boot_mib}) || {{ echo "MEMHP-HOST-REMOVE-FAILED $out"; return 1; }}
+    echo "MEMHP-HOST-REMOVED $out"
+    echo "$out" | grep -q '"memory_mib":{boot_mib}' || {{ echo "MEMHP-HOST-WRONG-SIZE"; return 1; }}
+    echo "MEMHP-HOST-MEMFDS-AFTER $(memfds)"
+}}
+( mem_job >"$WORK/memory-host.out" 2>&1; echo $? >"$WORK/memory-host.rc" ) &
+mem_pid=$!
+"#,
+        odd = total - 64,
+        too_much = total + 128,
+    );
+    let checks = format!(
+        r#"
+zone() {{ awk -v k="$1" '$4=="Movable"{{m=1;next}} /^Node/{{m=0}} m&&$1==k{{print $2;exit}} m&&$1=="pages"&&$2==k{{print $3;exit}}' /proc/zoneinfo; }}
+total_kib() {{ awk '/^MemTotal:/{{print $2}}' /proc/meminfo; }}
+i=0
+until [ "$(zone present)" = {room_pages} ]; do
+    i=$((i + 1)); [ $i -gt 9000 ] && {{ echo "MEMHP-NEVER-APPEARED"; grep -A4 Movable /proc/zoneinfo; exit 1; }}
+    sleep 0.1
+done
+echo "MEMHP-GUEST-MOVABLE $(zone present) pages, MemTotal $(total_kib) kB"
+[ "$(total_kib)" -gt $(({boot_mib} * 1024)) ] || {{ echo "MEMHP-MEMTOTAL-DID-NOT-GROW"; exit 1; }}
+# A process fills most of the new memory (tmpfs pages are movable).
+free0=$(zone free)
+mkdir -p /tmp/memhp && mount -t tmpfs -o size={room_mib}m tmpfs /tmp/memhp || exit 1
+dd if=/dev/zero of=/tmp/memhp/fill bs=1M count={fill} 2>/dev/null || {{ echo "MEMHP-FILL-FAILED"; exit 1; }}
+free1=$(zone free)
+used=$(( (free0 - free1) / 256 ))
+echo "MEMHP-GUEST-FILLED $used MiB of the new memory"
+[ $used -ge {fill_min} ] || exit 1
+rm /tmp/memhp/fill && umount /tmp/memhp
+# The page cache of a virtio-fs file lands in the new memory.
+mkdir -p /mnt/hpmem && mount -t virtiofs hpmem /mnt/hpmem || {{ echo "MEMHP-MOUNT-FAILED"; exit 1; }}
+sync; echo 3 >/proc/sys/vm/drop_caches
+file0=$(( $(zone nr_zone_active_file) + $(zone nr_zone_inactive_file) ))
+sum=$(md5sum </mnt/hpmem/data | cut -d' ' -f1)
+file1=$(( $(zone nr_zone_active_file) + $(zone nr_zone_inactive_file) ))
+echo "MEMHP-GUEST-FS-PAGES-IN-NEW-MEMORY $((file1 - file0))"
+[ "$sum" = "$(cat /mnt/hpmem/data.md5)" ] || {{ echo "MEMHP-FS-CORRUPT $sum"; exit 1; }}
+echo "MEMHP-GUEST-FS-READ-OK"
+[ $((file1 - file0)) -ge 1024 ] || exit 1
+sync; echo 3 >/proc/sys/vm/drop_caches
+touch /mnt/hpmem/guest-done
+i=0
+until [ "$(zone present)" = 0 ] || [ -z "$(zone present)" ]; do
+    i=$((i + 1)); [ $i -gt 9000 ] && {{ echo "MEMHP-NEVER-REMOVED"; grep -A4 Movable /proc/zoneinfo; exit 1; }}
+    sleep 0.1
+done
+echo "MEMHP-GUEST-REMOVED MemTotal $(total_kib) kB"
+[ "$(total_kib)" -le $(({boot_mib} * 1024)) ] || exit 1
+sync; echo 3 >/proc/sys/vm/drop_caches
+sum=$(md5sum </mnt/hpmem/data | cut -d' ' -f1)
+[ "$sum" = "$(cat /mnt/hpmem/data.md5)" ] || {{ echo "MEMHP-FS-CORRUPT-AFTER $sum"; exit 1; }}
+echo "MEMHP-GUEST-FS-AFTER-REMOVE-OK"
+umount /mnt/hpmem
+"#,
+        fill = room_mib * 3 / 4,
+        fill_min = room_mib / 2,
+    );
+    Scenario {
+        name: "memory-hotplug",
+        backends: vec!["kvm"],
+        vmm_args: vec![
+            "--hotplug-memory".into(),
+            room_mib.to_string(),
+            "--fs".into(),
+            "tag=hpmem,dir={WORK}/share".into(),
+        ],
+        host_before,
+        checks,
+        host_after:
+            r#"wait $mem_pid; cat "$WORK/memory-host.out"; [ "$(cat "$WORK/memory-host.rc")" = 0 ]"#
+                .into(),
+        stock_modules: crate::fs::modules(),
+        expect: vec![
+            "MEMHP-HOST-REFUSED-PARTIAL-BLOCK".into(),
+            "MEMHP-HOST-REFUSED-TOO-MUCH".into(),
+            "MEMHP-HOST-ADDED".into(),
+            format!("MEMHP-HOST-MEMFDS {}", room_mib / 128),
+            format!("MEMHP-GUEST-MOVABLE {room_pages} pages"),
+            "MEMHP-GUEST-FILLED".into(),
+            "MEMHP-GUEST-FS-READ-OK".into(),
+            "MEMHP-HOST-REMOVED".into(),
+            "MEMHP-GUEST-REMOVED".into(),
+            "MEMHP-GUEST-FS-AFTER-REMOVE-OK".into(),
+            "MEMHP-HOST-MEMFDS-AFTER 0".into(),
         ],
         ..Scenario::default()
     }
