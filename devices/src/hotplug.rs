@@ -233,11 +233,7 @@ impl HotplugController {
         }
     }
 
-    fn slot<'a>(
-        slots: &'a mut HotplugSlots,
-        kind: Kind,
-        index: u32,
-    ) -> Option<&'a mut HotplugSlot> {
+    fn slot(slots: &mut HotplugSlots, kind: Kind, index: u32) -> Option<&mut HotplugSlot> {
         let index = usize::try_from(index).ok()?;
         match kind {
             Kind::Cpu => slots.cpus.get_mut(index),
@@ -445,7 +441,7 @@ mod tests {
         assert_eq!(memory_status(&mut c, 1), CPU_ENABLED | CPU_REMOVING);
         c.write(MEM_STATUS, &[CPU_EJECT]);
         assert_eq!(memory_status(&mut c, 1), 0);
-        assert_eq!(s.lock().cpus[0].enabled, true, "CPUs untouched");
+        assert!(s.lock().cpus[0].enabled, "CPUs untouched");
         let mut sel = [0u8; 4];
         c.read(MEM_SELECT, &mut sel);
         assert_eq!(u32::from_le_bytes(sel), 1);

@@ -305,7 +305,7 @@ mod tests {
             512
         }
         fn resize_memory(&self, total_mib: u64) -> Result<u64, VmError> {
-            if !(256..=512).contains(&total_mib) || total_mib % 128 != 0 {
+            if !(256..=512).contains(&total_mib) || !total_mib.is_multiple_of(128) {
                 return Err(VmError::Unsupported(format!(
                     "{total_mib} MiB is out of range"
                 )));

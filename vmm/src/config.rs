@@ -350,7 +350,7 @@ impl VmConfig {
         if size_mib < MIN_MEMORY_MIB {
             return Err(ConfigError::MemoryTooSmall(size_mib));
         }
-        if hotplug_mib % HOTPLUG_BLOCK_MIB != 0 {
+        if !hotplug_mib.is_multiple_of(HOTPLUG_BLOCK_MIB) {
             return Err(ConfigError::HotplugRoomNotBlocks(hotplug_mib));
         }
         let total = size_mib.saturating_add(hotplug_mib);

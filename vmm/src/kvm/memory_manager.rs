@@ -169,7 +169,7 @@ impl MemoryManager {
             )));
         }
         let extra = total_mib - self.boot_mib;
-        if extra % HOTPLUG_BLOCK_MIB != 0 {
+        if !extra.is_multiple_of(HOTPLUG_BLOCK_MIB) {
             return Err(VmError::Unsupported(format!(
                 "{total_mib} MiB is not boot memory ({} MiB) plus whole {HOTPLUG_BLOCK_MIB} MiB blocks; ask for {} or {} MiB",
                 self.boot_mib,

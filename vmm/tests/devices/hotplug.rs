@@ -154,7 +154,7 @@ echo "HOTPLUG-GUEST-REMOVED $n"
 /// removal reached virtiofsd's table without breaking it).
 pub fn memory_part(boot_mib: u64, room_mib: u64) -> Scenario {
     assert!(
-        room_mib >= 256 && room_mib % 128 == 0,
+        room_mib >= 256 && room_mib.is_multiple_of(128),
         "whole blocks, two or more"
     );
     let vmm = sh_quote(VMM);
