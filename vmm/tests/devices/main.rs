@@ -15,7 +15,7 @@
 //! | boot | kvm | qemu |
 //! | --- | --- | --- |
 //! | `dev1` | boot, rng, vsock hybrid, blk, fs, net userspace (TAP fd), hostile guest | boot, rng, vsock vhost, blk, fs, net vhost |
-//! | `dev2` | boot, vsock vhost, net vhost, CPU hotplug, fs kill | boot, net tap, fs kill |
+//! | `dev2` | boot, vsock vhost, net vhost, CPU hotplug, memory hotplug (512 + 256 MiB, a virtio-fs share reading into it), fs kill | boot, net tap, fs kill |
 //!
 //! and the boot matrix spread over them, no variant needing a boot of its own:
 //!
@@ -200,6 +200,7 @@ fn boots(a: &Assets) -> Vec<Scenario> {
                 devices.push(vsock::vhost(a.tool, big));
                 devices.push(net::part(net::Variant::Vhost));
                 devices.push(hotplug::part(cpus, max_cpus));
+                devices.push(hotplug::memory_part(512, 256));
             } else {
                 devices.push(net::part(net::Variant::QemuTap));
             }
@@ -237,6 +238,7 @@ fn assert_coverage(boots: &[Scenario]) {
                 "vsock-vhost",
                 "hostile",
                 "cpu-hotplug",
+                "memory-hotplug",
             ],
         ),
         (
