@@ -8,6 +8,8 @@
 //! every container in it. The first Create builds the sandbox; deleting its
 //! last container tears it down; Shutdown ends the server once nothing is left.
 //! Every process reports the shim's own pid to containerd (the VM runs in it).
+//! Update also resizes the VM around vminitd's cgroup change: grown first,
+//! shrunk after ([`crate::resize`] says to what).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
