@@ -205,9 +205,12 @@ echo "$BACKEND" >"$WORK/ctl/backend"
         # Up to 25 min: it is the boot's last part; a failed boot stops it sooner.
         i=$((i + 1)); [ $i -lt 3000 ] || exit 1; sleep 0.5
     done
-    for p in /proc/[0-9]*; do
-        if { tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null | grep -q -- "--shared-dir $WORK/victim "; then
-            kill -9 "${p#/proc/}" && echo "HOST-KILLED-VIRTIOFSD ${p#/proc/}"
+    # Lowest pid first: virtiofsd itself before its sandbox child. (A glob
+    # sorts /proc/1000 before /proc/999; the child killed first makes the
+    # parent exit 247 on its own before its own SIGKILL lands.)
+    for p in $(ls /proc | grep -E '^[0-9]+$' | sort -n); do
+        if { tr '\0' ' ' <"/proc/$p/cmdline"; } 2>/dev/null | grep -q -- "--shared-dir $WORK/victim "; then
+            kill -9 "$p" && echo "HOST-KILLED-VIRTIOFSD $p"
         fi
     done
     touch "$WORK/ctl/killed"

@@ -1,7 +1,7 @@
 //! ACPI CPU hotplug (`cpu-hotplug`) and memory hotplug (`memory-hotplug`)
 //! on our VMM, driven through the control socket (`--api-socket`,
-//! `beacon-vmm ctl`) while the guest runs. The memory part runs after the
-//! CPU part (its host job waits for the CPU job's end) on the same socket.
+//! `beacon-vmm ctl`) while the guest runs. Each part serves its own socket,
+//! so the two go in different boots.
 //!
 //! The host refuses a resize to 0 and beyond the maximum, then adds vCPUs up
 //! to the maximum (retrying while the guest is still booting: a request waits
@@ -144,7 +144,7 @@ echo "HOTPLUG-GUEST-REMOVED $n"
 }
 
 /// The memory part for a VM of `boot_mib` with a hotplug room of `room_mib`
-/// (at least two blocks): after the CPU part, the host refuses sizes that
+/// (at least two blocks): the host refuses sizes that
 /// are not whole blocks or beyond the room, adds the room; the guest sees
 /// MemTotal grow and a Movable zone of that size (the VMM puts
 /// `memhp_default_state=online_movable` on the command line), fills most of
@@ -168,12 +168,18 @@ mkdir -p "$WORK/share"
 head -c 48M /dev/urandom >"$WORK/share/data"
 md5sum <"$WORK/share/data" | cut -d' ' -f1 >"$WORK/share/data.md5"
 mem_job() {{
-    sock="$CASE_WORK/cpu-hotplug/api.sock"
+    sock="$WORK/api.sock"
     ctl() {{ {vmm} ctl --socket "$sock" --timeout-secs 300 "$@"; }}
-    # After the CPU part's host job.
     i=0
-    while [ ! -e "$CASE_WORK/cpu-hotplug/hotplug-host.rc" ]; do
-        i=$((i + 1)); [ $i -gt 18000 ] && {{ echo "MEMHP-HOST-CPU-PART-NEVER-ENDED"; return 1; }}
+    while [ ! -S "$sock" ]; do
+        i=$((i + 1)); [ $i -gt 6000 ] && {{ echo "MEMHP-HOST-NO-SOCKET"; return 1; }}
+        [ $i -gt 100 ] && ! pgrep -f "beacon.case=$CASE" >/dev/null && {{ echo "MEMHP-HOST-NO-VM"; return 1; }}
+        sleep 0.1
+    done
+    # The guest says when it runs this part (the boot is still going before).
+    i=0
+    while [ ! -e "$WORK/share/guest-here" ]; do
+        i=$((i + 1)); [ $i -gt 18000 ] && {{ echo "MEMHP-HOST-GUEST-NEVER-CAME"; return 1; }}
         sleep 0.1
     done
     out=$(ctl resize --memory {odd}); rc=$?
@@ -209,6 +215,8 @@ mem_pid=$!
     );
     let checks = format!(
         r#"
+mkdir -p /mnt/hpmem && mount -t virtiofs hpmem /mnt/hpmem || {{ echo "MEMHP-MOUNT-FAILED"; exit 1; }}
+touch /mnt/hpmem/guest-here
 zone() {{ awk -v k="$1" '$4=="Movable"{{m=1;next}} /^Node/{{m=0}} m&&$1==k{{print $2;exit}} m&&$1=="pages"&&$2==k{{print $3;exit}}' /proc/zoneinfo; }}
 total_kib() {{ awk '/^MemTotal:/{{print $2}}' /proc/meminfo; }}
 i=0
@@ -228,7 +236,6 @@ echo "MEMHP-GUEST-FILLED $used MiB of the new memory"
 [ $used -ge {fill_min} ] || exit 1
 rm /tmp/memhp/fill && umount /tmp/memhp
 # The page cache of a virtio-fs file lands in the new memory.
-mkdir -p /mnt/hpmem && mount -t virtiofs hpmem /mnt/hpmem || {{ echo "MEMHP-MOUNT-FAILED"; exit 1; }}
 sync; echo 3 >/proc/sys/vm/drop_caches
 file0=$(( $(zone nr_zone_active_file) + $(zone nr_zone_inactive_file) ))
 sum=$(md5sum </mnt/hpmem/data | cut -d' ' -f1)
@@ -261,6 +268,8 @@ umount /mnt/hpmem
         vmm_args: vec![
             "--hotplug-memory".into(),
             room_mib.to_string(),
+            "--api-socket".into(),
+            "{WORK}/api.sock".into(),
             "--fs".into(),
             "tag=hpmem,dir={WORK}/share".into(),
         ],

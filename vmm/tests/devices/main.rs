@@ -14,8 +14,8 @@
 //!
 //! | boot | kvm | qemu |
 //! | --- | --- | --- |
-//! | `dev1` | boot, rng, vsock hybrid, blk, fs, net userspace (TAP fd), hostile guest | boot, rng, vsock vhost, blk, fs, net vhost |
-//! | `dev2` | boot, vsock vhost, net vhost, CPU hotplug, memory hotplug (512 + 256 MiB, a virtio-fs share reading into it), fs kill | boot, net tap, fs kill |
+//! | `dev1` | boot, rng, vsock hybrid, blk, fs, net userspace (TAP fd), memory hotplug (512 + 256 MiB, a virtio-fs share reading into it), hostile guest | boot, rng, vsock vhost, blk, fs, net vhost |
+//! | `dev2` | boot, vsock vhost, net vhost, CPU hotplug, fs kill | boot, net tap, fs kill |
 //!
 //! and the boot matrix spread over them, no variant needing a boot of its own:
 //!
@@ -174,6 +174,7 @@ fn boots(a: &Assets) -> Vec<Scenario> {
             ];
             // Last: it leaves the devices unusable.
             if backend == "kvm" {
+                devices.push(hotplug::memory_part(512, 256));
                 let windows = hostile::device_count(&devices);
                 devices.push(hostile::part(a.hostile, windows));
             }
@@ -200,7 +201,6 @@ fn boots(a: &Assets) -> Vec<Scenario> {
                 devices.push(vsock::vhost(a.tool, big));
                 devices.push(net::part(net::Variant::Vhost));
                 devices.push(hotplug::part(cpus, max_cpus));
-                devices.push(hotplug::memory_part(512, 256));
             } else {
                 devices.push(net::part(net::Variant::QemuTap));
             }
