@@ -1,7 +1,11 @@
 //! Runs virtio device scenarios in real guests: each scenario boots `beacon-vmm`
 //! on every (backend, kernel) pair it asks for, with its device flags and a
 //! guest initrd whose init runs the scenario's checks, and reads the results back
-//! from the console. All boots of one call share one lab VM on hosts without
+//! from the console. Each boot's console and the VMM's log (stderr) are
+//! written to files of their own (`$CONSOLE` and `$CASE_WORK/vmm.log`) and
+//! printed one after the other when the boot ends, so a log line never splits
+//! a console line; host shell can follow the guest's progress in `$CONSOLE`
+//! while it runs. All boots of one call share one lab VM on hosts without
 //! hardware KVM; so may raw shell sections ([`RawSection`]) that need the lab but
 //! not a device guest.
 //!
@@ -134,6 +138,11 @@ impl Default for Scenario {
         }
     }
 }
+
+/// The lines around the VMM's own log (its stderr) in a case's output, which
+/// comes after the console's.
+const VMM_LOG: &str = "=== VMM-LOG";
+const VMM_LOG_END: &str = "=== VMM-LOG-END";
 
 /// Marker lines that delimit a part's own output in a combined case.
 fn marker(kind: &str, part: &str) -> String {
@@ -326,8 +335,11 @@ pub fn run_in_one_lab(
                 } else {
                     ""
                 };
+                // The console and the VMM's log go to files of their own and
+                // are printed after the boot: one stream for both let a log
+                // line land inside a console line and hide it from `expect`.
                 let body = format!(
-                    "export CASE={} WORK={} CASE_WORK={} BACKEND={backend} GUEST_KERNEL={kname}\n{warm}{}\nNO_COLOR=1 {} 2>&1\nrc=$?\n{}\n[ $? -eq 0 ] || {{ echo HOST-AFTER-FAILED; [ $rc -ne 0 ] || rc=99; }}\n(exit $rc)",
+                    "export CASE={} WORK={} CASE_WORK={} BACKEND={backend} GUEST_KERNEL={kname}\nexport CONSOLE=\"$CASE_WORK/console.out\"\n{warm}{}\nNO_COLOR=1 {} >\"$CONSOLE\" 2>\"$CASE_WORK/vmm.log\"\nrc=$?\ncat \"$CONSOLE\"\necho '{VMM_LOG}'\ncat \"$CASE_WORK/vmm.log\"\necho '{VMM_LOG_END}'\n{}\n[ $? -eq 0 ] || {{ echo HOST-AFTER-FAILED; [ $rc -ne 0 ] || rc=99; }}\n(exit $rc)",
                     sh_quote(&name),
                     sh_quote(&work_s),
                     sh_quote(&work_s),
