@@ -2,9 +2,11 @@
 //! its client (`beacon-vmm ctl`).
 //!
 //! One JSON object per line each way, on a unix socket only its owner may use
-//! (mode 0600). Requests: `{"op":"info"}` and
+//! (mode 0600). Requests: `{"op":"info"}`,
 //! `{"op":"resize","cpus":N,"memory_mib":M}` (either or both; `memory_mib` is
-//! the new total); replies: `{"ok":true,...}` with the VM's figures, or `{"ok":false,"error":
+//! the new total) and `{"op":"devices"}` (every virtio device's transport and
+//! ring state, [`VirtioReport`], for a stalled device); replies:
+//! `{"ok":true,...}` with the VM's figures, or `{"ok":false,"error":
 //! "..."}`. A request line longer than [`MAX_REQUEST`] bytes, one that is not
 //! JSON or names an unknown operation gets an error reply; the VM keeps
 //! running whatever arrives. Connections are served one at a time, and a
@@ -24,7 +26,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::VmBackend;
+use crate::backend::{VirtioReport, VmBackend};
 
 /// The longest request line accepted.
 pub const MAX_REQUEST: usize = 4096;
@@ -43,6 +45,8 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         memory_mib: Option<u64>,
     },
+    /// The virtio devices' state ([`VirtioReport`]).
+    Devices {},
 }
 
 /// The VM's figures, in every successful reply.
@@ -63,6 +67,9 @@ pub struct Reply {
     pub error: Option<String>,
     #[serde(flatten, skip_serializing_if = "Option::is_none", default)]
     pub info: Option<Info>,
+    /// For `devices`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub devices: Option<Vec<VirtioReport>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +111,7 @@ fn failure(error: String) -> Reply {
         ok: false,
         error: Some(error),
         info: None,
+        devices: None,
     }
 }
 
@@ -113,12 +121,14 @@ pub fn handle(vm: &dyn VmBackend, line: &str) -> Reply {
         Ok(r) => r,
         Err(e) => {
             return failure(format!(
-                "not a request ({e}); send {{\"op\":\"info\"}} or {{\"op\":\"resize\",\"cpus\":N,\"memory_mib\":M}}"
+                "not a request ({e}); send {{\"op\":\"info\"}}, {{\"op\":\"resize\",\"cpus\":N,\"memory_mib\":M}} or {{\"op\":\"devices\"}}"
             ))
         }
     };
+    let mut devices = None;
     let outcome = match request {
         Request::Info {} => Ok(()),
+        Request::Devices {} => vm.virtio_report().map(|d| devices = Some(d)),
         Request::Resize {
             cpus: None,
             memory_mib: None,
@@ -135,6 +145,7 @@ pub fn handle(vm: &dyn VmBackend, line: &str) -> Reply {
             ok: true,
             error: None,
             info: Some(info(vm)),
+            devices,
         },
         Err(e) => failure(e.to_string()),
     }
@@ -348,6 +359,11 @@ mod tests {
         let r = handle(vm.as_ref(), r#"{"op":"resize","memory_mib":512,"cpus":2}"#);
         assert!(r.ok, "{r:?}");
         assert_eq!((vm.vcpu_count(), vm.memory_mib()), (2, 512));
+        // A backend without device reports says so (the KVM backend's are
+        // checked with a real VM in kvm::tests).
+        let r = handle(vm.as_ref(), r#"{"op":"devices"}"#);
+        assert!(!r.ok);
+        assert!(r.error.unwrap_or_default().contains("KVM backend only"));
         for bad in [
             "",
             "garbage",
@@ -356,6 +372,7 @@ mod tests {
             r#"{"op":"resize","cpus":-1}"#,
             r#"{"op":"resize","cpus":1000}"#,
             r#"{"op":"info","extra":1}"#,
+            r#"{"op":"devices","queue":1}"#,
             r#"{"op":"resize","memory_mib":-5}"#,
             r#"{"op":"resize","memory_mib":"lots"}"#,
         ] {

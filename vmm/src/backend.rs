@@ -8,6 +8,8 @@
 
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use crate::config::ConfigError;
 
 /// Which implementation runs the VM.
@@ -138,6 +140,34 @@ impl VmError {
 }
 
 /// One VM, however it is run.
+/// One virtio device as the host sees it now (`beacon-vmm ctl devices`): its
+/// place, its interrupt pin as the guest programmed it, and its transport's
+/// registers and ring indexes, for finding out why a device stalled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioReport {
+    /// What it is ("net", "vsock", ...).
+    pub kind: String,
+    pub mmio_base: u64,
+    pub gsi: u32,
+    /// Its pin in the interrupt controller (`None`: the backend could not read it).
+    pub pin: Option<IoapicPin>,
+    #[serde(flatten)]
+    pub transport: beacon_devices::virtio::TransportState,
+}
+
+/// One IOAPIC redirection entry as the guest programmed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoapicPin {
+    pub vector: u8,
+    pub masked: bool,
+    pub level_triggered: bool,
+    /// Level-triggered: delivered and not yet EOIed by the guest.
+    pub remote_irr: bool,
+    pub destination: u8,
+    /// The pin's request bit: an interrupt waits to be delivered.
+    pub pending: bool,
+}
+
 pub trait VmBackend: Send + Sync {
     /// Which implementation this is.
     fn kind(&self) -> BackendKind;
@@ -184,6 +214,14 @@ pub trait VmBackend: Send + Sync {
     /// memory hotplug); returns the new total. Only while running; on error
     /// the VM keeps what the error reports.
     fn resize_memory(&self, total_mib: u64) -> Result<u64, VmError>;
+
+    /// Every virtio device's state now ([`VirtioReport`]), in attach order.
+    fn virtio_report(&self) -> Result<Vec<VirtioReport>, VmError> {
+        Err(VmError::Unsupported(
+            "device reports come from the KVM backend only; for QEMU use its monitor (`info virtio`)"
+                .into(),
+        ))
+    }
 
     /// Milestones so far.
     fn boot_times(&self) -> BootTimes;

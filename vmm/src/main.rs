@@ -45,6 +45,9 @@ struct CtlArgs {
 enum CtlAction {
     /// Print the VM's figures as JSON.
     Info,
+    /// Print every virtio device's transport and ring state as JSON (why is
+    /// a device stalled?).
+    Devices,
     /// Hot-add or hot-remove vCPUs and memory: --cpus N and --memory MiB
     /// are the new totals (either or both).
     #[command(arg_required_else_help = true)]
@@ -180,6 +183,7 @@ fn main() -> ExitCode {
 fn ctl_main(ctl: CtlArgs) -> ExitCode {
     let request = match ctl.action {
         CtlAction::Info => beacon_vmm::api::Request::Info {},
+        CtlAction::Devices => beacon_vmm::api::Request::Devices {},
         CtlAction::Resize { cpus, memory } => beacon_vmm::api::Request::Resize {
             cpus,
             memory_mib: memory,

@@ -13,11 +13,15 @@
 //! Queue notifications normally never reach this code: the VMM registers an
 //! ioeventfd on [`NOTIFY_REG_OFFSET`] per queue. A write that does arrive here
 //! (no ioeventfd, or tests) is forwarded to the same eventfd.
+//!
+//! [`MmioTransport::state`] reads a device's registers and the indexes of its
+//! rings for the host (`beacon-vmm ctl devices`: why is a queue stalled?); it
+//! reads guest memory without trusting it and never changes anything.
 
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddressSpace;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{
@@ -72,6 +76,65 @@ mod reg {
     pub const SHM_LEN_LOW: u64 = 0xb0;
     pub const SHM_LEN_HIGH: u64 = 0xb4;
     pub const CONFIG_GENERATION: u64 = 0xfc;
+}
+
+/// A device's transport state, for the host's eyes only ([`MmioTransport::state`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    pub device_type: u32,
+    /// The device status register.
+    pub status: u32,
+    /// Whether the device was handed its queues (DRIVER_OK accepted).
+    pub activated: bool,
+    /// InterruptStatus: bits raised and not yet acknowledged by the driver.
+    pub interrupt_status: u32,
+    pub acked_features: u64,
+    pub queues: Vec<QueueState>,
+}
+
+/// One queue's configuration and ring indexes. The ring fields are read from
+/// guest memory at the moment of the call; `None` where the ring is not
+/// configured or its address is not guest RAM.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueState {
+    pub ready: bool,
+    pub size: u16,
+    pub avail_flags: Option<u16>,
+    /// The driver's next available index.
+    pub avail_idx: Option<u16>,
+    /// With VIRTIO_RING_F_EVENT_IDX: the used index the driver wants an
+    /// interrupt at.
+    pub used_event: Option<u16>,
+    pub used_flags: Option<u16>,
+    /// The device's next used index.
+    pub used_idx: Option<u16>,
+    /// With VIRTIO_RING_F_EVENT_IDX: the available index the device wants a
+    /// notification at.
+    pub avail_event: Option<u16>,
+}
+
+/// One queue's state; `mem` is read at the ring addresses the driver set.
+fn queue_state(q: &Queue, mem: &impl vm_memory::GuestMemory) -> QueueState {
+    let read = |base: u64, offset: u64| -> Option<u16> {
+        let addr = base.checked_add(offset)?;
+        mem.read_obj::<u16>(GuestAddress(addr)).ok()
+    };
+    let size = q.size();
+    let ring = 2 * u64::from(size);
+    let (avail, used) = (q.avail_ring(), q.used_ring());
+    let configured = q.ready() || avail != 0 || used != 0;
+    let at = |base: u64, offset: u64| if configured { read(base, offset) } else { None };
+    QueueState {
+        ready: q.ready(),
+        size,
+        avail_flags: at(avail, 0),
+        avail_idx: at(avail, 2),
+        used_event: at(avail, 4 + ring),
+        used_flags: at(used, 0),
+        used_idx: at(used, 2),
+        // Used ring elements are 8 bytes each.
+        avail_event: at(used, 4 + 4 * ring),
+    }
 }
 
 /// One virtio device's register block.
@@ -160,6 +223,19 @@ impl MmioTransport {
     /// Features the driver accepted.
     pub fn acked_features(&self) -> u64 {
         self.acked_features
+    }
+
+    /// The registers and ring indexes now (see [`TransportState`]).
+    pub fn state(&self) -> TransportState {
+        let mem = self.mem.memory();
+        TransportState {
+            device_type: beacon_common::lock(&self.device).device_type(),
+            status: self.status,
+            activated: self.activated,
+            interrupt_status: self.interrupt.status(),
+            acked_features: self.acked_features,
+            queues: self.queues.iter().map(|q| queue_state(q, &*mem)).collect(),
+        }
     }
 
     fn protocol_error(&mut self, what: std::fmt::Arguments<'_>) {

@@ -34,5 +34,5 @@ pub use device::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 pub use events::VirtioSubscriber;
-pub use mmio::{MmioTransport, MMIO_REGION_SIZE, NOTIFY_REG_OFFSET};
+pub use mmio::{MmioTransport, QueueState, TransportState, MMIO_REGION_SIZE, NOTIFY_REG_OFFSET};
 pub use queue::{return_used, serve_queue, ChainOutcome, Served};

@@ -286,6 +286,10 @@ impl VmBackend for KvmVm {
         self.memory.resize(total_mib)
     }
 
+    fn virtio_report(&self) -> Result<Vec<crate::backend::VirtioReport>, VmError> {
+        Ok(lock(&self.devices).virtio_states())
+    }
+
     fn exit_stats(&self) -> Option<crate::backend::ExitStats> {
         Some(self.cpus.exit_stats())
     }

@@ -904,3 +904,27 @@ fn exits_are_counted_by_port_and_by_kvm() {
         "KVM's own counters (KVM_GET_STATS_FD, Linux 5.14+) missing or short: {stats}"
     );
 }
+
+#[test]
+fn virtio_devices_are_reported_with_their_interrupt_pins() {
+    if !kvm_here_or_in_lab("kvm::tests::virtio_devices_are_reported_with_their_interrupt_pins") {
+        return;
+    }
+    let _serial = VM_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut config = guest_config(HALT_FOREVER, 1, tmp.path());
+    config.devices = vec![crate::config::DeviceConfig::Rng];
+    let vm = KvmVm::create(config).expect("create");
+    let report = vm.virtio_report().expect("report");
+    assert_eq!(report.len(), 1, "{report:?}");
+    let rng = &report[0];
+    assert_eq!(rng.kind, "rng");
+    assert_eq!(rng.transport.device_type, 4);
+    assert!(!rng.transport.activated);
+    assert_eq!(rng.transport.queues.len(), 1);
+    assert_eq!(rng.transport.queues[0].used_idx, None, "no ring yet");
+    let pin = rng.pin.expect("KVM's IOAPIC state");
+    assert!(pin.masked, "nobody programmed the pin yet: {pin:?}");
+    let json = serde_json::to_string(&report).expect("json");
+    assert!(json.contains(r#""kind":"rng""#), "{json}");
+}

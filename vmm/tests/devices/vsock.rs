@@ -78,17 +78,35 @@ fn host_jobs(tool: &Path, big: u64, server: &str, client: &str, many: &str) -> S
     format!(
         r#"
 T={t}
+start=$(cut -d. -f1 /proc/uptime)
 pids=""
 job() {{ name=$1; shift; ( "$T" --timeout-secs 900 "$@" >"$WORK/$name.out" 2>&1; echo "rc=$?" >>"$WORK/$name.out" ) & pids="$pids $!"; }}
 job hs-big serve {s0} --label host-server-big --bytes {big}
 job hs-many serve {s1} --label host-server-many --conns {MANY} --bytes {SMALL} {many}
 job hc-big connect {c0} --label host-client-big --bytes {big} --retry-secs 300
 job hc-many connect {c1} --label host-client-many --conns {MANY} --bytes {SMALL} --retry-secs 300 {many}
+# A stall report: while jobs still run at 300 s and 420 s, the virtio
+# devices' state from the boot's control socket, if one of its parts serves
+# one (`beacon-vmm ctl devices`; the CPU-hotplug part's, on our VMM).
+(
+    for at in 300 420; do
+        while [ $(($(cut -d. -f1 /proc/uptime) - start)) -lt $at ]; do
+            grep -L '^rc=' "$WORK"/h?-*.out 2>/dev/null | grep -q . || exit 0
+            sleep 2
+        done
+        for sock in "$CASE_WORK"/*/api.sock; do
+            [ -S "$sock" ] || continue
+            echo "at ${{at}} s:"
+            {vmm} ctl --socket "$sock" --timeout-secs 10 devices
+        done >>"$WORK/stall-report"
+    done
+) &
 "#,
         s0 = srv(6000),
         s1 = srv(6001),
         c0 = cli(5000),
         c1 = cli(5001),
+        vmm = sh_quote(VMM),
     )
 }
 
@@ -101,6 +119,7 @@ if [ $rc -ne 0 ]; then for p in $pids; do pkill -P $p 2>/dev/null; kill $p 2>/de
 wait $pids
 hrc=0
 for f in hs-big hs-many hc-big hc-many; do cat "$WORK/$f.out"; grep -q '^rc=0$' "$WORK/$f.out" || hrc=1; done
+if [ -s "$WORK/stall-report" ]; then echo "VSOCK-STALL-REPORT"; cat "$WORK/stall-report"; fi
 "#;
 
 /// Every end's checksum line.

@@ -182,3 +182,44 @@ fn hostile_register_traffic_never_panics() {
     h.write32(reg::STATUS, 0);
     assert_eq!(h.bring_up(0, &[DriverQueue::new(0x10_0000, 64)]), 0xf);
 }
+
+#[test]
+fn state_reports_registers_and_ring_indexes_without_trusting_them() {
+    let mut h = rng_harness();
+    let before = h.transport.state();
+    assert!(!before.activated);
+    assert_eq!(before.device_type, 4);
+    assert_eq!(before.queues.len(), 1);
+    assert_eq!(before.queues[0].avail_idx, None, "no ring configured yet");
+
+    let mut q = DriverQueue::new(0x10_0000, 64);
+    h.bring_up(VIRTIO_RING_F_EVENT_IDX, &[q.clone()]);
+    let m = h.mem.memory();
+    q.set_avail_idx(&h.mem, 7);
+    m.write_obj(5u16, GuestAddress(q.avail + 4 + 2 * 64))
+        .expect("used_event");
+    m.write_obj(3u16, GuestAddress(q.used + 2))
+        .expect("used idx");
+    m.write_obj(6u16, GuestAddress(q.used + 4 + 8 * 64))
+        .expect("avail_event");
+    h.interrupt.signal_used_queue();
+    let s = h.transport.state();
+    assert!(s.activated);
+    assert_eq!(s.status, 0xf);
+    assert_eq!(s.interrupt_status, 1);
+    assert_ne!(s.acked_features & VIRTIO_RING_F_EVENT_IDX, 0);
+    let qs = &s.queues[0];
+    assert!(qs.ready);
+    assert_eq!(qs.size, 64);
+    assert_eq!(
+        (qs.avail_idx, qs.used_event, qs.used_idx, qs.avail_event),
+        (Some(7), Some(5), Some(3), Some(6))
+    );
+
+    // A ring the guest put outside its memory reads as unknown, not a panic.
+    let mut h = rng_harness();
+    let far = DriverQueue::new(1 << 40, 64);
+    h.bring_up(0, &[far]);
+    let s = h.transport.state();
+    assert_eq!(s.queues[0].used_idx, None);
+}

@@ -27,7 +27,7 @@ use beacon_devices::Bus;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::backend::VmError;
+use crate::backend::{IoapicPin, VirtioReport, VmError};
 use crate::config::ConsoleConfig;
 use crate::kvm::builder::hv;
 use crate::kvm::console::{ConsoleBuffer, ConsoleOutput, SharedSerial};
@@ -60,6 +60,8 @@ pub struct HotplugInfo {
 struct AttachedVirtio {
     info: VirtioMmioInfo,
     device: Arc<Mutex<dyn VirtioDevice>>,
+    /// Its register block (also on the MMIO bus), for [`DeviceManager::virtio_states`].
+    transport: Arc<Mutex<MmioTransport>>,
     /// The irqfd; kept open for the life of the VM.
     _irq: EventFd,
 }
@@ -173,7 +175,7 @@ impl DeviceManager {
             self.resources.free_mmio(base, MMIO_REGION_SIZE);
             self.resources.free_gsi(gsi);
         }
-        let irq = attached?;
+        let (irq, transport) = attached?;
         let info = VirtioMmioInfo { kind, base, gsi };
         tracing::debug!(
             kind,
@@ -185,6 +187,7 @@ impl DeviceManager {
         self.virtio.push(AttachedVirtio {
             info: info.clone(),
             device,
+            transport,
             _irq: irq,
         });
         Ok(info)
@@ -197,7 +200,7 @@ impl DeviceManager {
         queues: usize,
         base: u64,
         gsi: u32,
-    ) -> Result<EventFd, VmError> {
+    ) -> Result<(EventFd, Arc<Mutex<MmioTransport>>), VmError> {
         let io = |what: &'static str| {
             move |e: std::io::Error| VmError::Device {
                 device: kind.into(),
@@ -239,8 +242,9 @@ impl DeviceManager {
             dup(&queue_events)?,
         )
         .map_err(io("building its virtio-mmio transport"))?;
+        let transport = Arc::new(Mutex::new(transport));
         self.mmio_bus
-            .insert(base, MMIO_REGION_SIZE, Arc::new(Mutex::new(transport)))
+            .insert(base, MMIO_REGION_SIZE, transport.clone())
             .map_err(|e| VmError::Device {
                 device: kind.into(),
                 reason: e.to_string(),
@@ -253,7 +257,7 @@ impl DeviceManager {
             self.mmio_bus.remove(base);
             return Err(e);
         }
-        Ok(irq)
+        Ok((irq, transport))
     }
 
     /// Attach the hotplug controller (its MMIO page and the level-triggered
@@ -328,6 +332,56 @@ impl DeviceManager {
     /// guest memory changes).
     pub fn virtio_handles(&self) -> Vec<Arc<Mutex<dyn VirtioDevice>>> {
         self.virtio.iter().map(|d| d.device.clone()).collect()
+    }
+
+    /// Every virtio device's transport and ring state now, in attach order,
+    /// with its interrupt pin as the guest programmed it in the IOAPIC.
+    pub fn virtio_states(&self) -> Vec<VirtioReport> {
+        let pins = self.ioapic_pins();
+        self.virtio
+            .iter()
+            .map(|d| VirtioReport {
+                kind: d.info.kind.into(),
+                mmio_base: d.info.base,
+                gsi: d.info.gsi,
+                transport: beacon_common::lock(&d.transport).state(),
+                pin: pins
+                    .as_ref()
+                    .and_then(|p| p.get(d.info.gsi as usize))
+                    .copied(),
+            })
+            .collect()
+    }
+
+    /// The IOAPIC's redirection entries with its pending-interrupt bits
+    /// folded in (KVM_GET_IRQCHIP), or `None` if KVM would not say.
+    fn ioapic_pins(&self) -> Option<Vec<IoapicPin>> {
+        let mut chip = kvm_bindings::kvm_irqchip {
+            chip_id: kvm_bindings::KVM_IRQCHIP_IOAPIC,
+            ..Default::default()
+        };
+        if let Err(e) = self.vm.get_irqchip(&mut chip) {
+            tracing::debug!("KVM_GET_IRQCHIP (IOAPIC): {e}");
+            return None;
+        }
+        // SAFETY: chip_id is the IOAPIC, so KVM filled the `ioapic` member.
+        let ioapic = unsafe { chip.chip.ioapic };
+        Some(
+            (0..ioapic.redirtbl.len())
+                .map(|pin| {
+                    // SAFETY: every redirection entry is a plain u64 (`bits`).
+                    let bits = unsafe { ioapic.redirtbl[pin].bits };
+                    IoapicPin {
+                        vector: (bits & 0xff) as u8,
+                        remote_irr: bits & (1 << 14) != 0,
+                        level_triggered: bits & (1 << 15) != 0,
+                        masked: bits & (1 << 16) != 0,
+                        destination: (bits >> 56) as u8,
+                        pending: ioapic.irr & (1 << pin) != 0,
+                    }
+                })
+                .collect(),
+        )
     }
 
     /// The attached virtio-mmio devices, in attach order.
