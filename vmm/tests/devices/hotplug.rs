@@ -12,15 +12,24 @@
 //! added vCPUs again: the guest ejects them, their threads end, the guest's
 //! CPU count is back to the boot count and `ctl info` agrees.
 //!
-//! Known problem, not understood: vhost-vsock on our VMM sometimes stalls or
-//! loses a connection's data in the stock kernel's `dev2` boot (4 of about
-//! 16 such boots; never under QEMU). It first showed with vCPUs hot-added
-//! during boot, so the host waits for the vsock part's host jobs to end
-//! before it adds vCPUs; but it also happened with nothing hot-added yet, so
-//! hotplug is not its cause. The vsock part prints the guest's virtio
-//! interrupt counts when it fails. Since the wait, no automated test raises
-//! the GED before the guest's driver is up (checked by hand in the lab on
-//! both kernels: the request waits and is answered once the driver binds).
+//! The host adds vCPUs only once the guest runs this part (it prints
+//! `HOTPLUG-GUEST-WAITING`, read from `$CONSOLE`), never while other parts of
+//! the boot still run. Found this way: with the stock kernel booted on one
+//! vCPU, a hot-add during the vsock part's 130 connections and two 8 MiB
+//! streams made vhost-vsock stop for good in 2 of 8 such boots on a loaded
+//! lab. `beacon-vmm ctl devices` showed both sides stopped, each waiting for
+//! the other: every RX buffer the guest had posted was used (avail = used =
+//! 10240) but the guest had not taken them since 9984 (its `used_event`), and
+//! 256 TX buffers sat unconsumed with vhost no longer asking for kicks; no
+//! interrupt was pending and the pin was unmasked. That is Linux's vsock
+//! reply throttle on both ends (the guest stops RX while too many of its
+//! replies wait for TX room; vhost stops TX while too many of its replies wait
+//! for RX room), set off, as far as these runs tell, by the guest's only vCPU
+//! spending seconds in the hot-add's ACPI methods while connections time out
+//! and retry. Not a lost interrupt of ours, and not fixed here (see the
+//! vsock part's doc). Since the wait no automated test raises the GED before
+//! the guest's driver is up (checked by hand in the lab on both kernels: the
+//! request waits and is answered once the driver binds).
 
 use beacon_tests::device_suite::Scenario;
 use beacon_tests::script::sh_quote;
@@ -49,7 +58,7 @@ hp_job() {{
     out=$(ctl resize --cpus {too_many}); rc=$?
     [ $rc -eq 1 ] && echo "HOTPLUG-HOST-REFUSED-TOO-MANY" || echo "HOTPLUG-HOST-TOO-MANY-NOT-REFUSED ($rc) $out"
     # Only once the guest runs this part, not while other parts of the boot
-    # still run (see the module doc).
+    # still run (see the module doc for what a hot-add under vsock load did).
     i=0
     while ! grep -q '^HOTPLUG-GUEST-WAITING' "$CONSOLE" 2>/dev/null; do
         [ $i -gt 100 ] && ! pgrep -f "beacon.case=$CASE" >/dev/null && {{ echo "HOTPLUG-HOST-VM-GONE before the guest came"; return 1; }}

@@ -40,9 +40,10 @@ const SMALL: u64 = 256 << 10;
 /// connection the guest does not answer within 30 s, and the guest's answers
 /// queue behind its own stream data (seen on a slow CI machine). Not on
 /// vhost-vsock, where the kernel has no such timeout. (vhost-vsock on our
-/// backend lost a connection's data or hung in 3 of 7 `make test` runs this
-/// stop, with and without this burst; two of them had hot-added vCPUs present
-/// but offline, see `hotplug.rs`. Cause not found.)
+/// backend hung for good in some `make test` runs while a vCPU was hot-added
+/// during this part: both kernels' vsock reply throttles engaged at once, see
+/// `hotplug.rs`; a stalled part prints `VSOCK-STALL-REPORT`, the devices'
+/// ring state at 300 s and 420 s.)
 const HYBRID_MANY: &str = "--open-all-first";
 
 /// Guest side: serve 5000 (one big) and 5001 (many), connect to the host's
