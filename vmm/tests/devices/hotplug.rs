@@ -16,20 +16,21 @@
 //! `HOTPLUG-GUEST-WAITING`, read from `$CONSOLE`), never while other parts of
 //! the boot still run. Found this way: with the stock kernel booted on one
 //! vCPU, a hot-add during the vsock part's 130 connections and two 8 MiB
-//! streams made vhost-vsock stop for good in 2 of 8 such boots on a loaded
-//! lab. `beacon-vmm ctl devices` showed both sides stopped, each waiting for
-//! the other: every RX buffer the guest had posted was used (avail = used =
-//! 10240) but the guest had not taken them since 9984 (its `used_event`), and
-//! 256 TX buffers sat unconsumed with vhost no longer asking for kicks; no
-//! interrupt was pending and the pin was unmasked. That is Linux's vsock
-//! reply throttle on both ends (the guest stops RX while too many of its
-//! replies wait for TX room; vhost stops TX while too many of its replies wait
-//! for RX room), set off, as far as these runs tell, by the guest's only vCPU
-//! spending seconds in the hot-add's ACPI methods while connections time out
-//! and retry. Not a lost interrupt of ours, and not fixed here (see the
-//! vsock part's doc). Since the wait no automated test raises the GED before
-//! the guest's driver is up (checked by hand in the lab on both kernels: the
-//! request waits and is answered once the driver binds).
+//! streams made vhost-vsock stop for good in 2 of 9 such boots, both on the
+//! busiest lab runs. `beacon-vmm ctl devices` showed both sides stopped, each
+//! waiting for the other: every RX buffer the guest had posted was used
+//! (avail = used = 10240) but the guest had not taken them since 9984 (its
+//! `used_event`), and 256 TX buffers sat unconsumed with vhost no longer
+//! asking for kicks; no interrupt was pending and the pin was unmasked. That
+//! matches Linux's vsock reply throttle engaging on both ends (the guest stops
+//! RX while too many of its replies wait for TX room; vhost stops TX while too
+//! many of its replies wait for RX room), set off, as far as these runs tell,
+//! by the guest's only vCPU spending seconds in the hot-add's ACPI methods
+//! while connections time out and retry. Not a lost interrupt of ours, and
+//! not fixed here (see the vsock part's doc). Since the wait no automated
+//! test raises the GED before the guest's driver is up (checked by hand in
+//! the lab on both kernels: the request waits and is answered once the
+//! driver binds).
 
 use beacon_tests::device_suite::Scenario;
 use beacon_tests::script::sh_quote;
