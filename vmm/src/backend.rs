@@ -139,7 +139,6 @@ impl VmError {
     }
 }
 
-/// One VM, however it is run.
 /// One virtio device as the host sees it now (`beacon-vmm ctl devices`): its
 /// place, its interrupt pin as the guest programmed it, and its transport's
 /// registers and ring indexes, for finding out why a device stalled.
@@ -168,6 +167,7 @@ pub struct IoapicPin {
     pub pending: bool,
 }
 
+/// One VM, however it is run.
 pub trait VmBackend: Send + Sync {
     /// Which implementation this is.
     fn kind(&self) -> BackendKind;

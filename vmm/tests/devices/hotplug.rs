@@ -10,7 +10,9 @@
 //! a loop pinned to the last one; the host sees that vCPU thread's CPU time
 //! grow, which proves the guest really runs on it. Then the host removes the
 //! added vCPUs again: the guest ejects them, their threads end, the guest's
-//! CPU count is back to the boot count and `ctl info` agrees.
+//! CPU count is back to the boot count and `ctl info` agrees. Before adding,
+//! the host also checks `ctl devices` on the running guest: activated
+//! devices whose rings have moved.
 //!
 //! The host adds vCPUs only once the guest runs this part (it prints
 //! `HOTPLUG-GUEST-WAITING`, read from `$CONSOLE`), never while other parts of
@@ -66,6 +68,9 @@ hp_job() {{
         i=$((i + 1)); [ $i -gt 18000 ] && {{ echo "HOTPLUG-HOST-GUEST-NEVER-CAME"; return 1; }}
         sleep 0.1
     done
+    # The device report of a running guest: devices activated, rings moved.
+    out=$(ctl devices) && echo "$out" | grep -q '"activated":true' && echo "$out" | grep -q '"used_idx":[1-9]' \
+        && echo "HOTPLUG-HOST-DEVICES-REPORTED" || echo "HOTPLUG-HOST-DEVICES-WRONG $out"
     added=""
     for attempt in 1 2 3 4 5; do
         if out=$(ctl resize --cpus {max}); then added=1; break; fi
@@ -143,6 +148,7 @@ echo "HOTPLUG-GUEST-REMOVED $n"
         expect: vec![
             "HOTPLUG-HOST-REFUSED-ZERO".into(),
             "HOTPLUG-HOST-REFUSED-TOO-MANY".into(),
+            "HOTPLUG-HOST-DEVICES-REPORTED".into(),
             "HOTPLUG-HOST-ADDED".into(),
             format!("HOTPLUG-GUEST-ONLINE {max}"),
             format!("HOTPLUG-HOST-BUSY-SEEN on vCPU {last}"),
