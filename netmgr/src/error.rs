@@ -51,6 +51,21 @@ pub enum NetError {
     )]
     SandboxNotAlive { sandbox_id: String, lock: PathBuf },
 
+    #[error(
+        "Subnet {subnet} of bridge {bridge} is already in use on this host: {owner}. Another \
+         network (containerd's example CNI config uses 10.88.0.0/16 too) owns it, and \
+         guests could not reach it. Choose a free subnet for beaconbox: set BEACON_SUBNET to \
+         the bridge address and prefix (e.g. BEACON_SUBNET=10.123.0.1/16; the pool follows, \
+         or set BEACON_POOL_RANGE inside it), then run `beacon-net recover-db` if leases of \
+         the old subnet exist"
+    )]
+    SubnetConflict {
+        subnet: String,
+        bridge: String,
+        /// What owns it: an address or a route, with its device.
+        owner: String,
+    },
+
     #[error("Invalid network configuration: {0}")]
     Config(String),
 
