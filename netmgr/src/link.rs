@@ -168,3 +168,152 @@ pub async fn delete_link(handle: &Handle, name: &str) -> Result<bool> {
         Err(e) => Err(NetError::netlink(format!("deleting link {name}"), e)),
     }
 }
+
+/// The kernel's `local` routing table (addresses of this host, checked as addresses).
+const RT_TABLE_LOCAL: u32 = 255;
+
+/// Whether `a/a_len` and `b/b_len` share an address.
+pub fn prefixes_overlap(a: Ipv4Addr, a_len: u8, b: Ipv4Addr, b_len: u8) -> bool {
+    let len = a_len.min(b_len).min(32);
+    if len == 0 {
+        return true;
+    }
+    let mask = u32::MAX << (32 - u32::from(len));
+    u32::from(a) & mask == u32::from(b) & mask
+}
+
+/// What already uses `subnet/prefix` on this host, other than the bridge `bridge`
+/// itself: an IPv4 address on another interface, or a route (any table but
+/// `local`, the default route excepted) through another device or none. `None`
+/// when the subnet is free. The text names the address or route and its device.
+pub async fn subnet_owner(
+    handle: &Handle,
+    bridge: &str,
+    subnet: Ipv4Addr,
+    prefix: u8,
+) -> Result<Option<String>> {
+    use netlink_packet_route::address::AddressAttribute;
+    use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteType};
+    use rtnetlink::RouteMessageBuilder;
+
+    let links = list_links(handle).await?;
+    let name_of = |index: u32| {
+        links
+            .iter()
+            .find(|m| m.header.index == index)
+            .and_then(link_name)
+            .map_or_else(|| format!("ifindex {index}"), str::to_string)
+    };
+    let bridge_index = links
+        .iter()
+        .find(|m| link_name(m) == Some(bridge))
+        .map(|m| m.header.index);
+
+    let addrs: Vec<_> = handle
+        .address()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| NetError::netlink("listing addresses", e))?;
+    for msg in addrs {
+        if Some(msg.header.index) == bridge_index {
+            continue;
+        }
+        let ip = msg.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(IpAddr::V4(ip)) | AddressAttribute::Address(IpAddr::V4(ip)) => {
+                Some(*ip)
+            }
+            _ => None,
+        });
+        if let Some(ip) = ip {
+            if prefixes_overlap(ip, msg.header.prefix_len, subnet, prefix) {
+                return Ok(Some(format!(
+                    "address {ip}/{} on {}",
+                    msg.header.prefix_len,
+                    name_of(msg.header.index)
+                )));
+            }
+        }
+    }
+
+    let routes: Vec<_> = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| NetError::netlink("listing routes", e))?;
+    for msg in routes {
+        let table = msg
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                RouteAttribute::Table(t) => Some(*t),
+                _ => None,
+            })
+            .unwrap_or(u32::from(msg.header.table));
+        let len = msg.header.destination_prefix_length;
+        if table == RT_TABLE_LOCAL
+            || len == 0
+            || matches!(
+                msg.header.kind,
+                RouteType::Local | RouteType::Broadcast | RouteType::Anycast | RouteType::Multicast
+            )
+        {
+            continue;
+        }
+        let dst = msg.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+            _ => None,
+        });
+        let oif = msg.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        });
+        let Some(dst) = dst else { continue };
+        if oif.is_some() && oif == bridge_index {
+            continue;
+        }
+        if prefixes_overlap(dst, len, subnet, prefix) {
+            let dev = oif.map_or_else(
+                || "no device".to_string(),
+                |i| format!("dev {}", name_of(i)),
+            );
+            let kind = match msg.header.kind {
+                RouteType::Unicast => String::new(),
+                other => format!("{other:?} ").to_lowercase(),
+            };
+            return Ok(Some(format!(
+                "route {kind}{dst}/{len} ({dev}, table {table})"
+            )));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefixes_overlap;
+
+    #[test]
+    fn overlap_is_symmetric_and_exact() {
+        let ip = |s: &str| s.parse().unwrap();
+        assert!(prefixes_overlap(ip("10.88.5.1"), 24, ip("10.88.0.0"), 16));
+        assert!(prefixes_overlap(ip("10.88.0.0"), 16, ip("10.88.5.1"), 24));
+        assert!(prefixes_overlap(ip("10.0.0.0"), 8, ip("10.88.0.0"), 16));
+        assert!(!prefixes_overlap(ip("10.89.0.0"), 16, ip("10.88.0.0"), 16));
+        assert!(!prefixes_overlap(
+            ip("192.168.1.7"),
+            32,
+            ip("10.88.0.0"),
+            16
+        ));
+        assert!(prefixes_overlap(
+            ip("10.88.255.255"),
+            32,
+            ip("10.88.0.0"),
+            16
+        ));
+    }
+}
