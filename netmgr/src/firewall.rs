@@ -1,12 +1,24 @@
-//! The two nftables tables of legacy mode, driven through the `nft` program (JSON,
-//! via the `nftables` crate):
+//! The host-wide nftables tables of legacy mode, driven through the `nft` program
+//! (JSON, via the `nftables` crate):
 //!
-//! * `beacon_runner_filter`: accept forwarding from the bridge and replies to it;
-//! * `beacon_runner_nat`: masquerade traffic leaving the subnet.
+//! * `beacon_runner_filter` (family `ip`):
+//!   - `forward` (policy accept, so other software's forwarding keeps working):
+//!     accept what comes from the bridge (the guests' NATed egress), accept
+//!     established/related traffic to the bridge (replies), drop the rest that goes
+//!     to the bridge (new connections into guests from outside);
+//!   - `input` (policy accept; our rules match only packets that came in through
+//!     the bridge): accept established/related (replies to the host's own
+//!     connections to guests), accept the configured [`HostService`]s
+//!     (`BEACON_HOST_ACCESS`, default none), drop everything else from the guests
+//!     to any host address, not only the gateway;
+//! * `beacon_runner_nat` (family `ip`): masquerade traffic leaving the subnet.
+//!
+//! The per-TAP anti-spoofing and guest isolation table is [`crate::guard`]'s.
 //!
 //! [`ensure`] replaces both tables' contents in one atomic batch (add, flush, add
 //! chains and rules), so running it any number of times leaves exactly one copy of
-//! each rule. [`remove`] deletes them. Never touches tables it does not own.
+//! each rule. [`remove`] deletes every beacon table, the guard's included. Never
+//! touches tables it does not own.
 
 use std::net::Ipv4Addr;
 
@@ -14,7 +26,7 @@ use nftables::helper::{self, NftablesError};
 use nftables::schema::Nftables;
 use serde_json::json;
 
-use crate::config::{FILTER_TABLE, NAT_TABLE};
+use crate::config::{HostService, FILTER_TABLE, GUARD_TABLE, NAT_TABLE};
 use crate::error::{NetError, Result};
 
 fn map_err(program: &str, action: &str, e: NftablesError) -> NetError {
@@ -47,7 +59,7 @@ fn nft_failure_detail(stdout: &str, stderr: &str) -> String {
         .unwrap_or_else(|| "nft exited with an error and printed nothing (run it by hand with the same ruleset: `beacon-net reconcile` refreshes the tables)".to_string())
 }
 
-fn apply(program: &str, action: &str, doc: serde_json::Value) -> Result<()> {
+pub(crate) fn apply(program: &str, action: &str, doc: serde_json::Value) -> Result<()> {
     let doc: Nftables = serde_json::from_value(doc).map_err(|e| NetError::Nft {
         action: action.to_string(),
         detail: format!("internal ruleset does not match the nftables schema: {e}"),
@@ -56,43 +68,105 @@ fn apply(program: &str, action: &str, doc: serde_json::Value) -> Result<()> {
         .map_err(|e| map_err(program, action, e))
 }
 
-/// The batch that (re)creates both tables.
-pub fn ruleset(bridge: &str, subnet: Ipv4Addr, prefix: u8) -> serde_json::Value {
-    let net = json!({"prefix": {"addr": subnet.to_string(), "len": prefix}});
-    let table = |name: &str| json!({"family": "ip", "name": name});
-    json!({"nftables": [
-        {"add": {"table": table(FILTER_TABLE)}},
-        {"flush": {"table": table(FILTER_TABLE)}},
-        {"add": {"chain": {"family": "ip", "table": FILTER_TABLE, "name": "forward",
-            "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}}},
-        {"add": {"rule": {"family": "ip", "table": FILTER_TABLE, "chain": "forward", "expr": [
-            {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": bridge}},
-            {"accept": null}]}}},
-        {"add": {"rule": {"family": "ip", "table": FILTER_TABLE, "chain": "forward", "expr": [
-            {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": bridge}},
-            {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}},
-            {"accept": null}]}}},
-        {"add": {"table": table(NAT_TABLE)}},
-        {"flush": {"table": table(NAT_TABLE)}},
-        {"add": {"chain": {"family": "ip", "table": NAT_TABLE, "name": "postrouting",
-            "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}}},
-        {"add": {"rule": {"family": "ip", "table": NAT_TABLE, "chain": "postrouting", "expr": [
-            {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": net}},
-            {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": net}},
-            {"masquerade": null}]}}},
-    ]})
+/// The match of one [`HostService`].
+fn service_match(service: &HostService) -> Vec<serde_json::Value> {
+    let ports = |proto: &str, first: u16, last: u16| {
+        let right = if first == last {
+            json!(first)
+        } else {
+            json!({"range": [first, last]})
+        };
+        vec![json!({"match": {"op": "==",
+            "left": {"payload": {"protocol": proto, "field": "dport"}}, "right": right}})]
+    };
+    match *service {
+        HostService::Tcp { first, last } => ports("tcp", first, last),
+        HostService::Udp { first, last } => ports("udp", first, last),
+        HostService::Icmp => vec![json!({"match": {"op": "==",
+            "left": {"payload": {"protocol": "ip", "field": "protocol"}}, "right": "icmp"}})],
+    }
 }
 
-/// Create or refresh both tables (idempotent, atomic).
-pub fn ensure(program: &str, bridge: &str, subnet: Ipv4Addr, prefix: u8) -> Result<()> {
+/// The batch that (re)creates the filter and NAT tables.
+pub fn ruleset(
+    bridge: &str,
+    subnet: Ipv4Addr,
+    prefix: u8,
+    host_access: &[HostService],
+) -> serde_json::Value {
+    let net = json!({"prefix": {"addr": subnet.to_string(), "len": prefix}});
+    let table = |name: &str| json!({"family": "ip", "name": name});
+    let from_bridge =
+        json!({"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": bridge}});
+    let to_bridge =
+        json!({"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": bridge}});
+    let established = json!({"match": {"op": "in", "left": {"ct": {"key": "state"}},
+        "right": ["established", "related"]}});
+    let rule = |chain: &str, expr: Vec<serde_json::Value>| json!({"add": {"rule": {"family": "ip", "table": FILTER_TABLE, "chain": chain, "expr": expr}}});
+    let accept = json!({"accept": null});
+    let drop = json!({"drop": null});
+    let mut cmds = vec![
+        json!({"add": {"table": table(FILTER_TABLE)}}),
+        json!({"flush": {"table": table(FILTER_TABLE)}}),
+        json!({"add": {"chain": {"family": "ip", "table": FILTER_TABLE, "name": "forward",
+            "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}}}),
+        rule("forward", vec![from_bridge.clone(), accept.clone()]),
+        rule(
+            "forward",
+            vec![to_bridge.clone(), established.clone(), accept.clone()],
+        ),
+        rule("forward", vec![to_bridge, drop.clone()]),
+        json!({"add": {"chain": {"family": "ip", "table": FILTER_TABLE, "name": "input",
+            "type": "filter", "hook": "input", "prio": 0, "policy": "accept"}}}),
+        rule(
+            "input",
+            vec![from_bridge.clone(), established, accept.clone()],
+        ),
+    ];
+    for service in host_access {
+        let mut expr = vec![from_bridge.clone()];
+        expr.extend(service_match(service));
+        expr.push(accept.clone());
+        cmds.push(rule("input", expr));
+    }
+    cmds.push(rule("input", vec![from_bridge, drop]));
+    cmds.extend([
+        json!({"add": {"table": table(NAT_TABLE)}}),
+        json!({"flush": {"table": table(NAT_TABLE)}}),
+        json!({"add": {"chain": {"family": "ip", "table": NAT_TABLE, "name": "postrouting",
+            "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}}}),
+        json!({"add": {"rule": {"family": "ip", "table": NAT_TABLE, "chain": "postrouting", "expr": [
+            {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": net}},
+            {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": net}},
+            {"masquerade": null}]}}}),
+    ]);
+    json!({ "nftables": cmds })
+}
+
+/// Create or refresh the filter and NAT tables (idempotent, atomic).
+pub fn ensure(
+    program: &str,
+    bridge: &str,
+    subnet: Ipv4Addr,
+    prefix: u8,
+    host_access: &[HostService],
+) -> Result<()> {
     apply(
         program,
         "creating the beacon nftables tables",
-        ruleset(bridge, subnet, prefix),
+        ruleset(bridge, subnet, prefix, host_access),
     )
 }
 
-/// Names of the beacon tables present in the current namespace.
+/// Every table this crate owns, as (family, name).
+const OWN_TABLES: [(&str, &str); 3] = [
+    ("ip", FILTER_TABLE),
+    ("ip", NAT_TABLE),
+    ("bridge", GUARD_TABLE),
+];
+
+/// Names of the beacon tables (filter, NAT, guard) present in the current
+/// namespace, sorted.
 pub fn present_tables(program: &str) -> Result<Vec<String>> {
     let out = helper::get_current_ruleset_raw(Some(program), ["list", "tables"])
         .map_err(|e| map_err(program, "listing nftables tables", e))?;
@@ -102,11 +176,9 @@ pub fn present_tables(program: &str) -> Result<Vec<String>> {
     })?;
     let mut names = Vec::new();
     for obj in doc["nftables"].as_array().into_iter().flatten() {
-        if let (Some("ip"), Some(name)) = (
-            obj["table"]["family"].as_str(),
-            obj["table"]["name"].as_str(),
-        ) {
-            if name == FILTER_TABLE || name == NAT_TABLE {
+        let table = &obj["table"];
+        if let (Some(family), Some(name)) = (table["family"].as_str(), table["name"].as_str()) {
+            if OWN_TABLES.contains(&(family, name)) {
                 names.push(name.to_string());
             }
         }
@@ -115,16 +187,22 @@ pub fn present_tables(program: &str) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Delete both tables; absent tables are fine.
+/// Whether every beacon table exists.
+pub fn all_tables_present(program: &str) -> Result<bool> {
+    Ok(present_tables(program)?.len() == OWN_TABLES.len())
+}
+
+/// Delete every beacon table (filter, NAT, guard); absent tables are fine.
 pub fn remove(program: &str) -> Result<()> {
     let present = present_tables(program)?;
-    if present.is_empty() {
+    let cmds: Vec<_> = OWN_TABLES
+        .iter()
+        .filter(|(_, name)| present.iter().any(|p| p == name))
+        .map(|(family, name)| json!({"delete": {"table": {"family": family, "name": name}}}))
+        .collect();
+    if cmds.is_empty() {
         return Ok(());
     }
-    let cmds: Vec<_> = present
-        .iter()
-        .map(|name| json!({"delete": {"table": {"family": "ip", "name": name}}}))
-        .collect();
     apply(
         program,
         "deleting the beacon nftables tables",
@@ -157,11 +235,41 @@ mod tests {
 
     #[test]
     fn ruleset_matches_the_nftables_schema() {
-        let doc = ruleset("beacon0", "10.88.0.0".parse().unwrap(), 16);
+        let doc = ruleset("beacon0", "10.88.0.0".parse().unwrap(), 16, &[]);
         let parsed: Nftables = serde_json::from_value(doc).unwrap();
-        assert_eq!(parsed.objects.len(), 9);
+        // Tables 2 x (add, flush), 3 chains, forward 3 rules, input 2, NAT 1.
+        assert_eq!(parsed.objects.len(), 13);
         let text = serde_json::to_string(&parsed).unwrap();
         assert!(text.contains("beacon_runner_filter") && text.contains("masquerade"));
+        assert!(text.contains("\"hook\":\"input\""), "{text}");
+    }
+
+    #[test]
+    fn host_access_becomes_one_input_rule_each() {
+        let services = HostService::parse_list("udp/53,tcp/8000-8010,icmp").unwrap();
+        let doc = ruleset("beacon0", "10.88.0.0".parse().unwrap(), 16, &services);
+        let parsed: Nftables = serde_json::from_value(doc.clone()).unwrap();
+        assert_eq!(parsed.objects.len(), 16);
+        let input: Vec<&serde_json::Value> = doc["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["add"]["rule"]["chain"] == "input")
+            .collect();
+        assert_eq!(input.len(), 5, "established, 3 services, drop");
+        let text = |i: usize| input[i].to_string();
+        assert!(
+            text(1).contains("\"udp\"") && text(1).contains("\"right\":53"),
+            "{}",
+            text(1)
+        );
+        assert!(text(2).contains("\"range\":[8000,8010]"), "{}", text(2));
+        assert!(text(3).contains("\"icmp\""), "{}", text(3));
+        assert!(text(4).contains("\"drop\""), "{}", text(4));
+        // Every input rule matches only traffic from the bridge.
+        let first = |r: &serde_json::Value| r["add"]["rule"]["expr"][0]["match"].clone();
+        assert!(input.iter().all(|r| first(r)
+            == json!({"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "beacon0"})));
     }
 
     #[test]
@@ -171,6 +279,7 @@ mod tests {
             "beacon0",
             "10.88.0.0".parse().unwrap(),
             16,
+            &[],
         )
         .unwrap_err();
         assert!(matches!(err, NetError::NftMissing { .. }), "{err}");

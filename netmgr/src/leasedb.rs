@@ -131,7 +131,9 @@ fn lock_path_of(path: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-fn lock_file(lock_path: &Path) -> std::io::Result<Flock<File>> {
+/// Take an exclusive `flock` on `lock_path` (created with its folder if missing),
+/// released when the returned value is dropped.
+pub(crate) fn lock_file(lock_path: &Path) -> std::io::Result<Flock<File>> {
     if let Some(dir) = lock_path.parent() {
         std::fs::create_dir_all(dir)?;
     }

@@ -1,6 +1,13 @@
 //! Host networking for beaconbox sandboxes: the `beacon0` bridge, one TAP per VM,
 //! persistent IP leases, nftables forwarding and NAT, and CNI mode.
 //!
+//! Legacy mode confines its guests: each TAP may only send frames with its lease's
+//! MAC and IPv4 address (ARP included; everything else from a guest is dropped),
+//! guests reach each other only with `BEACON_GUEST_TO_GUEST=1`, the host only for
+//! what `BEACON_HOST_ACCESS` allows, and nothing outside the bridge may open
+//! connections to them ([`firewall`], [`guard`]). Setup refuses a subnet another
+//! device already uses ([`NetError::SubnetConflict`]).
+//!
 //! The shim holds its sandbox's liveness guard ([`SandboxLiveness::acquire`], a
 //! `flock` under `$BEACON_RUN_DIR` that dies with the process), runs one
 //! reconciler pass at start ([`NetworkManager::reconcile_once`]: frees what
@@ -40,6 +47,7 @@ pub mod cni;
 pub mod config;
 pub mod error;
 pub mod firewall;
+pub mod guard;
 pub mod leasedb;
 pub mod link;
 pub mod liveness;
@@ -51,7 +59,7 @@ pub mod tap;
 pub use attachment::NetworkAttachment;
 /// The guest MAC type (defined once, in `beacon-common`).
 pub use beacon_common::MacAddr;
-pub use config::{CniConfig, NetConfig, PoolRange};
+pub use config::{CniConfig, HostService, NetConfig, PoolRange};
 pub use error::{NetError, Result};
 pub use leasedb::{IpLease, LeaseDb, LeaseMode, LeaseOwner, RepairReport};
 pub use liveness::{Liveness, LivenessCheck, LivenessGuard, SandboxLiveness};

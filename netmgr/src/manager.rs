@@ -18,6 +18,7 @@ use tokio::sync::Mutex;
 use crate::attachment::NetworkAttachment;
 use crate::config::NetConfig;
 use crate::error::{NetError, Result};
+use crate::guard::{self, GuestPin};
 use crate::leasedb::{LeaseDb, LeaseMode, LeaseOwner, RepairReport};
 use crate::liveness::{Liveness, LivenessCheck, SandboxLiveness};
 use crate::naming;
@@ -97,12 +98,23 @@ impl NetworkManager {
         &self.liveness
     }
 
-    /// Bridge, its address, IP forwarding and the nftables tables. The nftables
-    /// tables are (re)applied when the bridge had to be created or `force_nft`.
+    /// Bridge, its address, IP forwarding and the nftables tables (filter, NAT and
+    /// the guard table rebuilt from the leases). The nftables tables are
+    /// (re)applied when the bridge had to be created, a table is missing, or
+    /// `force_nft`.
+    ///
+    /// Before creating the bridge, refuses with [`NetError::SubnetConflict`] when
+    /// an address or route of another device already covers the subnet.
     pub async fn ensure_host(&self, force_nft: bool) -> Result<u32> {
         let mut cached = self.bridge_index.lock().await;
         if let (Some(index), false) = (*cached, force_nft) {
             return Ok(index);
+        }
+        if link::link_index(&self.handle, &self.cfg.bridge)
+            .await?
+            .is_none()
+        {
+            self.refuse_taken_subnet().await?;
         }
         let (index, created) = link::ensure_bridge(
             &self.handle,
@@ -111,22 +123,60 @@ impl NetworkManager {
             self.cfg.prefix,
         )
         .await?;
-        if created || force_nft || cached.is_none() && !self.tables_present()? {
+        if created
+            || force_nft
+            || cached.is_none() && !firewall::all_tables_present(&self.cfg.nft_program)?
+        {
             firewall::enable_ip_forward()?;
             firewall::ensure(
                 &self.cfg.nft_program,
                 &self.cfg.bridge,
                 self.cfg.subnet(),
                 self.cfg.prefix,
+                &self.cfg.host_access,
             )?;
+            self.refresh_guard()?;
             tracing::info!(bridge = %self.cfg.bridge, "host network ready");
         }
         *cached = Some(index);
         Ok(index)
     }
 
-    fn tables_present(&self) -> Result<bool> {
-        Ok(firewall::present_tables(&self.cfg.nft_program)?.len() == 2)
+    /// [`NetError::SubnetConflict`] if something other than our bridge owns an
+    /// address or route in the configured subnet.
+    async fn refuse_taken_subnet(&self) -> Result<()> {
+        let (subnet, prefix) = (self.cfg.subnet(), self.cfg.prefix);
+        match link::subnet_owner(&self.handle, &self.cfg.bridge, subnet, prefix).await? {
+            None => Ok(()),
+            Some(owner) => {
+                tracing::error!(%subnet, prefix, %owner, "the legacy subnet is taken");
+                Err(NetError::SubnetConflict {
+                    subnet: format!("{subnet}/{prefix}"),
+                    bridge: self.cfg.bridge.clone(),
+                    owner,
+                })
+            }
+        }
+    }
+
+    /// Rebuild the guard table (per-TAP anti-spoofing, guest isolation) from the
+    /// lease database; see [`crate::guard`].
+    fn refresh_guard(&self) -> Result<()> {
+        guard::rebuild(
+            &self.cfg.nft_program,
+            &self.cfg.firewall_lock,
+            self.cfg.guest_to_guest,
+            || Ok(GuestPin::of_leases(&self.db.list()?)),
+        )
+    }
+
+    /// [`Self::refresh_guard`] after a legacy teardown: a failure is logged, not
+    /// returned. The TAP is gone, so its stale element matches no frame, and every
+    /// later setup or reconciler pass rebuilds the table from the leases.
+    fn refresh_guard_after_teardown(&self, sandbox_id: &str) {
+        if let Err(e) = self.refresh_guard() {
+            tracing::warn!(sandbox_id, error = %e, "could not drop the sandbox's guard rules; the next setup or reconciler pass will");
+        }
     }
 
     /// Give `sandbox_id` a network: lease, TAP, attachment. Calling it again for the
@@ -159,7 +209,13 @@ impl NetworkManager {
         let lease =
             self.db
                 .allocate(sandbox_id, &tap_name, naming::guest_mac(sandbox_id), owner)?;
-        if let Err(e) = self.plug_tap(&tap_name, bridge).await {
+        let plugged = match self.plug_tap(&tap_name, bridge).await {
+            // Pin the TAP to its lease before anyone opens it: until then the guard
+            // drops every frame of a `beacon-*` TAP it does not know.
+            Ok(()) => self.refresh_guard(),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = plugged {
             tracing::warn!(sandbox_id, error = %e, "TAP setup failed; releasing the lease");
             let _ = link::delete_link(&self.handle, &tap_name).await;
             self.db.release(sandbox_id)?;
@@ -215,6 +271,7 @@ impl NetworkManager {
                     path: self.db.path().to_path_buf(),
                     detail: format!("release task failed: {e}"),
                 })??;
+                self.refresh_guard_after_teardown(sandbox_id);
                 deleted?;
                 return Ok(());
             }
@@ -261,6 +318,7 @@ impl NetworkManager {
         }
         let tap_name = lease.map_or_else(|| naming::tap_name(sandbox_id), |l| l.tap);
         self.db.release(sandbox_id)?;
+        self.refresh_guard_after_teardown(sandbox_id);
         let netns = self.netns.clone();
         Ok(Some(std::thread::spawn(move || {
             nix::sched::setns(netns.as_ref(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(
@@ -363,8 +421,8 @@ impl NetworkManager {
         Ok(report)
     }
 
-    /// Remove the host-wide pieces: nftables tables and the bridge. Leases and TAPs
-    /// of running sandboxes are left alone.
+    /// Remove the host-wide pieces: the nftables tables (filter, NAT, guard) and the
+    /// bridge. Leases and TAPs of running sandboxes are left alone.
     pub async fn cleanup(&self) -> Result<()> {
         firewall::remove(&self.cfg.nft_program)?;
         link::delete_link(&self.handle, &self.cfg.bridge).await?;

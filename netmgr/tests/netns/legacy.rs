@@ -24,7 +24,9 @@ netns_test! {
             let rules = nft_ruleset();
             assert_eq!(count(&rules, "table", "beacon_runner_filter"), 1);
             assert_eq!(count(&rules, "table", "beacon_runner_nat"), 1);
-            assert_eq!(count(&rules, "rule", "beacon_runner_filter"), 2, "{rules}");
+            // forward: from the bridge, replies to it, drop; input: replies, drop.
+            assert_eq!(count(&rules, "rule", "beacon_runner_filter"), 5, "{rules}");
+            assert_eq!(count(&rules, "table", "beacon_runner_guard"), 1);
             assert_eq!(count(&rules, "rule", "beacon_runner_nat"), 1, "{rules}");
             let text = rules.to_string();
             assert!(text.contains("masquerade") && text.contains("\"10.88.0.0\""));
@@ -42,6 +44,7 @@ netns_test! {
             let rules = nft_ruleset();
             assert_eq!(count(&rules, "table", "beacon_runner_filter"), 0);
             assert_eq!(count(&rules, "table", "beacon_runner_nat"), 0);
+            assert_eq!(count(&rules, "table", "beacon_runner_guard"), 0);
             assert!(link::get_link(&h, "beacon0").await.unwrap().is_none());
             mgr.cleanup().await.unwrap();
         });

@@ -1,6 +1,7 @@
 //! A TAP from `setup` really passes frames to the bridge: an ARP request written
-//! into one sandbox's TAP is flooded to another sandbox's TAP and answered by the
-//! bridge's own address.
+//! into one sandbox's TAP is flooded to another sandbox's TAP (guest-to-guest
+//! traffic enabled) and answered by the bridge's own address. The frame helpers
+//! here serve `hostile` too.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -65,7 +66,9 @@ netns_test! {
     fn a_frame_written_to_the_tap_reaches_the_bridge_and_other_taps() {
         let dir = tempfile::tempdir().unwrap();
         rt().block_on(async {
-            let mgr = NetworkManager::new(legacy_config(dir.path())).unwrap();
+            let mut cfg = legacy_config(dir.path());
+            cfg.guest_to_guest = true;
+            let mgr = NetworkManager::new(cfg).unwrap();
             let _owners = (own(&mgr, "vm-a"), own(&mgr, "vm-b"));
             let a = mgr.setup("vm-a").await.unwrap();
             let b = mgr.setup("vm-b").await.unwrap();
