@@ -6,6 +6,7 @@ mod harness;
 mod cli;
 mod cni;
 mod concurrency;
+mod hostile;
 mod legacy;
 mod liveness;
 mod release_db;
