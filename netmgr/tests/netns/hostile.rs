@@ -72,13 +72,8 @@ fn pseudo_header(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> Vec<u8>
     p
 }
 
-/// Guest IPv4/UDP frame with a valid UDP checksum.
-fn udp_frame(
-    eth: (MacAddr, MacAddr),
-    src: SocketAddrV4,
-    dst: SocketAddrV4,
-    data: &[u8],
-) -> Vec<u8> {
+/// IPv4/UDP packet with a valid UDP checksum.
+fn udp_packet(src: SocketAddrV4, dst: SocketAddrV4, data: &[u8]) -> Vec<u8> {
     let mut u = Vec::new();
     u.extend_from_slice(&src.port().to_be_bytes());
     u.extend_from_slice(&dst.port().to_be_bytes());
@@ -87,7 +82,17 @@ fn udp_frame(
     u.extend_from_slice(data);
     let sum = checksum(&[&pseudo_header(*src.ip(), *dst.ip(), 17, u.len()), &u]);
     u[6..8].copy_from_slice(&sum.to_be_bytes());
-    ethernet(eth.0, eth.1, 0x0800, &ipv4(*src.ip(), *dst.ip(), 17, &u))
+    ipv4(*src.ip(), *dst.ip(), 17, &u)
+}
+
+/// Guest IPv4/UDP frame with a valid UDP checksum.
+fn udp_frame(
+    eth: (MacAddr, MacAddr),
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    data: &[u8],
+) -> Vec<u8> {
+    ethernet(eth.0, eth.1, 0x0800, &udp_packet(src, dst, data))
 }
 
 /// Guest IPv4/TCP SYN with a valid checksum.
@@ -600,6 +605,88 @@ netns_test! {
             // Ports that were not configured stay closed.
             let (udp, tcp) = probe_host(&mut lab, 5305, 5306).await;
             assert!(udp.is_empty() && tcp.is_empty(), "{udp:?} {tcp:?}");
+        });
+    }
+}
+
+// ---- from outside the bridge -------------------------------------------------------
+
+/// A TUN device `name` (IFF_TUN | IFF_NO_PI): IPv4 packets written to the
+/// returned file arrive on `name` as if from another network.
+fn outside_network(name: &str, addr: &str) -> File {
+    use beacon_common::tun::{IfReq, IFF_NO_PI, IFF_TUN, TUNSETIFF};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .unwrap();
+    let mut req = IfReq::new(name, IFF_TUN | IFF_NO_PI);
+    // SAFETY: `file` is an open tun fd and `req` a properly sized, initialised
+    // ifreq that outlives the call; TUNSETIFF only reads and writes within it.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) };
+    assert!(
+        rc >= 0,
+        "TUNSETIFF {name}: {}",
+        std::io::Error::last_os_error()
+    );
+    run(&["ip", "addr", "add", addr, "dev", name]);
+    run(&["ip", "link", "set", name, "up"]);
+    file
+}
+
+/// UDP payload and source of an IPv4 packet without link header.
+fn udp_in_packet(p: &[u8]) -> Option<(SocketAddrV4, &[u8])> {
+    (p.len() >= 28 && p[0] == 0x45 && p[9] == 17).then(|| {
+        let src = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
+        let port = u16::from_be_bytes([p[20], p[21]]);
+        (SocketAddrV4::new(src, port), &p[28..])
+    })
+}
+
+netns_test! {
+    fn new_connections_from_outside_into_guests_are_dropped_and_replies_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        rt().block_on(async {
+            let mut lab = Lab::start(dir.path(), false, "").await;
+            let a = lab.a.clone();
+            let mut outside = outside_network("outside0", "198.51.100.1/24");
+            let peer = Ipv4Addr::new(198, 51, 100, 2);
+
+            // Another network opens connections to guest A: UDP and a TCP SYN.
+            outside
+                .write_all(&udp_packet(
+                    SocketAddrV4::new(peer, 5000),
+                    SocketAddrV4::new(a.ip, 6000),
+                    b"from outside",
+                ))
+                .unwrap();
+            let syn = tcp_syn((lab.bridge_mac, a.mac), SocketAddrV4::new(peer, 5002), SocketAddrV4::new(a.ip, 22));
+            outside.write_all(&syn[14..34 + 20]).unwrap();
+
+            // Guest A talks to that network (NATed egress) and gets its reply.
+            lab.send_a(&udp_frame(
+                (lab.bridge_mac, a.mac),
+                SocketAddrV4::new(a.ip, 7000),
+                SocketAddrV4::new(peer, 5001),
+                b"a out",
+            ));
+            let deadline = Instant::now() + MUST_ARRIVE;
+            let nat = loop {
+                let p = next_frame(&mut outside, deadline).expect("A's packet left through outside0");
+                if let Some((src, b"a out")) = udp_in_packet(&p) {
+                    break src;
+                }
+            };
+            assert_eq!(*nat.ip(), Ipv4Addr::new(198, 51, 100, 1), "masqueraded");
+            outside
+                .write_all(&udp_packet(SocketAddrV4::new(peer, 5001), nat, b"reply"))
+                .unwrap();
+            let before = frames_before(&mut lab.tap_a, "the reply to A", |f| udp_payload(f) == Some(b"reply"));
+            let from_outside: Vec<_> = before
+                .iter()
+                .filter(|f| ip_addrs(f).is_some_and(|(src, _)| src == peer))
+                .collect();
+            assert!(from_outside.is_empty(), "new connections reached A: {from_outside:?}");
         });
     }
 }
