@@ -18,7 +18,7 @@ pub enum NetError {
 
     #[error(
         "Network database {path} was created for pool {stored} but the configured pool is \
-         {configured}: restore the old BEACON_POOL_RANGE, or stop all sandboxes and run \
+         {configured}: restore the old BEACON_SUBNET / BEACON_POOL_RANGE, or stop all sandboxes and run \
          `beacon-net recover-db`"
     )]
     PoolChanged {
