@@ -6,7 +6,8 @@
 //!
 //! Scenarios: the basic ones the host-mode test also runs (exact output, exit
 //! codes, 10 MiB, stdin, exec, kill, a bad id), then what only a VM has: the
-//! network to the bridge, metrics, pause and resume, bind mounts (read-only
+//! network to the bridge (ping allowed by BEACON_HOST_ACCESS=icmp, a host TCP
+//! port out of reach), metrics, pause and resume, bind mounts (read-only
 //! and read-write), a terminal with its size, SIGTERM, the QEMU backend with
 //! vhost-vsock and the VM's secret (another host user reaching either vsock
 //! backend gets nowhere), a guest kernel panic and
@@ -230,6 +231,9 @@ fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
     let mut env = shim_env(&dir, &share);
     env.push(("BEACON_LOG".into(), "debug".into()));
     env.push(("BEACON_RUNTIME_CONFIG".into(), config.display().to_string()));
+    // netmgr lets guests reach nothing on the host by default: allow ping only,
+    // and check below that it works and that a TCP service still is out of reach.
+    env.push(("BEACON_HOST_ACCESS".into(), "icmp".into()));
     let containerd = Containerd::start(
         &dir.join("containerd"),
         &ContainerdSpec {
@@ -261,9 +265,19 @@ fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
     std::fs::create_dir_all(&data).expect("data");
     std::fs::create_dir_all(&ro).expect("ro");
     std::fs::write(ro.join("hello"), "from-the-host\n").expect("ro file");
-    let one_shot_checks = "ping -c 1 -W 10 10.88.0.1 && \
+    // A host service on every address, not in BEACON_HOST_ACCESS: only netmgr's
+    // input chain keeps the container's connect from completing. nc must fail to
+    // connect (exit 1: timed out; a connected nc would hang until `timeout`), and
+    // no handshake may reach the listener (checked after the container ran).
+    let closed = std::net::TcpListener::bind(("0.0.0.0", 0)).expect("host listener");
+    closed.set_nonblocking(true).expect("non-blocking listener");
+    let closed_port = closed.local_addr().expect("listener port").port();
+    let one_shot_checks = format!(
+        "ping -c 1 -W 10 10.88.0.1 && \
+         {{ timeout 60 nc -w 10 10.88.0.1 {closed_port} </dev/null; test $? = 1; }} && \
          test \"$(cat /ro/hello)\" = from-the-host && echo written > /data/out && \
-         ! touch /ro/x 2>/dev/null";
+         ! touch /ro/x 2>/dev/null"
+    );
     let while_running = |containerd: &Containerd| {
         let failure = |what: &str, o: &std::process::Output| common::failure(containerd, what, o);
         // A terminal for an exec, with the size ctr's side has.
@@ -319,7 +333,7 @@ fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
                 "--mount".into(),
                 format!("type=bind,src={},dst=/ro,options=rbind:ro", ro.display()),
             ],
-            one_shot_checks,
+            one_shot_checks: &one_shot_checks,
             while_running: Some(&while_running),
         },
     );
@@ -327,6 +341,12 @@ fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
         std::fs::read_to_string(data.join("out")).expect("written by the container"),
         "written\n"
     );
+    match closed.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => {
+            panic!("a guest reached a host TCP port BEACON_HOST_ACCESS does not allow: {other:?}")
+        }
+    }
 
     no_shim_left(&containerd, "the basic scenarios");
 
