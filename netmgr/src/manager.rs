@@ -170,11 +170,18 @@ impl NetworkManager {
         )
     }
 
-    /// [`Self::refresh_guard`] after a legacy teardown: a failure is logged, not
-    /// returned. The TAP is gone, so its stale element matches no frame, and every
-    /// later setup or reconciler pass rebuilds the table from the leases.
-    fn refresh_guard_after_teardown(&self, sandbox_id: &str) {
-        if let Err(e) = self.refresh_guard() {
+    /// [`Self::refresh_guard`] after a legacy teardown, if the bridge exists (after
+    /// `cleanup` there is nothing to guard, and no table to recreate). A failure is
+    /// logged, not returned: the TAP is gone, so its stale element matches no
+    /// frame, and every later setup or reconciler pass rebuilds the table from the
+    /// leases.
+    async fn refresh_guard_after_teardown(&self, sandbox_id: &str) {
+        let refreshed = match link::link_index(&self.handle, &self.cfg.bridge).await {
+            Ok(None) => return,
+            Ok(Some(_)) => self.refresh_guard(),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = refreshed {
             tracing::warn!(sandbox_id, error = %e, "could not drop the sandbox's guard rules; the next setup or reconciler pass will");
         }
     }
@@ -271,7 +278,7 @@ impl NetworkManager {
                     path: self.db.path().to_path_buf(),
                     detail: format!("release task failed: {e}"),
                 })??;
-                self.refresh_guard_after_teardown(sandbox_id);
+                self.refresh_guard_after_teardown(sandbox_id).await;
                 deleted?;
                 return Ok(());
             }
@@ -318,7 +325,7 @@ impl NetworkManager {
         }
         let tap_name = lease.map_or_else(|| naming::tap_name(sandbox_id), |l| l.tap);
         self.db.release(sandbox_id)?;
-        self.refresh_guard_after_teardown(sandbox_id);
+        self.refresh_guard_after_teardown(sandbox_id).await;
         let netns = self.netns.clone();
         Ok(Some(std::thread::spawn(move || {
             nix::sched::setns(netns.as_ref(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(
