@@ -196,6 +196,23 @@ pub async fn subnet_owner(
     use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteType};
     use rtnetlink::RouteMessageBuilder;
 
+    let addrs: Vec<_> = handle
+        .address()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| NetError::netlink("listing addresses", e))?;
+    let routes: Vec<_> = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| NetError::netlink("listing routes", e))?;
+    // Links last: every address and route listed above belongs to a link that
+    // exists in this list (unless it was deleted since), so a bridge another
+    // process created meanwhile is recognised by its name.
     let links = list_links(handle).await?;
     let name_of = |index: u32| {
         links
@@ -209,13 +226,6 @@ pub async fn subnet_owner(
         .find(|m| link_name(m) == Some(bridge))
         .map(|m| m.header.index);
 
-    let addrs: Vec<_> = handle
-        .address()
-        .get()
-        .execute()
-        .try_collect()
-        .await
-        .map_err(|e| NetError::netlink("listing addresses", e))?;
     for msg in addrs {
         if Some(msg.header.index) == bridge_index {
             continue;
@@ -237,13 +247,6 @@ pub async fn subnet_owner(
         }
     }
 
-    let routes: Vec<_> = handle
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute()
-        .try_collect()
-        .await
-        .map_err(|e| NetError::netlink("listing routes", e))?;
     for msg in routes {
         let table = msg
             .attributes
