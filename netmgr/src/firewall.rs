@@ -20,13 +20,11 @@
 //! each rule. [`remove`] deletes every beacon table, the guard's included. Never
 //! touches tables it does not own.
 
-use std::net::Ipv4Addr;
-
 use nftables::helper::{self, NftablesError};
 use nftables::schema::Nftables;
 use serde_json::json;
 
-use crate::config::{HostService, FILTER_TABLE, GUARD_TABLE, NAT_TABLE};
+use crate::config::{HostService, NetConfig, FILTER_TABLE, GUARD_TABLE, NAT_TABLE};
 use crate::error::{NetError, Result};
 
 fn map_err(program: &str, action: &str, e: NftablesError) -> NetError {
@@ -87,13 +85,11 @@ fn service_match(service: &HostService) -> Vec<serde_json::Value> {
     }
 }
 
-/// The batch that (re)creates the filter and NAT tables.
-pub fn ruleset(
-    bridge: &str,
-    subnet: Ipv4Addr,
-    prefix: u8,
-    host_access: &[HostService],
-) -> serde_json::Value {
+/// The batch that (re)creates the filter and NAT tables for `cfg` (bridge,
+/// subnet, `host_access`, and DNS: guests may reach port 53 of the DNS servers
+/// they are given, which only matters when one is an address of this host).
+pub fn ruleset(cfg: &NetConfig) -> serde_json::Value {
+    let (bridge, subnet, prefix) = (cfg.bridge.as_str(), cfg.subnet(), cfg.prefix);
     let net = json!({"prefix": {"addr": subnet.to_string(), "len": prefix}});
     let table = |name: &str| json!({"family": "ip", "name": name});
     let from_bridge =
@@ -123,11 +119,34 @@ pub fn ruleset(
             vec![from_bridge.clone(), established, accept.clone()],
         ),
     ];
-    for service in host_access {
+    for service in &cfg.host_access {
         let mut expr = vec![from_bridge.clone()];
         expr.extend(service_match(service));
         expr.push(accept.clone());
         cmds.push(rule("input", expr));
+    }
+    // DNS the guests were told to use. A server elsewhere is forwarded and never
+    // meets this chain; one on a host address (a resolver on the gateway) must
+    // answer, or the guests' DNS would be broken by default.
+    for server in &cfg.dns {
+        let daddr = json!({"match": {"op": "==",
+            "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+            "right": server.to_string()}});
+        for dns in [
+            HostService::Udp {
+                first: 53,
+                last: 53,
+            },
+            HostService::Tcp {
+                first: 53,
+                last: 53,
+            },
+        ] {
+            let mut expr = vec![from_bridge.clone(), daddr.clone()];
+            expr.extend(service_match(&dns));
+            expr.push(accept.clone());
+            cmds.push(rule("input", expr));
+        }
     }
     cmds.push(rule("input", vec![from_bridge, drop]));
     cmds.extend([
@@ -144,17 +163,11 @@ pub fn ruleset(
 }
 
 /// Create or refresh the filter and NAT tables (idempotent, atomic).
-pub fn ensure(
-    program: &str,
-    bridge: &str,
-    subnet: Ipv4Addr,
-    prefix: u8,
-    host_access: &[HostService],
-) -> Result<()> {
+pub fn ensure(cfg: &NetConfig) -> Result<()> {
     apply(
-        program,
+        &cfg.nft_program,
         "creating the beacon nftables tables",
-        ruleset(bridge, subnet, prefix, host_access),
+        ruleset(cfg),
     )
 }
 
@@ -233,9 +246,18 @@ mod tests {
         assert!(nft_failure_detail("", "").contains("printed nothing"));
     }
 
+    fn config(host_access: &str, dns: &[&str]) -> NetConfig {
+        let mut cfg = NetConfig::legacy(&beacon_paths::BeaconPaths::under(std::path::Path::new(
+            "/x",
+        )));
+        cfg.host_access = HostService::parse_list(host_access).unwrap();
+        cfg.dns = dns.iter().map(|d| d.parse().unwrap()).collect();
+        cfg
+    }
+
     #[test]
     fn ruleset_matches_the_nftables_schema() {
-        let doc = ruleset("beacon0", "10.88.0.0".parse().unwrap(), 16, &[]);
+        let doc = ruleset(&config("", &[]));
         let parsed: Nftables = serde_json::from_value(doc).unwrap();
         // Tables 2 x (add, flush), 3 chains, forward 3 rules, input 2, NAT 1.
         assert_eq!(parsed.objects.len(), 13);
@@ -246,8 +268,7 @@ mod tests {
 
     #[test]
     fn host_access_becomes_one_input_rule_each() {
-        let services = HostService::parse_list("udp/53,tcp/8000-8010,icmp").unwrap();
-        let doc = ruleset("beacon0", "10.88.0.0".parse().unwrap(), 16, &services);
+        let doc = ruleset(&config("udp/53,tcp/8000-8010,icmp", &[]));
         let parsed: Nftables = serde_json::from_value(doc.clone()).unwrap();
         assert_eq!(parsed.objects.len(), 16);
         let input: Vec<&serde_json::Value> = doc["nftables"]
@@ -273,15 +294,42 @@ mod tests {
     }
 
     #[test]
+    fn guests_may_reach_port_53_of_their_dns_servers_only() {
+        let doc = ruleset(&config("", &["10.88.0.1", "192.0.2.53"]));
+        let parsed: Nftables = serde_json::from_value(doc.clone()).unwrap();
+        assert_eq!(parsed.objects.len(), 17);
+        let input: Vec<String> = doc["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["add"]["rule"]["chain"] == "input")
+            .map(|r| r["add"]["rule"]["expr"].to_string())
+            .collect();
+        assert_eq!(input.len(), 6, "established, 2 servers x (udp, tcp), drop");
+        for (i, (server, proto)) in [
+            ("10.88.0.1", "udp"),
+            ("10.88.0.1", "tcp"),
+            ("192.0.2.53", "udp"),
+            ("192.0.2.53", "tcp"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let rule = &input[i + 1];
+            assert!(rule.contains(&format!("\"right\":\"{server}\"")), "{rule}");
+            assert!(
+                rule.contains(&format!("\"protocol\":\"{proto}\"")),
+                "{rule}"
+            );
+            assert!(rule.contains("\"right\":53"), "{rule}");
+        }
+    }
+
+    #[test]
     fn missing_nft_is_a_clear_error() {
-        let err = ensure(
-            "/nonexistent/nft",
-            "beacon0",
-            "10.88.0.0".parse().unwrap(),
-            16,
-            &[],
-        )
-        .unwrap_err();
+        let mut cfg = config("", &[]);
+        cfg.nft_program = "/nonexistent/nft".into();
+        let err = ensure(&cfg).unwrap_err();
         assert!(matches!(err, NetError::NftMissing { .. }), "{err}");
         assert!(err.to_string().contains("apt-get install nftables"));
     }

@@ -128,13 +128,7 @@ impl NetworkManager {
             || cached.is_none() && !firewall::all_tables_present(&self.cfg.nft_program)?
         {
             firewall::enable_ip_forward()?;
-            firewall::ensure(
-                &self.cfg.nft_program,
-                &self.cfg.bridge,
-                self.cfg.subnet(),
-                self.cfg.prefix,
-                &self.cfg.host_access,
-            )?;
+            firewall::ensure(&self.cfg)?;
             self.refresh_guard()?;
             tracing::info!(bridge = %self.cfg.bridge, "host network ready");
         }

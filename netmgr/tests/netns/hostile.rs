@@ -16,7 +16,9 @@ use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use beacon_netmgr::{link, tap, HostService, MacAddr, NetError, NetworkAttachment, NetworkManager};
+use beacon_netmgr::{
+    link, tap, HostService, MacAddr, NetConfig, NetError, NetworkAttachment, NetworkManager,
+};
 
 use crate::harness::{count, legacy_config, nft_ruleset, own, rt, sysfs, wait_links_ready};
 use crate::netns_test;
@@ -234,9 +236,16 @@ fn run(args: &[&str]) {
 
 impl Lab {
     async fn start(dir: &std::path::Path, guest_to_guest: bool, access: &str) -> Lab {
+        Lab::start_with(dir, |cfg| {
+            cfg.guest_to_guest = guest_to_guest;
+            cfg.host_access = HostService::parse_list(access).unwrap();
+        })
+        .await
+    }
+
+    async fn start_with(dir: &std::path::Path, tweak: impl FnOnce(&mut NetConfig)) -> Lab {
         let mut cfg = legacy_config(dir);
-        cfg.guest_to_guest = guest_to_guest;
-        cfg.host_access = HostService::parse_list(access).unwrap();
+        tweak(&mut cfg);
         let mgr = NetworkManager::new(cfg).unwrap();
         let owners = vec![own(&mgr, "guest-a"), own(&mgr, "guest-b")];
         let a = mgr.setup("guest-a").await.unwrap();
@@ -609,6 +618,21 @@ netns_test! {
     }
 }
 
+netns_test! {
+    fn the_dns_server_the_guests_were_given_is_reachable_on_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        rt().block_on(async {
+            add_other_host_address();
+            // A resolver on the gateway, handed to the guests as their DNS.
+            let mut lab = Lab::start_with(dir.path(), |cfg| cfg.dns = vec![cfg.gateway]).await;
+            let (udp, tcp) = probe_host(&mut lab, 53, 53).await;
+            // Port 53 of that address only: not of the host's other addresses.
+            assert_eq!(udp, vec!["53@10.88.0.1"]);
+            assert_eq!(tcp, vec!["53@10.88.0.1"]);
+        });
+    }
+}
+
 // ---- from outside the bridge -------------------------------------------------------
 
 /// A TUN device `name` (IFF_TUN | IFF_NO_PI): IPv4 packets written to the
@@ -749,7 +773,7 @@ netns_test! {
             assert_eq!(count(&rules, "chain", "beacon_runner_guard"), 2);
             // prerouting: other ports, IPv4, ARP, drop; forward: isolation.
             assert_eq!(count(&rules, "rule", "beacon_runner_guard"), 5, "{rules}");
-            assert_eq!(count(&rules, "rule", "beacon_runner_filter"), 6, "{rules}");
+            assert_eq!(count(&rules, "rule", "beacon_runner_filter"), 8, "{rules}");
             assert_eq!(guard_elements(), both);
 
             // A manual flush unconfines nobody for long: reconcile restores the
@@ -767,7 +791,7 @@ netns_test! {
             assert_eq!(guard_elements(), both);
             let rules = nft_ruleset();
             assert_eq!(count(&rules, "rule", "beacon_runner_guard"), 5, "{rules}");
-            assert_eq!(count(&rules, "rule", "beacon_runner_filter"), 6, "{rules}");
+            assert_eq!(count(&rules, "rule", "beacon_runner_filter"), 8, "{rules}");
             // ... and they work again: a spoofed packet is dropped, the real one passes.
             let host = udp_listener(5307);
             let gw = a.gateway;
