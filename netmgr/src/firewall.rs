@@ -9,8 +9,10 @@
 //!   - `input` (policy accept; our rules match only packets that came in through
 //!     the bridge): accept established/related (replies to the host's own
 //!     connections to guests), accept the configured [`HostService`]s
-//!     (`BEACON_HOST_ACCESS`, default none), drop everything else from the guests
-//!     to any host address, not only the gateway;
+//!     (`BEACON_HOST_ACCESS`, default none) and UDP/TCP port 53 of the DNS
+//!     servers handed to the guests (`BEACON_DNS`; matters only for one on a host
+//!     address), drop everything else from the guests to any host address, not
+//!     only the gateway;
 //! * `beacon_runner_nat` (family `ip`): masquerade traffic leaving the subnet.
 //!
 //! The per-TAP anti-spoofing and guest isolation table is [`crate::guard`]'s.

@@ -1,6 +1,18 @@
 //! A hostile guest: raw frames written into a sandbox's TAP must not get past the
-//! confinement of legacy mode (anti-spoofing per TAP, guest isolation, host
-//! access), while host ↔ guest traffic keeps working.
+//! confinement of legacy mode, while host ↔ guest traffic keeps working:
+//!
+//! * spoofed IP, spoofed MAC, spoofed ARP, IPv6 and other ethertypes from guest A
+//!   reach neither guest B nor a host listener; A's real frames reach the host,
+//!   and B only with guest-to-guest traffic enabled (isolated by default);
+//! * guest → host UDP, TCP and ICMP to the gateway and to another host address are
+//!   dropped by default and pass as `BEACON_HOST_ACCESS` allows (only those
+//!   ports), and port 53 of the DNS server the guests were given passes; host → A
+//!   and A's reply pass;
+//! * another network cannot open connections to a guest; the guest's NATed
+//!   egress and its reply pass;
+//! * the guard set follows the leases (setup, teardown, ensure twice, reconcile
+//!   after `nft flush`, cleanup, concurrent setups in many processes);
+//! * a subnet another device uses (address or route) is refused with nothing left.
 //!
 //! "Not seen" is proved with a witness, never with a timeout alone: a frame the
 //! test writes into a TAP is processed synchronously by the kernel (bridge,
