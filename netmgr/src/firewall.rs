@@ -3,7 +3,9 @@
 //!
 //! * `beacon_runner_filter` (family `ip`):
 //!   - `forward` (policy accept, so other software's forwarding keeps working):
-//!     accept what comes from the bridge (the guests' NATed egress), accept
+//!     unless guest-to-guest traffic is enabled, drop what the host would route
+//!     from the bridge back onto it (guest to guest via the gateway); accept what
+//!     comes from the bridge (the guests' NATed egress), accept
 //!     established/related traffic to the bridge (replies), drop the rest that goes
 //!     to the bridge (new connections into guests from outside);
 //!   - `input` (policy accept; our rules match only packets that came in through
@@ -108,6 +110,16 @@ pub fn ruleset(cfg: &NetConfig) -> serde_json::Value {
         json!({"flush": {"table": table(FILTER_TABLE)}}),
         json!({"add": {"chain": {"family": "ip", "table": FILTER_TABLE, "name": "forward",
             "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}}}),
+    ];
+    if !cfg.guest_to_guest {
+        // A guest that sends to another guest's IP via the gateway's MAC is routed
+        // back onto the bridge by the host: the guard's bridge rules never see it.
+        cmds.push(rule(
+            "forward",
+            vec![from_bridge.clone(), to_bridge.clone(), drop.clone()],
+        ));
+    }
+    cmds.extend([
         rule("forward", vec![from_bridge.clone(), accept.clone()]),
         rule(
             "forward",
@@ -120,7 +132,7 @@ pub fn ruleset(cfg: &NetConfig) -> serde_json::Value {
             "input",
             vec![from_bridge.clone(), established, accept.clone()],
         ),
-    ];
+    ]);
     for service in &cfg.host_access {
         let mut expr = vec![from_bridge.clone()];
         expr.extend(service_match(service));
@@ -261,8 +273,9 @@ mod tests {
     fn ruleset_matches_the_nftables_schema() {
         let doc = ruleset(&config("", &[]));
         let parsed: Nftables = serde_json::from_value(doc).unwrap();
-        // Tables 2 x (add, flush), 3 chains, forward 3 rules, input 2, NAT 1.
-        assert_eq!(parsed.objects.len(), 13);
+        // Tables 2 x (add, flush), 3 chains, forward 4 rules (guests isolated),
+        // input 2, NAT 1.
+        assert_eq!(parsed.objects.len(), 14);
         let text = serde_json::to_string(&parsed).unwrap();
         assert!(text.contains("beacon_runner_filter") && text.contains("masquerade"));
         assert!(text.contains("\"hook\":\"input\""), "{text}");
@@ -272,7 +285,7 @@ mod tests {
     fn host_access_becomes_one_input_rule_each() {
         let doc = ruleset(&config("udp/53,tcp/8000-8010,icmp", &[]));
         let parsed: Nftables = serde_json::from_value(doc.clone()).unwrap();
-        assert_eq!(parsed.objects.len(), 16);
+        assert_eq!(parsed.objects.len(), 17);
         let input: Vec<&serde_json::Value> = doc["nftables"]
             .as_array()
             .unwrap()
@@ -299,7 +312,7 @@ mod tests {
     fn guests_may_reach_port_53_of_their_dns_servers_only() {
         let doc = ruleset(&config("", &["10.88.0.1", "192.0.2.53"]));
         let parsed: Nftables = serde_json::from_value(doc.clone()).unwrap();
-        assert_eq!(parsed.objects.len(), 17);
+        assert_eq!(parsed.objects.len(), 18);
         let input: Vec<String> = doc["nftables"]
             .as_array()
             .unwrap()

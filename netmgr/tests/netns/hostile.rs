@@ -410,6 +410,14 @@ async fn spoofing(guest_to_guest: bool) {
     }
     lab.send_a(&to_b(a.mac, a.ip, "real"));
     lab.send_a(&arp(a.mac, a.mac, a.ip, gw));
+    // To B's IP through the gateway's MAC: the host routes it back onto the bridge
+    // (source MAC the bridge's, so it is told apart by its payload).
+    lab.send_a(&udp_frame(
+        (lab.bridge_mac, a.mac),
+        SocketAddrV4::new(a.ip, 40001),
+        SocketAddrV4::new(b.ip, 6000),
+        b"routed",
+    ));
     let witness_sock = UdpSocket::bind(SocketAddrV4::new(gw, 0)).unwrap();
     witness_sock
         .send_to(b"host witness", SocketAddrV4::new(b.ip, 6001))
@@ -432,6 +440,15 @@ async fn spoofing(guest_to_guest: bool) {
         .iter()
         .filter(|f| f[12..14] == [0x08, 0x06])
         .collect();
+    let routed = before
+        .iter()
+        .filter(|f| f[6..12] == lab.bridge_mac.0 && udp_payload(f) == Some(b"routed"))
+        .count();
+    assert_eq!(
+        routed,
+        usize::from(guest_to_guest),
+        "routed via the host: {before:?}"
+    );
     if guest_to_guest {
         assert_eq!(
             payloads,
@@ -785,7 +802,7 @@ netns_test! {
             assert_eq!(count(&rules, "chain", "beacon_runner_guard"), 2);
             // prerouting: other ports, IPv4, ARP, drop; forward: isolation.
             assert_eq!(count(&rules, "rule", "beacon_runner_guard"), 5, "{rules}");
-            assert_eq!(count(&rules, "rule", "beacon_runner_filter"), 8, "{rules}");
+            assert_eq!(count(&rules, "rule", "beacon_runner_filter"), 9, "{rules}");
             assert_eq!(guard_elements(), both);
 
             // A manual flush unconfines nobody for long: reconcile restores the
@@ -803,7 +820,7 @@ netns_test! {
             assert_eq!(guard_elements(), both);
             let rules = nft_ruleset();
             assert_eq!(count(&rules, "rule", "beacon_runner_guard"), 5, "{rules}");
-            assert_eq!(count(&rules, "rule", "beacon_runner_filter"), 8, "{rules}");
+            assert_eq!(count(&rules, "rule", "beacon_runner_filter"), 9, "{rules}");
             // ... and they work again: a spoofed packet is dropped, the real one passes.
             let host = udp_listener(5307);
             let gw = a.gateway;

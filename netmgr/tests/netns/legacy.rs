@@ -24,9 +24,9 @@ netns_test! {
             let rules = nft_ruleset();
             assert_eq!(count(&rules, "table", "beacon_runner_filter"), 1);
             assert_eq!(count(&rules, "table", "beacon_runner_nat"), 1);
-            // forward: from the bridge, replies to it, drop; input: replies, DNS
-            // 192.0.2.53 (udp, tcp), drop.
-            assert_eq!(count(&rules, "rule", "beacon_runner_filter"), 7, "{rules}");
+            // forward: guest to guest via the host, from the bridge, replies to
+            // it, drop; input: replies, DNS 192.0.2.53 (udp, tcp), drop.
+            assert_eq!(count(&rules, "rule", "beacon_runner_filter"), 8, "{rules}");
             assert_eq!(count(&rules, "table", "beacon_runner_guard"), 1);
             assert_eq!(count(&rules, "rule", "beacon_runner_nat"), 1, "{rules}");
             let text = rules.to_string();
