@@ -214,6 +214,10 @@ impl ApiServer {
             std::thread::Builder::new()
                 .name("beacon-api".into())
                 .spawn(move || {
+                    crate::seccomp::confine_or_warn(
+                        crate::seccomp::ThreadClass::Control,
+                        vm.thread_confinement(),
+                    );
                     for conn in listener.incoming() {
                         if stop.load(Ordering::Acquire) {
                             break;

@@ -223,6 +223,13 @@ pub trait VmBackend: Send + Sync {
         ))
     }
 
+    /// How threads that serve this VM in the host process confine themselves
+    /// ([`crate::seccomp`]): the KVM backend's configured mode; `Off` for a
+    /// backend whose VM runs in another process.
+    fn thread_confinement(&self) -> crate::seccomp::SeccompMode {
+        crate::seccomp::SeccompMode::Off
+    }
+
     /// Milestones so far.
     fn boot_times(&self) -> BootTimes;
 

@@ -13,6 +13,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::seccomp::SeccompMode;
+
 /// Smallest guest RAM we accept: below this a Linux kernel with an initrd does not
 /// reach init, so we say so up front instead of letting the guest die obscurely.
 pub const MIN_MEMORY_MIB: u64 = 32;
@@ -48,6 +50,11 @@ pub struct VmConfig {
     /// always describes them in the DSDT.
     #[serde(default)]
     pub virtio_mmio_cmdline: bool,
+    /// How the VMM's own threads (vCPUs, device event loop, control socket)
+    /// are confined: seccomp allowlists, Landlock, no capabilities (see
+    /// [`crate::seccomp`]). The KVM backend only; QEMU is its own process.
+    #[serde(default)]
+    pub seccomp: SeccompMode,
 }
 
 /// Boot and hotpluggable vCPUs.
@@ -290,6 +297,7 @@ impl VmConfig {
             console: ConsoleConfig::default(),
             devices: Vec::new(),
             virtio_mmio_cmdline: false,
+            seccomp: SeccompMode::default(),
         }
     }
 

@@ -12,6 +12,7 @@ pub mod backend;
 pub mod config;
 pub mod kvm;
 pub mod qemu;
+pub mod seccomp;
 
 pub use backend::{BackendKind, BootTimes, ExitCount, ExitStats, VmBackend, VmError, VmExit};
 pub use config::{ConfigError, ConsoleConfig, DeviceConfig, KernelFormat, MacAddr, VmConfig};

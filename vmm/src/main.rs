@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use beacon_vmm::seccomp::SeccompMode;
 use beacon_vmm::{
     create_backend, BackendKind, ConsoleConfig, DeviceConfig, VmConfig, VmError, VmExit,
 };
@@ -137,6 +138,15 @@ struct RunArgs {
     /// describes them in the DSDT.
     #[arg(long)]
     virtio_cmdline: bool,
+    /// How the VMM's threads (vCPUs, device event loop, control socket) are
+    /// confined after setup, KVM backend: `kill` (default: a system call off
+    /// a thread's allowlist kills the process), `trap` (the VMM names the
+    /// thread and the call on stderr, then exits with 159), `log` (the
+    /// kernel logs such calls and lets them pass) or `off`. Every mode but
+    /// `off` also applies Landlock (no file access) and drops the threads'
+    /// capabilities. Defaults to $BEACON_SECCOMP when set.
+    #[arg(long, env = "BEACON_SECCOMP", default_value_t = SeccompMode::Kill)]
+    seccomp: SeccompMode,
 }
 
 fn main() -> ExitCode {
@@ -249,6 +259,7 @@ fn run(args: RunArgs, shares: &fs_cli::FsShares) -> Result<VmExit, VmError> {
     config.memory.hotplug_mib = args.hotplug_memory;
     config.console = args.console;
     config.virtio_mmio_cmdline = args.virtio_cmdline;
+    config.seccomp = args.seccomp;
     if args.rng {
         config.devices.push(DeviceConfig::Rng);
     }

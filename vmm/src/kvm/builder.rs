@@ -290,6 +290,7 @@ fn build_inner(config: VmConfig, console: Option<ConsoleOutput>) -> Result<KvmVm
             first_run: first_run.clone(),
             created,
             exits: Default::default(),
+            seccomp: config.seccomp,
         },
         hotplug,
     )?;

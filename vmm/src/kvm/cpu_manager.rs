@@ -32,6 +32,7 @@ use super::control::VcpuControl;
 use super::exit_stats::SharedExitStats;
 use super::vcpu::{self, VcpuSetup, VcpuThread};
 use crate::backend::{VmError, VmExit};
+use crate::seccomp::SeccompMode;
 
 /// How long a hotplug request waits for the guest to acknowledge it (an
 /// insertion) or to eject the CPU (a removal). Generous: the nested lab runs
@@ -81,6 +82,8 @@ pub struct VcpuLinks {
     pub first_run: Arc<OnceLock<Duration>>,
     pub created: Instant,
     pub exits: Arc<SharedExitStats>,
+    /// How each vCPU thread confines itself before its first `KVM_RUN`.
+    pub seccomp: SeccompMode,
 }
 
 /// Hotplug wiring the CPU and memory managers share: the controller's
@@ -215,6 +218,7 @@ impl CpuManager {
             created: self.links.created,
             retire: retire.clone(),
             exits: self.links.exits.clone(),
+            seccomp: self.links.seccomp,
         };
         let guard_control = self.links.control.clone();
         let spawned = std::thread::Builder::new()

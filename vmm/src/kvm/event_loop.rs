@@ -19,6 +19,7 @@ use event_manager::{
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::VmError;
+use crate::seccomp::{SeccompMode, ThreadClass};
 
 /// Anything the loop serves.
 pub type Subscriber = Box<dyn MutEventSubscriber + Send>;
@@ -113,8 +114,9 @@ impl EventLoop {
         }
     }
 
-    /// Start the loop on its own thread.
-    pub fn start(&mut self) -> Result<(), VmError> {
+    /// Start the loop on its own thread, which confines itself as
+    /// `seccomp` says before it serves the first event.
+    pub fn start(&mut self, seccomp: SeccompMode) -> Result<(), VmError> {
         let State::Ready(_) = &self.state else {
             return Err(VmError::WrongState {
                 operation: "starting the event loop",
@@ -129,6 +131,7 @@ impl EventLoop {
         let handle = std::thread::Builder::new()
             .name("beacon-events".into())
             .spawn(move || {
+                crate::seccomp::confine_or_warn(ThreadClass::Events, seccomp);
                 while !stop.load(Ordering::Acquire) {
                     if let Err(e) = manager.run() {
                         tracing::error!("device event loop failed: {e:?}; devices stop");
@@ -205,7 +208,7 @@ mod tests {
         let mut el = EventLoop::new().expect("loop");
         let (before, evt_before, hits_before) = counter();
         el.add(before).expect("add before start");
-        el.start().expect("start");
+        el.start(SeccompMode::default()).expect("start");
         evt_before.write(1).expect("fire");
         wait_for(&hits_before, 1);
         let (after, evt_after, hits_after) = counter();
@@ -214,7 +217,10 @@ mod tests {
         wait_for(&hits_after, 1);
         el.stop();
         el.stop();
-        assert!(el.start().is_err(), "a stopped loop does not restart");
+        assert!(
+            el.start(SeccompMode::default()).is_err(),
+            "a stopped loop does not restart"
+        );
         assert!(el.add(counter().0).is_err());
     }
 }

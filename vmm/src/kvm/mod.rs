@@ -181,7 +181,7 @@ impl VmBackend for KvmVm {
         }
         *lifecycle = Lifecycle::Running;
         drop(lifecycle);
-        if let Err(e) = lock(&self.devices).start() {
+        if let Err(e) = lock(&self.devices).start(self.config.seccomp) {
             *lock(&self.lifecycle) = Lifecycle::Ended;
             return Err(e);
         }
@@ -288,6 +288,10 @@ impl VmBackend for KvmVm {
 
     fn virtio_report(&self) -> Result<Vec<crate::backend::VirtioReport>, VmError> {
         Ok(lock(&self.devices).virtio_states())
+    }
+
+    fn thread_confinement(&self) -> crate::seccomp::SeccompMode {
+        self.config.seccomp
     }
 
     fn exit_stats(&self) -> Option<crate::backend::ExitStats> {

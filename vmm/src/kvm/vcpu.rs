@@ -31,6 +31,7 @@ use super::builder::hv;
 use super::control::VcpuControl;
 use super::exit_stats::{ExitCounter, ExitKind, SharedExitStats};
 use crate::backend::{VmError, VmExit};
+use crate::seccomp::{self, SeccompMode, ThreadClass};
 
 const CR0_PE: u64 = 1 << 0;
 const CR0_ET: u64 = 1 << 4;
@@ -174,6 +175,8 @@ pub struct VcpuThread {
     pub retire: Arc<AtomicBool>,
     /// Where this vCPU's exit counts go when it leaves.
     pub exits: Arc<SharedExitStats>,
+    /// How the thread confines itself before its first `KVM_RUN`.
+    pub seccomp: SeccompMode,
 }
 
 /// What one exit means for the loop.
@@ -192,6 +195,7 @@ impl VcpuThread {
     /// goes to the shared control.
     pub fn run(mut self) -> VcpuFd {
         let id = self.id;
+        seccomp::confine_or_warn(ThreadClass::Vcpu, self.seccomp);
         let mut counter = ExitCounter::default();
         while !self.control.should_stop() && !self.retire.load(Ordering::Acquire) {
             self.control.park_if_paused();

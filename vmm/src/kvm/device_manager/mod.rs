@@ -33,6 +33,7 @@ use crate::kvm::builder::hv;
 use crate::kvm::console::{ConsoleBuffer, ConsoleOutput, SharedSerial};
 use crate::kvm::event_loop::EventLoop;
 use crate::kvm::memory::GuestMem;
+use crate::seccomp::SeccompMode;
 
 pub use legacy::{LegacyHooks, COM1_GSI, COM1_PORT};
 use resources::ResourceAllocator;
@@ -434,8 +435,8 @@ impl DeviceManager {
     }
 
     /// Start serving device events.
-    pub fn start(&mut self) -> Result<(), VmError> {
-        self.event_loop.start()
+    pub fn start(&mut self, seccomp: SeccompMode) -> Result<(), VmError> {
+        self.event_loop.start(seccomp)
     }
 
     /// Stop serving device events and wait for the loop to end.

@@ -1,0 +1,863 @@
+//! Least privilege for the VMM's own threads, one thread at a time.
+//!
+//! The VMM runs as threads of its host process (`beacon-vmm`, or the shim), so
+//! it cannot jail itself the way Firecracker's separate jailer does: every
+//! confinement here is per thread. [`confine_current_thread`] is called by a
+//! thread itself, once its setup is done, and applies in this order:
+//!
+//! 1. **Landlock** with every filesystem right handled and none granted: the
+//!    thread can no longer open, create or remove any file (files it holds
+//!    stay usable). A kernel without Landlock gets a warning, once.
+//! 2. **Capabilities**: effective, permitted and inheritable sets emptied for
+//!    the thread (capabilities are per thread on Linux; other threads keep theirs).
+//! 3. **seccomp-bpf**: a default-deny allowlist for the thread's class
+//!    ([`ThreadClass`]), built by [`filter_rules`]. What happens on a forbidden
+//!    call is the [`SeccompMode`]: the process is killed (`kill`, the default),
+//!    or a `SIGSYS` handler names the thread class and the call on stderr and
+//!    ends the process with [`TRAP_EXIT_CODE`] (`trap`, for tests and
+//!    debugging), or the kernel logs it and lets it pass (`log`, to build an
+//!    allowlist), or nothing is applied (`off`).
+//!
+//! Threads a confined thread starts inherit its filter and its empty
+//! capability sets; a vCPU started by the control thread (CPU hotplug) gets
+//! both filters, so the control thread's allowlist includes what a vCPU needs.
+//!
+//! The allowlists, and why each call is on them, are in [`filter_rules`]; each
+//! was taken from `strace -ff` of the lab's device suite (both guest kernels,
+//! every device, CPU and memory hotplug) and reduced by reading the code.
+//! Other VMM threads (the block worker, the vhost-user backend's reply thread)
+//! inherit the filter of the thread that started them.
+//!
+//! This module never decides *whether* a VM is confined (that is
+//! [`crate::VmConfig::seccomp`]) and never touches another thread.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Once;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+use serde::{Deserialize, Serialize};
+
+/// Exit code of a process a `trap`-mode filter stopped (128 + SIGSYS).
+pub const TRAP_EXIT_CODE: i32 = 128 + libc::SIGSYS;
+
+/// What a thread's filter does with a call that is not on its allowlist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SeccompMode {
+    /// Kill the whole process (the kernel's audit log names the call).
+    #[default]
+    Kill,
+    /// Report the thread class and the call on stderr, then end the process
+    /// with [`TRAP_EXIT_CODE`].
+    Trap,
+    /// Let the call pass and have the kernel log it (audit): to find what a
+    /// new feature needs.
+    Log,
+    /// No seccomp filter, no Landlock, capabilities kept.
+    Off,
+}
+
+impl SeccompMode {
+    pub const NAMES: &'static str = "kill, trap, log or off";
+
+    fn action(self) -> Option<SeccompAction> {
+        match self {
+            SeccompMode::Kill => Some(SeccompAction::KillProcess),
+            SeccompMode::Trap => Some(SeccompAction::Trap),
+            SeccompMode::Log => Some(SeccompAction::Log),
+            SeccompMode::Off => None,
+        }
+    }
+}
+
+impl fmt::Display for SeccompMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SeccompMode::Kill => "kill",
+            SeccompMode::Trap => "trap",
+            SeccompMode::Log => "log",
+            SeccompMode::Off => "off",
+        })
+    }
+}
+
+impl FromStr for SeccompMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "kill" => Ok(SeccompMode::Kill),
+            "trap" => Ok(SeccompMode::Trap),
+            "log" => Ok(SeccompMode::Log),
+            "off" => Ok(SeccompMode::Off),
+            other => Err(format!(
+                "seccomp mode {other:?} is unknown: use {}",
+                SeccompMode::NAMES
+            )),
+        }
+    }
+}
+
+/// The kinds of VMM thread, each with its own allowlist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadClass {
+    /// Runs `KVM_RUN` and the port I/O and MMIO handlers (device registers,
+    /// and so device activation and reset).
+    Vcpu,
+    /// The device event loop: queue notifications, TAP and vsock sockets,
+    /// timers, vhost-user replies.
+    Events,
+    /// The control socket: answers requests and resizes the VM (CPU and
+    /// memory hotplug, which starts vCPU threads and maps new memory).
+    Control,
+}
+
+impl ThreadClass {
+    pub fn name(self) -> &'static str {
+        match self {
+            ThreadClass::Vcpu => "vcpu",
+            ThreadClass::Events => "events",
+            ThreadClass::Control => "control",
+        }
+    }
+}
+
+/// Why a thread could not be confined.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfineError {
+    #[error("building the seccomp filter of the {class} threads: {source}")]
+    Build {
+        class: &'static str,
+        source: seccompiler::BackendError,
+    },
+    #[error("building the seccomp filter of the {class} threads: {source}")]
+    Compile {
+        class: &'static str,
+        source: seccompiler::BackendError,
+    },
+    #[error("installing the seccomp filter of a {class} thread: {source} (a kernel without CONFIG_SECCOMP_FILTER cannot confine the VMM; run with --seccomp off to accept that)")]
+    Install {
+        class: &'static str,
+        source: seccompiler::Error,
+    },
+    #[error("installing the SIGSYS handler for seccomp trap mode: {0}")]
+    Handler(std::io::Error),
+}
+
+/// What [`confine_current_thread`] applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Confinement {
+    pub seccomp: bool,
+    pub landlock: bool,
+    pub capabilities_dropped: bool,
+}
+
+thread_local! {
+    /// The class of the current thread, for the trap handler's report.
+    static CLASS: Cell<&'static str> = const { Cell::new("unknown (a filter inherited from the thread that started it)") };
+}
+
+/// Confine the calling thread as `class` under `mode` (see the module doc).
+/// Landlock and capabilities are best effort (a warning when the kernel lacks
+/// them); a filter that cannot be installed is an error unless `mode` is off.
+pub fn confine_current_thread(
+    class: ThreadClass,
+    mode: SeccompMode,
+) -> Result<Confinement, ConfineError> {
+    let Some(action) = mode.action() else {
+        return Ok(Confinement {
+            seccomp: false,
+            landlock: false,
+            capabilities_dropped: false,
+        });
+    };
+    let program = compile(class, action)?;
+    if mode == SeccompMode::Trap {
+        install_trap_handler()?;
+    }
+    // Landlock needs no_new_privs (or CAP_SYS_ADMIN); the filter sets it too.
+    // SAFETY: prctl with constant arguments; affects only the calling thread.
+    unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    let landlock = restrict_filesystem();
+    let capabilities_dropped = drop_capabilities();
+    CLASS.with(|c| c.set(class.name()));
+    deny_clone3_with_enosys()?;
+    seccompiler::apply_filter(&program).map_err(|source| ConfineError::Install {
+        class: class.name(),
+        source,
+    })?;
+    Ok(Confinement {
+        seccomp: true,
+        landlock,
+        capabilities_dropped,
+    })
+}
+
+/// [`confine_current_thread`], logging the outcome: the form threads call.
+/// A failure is logged as an error and the thread goes on unconfined (the
+/// VM still works; the log says how to fix or accept it).
+pub fn confine_or_warn(class: ThreadClass, mode: SeccompMode) {
+    match confine_current_thread(class, mode) {
+        Ok(c) if c.seccomp => tracing::debug!(
+            class = class.name(),
+            %mode,
+            landlock = c.landlock,
+            capabilities_dropped = c.capabilities_dropped,
+            "thread confined"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::error!(class = class.name(), "thread not confined: {e}"),
+    }
+}
+
+fn compile(class: ThreadClass, action: SeccompAction) -> Result<BpfProgram, ConfineError> {
+    let filter = SeccompFilter::new(
+        filter_rules(class),
+        action,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(|source| ConfineError::Build {
+        class: class.name(),
+        source,
+    })?;
+    BpfProgram::try_from(filter).map_err(|source| ConfineError::Compile {
+        class: class.name(),
+        source,
+    })
+}
+
+/// The number of system calls on `class`'s allowlist (for reports).
+pub fn allowlist_len(class: ThreadClass) -> usize {
+    filter_rules(class).len()
+}
+
+fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> SeccompCondition {
+    // Arguments are below 6 and the values fit their width: this cannot fail.
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
+        .unwrap_or_else(|e| unreachable!("seccomp condition: {e}"))
+}
+
+fn rule(conditions: Vec<SeccompCondition>) -> SeccompRule {
+    SeccompRule::new(conditions).unwrap_or_else(|e| unreachable!("seccomp rule: {e}"))
+}
+
+/// ioctl groups (the request's type byte, `_IOC_TYPE`) a VMM thread may use.
+const IOCTL_KVM: u64 = 0xAE;
+const IOCTL_VHOST: u64 = 0xAF;
+/// 'T': TUN/TAP (`TUNSETOFFLOAD`, `TUNSETVNETHDRSZ`) and `FIONBIO`/`FIOCLEX`.
+const IOCTL_TUN_TTY: u64 = b'T' as u64;
+
+fn ioctl_rules(types: &[u64]) -> Vec<SeccompRule> {
+    types
+        .iter()
+        .map(|t| rule(vec![cond(1, SeccompCmpOp::MaskedEq(0xff00), t << 8)]))
+        .collect()
+}
+
+/// `clone` only for new threads (`CLONE_THREAD`), never a new process.
+/// glibc tries `clone3` first; its flags are in memory a filter cannot read,
+/// so `clone3` is not allowed and glibc falls back to `clone` (see
+/// [`deny_clone3_with_enosys`]).
+fn clone_thread_rule() -> Vec<SeccompRule> {
+    let t = libc::CLONE_THREAD as u64;
+    vec![rule(vec![cond(0, SeccompCmpOp::MaskedEq(t), t)])]
+}
+
+/// The calls every confined thread makes: memory, locks, time, signals,
+/// logging to stderr, eventfds and epoll, and ending the thread.
+const COMMON: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_close,
+    libc::SYS_futex,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_sched_yield,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_tgkill,
+    libc::SYS_restart_syscall,
+    libc::SYS_getrandom,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_eventfd2,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_fcntl,
+    libc::SYS_dup,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_lseek,
+];
+
+/// A vCPU thread beyond [`COMMON`]: device activation and reset happen on
+/// the guest's register writes, so on this thread.
+const VCPU: &[i64] = &[
+    // Starting device worker threads.
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_clone3,
+    // vhost-user messages to virtiofsd (on its already connected socket).
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_settime,
+    // KVM's binary statistics of the vCPU, read when the thread ends.
+    libc::SYS_pread64,
+];
+
+/// The device event loop beyond [`COMMON`].
+const EVENTS: &[i64] = &[
+    // vsock's host side: connections from host programs, and connections
+    // the guest opens to host listeners.
+    libc::SYS_accept4,
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+    libc::SYS_shutdown,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_settime,
+    // Block I/O served in the loop.
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_fallocate,
+];
+
+/// The control socket's thread beyond [`COMMON`] and [`VCPU`].
+const CONTROL: &[i64] = &[
+    // One client at a time, with a read timeout.
+    libc::SYS_accept4,
+    libc::SYS_shutdown,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    // Memory hotplug: a new memfd-backed region.
+    libc::SYS_memfd_create,
+    libc::SYS_ftruncate,
+    libc::SYS_fallocate,
+    // The rest of a started vCPU thread's own confinement; each call only
+    // takes rights away.
+    libc::SYS_landlock_create_ruleset,
+    libc::SYS_landlock_restrict_self,
+    libc::SYS_capset,
+    libc::SYS_seccomp,
+];
+
+/// The allowlist of `class`: system call number → rules (an empty list
+/// allows every use of that call).
+pub fn filter_rules(class: ThreadClass) -> BTreeMap<i64, Vec<SeccompRule>> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    let mut allow = |calls: &[i64]| {
+        for &c in calls {
+            rules.insert(c, Vec::new());
+        }
+    };
+    allow(COMMON);
+    match class {
+        ThreadClass::Vcpu => allow(VCPU),
+        ThreadClass::Events => allow(EVENTS),
+        // A vCPU thread the control thread starts keeps the control
+        // thread's filter under its own: the control list holds the vCPU's.
+        ThreadClass::Control => {
+            allow(VCPU);
+            allow(CONTROL);
+        }
+    }
+    rules.insert(
+        libc::SYS_ioctl,
+        ioctl_rules(&[IOCTL_KVM, IOCTL_VHOST, IOCTL_TUN_TTY]),
+    );
+    // Memory, never executable: no thread of the VMM loads code.
+    let no_exec = || {
+        let exec = libc::PROT_EXEC as u64;
+        vec![rule(vec![cond(2, SeccompCmpOp::MaskedEq(exec), 0)])]
+    };
+    rules.insert(libc::SYS_mmap, no_exec());
+    rules.insert(libc::SYS_mprotect, no_exec());
+    if class != ThreadClass::Events {
+        rules.insert(libc::SYS_clone, clone_thread_rule());
+        // Naming a new thread (Rust's std does it in the thread itself), and
+        // no_new_privs, which a vCPU thread the control thread started sets
+        // as it confines itself.
+        rules.insert(
+            libc::SYS_prctl,
+            [libc::PR_SET_NAME, libc::PR_SET_NO_NEW_PRIVS]
+                .iter()
+                .map(|&op| rule(vec![cond(0, SeccompCmpOp::Eq, op as u64)]))
+                .collect(),
+        );
+    }
+    rules
+}
+
+/// Landlock with every filesystem right handled and none allowed. False
+/// when the kernel has no Landlock (a warning, once).
+fn restrict_filesystem() -> bool {
+    const CREATE_RULESET_VERSION: u32 = 1;
+    #[repr(C)]
+    struct RulesetAttr {
+        handled_access_fs: u64,
+    }
+    // SAFETY: the version query takes no attribute pointer and has no effect.
+    let abi = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<RulesetAttr>(),
+            0usize,
+            CREATE_RULESET_VERSION,
+        )
+    };
+    if abi < 1 {
+        static WARN: Once = Once::new();
+        WARN.call_once(|| {
+            tracing::warn!(
+                "the kernel has no Landlock (or it is not in its lsm= list): VMM threads keep filesystem access; seccomp still applies"
+            )
+        });
+        return false;
+    }
+    // ABI 1: 13 rights; 2 adds REFER; 3 adds TRUNCATE. Later rights (device
+    // ioctls) are left out: the thread's open KVM and TAP fds must stay usable.
+    let handled = match abi {
+        1 => (1u64 << 13) - 1,
+        2 => (1u64 << 14) - 1,
+        _ => (1u64 << 15) - 1,
+    };
+    let attr = RulesetAttr {
+        handled_access_fs: handled,
+    };
+    // SAFETY: `attr` is a valid ruleset attribute of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            &attr as *const RulesetAttr,
+            std::mem::size_of::<RulesetAttr>(),
+            0u32,
+        )
+    };
+    if fd < 0 {
+        tracing::warn!(
+            "Landlock ruleset refused: {}; the thread keeps filesystem access",
+            std::io::Error::last_os_error()
+        );
+        return false;
+    }
+    // SAFETY: `fd` is the ruleset just created; restrict_self applies it to
+    // the calling thread only.
+    let rc = unsafe { libc::syscall(libc::SYS_landlock_restrict_self, fd as libc::c_int, 0u32) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing the ruleset fd this function owns.
+    unsafe { libc::close(fd as libc::c_int) };
+    if rc != 0 {
+        tracing::warn!("Landlock restrict_self refused: {err}; the thread keeps filesystem access");
+        return false;
+    }
+    true
+}
+
+/// Empty the calling thread's capability sets. False when the kernel refused.
+fn drop_capabilities() -> bool {
+    const VERSION_3: u32 = 0x2008_0522;
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capset with a version-3 header and two data words, as the ABI
+    // asks; pid 0 is the calling thread.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &header as *const Header, data.as_ptr()) };
+    if rc != 0 {
+        tracing::warn!(
+            "dropping the thread's capabilities failed: {}",
+            std::io::Error::last_os_error()
+        );
+        return false;
+    }
+    true
+}
+
+/// glibc starts threads with `clone3` and falls back to `clone` when it
+/// gets ENOSYS. Allowing `clone3` lets a thread start threads with flags no
+/// filter can see; [`filter_rules`] allows `clone3` only so that this first,
+/// smaller filter decides: `clone3` fails with ENOSYS, everything else
+/// passes to the class filter, which checks `clone`'s flags.
+fn deny_clone3_with_enosys() -> Result<(), ConfineError> {
+    let mut rules = BTreeMap::new();
+    rules.insert(libc::SYS_clone3, Vec::new());
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(|source| ConfineError::Build {
+        class: "clone3",
+        source,
+    })?;
+    let program = BpfProgram::try_from(filter).map_err(|source| ConfineError::Compile {
+        class: "clone3",
+        source,
+    })?;
+    seccompiler::apply_filter(&program).map_err(|source| ConfineError::Install {
+        class: "clone3",
+        source,
+    })
+}
+
+fn install_trap_handler() -> Result<(), ConfineError> {
+    static INSTALL: Once = Once::new();
+    let mut result = Ok(());
+    INSTALL.call_once(|| {
+        // SAFETY: a zeroed sigaction with a valid handler and SA_SIGINFO; the
+        // handler only calls async-signal-safe functions.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_sigsys as *const () as usize;
+            action.sa_flags = libc::SA_SIGINFO;
+            libc::sigemptyset(&mut action.sa_mask);
+            if libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) != 0 {
+                result = Err(ConfineError::Handler(std::io::Error::last_os_error()));
+            }
+        }
+    });
+    result
+}
+
+/// `siginfo_t` for SIGSYS on x86-64 (`_sigsys` in the kernel's ABI).
+#[repr(C)]
+struct SigsysInfo {
+    signo: libc::c_int,
+    errno: libc::c_int,
+    code: libc::c_int,
+    _pad: libc::c_int,
+    call_addr: *mut libc::c_void,
+    syscall: libc::c_int,
+    arch: libc::c_uint,
+}
+
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a SIGSYS siginfo, laid out as `SigsysInfo`
+    // on x86-64; it is only read.
+    let nr = unsafe { (*(info as *const SigsysInfo)).syscall };
+    let class = CLASS.with(|c| c.get());
+    let mut buf = [0u8; 256];
+    let mut len = 0;
+    for part in [
+        "beacon-vmm: seccomp: a thread of class ".as_bytes(),
+        class.as_bytes(),
+        b" made system call ",
+    ] {
+        len += copy_into(&mut buf[len..], part);
+    }
+    let mut digits = [0u8; 12];
+    len += copy_into(&mut buf[len..], format_decimal(nr, &mut digits));
+    len += copy_into(
+        &mut buf[len..],
+        b", which its allowlist forbids (vmm/src/seccomp.rs); the process ends\n",
+    );
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; `buf[..len]` is
+    // initialised.
+    unsafe {
+        libc::write(2, buf.as_ptr().cast(), len);
+        libc::_exit(TRAP_EXIT_CODE);
+    }
+}
+
+fn copy_into(dst: &mut [u8], src: &[u8]) -> usize {
+    let n = src.len().min(dst.len());
+    dst[..n].copy_from_slice(&src[..n]);
+    n
+}
+
+fn format_decimal(n: libc::c_int, buf: &mut [u8; 12]) -> &[u8] {
+    let mut v = i64::from(n).unsigned_abs();
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 || i == 1 {
+            break;
+        }
+    }
+    if n < 0 {
+        i -= 1;
+        buf[i] = b'-';
+    }
+    &buf[i..]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Output};
+
+    /// Set in a child process: the test re-executed itself to be confined.
+    const CHILD: &str = "BEACON_SECCOMP_TEST_CHILD";
+
+    fn in_child() -> bool {
+        std::env::var_os(CHILD).is_some()
+    }
+
+    /// Run the test named `test` again, alone, in a child process.
+    fn rerun(test: &str) -> Output {
+        Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", test, "--nocapture", "--test-threads=1"])
+            .env(CHILD, "1")
+            .output()
+            .expect("re-running the test binary")
+    }
+
+    fn text(o: &Output) -> String {
+        format!(
+            "status {:?}\nstdout:\n{}\nstderr:\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    }
+
+    /// Confine a new thread as `class` under `mode` and run `body` in it.
+    fn confined<T: Send + 'static>(
+        class: ThreadClass,
+        mode: SeccompMode,
+        body: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        std::thread::spawn(move || {
+            let c = confine_current_thread(class, mode).expect("confining");
+            assert!(c.seccomp && c.capabilities_dropped, "{c:?}");
+            body()
+        })
+        .join()
+        .expect("the confined thread")
+    }
+
+    #[test]
+    fn every_class_compiles_and_forbids_processes_and_files() {
+        for class in [ThreadClass::Vcpu, ThreadClass::Events, ThreadClass::Control] {
+            for mode in [SeccompMode::Kill, SeccompMode::Trap, SeccompMode::Log] {
+                compile(class, mode.action().expect("an action")).expect("compiles");
+            }
+            let rules = filter_rules(class);
+            for forbidden in [
+                libc::SYS_execve,
+                libc::SYS_execveat,
+                libc::SYS_fork,
+                libc::SYS_vfork,
+                libc::SYS_open,
+                libc::SYS_openat,
+                libc::SYS_ptrace,
+                libc::SYS_process_vm_writev,
+                libc::SYS_mount,
+                libc::SYS_bpf,
+            ] {
+                assert!(
+                    !rules.contains_key(&forbidden),
+                    "{} allows system call {forbidden}",
+                    class.name()
+                );
+            }
+            println!("{}: {} system calls", class.name(), allowlist_len(class));
+        }
+        assert!(!filter_rules(ThreadClass::Vcpu).contains_key(&libc::SYS_socket));
+        assert!(!filter_rules(ThreadClass::Events).contains_key(&libc::SYS_clone));
+    }
+
+    #[test]
+    fn modes_parse_and_print() {
+        for m in [
+            SeccompMode::Kill,
+            SeccompMode::Trap,
+            SeccompMode::Log,
+            SeccompMode::Off,
+        ] {
+            assert_eq!(m.to_string().parse::<SeccompMode>(), Ok(m));
+        }
+        let err = "strict".parse::<SeccompMode>().unwrap_err();
+        assert!(err.contains("kill, trap, log or off"), "{err}");
+        assert_eq!(SeccompMode::default(), SeccompMode::Kill);
+    }
+
+    #[test]
+    fn off_applies_nothing() {
+        if !in_child() {
+            let o = rerun("seccomp::tests::off_applies_nothing");
+            assert!(o.status.success(), "{}", text(&o));
+            assert!(String::from_utf8_lossy(&o.stdout).contains("OFF-OK"));
+            return;
+        }
+        let opened = std::thread::spawn(|| {
+            let c = confine_current_thread(ThreadClass::Vcpu, SeccompMode::Off).expect("off");
+            assert!(!c.seccomp && !c.landlock && !c.capabilities_dropped);
+            std::fs::File::open("/proc/self/status").is_ok()
+        })
+        .join()
+        .expect("thread");
+        assert!(opened);
+        println!("OFF-OK");
+    }
+
+    #[test]
+    fn trap_mode_names_the_thread_and_the_call_and_ends_the_process() {
+        if !in_child() {
+            let o = rerun(
+                "seccomp::tests::trap_mode_names_the_thread_and_the_call_and_ends_the_process",
+            );
+            assert_eq!(o.status.code(), Some(TRAP_EXIT_CODE), "{}", text(&o));
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                err.contains(&format!(
+                    "a thread of class vcpu made system call {}",
+                    libc::SYS_openat
+                )),
+                "{}",
+                text(&o)
+            );
+            assert!(!String::from_utf8_lossy(&o.stdout).contains("NOT-STOPPED"));
+            return;
+        }
+        confined(ThreadClass::Vcpu, SeccompMode::Trap, || {
+            let _ = std::fs::File::open("/proc/self/status");
+        });
+        println!("NOT-STOPPED");
+    }
+
+    #[test]
+    fn kill_mode_kills_the_process_on_a_forbidden_call() {
+        if !in_child() {
+            let o = rerun("seccomp::tests::kill_mode_kills_the_process_on_a_forbidden_call");
+            assert_eq!(o.status.signal(), Some(libc::SIGSYS), "{}", text(&o));
+            assert!(!String::from_utf8_lossy(&o.stdout).contains("NOT-STOPPED"));
+            return;
+        }
+        confined(ThreadClass::Events, SeccompMode::Kill, || {
+            // A new process from the event loop: never.
+            // SAFETY: fork in a test child; the result is not used further.
+            unsafe { libc::syscall(libc::SYS_fork) };
+        });
+        println!("NOT-STOPPED");
+    }
+
+    #[test]
+    fn a_confined_thread_starts_threads_logs_and_waits() {
+        if !in_child() {
+            let o = rerun("seccomp::tests::a_confined_thread_starts_threads_logs_and_waits");
+            assert!(o.status.success(), "{}", text(&o));
+            assert!(
+                String::from_utf8_lossy(&o.stdout).contains("CONFINED-OK 42"),
+                "{}",
+                text(&o)
+            );
+            return;
+        }
+        let answer = confined(ThreadClass::Control, SeccompMode::Trap, || {
+            // clone3 fails with ENOSYS, glibc falls back to clone(CLONE_THREAD).
+            let worker = std::thread::Builder::new()
+                .name("beacon-worker".into())
+                .spawn(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    eprintln!("a confined thread's thread logs");
+                    42
+                })
+                .expect("spawning from a confined thread");
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            tx.send(worker.join().expect("join")).expect("send");
+            rx.recv().expect("recv")
+        });
+        // Other threads keep their rights.
+        assert!(std::fs::File::open("/proc/self/status").is_ok());
+        println!("CONFINED-OK {answer}");
+    }
+
+    #[test]
+    fn landlock_and_capabilities_hold_even_where_seccomp_only_logs() {
+        if !in_child() {
+            let o = rerun(
+                "seccomp::tests::landlock_and_capabilities_hold_even_where_seccomp_only_logs",
+            );
+            assert!(o.status.success(), "{}", text(&o));
+            assert!(
+                String::from_utf8_lossy(&o.stdout).contains("LANDLOCK-OK"),
+                "{}",
+                text(&o)
+            );
+            return;
+        }
+        let (landlock, open, effective) = std::thread::spawn(|| {
+            let c = confine_current_thread(ThreadClass::Vcpu, SeccompMode::Log).expect("log");
+            let open = std::fs::File::open("/proc/self/status").map(|_| ());
+            let header = [0x2008_0522u32, 0];
+            let mut data = [0u32; 6];
+            // SAFETY: capget with a version-3 header and room for two data words.
+            let rc = unsafe { libc::syscall(libc::SYS_capget, header.as_ptr(), data.as_mut_ptr()) };
+            assert_eq!(rc, 0, "capget");
+            (c.landlock, open, data[0] | data[1] | data[3] | data[4])
+        })
+        .join()
+        .expect("thread");
+        // This test needs a kernel with Landlock (this project's hosts and the
+        // lab have it); without it, it fails here rather than pass unchecked.
+        assert!(landlock, "the kernel did not apply Landlock");
+        let err = open.expect_err("a Landlocked thread opened a file");
+        assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+        assert_eq!(effective, 0, "capabilities left");
+        println!("LANDLOCK-OK");
+    }
+
+    #[test]
+    fn decimal_formatting_without_allocation() {
+        let mut b = [0u8; 12];
+        assert_eq!(format_decimal(0, &mut b), b"0");
+        assert_eq!(format_decimal(257, &mut b), b"257");
+        assert_eq!(format_decimal(-1, &mut b), b"-1");
+        assert_eq!(format_decimal(i32::MIN, &mut b), b"-2147483648");
+    }
+}
