@@ -928,3 +928,93 @@ fn virtio_devices_are_reported_with_their_interrupt_pins() {
     let json = serde_json::to_string(&report).expect("json");
     assert!(json.contains(r#""kind":"rng""#), "{json}");
 }
+
+/// Every confined thread class at work in trap mode (a forbidden call would
+/// end this test process with exit code 159 and name the call): vCPUs and the
+/// event loop run a guest with a virtio device, and the control socket's
+/// thread reports the devices, adds and removes vCPUs (starting vCPU threads
+/// from a confined thread) and memory (a new memfd mapped into the VM).
+#[test]
+fn confined_threads_run_report_and_resize_a_vm_through_the_control_socket() {
+    if !kvm_here_or_in_lab(
+        "kvm::tests::confined_threads_run_report_and_resize_a_vm_through_the_control_socket",
+    ) {
+        return;
+    }
+    use crate::api::{request, ApiServer, Request};
+    use crate::seccomp::SeccompMode;
+    use std::sync::Arc;
+    use std::time::Duration;
+    let _one_at_a_time = VM_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+    let (threads_before, fds_before) = vcpu_threads_and_kvm_fds();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let socket = tmp.path().join("api.sock");
+    let call = |r: Request| {
+        let reply = request(&socket, &r, Duration::from_secs(60)).expect("control socket");
+        assert!(reply.ok, "{r:?}: {:?}", reply.error);
+        reply
+    };
+
+    // vCPU hotplug (the stand-in is the CPU controller's guest side), with
+    // an rng device beside it: where the controller's page lands is read
+    // from a first, unstarted VM of the same shape.
+    let shaped = |code: &[u8]| {
+        let mut config = guest_config(code, 1, tmp.path());
+        config.vcpus.max = 2;
+        config.devices = vec![crate::config::DeviceConfig::Rng];
+        config.seccomp = SeccompMode::Trap;
+        config
+    };
+    let base = {
+        let probe = KvmVm::create(shaped(HALT_FOREVER)).expect("create");
+        let info = beacon_common::lock(&probe.devices).hotplug_info();
+        info.map(|h| h.base).expect("a hotplug controller")
+    };
+    let vm: Arc<KvmVm> = Arc::new(KvmVm::create(shaped(&hotplug_stand_in(base))).expect("create"));
+    vm.start().expect("start");
+    let server = ApiServer::start(&socket, vm.clone()).expect("serve");
+    let devices = call(Request::Devices {}).devices.expect("devices");
+    assert_eq!(devices.len(), 1, "{devices:?}");
+    for round in 0..2 {
+        let up = call(Request::Resize {
+            cpus: Some(2),
+            memory_mib: None,
+        });
+        assert_eq!(up.info.expect("info").vcpus, 2, "round {round}");
+        let down = call(Request::Resize {
+            cpus: Some(1),
+            memory_mib: None,
+        });
+        assert_eq!(down.info.expect("info").vcpus, 1, "round {round}");
+    }
+    drop(server);
+    vm.kill().expect("kill");
+    assert_eq!(vm.wait().expect("wait"), VmExit::PowerOff);
+    drop(vm);
+
+    // Memory hotplug (no virtio device: the controller's page comes first).
+    let base = crate::kvm::boot::layout::MMIO_GAP_START;
+    let mut config = guest_config(&memory_stand_in(base, true), 1, tmp.path());
+    config.memory.hotplug_mib = 256;
+    config.seccomp = SeccompMode::Trap;
+    let vm: Arc<KvmVm> = Arc::new(KvmVm::create(config).expect("create"));
+    vm.start().expect("start");
+    let server = ApiServer::start(&socket, vm.clone()).expect("serve");
+    for (total, blocks) in [(320, 2), (192, 1), (64, 0)] {
+        let r = call(Request::Resize {
+            cpus: None,
+            memory_mib: Some(total),
+        });
+        assert_eq!(r.info.expect("info").memory_mib, total);
+        assert_eq!(hotplug_memfds(), blocks);
+    }
+    assert_eq!(call(Request::Info {}).info.expect("info").vcpus, 1);
+    drop(server);
+    vm.kill().expect("kill");
+    assert_eq!(vm.wait().expect("wait"), VmExit::PowerOff);
+    drop(vm);
+    assert_eq!(
+        settle_to((threads_before, fds_before)),
+        (threads_before, fds_before)
+    );
+}
