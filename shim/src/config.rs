@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+use beacon_vmm::seccomp::SeccompMode;
 use beacon_vmm::BackendKind;
 use serde::Deserialize;
 use serde_json::Value;
@@ -111,6 +112,9 @@ pub struct RuntimeConfig {
     /// VM console logs (`$BEACON_LOG_DIR/<id>.vm.log`) kept after their
     /// sandboxes end, newest first; older ones are removed when a sandbox ends.
     pub keep_vm_logs: usize,
+    /// How the VMM's threads in the shim are confined (`kill`, `trap`, `log`,
+    /// `off`; see `beacon_vmm::seccomp`). `kill` unless set.
+    pub seccomp: SeccompMode,
 }
 
 /// Default of [`RuntimeConfig::keep_vm_logs`].
@@ -125,6 +129,7 @@ impl Default for RuntimeConfig {
             virtiofs_cache: None,
             guest_debug: false,
             keep_vm_logs: DEFAULT_KEEP_VM_LOGS,
+            seccomp: SeccompMode::default(),
         }
     }
 }

@@ -419,6 +419,7 @@ impl Sandbox {
         config.memory.size_mib = req.vm.memory_mib;
         config.memory.hotplug_mib = req.vm.hotplug_memory_mib;
         config.console = ConsoleConfig::File(dirs.vm_log.clone());
+        config.seccomp = req.config.seccomp;
         config.devices.push(DeviceConfig::Vsock {
             guest_cid,
             uds_path: (!vhost).then(|| dirs.vsock.clone()),
