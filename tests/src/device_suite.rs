@@ -338,8 +338,11 @@ pub fn run_in_one_lab(
                 // The console and the VMM's log go to files of their own and
                 // are printed after the boot: one stream for both let a log
                 // line land inside a console line and hide it from `expect`.
+                // The VMM's threads are confined in trap mode: a call off an
+                // allowlist ends the boot with 159 and names the thread class
+                // and the call in the VMM's log.
                 let body = format!(
-                    "export CASE={} WORK={} CASE_WORK={} BACKEND={backend} GUEST_KERNEL={kname}\nexport CONSOLE=\"$CASE_WORK/console.out\"\n{warm}{}\nNO_COLOR=1 {} >\"$CONSOLE\" 2>\"$CASE_WORK/vmm.log\"\nrc=$?\ncat \"$CONSOLE\"\necho '{VMM_LOG}'\ncat \"$CASE_WORK/vmm.log\"\necho '{VMM_LOG_END}'\n{}\n[ $? -eq 0 ] || {{ echo HOST-AFTER-FAILED; [ $rc -ne 0 ] || rc=99; }}\n(exit $rc)",
+                    "export CASE={} WORK={} CASE_WORK={} BACKEND={backend} GUEST_KERNEL={kname}\nexport CONSOLE=\"$CASE_WORK/console.out\" BEACON_SECCOMP=trap\n{warm}{}\nNO_COLOR=1 {} >\"$CONSOLE\" 2>\"$CASE_WORK/vmm.log\"\nrc=$?\ncat \"$CONSOLE\"\necho '{VMM_LOG}'\ncat \"$CASE_WORK/vmm.log\"\necho '{VMM_LOG_END}'\n{}\n[ $? -eq 0 ] || {{ echo HOST-AFTER-FAILED; [ $rc -ne 0 ] || rc=99; }}\n(exit $rc)",
                     sh_quote(&name),
                     sh_quote(&work_s),
                     sh_quote(&work_s),
