@@ -80,7 +80,13 @@ clean:
 
 # Fuzz targets of the guest-facing parsers (devices/fuzz): a bounded run of each
 # in `make test`; devices/fuzz/run-long for long runs.
-.PHONY: fuzz-short
+.PHONY: fuzz-short fuzz
 test: fuzz-short
 fuzz-short:
 	devices/fuzz/run --seconds 5
+
+# Every fuzz target for FUZZ_SECONDS each (default 720: an hour over the five
+# targets), one after another; prints executions per target.
+FUZZ_SECONDS ?= 720
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) devices/fuzz/run-long
