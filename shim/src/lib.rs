@@ -6,6 +6,8 @@
 //! - [`config`]: the runtime config and how big each sandbox's VM is;
 //! - [`events`]: task events published to containerd, in order;
 //! - [`guest`]: the connection to vminitd in the guest (Task API, streams, events);
+//! - [`guest_events`]: which of the guest's events reach containerd (unknown
+//!   and repeated exits dropped, OOM floods rate-limited);
 //! - [`lifecycle`]: the `start` and `delete` actions;
 //! - [`logfifo`]: the server's non-blocking log sink;
 //! - [`mounts`]: a container's files on both sides of the VM boundary;
@@ -19,6 +21,7 @@ pub mod bundle;
 pub mod config;
 pub mod events;
 pub mod guest;
+pub mod guest_events;
 pub mod invocation;
 pub mod lifecycle;
 pub mod logfifo;

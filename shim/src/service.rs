@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use beacon_common::guest_protocol::{GuestEvent, GUEST_SHARES_DIR};
@@ -40,6 +40,7 @@ use crate::bundle::Bundle;
 use crate::config::{runtime_options_config_path, RuntimeConfig};
 use crate::events::{timestamp, Publisher, TaskEvent};
 use crate::guest::{call_context, GuestLink};
+use crate::guest_events::{EventGate, ExitTarget};
 use crate::mounts::{self, RootfsMount};
 use crate::sandbox::{Sandbox, SandboxRequest, SHARE_NAME};
 use crate::stdio::{ProcessIo, StdioSpec};
@@ -420,6 +421,7 @@ async fn event_loop(
     vm_exit: Option<watch::Receiver<Option<beacon_vmm::VmExit>>>,
 ) {
     let mut vm_exit = vm_exit;
+    let mut gate = EventGate::default();
     loop {
         let event = match vm_exit.as_mut() {
             Some(exit) => tokio::select! {
@@ -450,12 +452,15 @@ async fn event_loop(
                         p.map(|p| (p.io.clone(), p.exit.clone()))
                     })
                 };
+                let target = match &found {
+                    None => ExitTarget::Unknown,
+                    Some((_, exit)) if exit.borrow().is_some() => ExitTarget::AlreadyExited,
+                    Some(_) => ExitTarget::Running,
+                };
+                if !gate.admit_exit(&container_id, &id, target) {
+                    continue;
+                }
                 let Some((io, exit)) = found else {
-                    tracing::warn!(
-                        container = container_id,
-                        id,
-                        "exit of an unknown process ignored"
-                    );
                     continue;
                 };
                 if let Some(io) = io {
@@ -479,7 +484,7 @@ async fn event_loop(
             }
             GuestEvent::Oom { container_id } => {
                 let known = state.lock().await.containers.contains_key(&container_id);
-                if known {
+                if gate.admit_oom(&container_id, known, Instant::now()) {
                     publisher.publish(TaskEvent::Oom { container_id });
                 }
             }
