@@ -3,6 +3,7 @@
 //! the ACPI power-management registers ([`acpi_pm`]), the hotplug controller
 //! the guest's ACPI code talks to ([`hotplug`]), virtio devices on the
 //! virtio-mmio transport ([`virtio`]), and the TAP behind virtio-net ([`tap`]).
+//! Threads a device starts run the VMM's confinement hook first ([`confine`]).
 //!
 //! Devices here never know about the VMM: they see byte accesses at offsets inside
 //! their own range, guest memory through `vm-memory`, and report outward only
@@ -13,6 +14,7 @@
 
 pub mod acpi_pm;
 pub mod bus;
+pub mod confine;
 pub mod hotplug;
 pub mod legacy;
 pub mod tap;

@@ -47,6 +47,7 @@ use super::device::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use super::events::DEVICE_TOKEN_BASE;
+use crate::confine::ThreadHook;
 use crate::throttle::Throttle;
 
 /// virtio device id of the file-system device.
@@ -79,6 +80,9 @@ pub struct FsConfig {
     pub request_queues: u16,
     /// How long the backend may take to answer the handshake.
     pub handshake_timeout: Duration,
+    /// Run first by the thread that talks to the backend (the VMM's
+    /// confinement, [`crate::confine`]).
+    pub thread_hook: Option<ThreadHook>,
 }
 
 impl FsConfig {
@@ -89,6 +93,7 @@ impl FsConfig {
             queue_size: 1024,
             request_queues: 1,
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            thread_hook: None,
         }
     }
 }
@@ -228,6 +233,7 @@ impl VhostUserFs {
             queues,
             for_backend,
             config.handshake_timeout,
+            config.thread_hook.clone(),
         )?;
         let mut config_space = [0u8; CONFIG_LEN];
         config_space[..config.tag.len()].copy_from_slice(config.tag.as_bytes());

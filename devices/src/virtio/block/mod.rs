@@ -52,6 +52,7 @@ use super::device::{
 };
 use super::events::DEVICE_TOKEN_BASE;
 use super::queue::{return_used, serve_queue, ChainOutcome};
+use crate::confine::ThreadHook;
 use crate::throttle::Throttle;
 use worker::{Done, Job, Refused, Worker};
 
@@ -116,14 +117,16 @@ pub struct Block {
 }
 
 impl Block {
-    /// A device for `disk`, with its I/O thread started.
-    pub fn new(disk: DiskFile) -> Result<Self, BlockError> {
+    /// A device for `disk`, with its I/O thread started (which runs `hook`,
+    /// the VMM's confinement, first).
+    pub fn new(disk: DiskFile, hook: Option<ThreadHook>) -> Result<Self, BlockError> {
         let disk = Arc::new(disk);
-        let worker =
-            Worker::start(disk.clone(), MAX_IN_FLIGHT).map_err(|source| BlockError::Worker {
+        let worker = Worker::start(disk.clone(), MAX_IN_FLIGHT, hook).map_err(|source| {
+            BlockError::Worker {
                 path: disk.path().to_path_buf(),
                 source,
-            })?;
+            }
+        })?;
         let mut config = [0u8; CONFIG_LEN];
         config[0..8].copy_from_slice(&disk.capacity().to_le_bytes());
         config[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
@@ -150,7 +153,16 @@ impl Block {
 
     /// Open `path` and make a device for it.
     pub fn open(path: &std::path::Path, read_only: bool) -> Result<Self, BlockError> {
-        Self::new(DiskFile::open(path, read_only)?)
+        Self::open_with_hook(path, read_only, None)
+    }
+
+    /// [`Block::open`], the I/O thread running `hook` first.
+    pub fn open_with_hook(
+        path: &std::path::Path,
+        read_only: bool,
+        hook: Option<ThreadHook>,
+    ) -> Result<Self, BlockError> {
+        Self::new(DiskFile::open(path, read_only)?, hook)
     }
 
     /// The disk behind the device.

@@ -758,3 +758,20 @@ fn a_buffer_across_two_memory_regions_is_read_and_written_whole() {
     assert_eq!(outcome.status, OK);
     assert_eq!(std::fs::read(&path).expect("image")[..2048], got[..]);
 }
+
+#[test]
+fn the_io_thread_runs_the_confinement_hook_first_on_itself() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = image(&dir, "hooked.img", &pattern(8 * 512));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let hook = crate::confine::ThreadHook::new(move |kind| {
+        let _ = tx.send((kind, std::thread::current().name().map(str::to_string)));
+    });
+    let blk = Block::open_with_hook(&path, false, Some(hook)).expect("open");
+    let (kind, name) = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the hook ran");
+    assert_eq!(kind, crate::confine::WorkerThread::BlockIo);
+    assert_eq!(name.as_deref(), Some("beacon-blk-io"));
+    drop(blk);
+}

@@ -24,6 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::{execute, DiskFile};
 use super::request::Request;
+use crate::confine::{run_hook, ThreadHook, WorkerThread};
 use crate::throttle::Throttle;
 use crate::virtio::device::GuestMem;
 
@@ -64,7 +65,12 @@ pub(super) struct Worker {
 
 impl Worker {
     /// Start the thread for `disk`, accepting up to `capacity` queued jobs.
-    pub fn start(disk: Arc<DiskFile>, capacity: usize) -> std::io::Result<Self> {
+    /// The thread runs `hook` (the VMM's confinement) before its first job.
+    pub fn start(
+        disk: Arc<DiskFile>,
+        capacity: usize,
+        hook: Option<ThreadHook>,
+    ) -> std::io::Result<Self> {
         let (jobs, job_rx) = mpsc::sync_channel::<Job>(capacity);
         let (done_tx, done) = mpsc::channel::<Done>();
         let done_evt = EventFd::new(libc::EFD_NONBLOCK)?;
@@ -73,7 +79,10 @@ impl Worker {
         let current = epoch.clone();
         let thread = std::thread::Builder::new()
             .name("beacon-blk-io".into())
-            .spawn(move || serve(&disk, &job_rx, &done_tx, &signal, &current))?;
+            .spawn(move || {
+                run_hook(hook.as_ref(), WorkerThread::BlockIo);
+                serve(&disk, &job_rx, &done_tx, &signal, &current)
+            })?;
         Ok(Self {
             jobs: Some(jobs),
             done,

@@ -44,6 +44,7 @@ use vm_memory::{
 use vmm_sys_util::eventfd::EventFd;
 
 use super::FsError;
+use crate::confine::{run_hook, ThreadHook, WorkerThread};
 use crate::throttle::Throttle;
 use crate::virtio::device::{GuestMem, Interrupt, VIRTIO_F_VERSION_1};
 
@@ -195,6 +196,7 @@ impl BackendLink {
         queues: usize,
         calls: Vec<EventFd>,
         timeout: Duration,
+        hook: Option<ThreadHook>,
     ) -> Result<Self, FsError> {
         let socket = stream.try_clone().map_err(FsError::Thread)?;
         let frontend = Frontend::from_stream(stream, queues as u64);
@@ -215,6 +217,7 @@ impl BackendLink {
         let thread = std::thread::Builder::new()
             .name("vhost-user-fs".into())
             .spawn(move || {
+                run_hook(hook.as_ref(), WorkerThread::VhostUser);
                 let _end_marker = end_marker;
                 let result = worker.handshake(queues);
                 let ok = result.is_ok();

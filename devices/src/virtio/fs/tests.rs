@@ -774,3 +774,21 @@ fn a_backend_that_does_not_confirm_a_removal_cannot_hang_the_vmm() {
         .expect("teardown finished");
     drop(fake);
 }
+
+#[test]
+fn the_backend_thread_runs_the_confinement_hook_before_the_handshake() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let hook = crate::confine::ThreadHook::new(move |kind| {
+        let _ = tx.send((kind, std::thread::current().name().map(str::to_string)));
+    });
+    let (_fake, stream) = FakeBackend::start(FakeConfig::default());
+    let mut cfg = FsConfig::new("hooked", "/fake.sock");
+    cfg.thread_hook = Some(hook);
+    let fs = VhostUserFs::with_stream(&cfg, stream).expect("handshake with the fake");
+    let (kind, name) = rx
+        .try_recv()
+        .expect("the hook ran before the handshake ended");
+    assert_eq!(kind, crate::confine::WorkerThread::VhostUser);
+    assert_eq!(name.as_deref(), Some("vhost-user-fs"));
+    drop(fs);
+}
