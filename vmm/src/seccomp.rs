@@ -115,14 +115,36 @@ pub enum ThreadClass {
     /// The control socket: answers requests and resizes the VM (CPU and
     /// memory hotplug, which starts vCPU threads and maps new memory).
     Control,
+    /// virtio-blk's I/O thread: I/O on the disk file it holds.
+    BlockIo,
+    /// virtio-fs's vhost-user thread: messages on its connected socket.
+    VhostUser,
 }
 
 impl ThreadClass {
+    pub const ALL: [ThreadClass; 5] = [
+        ThreadClass::Vcpu,
+        ThreadClass::Events,
+        ThreadClass::Control,
+        ThreadClass::BlockIo,
+        ThreadClass::VhostUser,
+    ];
+
+    /// The class of a thread a device starts.
+    pub fn of_worker(kind: beacon_devices::confine::WorkerThread) -> Self {
+        match kind {
+            beacon_devices::confine::WorkerThread::BlockIo => ThreadClass::BlockIo,
+            beacon_devices::confine::WorkerThread::VhostUser => ThreadClass::VhostUser,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             ThreadClass::Vcpu => "vcpu",
             ThreadClass::Events => "events",
             ThreadClass::Control => "control",
+            ThreadClass::BlockIo => "block-io",
+            ThreadClass::VhostUser => "vhost-user",
         }
     }
 }
@@ -186,7 +208,7 @@ pub fn confine_current_thread(
     let landlock = restrict_filesystem();
     let capabilities_dropped = drop_capabilities();
     CLASS.with(|c| c.set(class.name()));
-    deny_clone3_with_enosys()?;
+    install_soft_failures()?;
     seccompiler::apply_filter(&program).map_err(|source| ConfineError::Install {
         class: class.name(),
         source,
@@ -262,8 +284,8 @@ fn ioctl_rules(types: &[u64]) -> Vec<SeccompRule> {
 
 /// `clone` only for new threads (`CLONE_THREAD`), never a new process.
 /// glibc tries `clone3` first; its flags are in memory a filter cannot read,
-/// so `clone3` is not allowed and glibc falls back to `clone` (see
-/// [`deny_clone3_with_enosys`]).
+/// so `clone3` fails with ENOSYS and glibc falls back to `clone` (see
+/// [`FAIL_SOFTLY`]).
 fn clone_thread_rule() -> Vec<SeccompRule> {
     let t = libc::CLONE_THREAD as u64;
     vec![rule(vec![cond(0, SeccompCmpOp::MaskedEq(t), t)])]
@@ -296,6 +318,9 @@ const COMMON: &[i64] = &[
     libc::SYS_tgkill,
     libc::SYS_restart_syscall,
     libc::SYS_getrandom,
+    libc::SYS_sched_getaffinity,
+    // Answered EACCES by the first filter (FAIL_SOFTLY).
+    libc::SYS_openat,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_ctl,
@@ -316,7 +341,6 @@ const VCPU: &[i64] = &[
     // Starting device worker threads.
     libc::SYS_set_robust_list,
     libc::SYS_rseq,
-    libc::SYS_sched_getaffinity,
     libc::SYS_clone3,
     // vhost-user messages to virtiofsd (on its already connected socket).
     libc::SYS_sendmsg,
@@ -353,6 +377,32 @@ const EVENTS: &[i64] = &[
     libc::SYS_fsync,
     libc::SYS_fdatasync,
     libc::SYS_fallocate,
+];
+
+/// virtio-blk's I/O thread beyond [`COMMON`]: positioned reads and writes,
+/// flushes, discards and write-zeroes (`fallocate`) on its disk file.
+const BLOCK_IO: &[i64] = &[
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_preadv2,
+    libc::SYS_pwritev2,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_fallocate,
+];
+
+/// virtio-fs's vhost-user thread beyond [`COMMON`]: messages (with memory
+/// fds) to the backend and its replies, with a read timeout.
+const VHOST_USER: &[i64] = &[
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+    libc::SYS_shutdown,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
 ];
 
 /// The control socket's thread beyond [`COMMON`] and [`VCPU`].
@@ -393,11 +443,15 @@ pub fn filter_rules(class: ThreadClass) -> BTreeMap<i64, Vec<SeccompRule>> {
             allow(VCPU);
             allow(CONTROL);
         }
+        ThreadClass::BlockIo => allow(BLOCK_IO),
+        ThreadClass::VhostUser => allow(VHOST_USER),
     }
-    rules.insert(
-        libc::SYS_ioctl,
-        ioctl_rules(&[IOCTL_KVM, IOCTL_VHOST, IOCTL_TUN_TTY]),
-    );
+    if !matches!(class, ThreadClass::BlockIo | ThreadClass::VhostUser) {
+        rules.insert(
+            libc::SYS_ioctl,
+            ioctl_rules(&[IOCTL_KVM, IOCTL_VHOST, IOCTL_TUN_TTY]),
+        );
+    }
     // Memory, never executable: no thread of the VMM loads code.
     let no_exec = || {
         let exec = libc::PROT_EXEC as u64;
@@ -405,7 +459,7 @@ pub fn filter_rules(class: ThreadClass) -> BTreeMap<i64, Vec<SeccompRule>> {
     };
     rules.insert(libc::SYS_mmap, no_exec());
     rules.insert(libc::SYS_mprotect, no_exec());
-    if class != ThreadClass::Events {
+    if matches!(class, ThreadClass::Vcpu | ThreadClass::Control) {
         rules.insert(libc::SYS_clone, clone_thread_rule());
         // Naming a new thread (Rust's std does it in the thread itself), and
         // no_new_privs, which a vCPU thread the control thread started sets
@@ -523,32 +577,47 @@ fn drop_capabilities() -> bool {
     true
 }
 
-/// glibc starts threads with `clone3` and falls back to `clone` when it
-/// gets ENOSYS. Allowing `clone3` lets a thread start threads with flags no
-/// filter can see; [`filter_rules`] allows `clone3` only so that this first,
-/// smaller filter decides: `clone3` fails with ENOSYS, everything else
-/// passes to the class filter, which checks `clone`'s flags.
-fn deny_clone3_with_enosys() -> Result<(), ConfineError> {
-    let mut rules = BTreeMap::new();
-    rules.insert(libc::SYS_clone3, Vec::new());
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        TargetArch::x86_64,
-    )
-    .map_err(|source| ConfineError::Build {
-        class: "clone3",
-        source,
-    })?;
-    let program = BpfProgram::try_from(filter).map_err(|source| ConfineError::Compile {
-        class: "clone3",
-        source,
-    })?;
-    seccompiler::apply_filter(&program).map_err(|source| ConfineError::Install {
-        class: "clone3",
-        source,
-    })
+/// Calls a confined thread may make but that must fail softly, and the
+/// error each gets, applied by a first, small filter ([`filter_rules`]
+/// allows them so that this filter's answer wins):
+///
+/// * `clone3` → ENOSYS: glibc starts threads with `clone3` and falls back to
+///   `clone` on ENOSYS; `clone3`'s flags are in memory no filter can read,
+///   while the class filter checks `clone`'s (`CLONE_THREAD` only). In the
+///   classes that may not start threads, the class filter kills first.
+/// * `openat` → EACCES: glibc's malloc reads `/sys/devices/system/cpu/online`
+///   once, when the process makes its ninth arena, on whichever thread that
+///   happens, and copes with a failure. No confined thread may open a file
+///   (Landlock says the same where the kernel has it).
+const FAIL_SOFTLY: &[(i64, i32)] = &[
+    (libc::SYS_clone3, libc::ENOSYS),
+    (libc::SYS_openat, libc::EACCES),
+];
+
+fn install_soft_failures() -> Result<(), ConfineError> {
+    for &(call, errno) in FAIL_SOFTLY {
+        let mut rules = BTreeMap::new();
+        rules.insert(call, Vec::new());
+        let filter = SeccompFilter::new(
+            rules,
+            SeccompAction::Allow,
+            SeccompAction::Errno(errno as u32),
+            TargetArch::x86_64,
+        )
+        .map_err(|source| ConfineError::Build {
+            class: "soft failures",
+            source,
+        })?;
+        let program = BpfProgram::try_from(filter).map_err(|source| ConfineError::Compile {
+            class: "soft failures",
+            source,
+        })?;
+        seccompiler::apply_filter(&program).map_err(|source| ConfineError::Install {
+            class: "soft failures",
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 fn install_trap_handler() -> Result<(), ConfineError> {
@@ -682,7 +751,7 @@ mod tests {
 
     #[test]
     fn every_class_compiles_and_forbids_processes_and_files() {
-        for class in [ThreadClass::Vcpu, ThreadClass::Events, ThreadClass::Control] {
+        for class in ThreadClass::ALL {
             for mode in [SeccompMode::Kill, SeccompMode::Trap, SeccompMode::Log] {
                 compile(class, mode.action().expect("an action")).expect("compiles");
             }
@@ -693,7 +762,7 @@ mod tests {
                 libc::SYS_fork,
                 libc::SYS_vfork,
                 libc::SYS_open,
-                libc::SYS_openat,
+                libc::SYS_creat,
                 libc::SYS_ptrace,
                 libc::SYS_process_vm_writev,
                 libc::SYS_mount,
@@ -708,7 +777,14 @@ mod tests {
             println!("{}: {} system calls", class.name(), allowlist_len(class));
         }
         assert!(!filter_rules(ThreadClass::Vcpu).contains_key(&libc::SYS_socket));
-        assert!(!filter_rules(ThreadClass::Events).contains_key(&libc::SYS_clone));
+        for class in [
+            ThreadClass::Events,
+            ThreadClass::BlockIo,
+            ThreadClass::VhostUser,
+        ] {
+            assert!(!filter_rules(class).contains_key(&libc::SYS_clone));
+        }
+        assert!(!filter_rules(ThreadClass::BlockIo).contains_key(&libc::SYS_ioctl));
     }
 
     #[test]
@@ -756,16 +832,24 @@ mod tests {
             assert!(
                 err.contains(&format!(
                     "a thread of class vcpu made system call {}",
-                    libc::SYS_openat
+                    libc::SYS_socket
                 )),
                 "{}",
                 text(&o)
             );
-            assert!(!String::from_utf8_lossy(&o.stdout).contains("NOT-STOPPED"));
+            let out = String::from_utf8_lossy(&o.stdout);
+            assert!(out.contains("OPEN-REFUSED"), "{}", text(&o));
+            assert!(!out.contains("NOT-STOPPED"));
             return;
         }
         confined(ThreadClass::Vcpu, SeccompMode::Trap, || {
-            let _ = std::fs::File::open("/proc/self/status");
+            // Opening a file fails softly (EACCES: glibc's malloc may try).
+            let err = std::fs::File::open("/proc/self/status").expect_err("opened a file");
+            assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+            println!("OPEN-REFUSED");
+            // A new socket from a vCPU: never.
+            // SAFETY: a plain socket(2) call; the result is not used.
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
         });
         println!("NOT-STOPPED");
     }
@@ -850,6 +934,33 @@ mod tests {
         assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
         assert_eq!(effective, 0, "capabilities left");
         println!("LANDLOCK-OK");
+    }
+
+    #[test]
+    fn a_confined_block_io_thread_reads_writes_and_flushes_its_disk() {
+        if !in_child() {
+            let o = rerun(
+                "seccomp::tests::a_confined_block_io_thread_reads_writes_and_flushes_its_disk",
+            );
+            assert!(o.status.success(), "{}", text(&o));
+            assert!(
+                String::from_utf8_lossy(&o.stdout).contains("BLOCK-IO-OK"),
+                "{}",
+                text(&o)
+            );
+            return;
+        }
+        use std::os::unix::fs::FileExt;
+        let file = tempfile::tempfile().expect("disk");
+        let back = confined(ThreadClass::BlockIo, SeccompMode::Trap, move || {
+            file.write_all_at(b"sector", 512).expect("pwrite");
+            file.sync_data().expect("fdatasync");
+            let mut buf = [0u8; 6];
+            file.read_exact_at(&mut buf, 512).expect("pread");
+            buf
+        });
+        assert_eq!(&back, b"sector");
+        println!("BLOCK-IO-OK");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
+use beacon_devices::confine::ThreadHook;
 use beacon_devices::tap::Tap;
 use beacon_devices::virtio::block::Block;
 use beacon_devices::virtio::fs::{FsConfig, VhostUserFs};
@@ -32,6 +33,7 @@ use super::memory_manager::{self, MemoryLinks, MemoryManager};
 use super::KvmVm;
 use crate::backend::VmError;
 use crate::config::{ConfigError, DeviceConfig, VmConfig, MAX_CMDLINE_LEN};
+use crate::seccomp::{SeccompMode, ThreadClass};
 
 pub(crate) fn hv(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     let what = what.into();
@@ -73,6 +75,17 @@ fn refuse_unsupported(config: &VmConfig) -> Result<(), VmError> {
     Ok(())
 }
 
+/// The hook a device's own threads run first: confinement under the VM's
+/// mode (none when it is off).
+fn worker_hook(config: &VmConfig) -> Option<ThreadHook> {
+    let mode = config.seccomp;
+    (mode != SeccompMode::Off).then(|| {
+        ThreadHook::new(move |kind| {
+            crate::seccomp::confine_or_warn(ThreadClass::of_worker(kind), mode)
+        })
+    })
+}
+
 /// Attach every configured virtio device.
 fn attach_devices(dm: &mut DeviceManager, config: &VmConfig) -> Result<(), VmError> {
     for device in &config.devices {
@@ -81,10 +94,13 @@ fn attach_devices(dm: &mut DeviceManager, config: &VmConfig) -> Result<(), VmErr
                 dm.attach_virtio("rng", Arc::new(Mutex::new(Rng::new())))?;
             }
             DeviceConfig::Block { path, read_only } => {
-                let block = Block::open(path, *read_only).map_err(|e| VmError::Device {
-                    device: "virtio-blk".into(),
-                    reason: e.to_string(),
-                })?;
+                let block =
+                    Block::open_with_hook(path, *read_only, worker_hook(config)).map_err(|e| {
+                        VmError::Device {
+                            device: "virtio-blk".into(),
+                            reason: e.to_string(),
+                        }
+                    })?;
                 dm.attach_virtio("blk", Arc::new(Mutex::new(block)))?;
             }
             DeviceConfig::Net {
@@ -136,6 +152,7 @@ fn attach_devices(dm: &mut DeviceManager, config: &VmConfig) -> Result<(), VmErr
             } => {
                 let mut fs = FsConfig::new(tag.clone(), socket.clone());
                 fs.queue_size = *queue_size;
+                fs.thread_hook = worker_hook(config);
                 let device = VhostUserFs::connect(&fs).map_err(|e| VmError::Device {
                     device: format!("virtio-fs {tag:?}"),
                     reason: e.to_string(),

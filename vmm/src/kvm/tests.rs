@@ -931,7 +931,8 @@ fn virtio_devices_are_reported_with_their_interrupt_pins() {
 
 /// Every confined thread class at work in trap mode (a forbidden call would
 /// end this test process with exit code 159 and name the call): vCPUs and the
-/// event loop run a guest with a virtio device, and the control socket's
+/// event loop run a guest with virtio devices (a disk's I/O thread confines
+/// itself as the VM is made), and the control socket's
 /// thread reports the devices, adds and removes vCPUs (starting vCPU threads
 /// from a confined thread) and memory (a new memfd mapped into the VM).
 #[test]
@@ -958,23 +959,34 @@ fn confined_threads_run_report_and_resize_a_vm_through_the_control_socket() {
     // vCPU hotplug (the stand-in is the CPU controller's guest side), with
     // an rng device beside it: where the controller's page lands is read
     // from a first, unstarted VM of the same shape.
+    // A disk too: its I/O thread confines itself as the VM is made.
+    let disk = tmp.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk image");
     let shaped = |code: &[u8]| {
         let mut config = guest_config(code, 1, tmp.path());
         config.vcpus.max = 2;
-        config.devices = vec![crate::config::DeviceConfig::Rng];
+        config.devices = vec![
+            crate::config::DeviceConfig::Rng,
+            crate::config::DeviceConfig::Block {
+                path: disk.clone(),
+                read_only: false,
+            },
+        ];
         config.seccomp = SeccompMode::Trap;
         config
     };
     let base = {
         let probe = KvmVm::create(shaped(HALT_FOREVER)).expect("create");
-        let info = beacon_common::lock(&probe.devices).hotplug_info();
-        info.map(|h| h.base).expect("a hotplug controller")
+        let base = beacon_common::lock(&probe.devices)
+            .hotplug_info()
+            .map(|h| h.base);
+        base.expect("a hotplug controller")
     };
     let vm: Arc<KvmVm> = Arc::new(KvmVm::create(shaped(&hotplug_stand_in(base))).expect("create"));
     vm.start().expect("start");
     let server = ApiServer::start(&socket, vm.clone()).expect("serve");
     let devices = call(Request::Devices {}).devices.expect("devices");
-    assert_eq!(devices.len(), 1, "{devices:?}");
+    assert_eq!(devices.len(), 2, "{devices:?}");
     for round in 0..2 {
         let up = call(Request::Resize {
             cpus: Some(2),
