@@ -359,6 +359,10 @@ const EVENTS: &[i64] = &[
     // Ending a device's vhost-user link when the loop drops the device.
     libc::SYS_shutdown,
     libc::SYS_timerfd_settime,
+    // The console log's rotation in place (both files opened beforehand).
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_ftruncate,
 ];
 
 /// virtio-blk's I/O thread beyond [`COMMON`]: vectored positioned reads and

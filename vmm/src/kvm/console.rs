@@ -5,8 +5,8 @@
 //! never waits; the device event loop drains it ([`ConsoleDrain`]) into stdout
 //! (through a non-blocking file description of its own, so the process's stdout
 //! stays blocking for everyone else), a size-capped log file ([`RotatingLog`]:
-//! past [`CONSOLE_LOG_MAX_BYTES`] the file moves to `<path>.1` and a fresh one
-//! starts), or nowhere. When nobody reads stdout, bytes beyond the buffer are
+//! past [`CONSOLE_LOG_MAX_BYTES`] the file is copied to `<path>.1` and starts
+//! over), or nowhere. When nobody reads stdout, bytes beyond the buffer are
 //! dropped and counted, so a guest flooding COM1 can neither stall its vCPUs nor
 //! keep `kill()` from ending the VM.
 //!
@@ -20,7 +20,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use beacon_common::lock;
@@ -98,40 +98,61 @@ impl Write for BufferWriter {
 }
 
 /// A log file that starts over (keeping one previous part) past a size limit.
+///
+/// Both files are opened when the log is: rotating copies the current part
+/// into `<path>.1` and truncates the current part in place, with no path
+/// operation, because it runs on the device event loop, whose thread may
+/// open, rename or create no file once confined ([`crate::seccomp`]).
 pub struct RotatingLog {
-    path: PathBuf,
     file: File,
+    previous: File,
     size: u64,
     max: u64,
 }
 
 impl RotatingLog {
-    /// Append to `path`, rotating it past `max` bytes.
+    /// Append to `path`, rotating it into `<path>.1` past `max` bytes.
     pub fn open(path: &Path, max: u64) -> std::io::Result<Self> {
-        let file = Self::open_file(path)?;
+        let file = Self::open_file(path, true)?;
+        let mut old = path.to_path_buf().into_os_string();
+        old.push(".1");
+        let previous = Self::open_file(Path::new(&old), false)?;
         let size = file.metadata()?.len();
         Ok(Self {
-            path: path.to_path_buf(),
             file,
+            previous,
             size,
             max,
         })
     }
 
-    fn open_file(path: &Path) -> std::io::Result<File> {
+    fn open_file(path: &Path, append: bool) -> std::io::Result<File> {
         OpenOptions::new()
             .create(true)
-            .append(true)
+            .read(true)
+            .write(true)
+            .append(append)
             .mode(0o640)
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
     }
 
+    /// The current part becomes the previous one (a copy), then starts over.
     fn rotate(&mut self) -> std::io::Result<()> {
-        let mut old = self.path.clone().into_os_string();
-        old.push(".1");
-        std::fs::rename(&self.path, &old)?;
-        self.file = Self::open_file(&self.path)?;
+        use std::os::unix::fs::FileExt;
+        self.previous.set_len(0)?;
+        let mut buf = [0u8; 64 << 10];
+        let mut at = 0u64;
+        loop {
+            let n = self.file.read_at(&mut buf, at)?;
+            if n == 0 {
+                break;
+            }
+            self.previous.write_all_at(&buf[..n], at)?;
+            at += n as u64;
+        }
+        // Appends land at the new end: the start.
+        self.file.set_len(0)?;
         self.size = 0;
         Ok(())
     }

@@ -104,6 +104,33 @@ fn the_log_file_rotates_past_its_limit() {
     let mut again = RotatingLog::open(&path, 100).expect("reopen");
     again.write_all(&[b'd'; 20]).expect("write rotates");
     assert_eq!(std::fs::read(&path).expect("current").len(), 20);
+    let old = std::fs::read(dir.path().join("vm.log.1")).expect("rotated again");
+    assert_eq!(old.len(), 90, "the previous part is the whole last one");
+}
+
+/// Rotation happens on the device event loop, which may touch no path once
+/// confined: it must work on a thread confined as the event loop is.
+#[test]
+fn the_log_file_rotates_on_a_confined_event_loop_thread() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("vm.log");
+    let mut log = RotatingLog::open(&path, 100).expect("open");
+    std::thread::spawn(move || {
+        crate::seccomp::confine_current_thread(
+            crate::seccomp::ThreadClass::Events,
+            crate::seccomp::SeccompMode::Trap,
+        )
+        .expect("confined");
+        for round in 0..5u8 {
+            log.write_all(&[b'a' + round; 70])
+                .expect("write (rotating)");
+        }
+    })
+    .join()
+    .expect("the confined writer");
+    assert_eq!(std::fs::read(&path).expect("current"), vec![b'e'; 70]);
+    let old = std::fs::read(dir.path().join("vm.log.1")).expect("previous");
+    assert_eq!(old, vec![b'd'; 70]);
 }
 
 fn uart(room: &EventFd) -> SharedSerial {
