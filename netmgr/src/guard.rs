@@ -166,7 +166,7 @@ pub fn rebuild(
     let pins = pins()?;
     apply(
         program,
-        "rebuilding the guard table (per-TAP anti-spoofing)",
+        "rebuilding the guard table (per-TAP anti-spoofing; the bridge family's rules need the kernel modules nf_tables and nft_meta_bridge: `modprobe nft_meta_bridge` if the kernel cannot load it by itself)",
         ruleset(&pins, guest_to_guest),
     )?;
     tracing::debug!(guests = pins.len(), guest_to_guest, "guard table rebuilt");
