@@ -161,9 +161,15 @@ fn boots(a: &Assets) -> Vec<Scenario> {
                 vsock::MEDIUM
             };
             let (vsock1, net1) = if backend == "kvm" {
-                (vsock::hybrid(a.tool, big), net::part(net::Variant::User))
+                (
+                    vsock::hybrid(a.tool, big),
+                    net::part(net::Variant::User, backend),
+                )
             } else {
-                (vsock::vhost(a.tool, big), net::part(net::Variant::Vhost))
+                (
+                    vsock::vhost(a.tool, big),
+                    net::part(net::Variant::Vhost, backend),
+                )
             };
             let mut devices = vec![
                 rng::part(),
@@ -199,10 +205,10 @@ fn boots(a: &Assets) -> Vec<Scenario> {
             let mut devices = Vec::new();
             if backend == "kvm" {
                 devices.push(vsock::vhost(a.tool, big));
-                devices.push(net::part(net::Variant::Vhost));
+                devices.push(net::part(net::Variant::Vhost, backend));
                 devices.push(hotplug::part(cpus, max_cpus));
             } else {
-                devices.push(net::part(net::Variant::QemuTap));
+                devices.push(net::part(net::Variant::QemuTap, backend));
             }
             devices.push(fs::kill(backend));
             out.push(boot(

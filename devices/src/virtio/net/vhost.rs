@@ -189,9 +189,24 @@ impl VhostPath {
         Ok(())
     }
 
-    /// Close the vhost-net instance (the kernel stops and joins its worker) and
-    /// open a fresh one for the next activation.
+    /// Make the vhost-net instance ready for the next activation.
+    /// `VHOST_RESET_OWNER` stops the kernel's worker and drops its rings,
+    /// backends and memory table, and the same fd takes `VHOST_SET_OWNER`
+    /// again; EPERM means nobody owns it yet, so there is nothing to reset.
+    /// Closing it and opening a fresh one is the fallback only: that needs
+    /// `/dev/vhost-net`, which a confined vCPU thread (where resets happen)
+    /// cannot open.
     fn restart_kernel(&mut self) {
+        if let Some(kernel) = &self.kernel {
+            match kernel.reset_owner() {
+                Ok(()) => return,
+                Err(vhost::Error::IoctlError(e)) if e.raw_os_error() == Some(libc::EPERM) => return,
+                Err(e) => tracing::warn!(
+                    tap = self.tap.name(),
+                    "virtio-net: VHOST_RESET_OWNER failed ({e}); opening a new vhost-net instance"
+                ),
+            }
+        }
         self.kernel = None;
         match open(&self.mem, &self.tap) {
             Ok(k) => self.kernel = Some(k),
