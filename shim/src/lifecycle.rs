@@ -128,9 +128,9 @@ pub fn delete(inv: &Invocation) -> anyhow::Result<Vec<u8>> {
             .build()
             .context("a runtime for the network teardown")?;
         rt.block_on(async {
-            match beacon_netmgr::NetworkManager::new(beacon_netmgr::config::NetConfig::legacy(
-                &paths,
-            )) {
+            match beacon_netmgr::config::NetConfig::from_env()
+                .and_then(beacon_netmgr::NetworkManager::new)
+            {
                 Ok(net) => {
                     if let Err(e) = net.teardown(&sandbox_id).await {
                         tracing::warn!("network teardown of {sandbox_id}: {e}");

@@ -83,7 +83,9 @@ async fn run(inv: &Invocation, fd: RawFd) -> anyhow::Result<()> {
     let paths = BeaconPaths::from_env();
     let mode = guest_mode()?;
     let net = match mode {
-        GuestMode::Vm => match NetworkManager::new(NetConfig::legacy(&paths)) {
+        // netmgr's settings (BEACON_HOST_ACCESS, BEACON_SUBNET, BEACON_DNS,
+        // ...) come from the environment containerd gives the shim.
+        GuestMode::Vm => match NetConfig::from_env().and_then(NetworkManager::new) {
             Ok(n) => {
                 // Leases of sandboxes whose shim died (or of a host that
                 // rebooted) are freed at every start.
