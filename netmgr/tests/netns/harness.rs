@@ -174,10 +174,12 @@ pub fn legacy_config(dir: &std::path::Path) -> beacon_netmgr::NetConfig {
 
 /// `nft -j list ruleset` of the current namespace.
 pub fn nft_ruleset() -> serde_json::Value {
-    let out = Command::new("nft")
-        .args(["-j", "list", "ruleset"])
-        .output()
-        .unwrap();
+    nft_json(&["list", "ruleset"])
+}
+
+/// `nft -j ARGS...` in the current namespace, parsed (it must succeed).
+pub fn nft_json(args: &[&str]) -> serde_json::Value {
+    let out = Command::new("nft").arg("-j").args(args).output().unwrap();
     assert!(
         out.status.success(),
         "{}",

@@ -32,7 +32,9 @@ use beacon_netmgr::{
     link, tap, HostService, MacAddr, NetConfig, NetError, NetworkAttachment, NetworkManager,
 };
 
-use crate::harness::{count, legacy_config, nft_ruleset, own, rt, sysfs, wait_links_ready};
+use crate::harness::{
+    count, legacy_config, nft_json, nft_ruleset, own, rt, sysfs, wait_links_ready,
+};
 use crate::netns_test;
 use crate::traffic::{is_arp, wait_frame};
 
@@ -160,20 +162,11 @@ fn is_syn_ack_from(f: &[u8], src: Ipv4Addr, port: u16) -> bool {
 
 /// The next frame on `tap`, waiting until `deadline` at most.
 fn next_frame(tap: &mut File, deadline: Instant) -> Option<Vec<u8>> {
-    let mut buf = vec![0u8; 2048];
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        let mut pfd = libc::pollfd {
-            fd: tap.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        if unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(1000) as i32) } > 0 {
-            let n = tap.read(&mut buf).unwrap();
-            return Some(buf[..n].to_vec());
-        }
-    }
-    None
+    wait_frame(
+        tap,
+        deadline.saturating_duration_since(Instant::now()),
+        |_| true,
+    )
 }
 
 /// Read frames from `tap` until `witness` holds (bounded by [`MUST_ARRIVE`]);
@@ -750,23 +743,13 @@ netns_test! {
 
 /// The (TAP, MAC, IP) elements of the guard set, as nft prints them.
 fn guard_elements() -> Vec<String> {
-    let out = Command::new("nft")
-        .args([
-            "-j",
-            "list",
-            "set",
-            "bridge",
-            "beacon_runner_guard",
-            "guest_addrs",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let doc = nft_json(&[
+        "list",
+        "set",
+        "bridge",
+        "beacon_runner_guard",
+        "guest_addrs",
+    ]);
     let set = doc["nftables"]
         .as_array()
         .unwrap()
