@@ -339,6 +339,72 @@ pub fn hold_cid(cid: u64) -> std::io::Result<OwnedFd> {
     Ok(OwnedFd::from(f))
 }
 
+/// What a server saw: a report for every connection that carried the
+/// exchange, and how many connections the peer abandoned before any byte
+/// moved.
+#[derive(Debug)]
+pub struct Served {
+    pub reports: Vec<ConnReport>,
+    pub abandoned: usize,
+}
+
+/// Whether a connection was gone before any data moved: nothing arrived, and
+/// the peer did not take the whole stream. A client whose connect gave up
+/// (Linux's vsock connect timeout, in a slow guest) and retried leaves such a
+/// connection behind: the far side accepted it after the client had left.
+pub fn abandoned(r: &ConnReport, bytes: u64) -> bool {
+    r.received == 0 && r.mismatch_at.is_none() && r.sent < bytes && bytes > 0
+}
+
+/// Accept `conns` connections on `l` and run [`exchange`] on each (all
+/// accepted before any data moves with `open_all_first`). A connection the
+/// peer abandoned does not count: another is accepted in its place, up to
+/// `conns` such replacements. Only the server side may do this; the client
+/// still needs every one of its own connections to succeed, so nothing that
+/// is lost after a connection was established goes unnoticed.
+pub fn serve(
+    l: &Listener,
+    conns: usize,
+    bytes: u64,
+    open_all_first: bool,
+) -> Result<Served, String> {
+    let mut served = Served {
+        reports: Vec::new(),
+        abandoned: 0,
+    };
+    let mut wanted = conns;
+    while wanted > 0 {
+        let mut threads = Vec::new();
+        let mut accepted = Vec::new();
+        for _ in 0..wanted {
+            let c = l.accept().map_err(|e| format!("accept: {e}"))?;
+            if open_all_first {
+                accepted.push(c);
+            } else {
+                threads.push(std::thread::spawn(move || exchange(c, bytes)));
+            }
+        }
+        threads.extend(
+            accepted
+                .into_iter()
+                .map(|c| std::thread::spawn(move || exchange(c, bytes))),
+        );
+        wanted = 0;
+        for t in threads {
+            let r = t
+                .join()
+                .map_err(|_| "a connection thread panicked".to_string())?;
+            if abandoned(&r, bytes) && served.abandoned < conns {
+                served.abandoned += 1;
+                wanted += 1;
+            } else {
+                served.reports.push(r);
+            }
+        }
+    }
+    Ok(served)
+}
+
 /// What one connection saw.
 #[derive(Debug, Clone)]
 pub struct ConnReport {
@@ -505,6 +571,54 @@ mod tests {
         let mut v = Verifier::default();
         v.feed(&data);
         assert_eq!(v.finish().2, Some(40));
+    }
+
+    #[test]
+    fn a_server_replaces_connections_the_client_abandoned() {
+        let dir = std::env::temp_dir().join(format!("vsock-tool-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("s.sock");
+        let l = listen(&Endpoint::Unix(path.clone())).expect("listen");
+        // Two connections given up before the server accepts them, then the
+        // two that carry the exchange.
+        drop(UnixStream::connect(&path).expect("connect"));
+        drop(UnixStream::connect(&path).expect("connect"));
+        let ep = Endpoint::Unix(path);
+        let clients: Vec<_> = (0..2)
+            .map(|_| {
+                let ep = ep.clone();
+                std::thread::spawn(move || exchange(connect(&ep).expect("connect"), 100_000))
+            })
+            .collect();
+        let served = serve(&l, 2, 100_000, true).expect("serves");
+        assert_eq!(served.abandoned, 2);
+        let line = summarize("srv", 100_000, 100_000, &served.reports).expect("passes");
+        assert!(line.starts_with(&expected_line("srv", 2, 100_000)));
+        let reports: Vec<_> = clients
+            .into_iter()
+            .map(|t| t.join().expect("join"))
+            .collect();
+        summarize("cli", 100_000, 100_000, &reports).expect("clients pass");
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
+    fn abandoned_means_nothing_arrived_and_the_stream_did_not_go_out() {
+        let r = |received, sent| ConnReport {
+            sent,
+            sent_sum: 0,
+            received,
+            received_sum: 0,
+            mismatch_at: None,
+            error: None,
+            elapsed: Duration::ZERO,
+        };
+        assert!(abandoned(&r(0, 0), 10));
+        assert!(
+            !abandoned(&r(0, 10), 10),
+            "the peer took it all: a real loss"
+        );
+        assert!(!abandoned(&r(1, 0), 10));
     }
 
     #[test]

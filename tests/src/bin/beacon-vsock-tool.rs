@@ -2,14 +2,18 @@
 //! hybrid vsock backend's `CONNECT` handshake, with many connections at once;
 //! each sends N bytes of a deterministic stream and checks what it receives.
 //! Prints `VSOCK-TOOL-OK <label> conns=K bytes=<received per connection>
-//! sum=<its checksum> secs=<slowest connection>` or exits 1.
+//! sum=<its checksum> secs=<slowest connection>` (and, for a server,
+//! `abandoned=K` when K connections were gone before any data moved and were
+//! replaced) or exits 1.
 //! Runs on the host and, packed into a guest initrd, in the guest.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use beacon_tests::vsock_tool::{connect_retry, exchange, hold_cid, listen, summarize, Endpoint};
+use beacon_tests::vsock_tool::{
+    connect_retry, exchange, hold_cid, listen, serve, summarize, Endpoint,
+};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -87,6 +91,7 @@ fn run(cli: Cli) -> Result<String, String> {
     });
     let bytes = cli.bytes;
     let recv_bytes = cli.recv_bytes.unwrap_or(bytes);
+    let mut abandoned = 0;
     let reports = match cli.cmd {
         Cmd::HoldCid { cid } => {
             let _held = hold_cid(cid).map_err(|e| format!("holding CID {cid}: {e}"))?;
@@ -105,25 +110,9 @@ fn run(cli: Cli) -> Result<String, String> {
                 _ => return Err("serve needs exactly one of --vsock or --unix".into()),
             };
             let l = listen(&ep).map_err(|e| format!("listen on {ep:?}: {e}"))?;
-            let mut threads = Vec::new();
-            let mut accepted = Vec::new();
-            for _ in 0..cli.conns {
-                let c = l.accept().map_err(|e| format!("accept: {e}"))?;
-                if cli.open_all_first {
-                    accepted.push(c);
-                } else {
-                    threads.push(std::thread::spawn(move || exchange(c, bytes)));
-                }
-            }
-            threads.extend(
-                accepted
-                    .into_iter()
-                    .map(|c| std::thread::spawn(move || exchange(c, bytes))),
-            );
-            threads
-                .into_iter()
-                .filter_map(|t| t.join().ok())
-                .collect::<Vec<_>>()
+            let served = serve(&l, cli.conns, bytes, cli.open_all_first)?;
+            abandoned = served.abandoned;
+            served.reports
         }
         Cmd::Connect {
             vsock,
@@ -203,7 +192,12 @@ fn run(cli: Cli) -> Result<String, String> {
             reports
         }
     };
-    summarize(&cli.label, bytes, recv_bytes, &reports)
+    let line = summarize(&cli.label, bytes, recv_bytes, &reports)?;
+    Ok(if abandoned > 0 {
+        format!("{line} abandoned={abandoned}")
+    } else {
+        line
+    })
 }
 
 fn main() -> ExitCode {
