@@ -19,7 +19,6 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use beacon_common::guest_protocol::{GuestEvent, GUEST_SHARES_DIR};
 use beacon_common::id::valid_id;
-use beacon_netmgr::NetworkManager;
 use beacon_paths::BeaconPaths;
 use containerd_shim_protos::api::{
     CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
@@ -157,7 +156,7 @@ pub struct Service {
     run_root: PathBuf,
     mode: GuestMode,
     publisher: Publisher,
-    net: Option<Arc<NetworkManager>>,
+    net: crate::sandbox::NetManager,
     state: Arc<Mutex<State>>,
     shutdown: Arc<Notify>,
 }
@@ -169,7 +168,7 @@ impl Service {
         run_root: PathBuf,
         mode: GuestMode,
         publisher: Publisher,
-        net: Option<Arc<NetworkManager>>,
+        net: crate::sandbox::NetManager,
         shutdown: Arc<Notify>,
     ) -> Self {
         Self {
@@ -472,7 +471,8 @@ async fn event_loop(
                         );
                     }
                 }
-                let at = exited_at.to_system_time();
+                // GuestEvent::parse refused times out of range.
+                let at = exited_at.to_system_time().unwrap_or_else(SystemTime::now);
                 exit.send_replace(Some((exit_status, at)));
                 publisher.publish(TaskEvent::Exit {
                     container_id,

@@ -89,12 +89,17 @@ impl VsockSecret {
         if text.len() != 2 * SECRET_BYTES {
             return Err(ProtocolError::Malformed("secret: wrong length"));
         }
+        // Hex digits only (`u8::from_str_radix` would also take a sign).
+        let digit = |c: u8| {
+            (c as char)
+                .to_digit(16)
+                .ok_or(ProtocolError::Malformed("secret: not hex"))
+        };
         let mut b = [0u8; SECRET_BYTES];
-        for (i, pair) in text.chunks(2).enumerate() {
-            let s = std::str::from_utf8(pair)
-                .map_err(|_| ProtocolError::Malformed("secret: not hex"))?;
-            b[i] = u8::from_str_radix(s, 16)
-                .map_err(|_| ProtocolError::Malformed("secret: not hex"))?;
+        for (out, pair) in b.iter_mut().zip(text.chunks_exact(2)) {
+            if let [hi, lo] = *pair {
+                *out = (digit(hi)? * 16 + digit(lo)?) as u8;
+            }
         }
         Ok(Self(b))
     }
@@ -245,8 +250,10 @@ impl From<SystemTime> for WireTime {
 }
 
 impl WireTime {
-    pub fn to_system_time(self) -> SystemTime {
-        UNIX_EPOCH + Duration::new(self.seconds, self.nanos.min(999_999_999))
+    /// The time it names, or `None` when that does not fit a `SystemTime`
+    /// (a guest can send any number: `UNIX_EPOCH + u64::MAX s` would panic).
+    pub fn to_system_time(self) -> Option<SystemTime> {
+        UNIX_EPOCH.checked_add(Duration::new(self.seconds, self.nanos.min(999_999_999)))
     }
 }
 
@@ -288,10 +295,19 @@ impl GuestEvent {
             .map_err(|e| ProtocolError::BadEvent(e.to_string().chars().take(200).collect()))?;
         match &event {
             Self::Exit {
-                container_id, id, ..
+                container_id,
+                id,
+                exited_at,
+                ..
             } => {
                 check_id(container_id)?;
                 check_id(id)?;
+                if exited_at.to_system_time().is_none() {
+                    return Err(ProtocolError::BadEvent(format!(
+                        "exit time {} s after the epoch is out of range",
+                        exited_at.seconds
+                    )));
+                }
             }
             Self::Oom { container_id } => {
                 check_id(container_id)?;
@@ -368,6 +384,9 @@ mod tests {
             br#"{"topic":"/tasks/oom","container_id":"-x"}"#,
             br#"{"topic":"/tasks/delete","container_id":"c1"}"#,
             b"not json",
+            // A time no SystemTime holds (adding it to the epoch panicked,
+            // which took the whole shim down: panic = "abort").
+            br#"{"topic":"/tasks/exit","container_id":"c1","id":"c1","pid":1,"exit_status":0,"exited_at":{"seconds":18446744073709551615,"nanos":0}}"#,
         ] {
             assert!(GuestEvent::parse(bad).is_err());
         }
@@ -388,5 +407,6 @@ mod tests {
         assert!(!format!("{a:?}").contains(&a.hex()));
         assert!(VsockSecret::parse_file(b"zz").is_err());
         assert!(VsockSecret::parse_file(&[b'g'; 64]).is_err());
+        assert!(VsockSecret::parse_file(&b"+f".repeat(SECRET_BYTES)).is_err());
     }
 }
