@@ -17,8 +17,10 @@
 //! block parser and executor), `mmio_registers` (the transport), `net_header`
 //! (virtio-net's TX header check and per-chain transmit, into a stand-in for
 //! the TAP through `virtio::net::tx`, hidden from the docs and there only for
-//! it) and `vsock_packet` (the vsock packet header, then whole packets through
-//! the hybrid device). Adding a target for another parser is one file in
+//! it), `vsock_packet` (the vsock packet header, then whole packets through
+//! the hybrid device), `guest_protocol` (the event and stream lines between
+//! the shim and vminitd, and the vsock auth line) and `task_replies` (the
+//! ttrpc frames and Task API replies the shim decodes). Adding a target for another parser is one file in
 //! `src/bin/` with `libfuzzer_sys::fuzz_target!`; `../run` finds it.
 //! This crate never runs outside fuzzing and its helpers may panic on their own
 //! set-up failures (not on fuzz input).
