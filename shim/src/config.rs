@@ -115,6 +115,11 @@ pub struct RuntimeConfig {
     /// How the VMM's threads in the shim are confined (`kill`, `trap`, `log`,
     /// `off`; see `beacon_vmm::seccomp`). `kill` unless set.
     pub seccomp: SeccompMode,
+    /// Refuse to start a sandbox unless its VMM threads get every layer of
+    /// their confinement (`beacon_vmm::seccomp::require_full_confinement`):
+    /// `seccomp` kill or trap, a kernel with seccomp filters and Landlock,
+    /// the kvm backend. Off unless set.
+    pub require_confinement: bool,
 }
 
 /// Default of [`RuntimeConfig::keep_vm_logs`].
@@ -130,6 +135,7 @@ impl Default for RuntimeConfig {
             guest_debug: false,
             keep_vm_logs: DEFAULT_KEEP_VM_LOGS,
             seccomp: SeccompMode::default(),
+            require_confinement: false,
         }
     }
 }
@@ -176,6 +182,10 @@ impl RuntimeConfig {
         }
         if vm.boot_timeout_secs == 0 {
             return Err(bad("vm.boot_timeout_secs", "must be above 0"));
+        }
+        if self.require_confinement {
+            beacon_vmm::seccomp::check_mode_confines(self.seccomp)
+                .map_err(|e| bad("require_confinement", e.to_string()))?;
         }
         Ok(())
     }
@@ -360,6 +370,21 @@ mod tests {
         std::fs::write(&p, "[vm]\ncpus = 0\n").expect("write");
         assert!(RuntimeConfig::load(&p).is_err());
         assert!(RuntimeConfig::load(&dir.path().join("missing")).is_err());
+        // Demanding confinement with a mode that does not stop a call.
+        for mode in ["off", "log"] {
+            std::fs::write(
+                &p,
+                format!("seccomp = \"{mode}\"\nrequire_confinement = true\n"),
+            )
+            .expect("write");
+            let err = RuntimeConfig::load(&p).expect_err("refused");
+            assert!(
+                err.to_string().contains("require_confinement"),
+                "{mode}: {err}"
+            );
+        }
+        std::fs::write(&p, "seccomp = \"kill\"\nrequire_confinement = true\n").expect("write");
+        assert!(RuntimeConfig::load(&p).expect("loads").require_confinement);
     }
 
     #[test]

@@ -123,6 +123,8 @@ pub enum VmError {
         expected: &'static str,
         actual: &'static str,
     },
+    #[error(transparent)]
+    Confinement(#[from] crate::seccomp::ConfineError),
     #[error("I/O error while {what}: {source}")]
     Io {
         what: String,

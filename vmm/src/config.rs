@@ -55,6 +55,11 @@ pub struct VmConfig {
     /// [`crate::seccomp`]). The KVM backend only; QEMU is its own process.
     #[serde(default)]
     pub seccomp: SeccompMode,
+    /// Refuse to run unless every thread gets all of its confinement: a
+    /// mode that stops forbidden calls, seccomp filters and Landlock in the
+    /// kernel ([`crate::seccomp::require_full_confinement`]). KVM backend only.
+    #[serde(default)]
+    pub require_confinement: bool,
 }
 
 /// Boot and hotpluggable vCPUs.
@@ -298,6 +303,7 @@ impl VmConfig {
             devices: Vec::new(),
             virtio_mmio_cmdline: false,
             seccomp: SeccompMode::default(),
+            require_confinement: false,
         }
     }
 

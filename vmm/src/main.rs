@@ -147,6 +147,12 @@ struct RunArgs {
     /// capabilities. Defaults to $BEACON_SECCOMP when set.
     #[arg(long, env = "BEACON_SECCOMP", default_value_t = SeccompMode::Kill)]
     seccomp: SeccompMode,
+    /// Refuse to run unless the threads get every layer of their
+    /// confinement: --seccomp kill or trap, and a kernel with seccomp filters
+    /// and Landlock; a thread that then fails to confine ends the process.
+    /// Defaults to $BEACON_REQUIRE_CONFINEMENT (1 or true) when set.
+    #[arg(long, env = "BEACON_REQUIRE_CONFINEMENT")]
+    require_confinement: bool,
 }
 
 fn main() -> ExitCode {
@@ -260,6 +266,7 @@ fn run(args: RunArgs, shares: &fs_cli::FsShares) -> Result<VmExit, VmError> {
     config.console = args.console;
     config.virtio_mmio_cmdline = args.virtio_cmdline;
     config.seccomp = args.seccomp;
+    config.require_confinement = args.require_confinement;
     if args.rng {
         config.devices.push(DeviceConfig::Rng);
     }

@@ -35,6 +35,12 @@
 //! kernels. Two calls fail softly instead of stopping the process
 //! (`FAIL_SOFTLY`): `clone3` and `openat`.
 //!
+//! A config may demand confinement ([`crate::VmConfig::require_confinement`]):
+//! [`require_full_confinement`] then refuses the VM unless the mode confines
+//! (`kill` or `trap`) and the kernel has seccomp filters and Landlock, and
+//! from then on a thread of the process that cannot confine itself ends the
+//! process instead of running on unconfined.
+//!
 //! This module never decides *whether* a VM is confined (that is
 //! [`crate::VmConfig::seccomp`]) and never touches another thread.
 
@@ -42,6 +48,7 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 
 use seccompiler::{
@@ -176,6 +183,77 @@ pub enum ConfineError {
     },
     #[error("installing the SIGSYS handler for seccomp trap mode: {0}")]
     Handler(std::io::Error),
+    #[error("confinement is required (require_confinement) but {0}")]
+    Required(String),
+}
+
+/// What the running kernel can apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelSupport {
+    /// seccomp-bpf filters that can kill the process.
+    pub seccomp_filter: bool,
+    /// Landlock (ABI 1 or later) is built in and enabled.
+    pub landlock: bool,
+}
+
+/// Ask the kernel what it supports; changes nothing.
+pub fn probe_kernel() -> KernelSupport {
+    const SECCOMP_GET_ACTION_AVAIL: libc::c_ulong = 2;
+    let kill_process: u32 = libc::SECCOMP_RET_KILL_PROCESS;
+    // SAFETY: SECCOMP_GET_ACTION_AVAIL reads the u32 action the pointer names
+    // and changes nothing.
+    let seccomp_filter = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            SECCOMP_GET_ACTION_AVAIL,
+            0u32,
+            &kill_process as *const u32,
+        )
+    } == 0;
+    KernelSupport {
+        seccomp_filter,
+        landlock: landlock_abi() >= 1,
+    }
+}
+
+/// Processes that demanded confinement: a thread that fails to confine ends
+/// the process (see [`confine_or_warn`]).
+static REQUIRED: AtomicBool = AtomicBool::new(false);
+
+/// Refuse unless threads under `mode` get every layer on this kernel; from
+/// then on, any thread of this process that cannot confine itself ends the
+/// process. Called before a VM that demands confinement is built.
+pub fn require_full_confinement(mode: SeccompMode) -> Result<(), ConfineError> {
+    check_required(mode, probe_kernel())?;
+    REQUIRED.store(true, Ordering::SeqCst);
+    Ok(())
+}
+
+/// Why `mode` cannot satisfy a demand for confinement: it does not stop a
+/// forbidden call (configs check this when they are read).
+pub fn check_mode_confines(mode: SeccompMode) -> Result<(), ConfineError> {
+    if matches!(mode, SeccompMode::Off | SeccompMode::Log) {
+        return Err(ConfineError::Required(format!(
+            "the seccomp mode is {mode}, which does not stop a forbidden call: use kill (or trap to debug), or drop require_confinement"
+        )));
+    }
+    Ok(())
+}
+
+/// Why `mode` on a kernel that supports `support` does not confine fully.
+pub fn check_required(mode: SeccompMode, support: KernelSupport) -> Result<(), ConfineError> {
+    check_mode_confines(mode)?;
+    if !support.seccomp_filter {
+        return Err(ConfineError::Required(
+            "the kernel cannot apply seccomp filters that kill (CONFIG_SECCOMP_FILTER): run a kernel with it, or drop require_confinement".into(),
+        ));
+    }
+    if !support.landlock {
+        return Err(ConfineError::Required(
+            "the kernel has no Landlock (CONFIG_SECURITY_LANDLOCK, and landlock in its lsm= list): enable it, or drop require_confinement to run with seccomp alone".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// What [`confine_current_thread`] applied.
@@ -231,7 +309,29 @@ pub fn confine_current_thread(
 /// A failure is logged as an error and the thread goes on unconfined (the
 /// VM still works; the log says how to fix or accept it).
 pub fn confine_or_warn(class: ThreadClass, mode: SeccompMode) {
-    match confine_current_thread(class, mode) {
+    let outcome = confine_current_thread(class, mode);
+    if REQUIRED.load(Ordering::SeqCst) {
+        let missing = match &outcome {
+            Ok(c) if c.seccomp && c.landlock && c.capabilities_dropped => None,
+            Ok(c) => Some(format!(
+                "seccomp {}, Landlock {}, capabilities dropped {}",
+                c.seccomp, c.landlock, c.capabilities_dropped
+            )),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(missing) = missing {
+            tracing::error!(
+                class = class.name(),
+                "confinement is required and a thread could not be confined ({missing}); ending the process"
+            );
+            eprintln!(
+                "beacon-vmm: confinement is required and a {} thread could not be confined ({missing})",
+                class.name()
+            );
+            std::process::abort();
+        }
+    }
+    match outcome {
         Ok(c) if c.seccomp => tracing::debug!(
             class = class.name(),
             %mode,
@@ -467,21 +567,27 @@ pub fn filter_rules(class: ThreadClass) -> BTreeMap<i64, Vec<SeccompRule>> {
 
 /// Landlock with every filesystem right handled and none allowed. False
 /// when the kernel has no Landlock (a warning, once).
-fn restrict_filesystem() -> bool {
+#[repr(C)]
+struct RulesetAttr {
+    handled_access_fs: u64,
+}
+
+/// The kernel's Landlock ABI version (below 1: none).
+fn landlock_abi() -> i64 {
     const CREATE_RULESET_VERSION: u32 = 1;
-    #[repr(C)]
-    struct RulesetAttr {
-        handled_access_fs: u64,
-    }
     // SAFETY: the version query takes no attribute pointer and has no effect.
-    let abi = unsafe {
+    unsafe {
         libc::syscall(
             libc::SYS_landlock_create_ruleset,
             std::ptr::null::<RulesetAttr>(),
             0usize,
             CREATE_RULESET_VERSION,
         )
-    };
+    }
+}
+
+fn restrict_filesystem() -> bool {
+    let abi = landlock_abi();
     if abi < 1 {
         static WARN: Once = Once::new();
         WARN.call_once(|| {
@@ -889,6 +995,70 @@ mod tests {
         // Other threads keep their rights.
         assert!(std::fs::File::open("/proc/self/status").is_ok());
         println!("CONFINED-OK {answer}");
+    }
+
+    #[test]
+    fn a_demand_for_confinement_is_refused_unless_every_layer_applies() {
+        let full = KernelSupport {
+            seccomp_filter: true,
+            landlock: true,
+        };
+        check_required(SeccompMode::Kill, full).expect("kill on a full kernel");
+        check_required(SeccompMode::Trap, full).expect("trap on a full kernel");
+        for (mode, support, says) in [
+            (SeccompMode::Off, full, "mode is off"),
+            (SeccompMode::Log, full, "mode is log"),
+            (
+                SeccompMode::Kill,
+                KernelSupport {
+                    landlock: false,
+                    ..full
+                },
+                "no Landlock",
+            ),
+            (
+                SeccompMode::Kill,
+                KernelSupport {
+                    seccomp_filter: false,
+                    ..full
+                },
+                "CONFIG_SECCOMP_FILTER",
+            ),
+        ] {
+            let err = check_required(mode, support).expect_err("refused");
+            let text = err.to_string();
+            assert!(text.contains(says), "{mode} {support:?}: {text}");
+            assert!(text.contains("drop require_confinement"), "{text}");
+        }
+        // This project's hosts and the lab have both; without them this
+        // fails here rather than pass unchecked.
+        assert_eq!(probe_kernel(), full);
+    }
+
+    #[test]
+    fn once_confinement_is_required_a_thread_that_cannot_confine_ends_the_process() {
+        if !in_child() {
+            let o = rerun(
+                "seccomp::tests::once_confinement_is_required_a_thread_that_cannot_confine_ends_the_process",
+            );
+            assert_eq!(o.status.signal(), Some(libc::SIGABRT), "{}", text(&o));
+            let stderr = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                stderr.contains("a vcpu thread could not be confined"),
+                "{}",
+                text(&o)
+            );
+            assert!(!String::from_utf8_lossy(&o.stdout).contains("RAN-UNCONFINED"));
+            return;
+        }
+        require_full_confinement(SeccompMode::Trap).expect("this kernel confines fully");
+        std::thread::spawn(|| {
+            // A thread handed a mode that does not confine.
+            confine_or_warn(ThreadClass::Vcpu, SeccompMode::Off);
+            println!("RAN-UNCONFINED");
+        })
+        .join()
+        .expect("thread");
     }
 
     #[test]

@@ -61,6 +61,9 @@ pub(crate) fn check_vcpu_limit(asked: u8, kvm_max: usize) -> Result<(), VmError>
 
 /// What this backend cannot do yet, refused before anything is built.
 fn refuse_unsupported(config: &VmConfig) -> Result<(), VmError> {
+    if config.require_confinement {
+        crate::seccomp::require_full_confinement(config.seccomp)?;
+    }
     let wants_vhost_net = config
         .devices
         .iter()

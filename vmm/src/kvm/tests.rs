@@ -321,6 +321,33 @@ fn guest_config(code: &[u8], vcpus: u8, dir: &Path) -> VmConfig {
     config
 }
 
+/// A config that demands confinement with a mode that does not confine is
+/// refused before KVM is opened (so this runs anywhere), and so is one for
+/// the QEMU backend, whose threads are not ours.
+#[test]
+fn a_demand_for_confinement_that_cannot_hold_is_refused_before_kvm_opens() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for mode in [
+        crate::seccomp::SeccompMode::Off,
+        crate::seccomp::SeccompMode::Log,
+    ] {
+        let mut config = guest_config(&[0xf4], 1, tmp.path());
+        config.require_confinement = true;
+        config.seccomp = mode;
+        let err = KvmVm::create(config.clone())
+            .err()
+            .expect("refused by the kvm backend");
+        assert!(matches!(err, VmError::Confinement(_)), "{mode}: {err}");
+        assert!(err.to_string().contains("require_confinement"), "{err}");
+        config.seccomp = crate::seccomp::SeccompMode::Kill;
+        let err = crate::qemu::QemuVm::create(config)
+            .err()
+            .expect("refused by the qemu backend");
+        assert!(matches!(err, VmError::Unsupported(_)), "{err}");
+        assert!(err.to_string().contains("require_confinement"), "{err}");
+    }
+}
+
 /// A created (not started) VM running `code` (callers made sure KVM is usable).
 fn guest(code: &[u8], vcpus: u8) -> KvmVm {
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -53,6 +53,11 @@ impl QemuVm {
     pub fn create(config: VmConfig) -> Result<Self, VmError> {
         let created = Instant::now();
         config.validate()?;
+        if config.require_confinement {
+            return Err(VmError::Unsupported(
+                "require_confinement confines the VMM's own threads (the kvm backend); QEMU is a process of its own that beaconbox does not confine: use the kvm backend, or drop require_confinement".into(),
+            ));
+        }
         let program: OsString = std::env::var_os(QEMU_BINARY_ENV)
             .unwrap_or_else(|| OsString::from("qemu-system-x86_64"));
         if !on_path(&program) {
