@@ -265,6 +265,10 @@ pub struct Sandbox {
     boot: (u8, u64),
 }
 
+/// The shim's network manager, or why it did not start (what a sandbox that
+/// asks for a network is then told).
+pub type NetManager = Result<Arc<NetworkManager>, Arc<str>>;
+
 /// Everything [`Sandbox::create`] needs.
 pub struct SandboxRequest<'a> {
     pub id: &'a str,
@@ -272,7 +276,7 @@ pub struct SandboxRequest<'a> {
     pub run_root: &'a Path,
     pub config: &'a RuntimeConfig,
     pub vm: VmSettings,
-    pub net: Option<Arc<NetworkManager>>,
+    pub net: NetManager,
 }
 
 impl Sandbox {
@@ -289,7 +293,7 @@ impl Sandbox {
                     sandbox = req.id,
                     "building the sandbox failed ({e}); undoing"
                 );
-                undo(built, req.net.as_deref(), req.id).await;
+                undo(built, req.net.as_deref().ok(), req.id).await;
                 Err(e)
             }
         }
@@ -364,7 +368,7 @@ impl Sandbox {
         // process holds its lock, then gets its lease and TAP.
         let network = match (req.config.network, &req.net) {
             (NetworkMode::None, _) => None,
-            (NetworkMode::Bridge, Some(net)) => {
+            (NetworkMode::Bridge, Ok(net)) => {
                 let liveness = net.liveness().clone();
                 let id = req.id.to_string();
                 let guard = tokio::task::spawn_blocking(move || liveness.acquire(&id))
@@ -377,10 +381,10 @@ impl Sandbox {
                 built.network = Some(req.id.to_string());
                 Some(net.setup(req.id).await?)
             }
-            (NetworkMode::Bridge, None) => {
-                return Err(SandboxError::Unsupported(
-                    "bridge networking needs the network manager, which failed to start; see the shim log".into(),
-                ))
+            (NetworkMode::Bridge, Err(why)) => {
+                return Err(SandboxError::Unsupported(format!(
+                    "bridge networking needs the network manager, which did not start: {why}; fix that, or set network = \"none\" in the runtime config"
+                )))
             }
         };
 
@@ -420,6 +424,7 @@ impl Sandbox {
         config.memory.hotplug_mib = req.vm.hotplug_memory_mib;
         config.console = ConsoleConfig::File(dirs.vm_log.clone());
         config.seccomp = req.config.seccomp;
+        config.require_confinement = req.config.require_confinement;
         config.devices.push(DeviceConfig::Vsock {
             guest_cid,
             uds_path: (!vhost).then(|| dirs.vsock.clone()),
@@ -512,7 +517,7 @@ impl Sandbox {
                 vm,
                 vm_exit,
                 built: std::mem::take(built),
-                net: req.net.clone(),
+                net: req.net.clone().ok(),
                 boot: (req.vm.cpus, req.vm.memory_mib),
             },
             events,

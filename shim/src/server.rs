@@ -92,14 +92,18 @@ async fn run(inv: &Invocation, fd: RawFd) -> anyhow::Result<()> {
                 if let Err(e) = n.reconcile_once().await {
                     tracing::warn!("network reconcile at start: {e}");
                 }
-                Some(Arc::new(n))
+                Ok(Arc::new(n))
             }
             Err(e) => {
-                tracing::error!("the network manager cannot start ({e}); sandboxes get no network");
-                None
+                tracing::error!(
+                    "the network manager cannot start ({e}); sandboxes that ask for a network are refused"
+                );
+                Err(Arc::from(e.to_string()))
             }
         },
-        GuestMode::HostProcess { .. } => None,
+        GuestMode::HostProcess { .. } => Err(Arc::from(
+            "vminitd runs as a host process (tests): there is no VM to give a network",
+        )),
     };
     let shutdown = Arc::new(Notify::new());
     let service = Arc::new(Service::new(
