@@ -215,12 +215,27 @@ impl Service {
     }
 
     async fn guest(&self) -> ttrpc::Result<Arc<Guest>> {
-        self.state.lock().await.guest.clone().ok_or_else(|| {
+        let st = self.state.lock().await;
+        if Self::vm_ended(&st) {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                "the sandbox's VM has ended; its processes are gone",
+            ));
+        }
+        st.guest.clone().ok_or_else(|| {
             status(
                 Code::FAILED_PRECONDITION,
                 "no sandbox is running in this shim",
             )
         })
+    }
+
+    /// Whether the sandbox's VM has ended (then vminitd is gone too, and a
+    /// call to it would only wait for its timeout).
+    fn vm_ended(st: &State) -> bool {
+        st.vm
+            .as_ref()
+            .is_some_and(|vm| vm.vm_exit().borrow().is_some())
     }
 
     /// Build (or, for tests, attach to) the sandbox.
@@ -622,7 +637,8 @@ impl Task for Service {
     ) -> ttrpc::Result<DeleteResponse> {
         let mut st = self.state.lock().await;
         let exit = *Self::exit_of(&st, &req.id, &req.exec_id)?.borrow();
-        if let Some(guest) = st.guest.clone() {
+        let guest = st.guest.clone().filter(|_| !Self::vm_ended(&st));
+        if let Some(guest) = guest {
             match guest.task.delete(call_context(), &req).await {
                 Ok(_) => {}
                 // The guest is gone, or already forgot it: finish on the host.
