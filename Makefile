@@ -90,3 +90,10 @@ fuzz-short:
 FUZZ_SECONDS ?= 720
 fuzz:
 	FUZZ_SECONDS=$(FUZZ_SECONDS) devices/fuzz/run-long
+
+# The shim killed (SIGKILL, BEACON_FAULT) at each step of the Task API:
+# create, start, exec and delete, each followed by the check that nothing is
+# left; inside the containerd VM suite (make test runs the `start` step only).
+.PHONY: faults
+faults: setup kernel
+	BEACON_TEST_FAULT_STEPS=create,start,exec,delete $(CARGO) test -p beacon-shim --test vm_containerd -- --nocapture

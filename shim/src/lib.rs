@@ -5,6 +5,7 @@
 //! - [`bundle`]: the OCI bundle it is handed;
 //! - [`config`]: the runtime config and how big each sandbox's VM is;
 //! - [`events`]: task events published to containerd, in order;
+//! - [`fault`]: `BEACON_FAULT`, the shim killing itself at a named step (crash tests);
 //! - [`guest`]: the connection to vminitd in the guest (Task API, streams, events);
 //! - [`guest_events`]: which of the guest's events reach containerd (unknown
 //!   and repeated exits dropped, OOM floods rate-limited);
@@ -20,6 +21,7 @@
 pub mod bundle;
 pub mod config;
 pub mod events;
+pub mod fault;
 pub mod guest;
 pub mod guest_events;
 pub mod invocation;

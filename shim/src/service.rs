@@ -590,6 +590,7 @@ impl Task for Service {
             }
         };
         st.containers.insert(req.id.clone(), container);
+        crate::fault::at(crate::fault::Step::Create, &req.id);
         self.publisher.publish(TaskEvent::Create {
             container_id: req.id.clone(),
             bundle: req.bundle.clone(),
@@ -612,6 +613,7 @@ impl Task for Service {
             Self::exit_of(&st, &req.id, &req.exec_id)?;
         }
         guest.task.start(call_context(), &req).await?;
+        crate::fault::at(crate::fault::Step::Start, &req.id);
         self.publisher.publish(if req.exec_id.is_empty() {
             TaskEvent::Start {
                 container_id: req.id.clone(),
@@ -648,6 +650,7 @@ impl Task for Service {
                 Err(e) => return Err(e),
             }
         }
+        crate::fault::at(crate::fault::Step::Delete, &req.id);
         let (code, at) = exit.unwrap_or((VM_GONE_STATUS, SystemTime::now()));
         if req.exec_id.is_empty() {
             if let Some(c) = st.containers.remove(&req.id) {
@@ -705,6 +708,7 @@ impl Task for Service {
             ));
         }
         guest.task.exec(call_context(), &req).await?;
+        crate::fault::at(crate::fault::Step::Exec, &req.exec_id);
         let stdio = StdioSpec {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),

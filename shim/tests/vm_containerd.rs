@@ -31,6 +31,13 @@ const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-beaconbox-v1");
 const SHARE_ENV: &str = "BEACON_TEST_SHARE_DIR";
 /// VM console logs the runtime config keeps (the test runs more sandboxes).
 const KEEP_VM_LOGS: usize = 3;
+/// The steps at which the shim is killed (`BEACON_FAULT`), comma-separated;
+/// `make faults` sets all four (create,start,exec,delete), `make test` runs
+/// [`DEFAULT_FAULT_STEPS`] (each costs a VM boot in the emulated lab).
+const FAULT_STEPS_ENV: &str = "BEACON_TEST_FAULT_STEPS";
+const DEFAULT_FAULT_STEPS: &str = "start";
+/// Which container (or exec) each step's fault applies to.
+const FAULTS: &str = "create:fault-create,start:fault-start,exec:fault-exec-e,delete:fault-delete";
 
 fn has_hardware_kvm_and_caps() -> bool {
     kvm_host() == KvmHost::Hardware
@@ -208,7 +215,13 @@ fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
         has_hardware_kvm_and_caps(),
         "there is no KVM that runs real guests",
         "ctr_runs_containers_in_microvms_of_our_own_vmm",
-        &[(SHARE_ENV, share.display().to_string())],
+        &[
+            (SHARE_ENV, share.display().to_string()),
+            (
+                FAULT_STEPS_ENV,
+                std::env::var(FAULT_STEPS_ENV).unwrap_or_else(|_| DEFAULT_FAULT_STEPS.into()),
+            ),
+        ],
     ) {
         let _ = std::fs::remove_dir_all(share.parent().unwrap_or(&share));
         return;
@@ -235,6 +248,8 @@ fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
     // netmgr lets guests reach nothing on the host by default: allow ping only,
     // and check below that it works and that a TCP service still is out of reach.
     env.push(("BEACON_HOST_ACCESS".into(), "icmp".into()));
+    // Shims of the fault containers below kill themselves at their step.
+    env.push((beacon_shim::fault::FAULT_ENV.into(), FAULTS.into()));
     let containerd = Containerd::start(
         &dir.join("containerd"),
         &ContainerdSpec {
@@ -258,6 +273,43 @@ fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
             "{}\nVM logs:\n{logs}",
             common::failure(&containerd, what, o)
         )
+    };
+
+    // Nothing of a sandbox outlives it: no shim or virtiofsd, lease, TAP,
+    // mount or run folder.
+    let shim_paths = beacon_paths::BeaconPaths::from_lookup(|k| {
+        env.iter()
+            .find(|(name, _)| name == k)
+            .map(|(_, v)| v.into())
+    });
+    let nothing_left = |after: &str| {
+        no_shim_left(&containerd, after);
+        let net = beacon_netmgr::config::NetConfig::legacy(&shim_paths);
+        let leases =
+            beacon_netmgr::leasedb::LeaseDb::new(&net.db_path, net.pool, net.gateway, net.prefix)
+                .list()
+                .expect("reading the shims' lease database");
+        assert!(leases.is_empty(), "after {after}: leases left: {leases:?}");
+        let taps = sh("ip -o link show | grep -o 'beacon-[0-9a-f]*' || true");
+        assert!(taps.trim().is_empty(), "after {after}: TAPs left: {taps}");
+        let mounts = sh(&format!(
+            "grep -c '{}' /proc/self/mountinfo || true",
+            run_dir.display()
+        ));
+        assert_eq!(
+            mounts.trim(),
+            "0",
+            "after {after}: mounts left under {}",
+            run_dir.display()
+        );
+        let leftovers = sh(&format!(
+            "find {} -mindepth 2 2>/dev/null",
+            run_dir.join("sandboxes").display()
+        ));
+        assert!(
+            leftovers.trim().is_empty(),
+            "after {after}: sandbox run folders left: {leftovers}"
+        );
     };
 
     // Bind mounts: read-write visible both ways, read-only refused.
@@ -568,6 +620,63 @@ fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
         started.elapsed().as_secs_f64()
     );
 
+    // The shim killed (SIGKILL) at a step of the Task API: ctr fails or the
+    // task ends, containerd cleans up through the shim's `delete`, nothing is
+    // left, and the next containers (below) start.
+    let steps = std::env::var(FAULT_STEPS_ENV).unwrap_or_else(|_| DEFAULT_FAULT_STEPS.into());
+    for step in steps.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let started = Instant::now();
+        let id = format!("fault-{step}");
+        let run = |detach: bool, cmd: &[&str]| {
+            let mut a = vec![
+                "run",
+                if detach { "-d" } else { "--rm" },
+                "--runtime",
+                RUNTIME,
+            ];
+            a.extend([BUSYBOX_IMAGE, id.as_str()]);
+            a.extend(cmd);
+            containerd.ctr(&a).expect("ctr run")
+        };
+        match step {
+            "create" | "start" => {
+                let o = run(false, &["echo", "never"]);
+                assert!(
+                    !o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("never"),
+                    "{}",
+                    failure(&format!("killed at {step}"), &o)
+                );
+            }
+            "exec" => {
+                let o = run(true, &["sleep", "600"]);
+                assert!(o.status.success(), "{}", failure("run -d before exec", &o));
+                let o = containerd
+                    .ctr(&["task", "exec", "--exec-id", "fault-exec-e", &id, "true"])
+                    .expect("exec");
+                assert!(!o.status.success(), "{}", failure("killed at exec", &o));
+            }
+            "delete" => {
+                // The task ends normally; the shim dies as ctr deletes it.
+                let _ = run(false, &["true"]);
+            }
+            other => panic!("{FAULT_STEPS_ENV}: unknown step {other:?}"),
+        }
+        // What containerd still holds of it goes the normal way.
+        let _ = containerd.ctr(&["task", "rm", "-f", &id]);
+        let _ = containerd.ctr(&["containers", "rm", &id]);
+        nothing_left(&format!("the shim killed at {step}"));
+        let o = containerd.ctr(&["containers", "ls", "-q"]).expect("ls");
+        assert!(
+            !String::from_utf8_lossy(&o.stdout).contains(&id),
+            "{}",
+            failure(&format!("{id} still listed"), &o)
+        );
+        eprintln!(
+            "shim killed at {step}: cleaned up in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+
     // Several containers (and so several VMs) at once: five on a host with
     // hardware KVM; two inside the lab, whose one emulated CPU boots VMs one
     // after the other at about half a minute each.
@@ -610,38 +719,7 @@ fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
     );
 
     // Nothing is left behind.
-    no_shim_left(&containerd, "the end");
-    let shim_paths = beacon_paths::BeaconPaths::from_lookup(|k| {
-        env.iter()
-            .find(|(name, _)| name == k)
-            .map(|(_, v)| v.into())
-    });
-    let net = beacon_netmgr::config::NetConfig::legacy(&shim_paths);
-    let leases =
-        beacon_netmgr::leasedb::LeaseDb::new(&net.db_path, net.pool, net.gateway, net.prefix)
-            .list()
-            .expect("reading the shims' lease database");
-    assert!(leases.is_empty(), "leases left: {leases:?}");
-    let taps = sh("ip -o link show | grep -o 'beacon-[0-9a-f]*' || true");
-    assert!(taps.trim().is_empty(), "TAPs left: {taps}");
-    let mounts = sh(&format!(
-        "grep -c '{}' /proc/self/mountinfo || true",
-        run_dir.display()
-    ));
-    assert_eq!(
-        mounts.trim(),
-        "0",
-        "mounts left under {}",
-        run_dir.display()
-    );
-    let leftovers = sh(&format!(
-        "find {} -mindepth 2 2>/dev/null",
-        run_dir.join("sandboxes").display()
-    ));
-    assert!(
-        leftovers.trim().is_empty(),
-        "sandbox run folders left: {leftovers}"
-    );
+    nothing_left("the end");
     let vm_logs: Vec<_> = std::fs::read_dir(dir.join("log"))
         .expect("log folder")
         .filter_map(Result::ok)
