@@ -699,7 +699,11 @@ pub fn here_or_in_lab(here: bool, why: &str, test: &str, env: &[(&str, String)])
         out.exit_code,
         out.output
     );
-    eprintln!("{test}: {why} here; ran and passed in the nested lab");
+    // What it printed there (timings, scenario lines): shown with --nocapture.
+    eprintln!(
+        "{test}: {why} here; ran and passed in the nested lab:\n{}",
+        out.output.trim_end()
+    );
     false
 }
 
