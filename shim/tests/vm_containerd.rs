@@ -12,9 +12,11 @@
 //! vhost-vsock and the VM's secret (another host user reaching either vsock
 //! backend gets nowhere), a guest kernel panic and
 //! a killed virtiofsd under running containers (non-zero exit, nothing hangs),
-//! several containers at once, and afterwards nothing left behind (TAP, lease,
-//! mounts, virtiofsd, shim, run folders, VM logs beyond the configured
-//! retention).
+//! the shim killed at a step of the Task API (`BEACON_FAULT`; the steps come
+//! from `BEACON_TEST_FAULT_STEPS`) and containerd killed and restarted under a
+//! running container, several containers at once, and after each failure and
+//! at the end nothing left behind (TAP, lease, mounts, virtiofsd, shim, run
+//! folders; VM logs beyond the configured retention at the end).
 
 mod common;
 
@@ -676,6 +678,61 @@ fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
             started.elapsed().as_secs_f64()
         );
     }
+
+    // containerd killed and started again while a container runs: its shim
+    // keeps it, containerd reconnects to the shim, `task ls` still shows it
+    // running, an exec still works, and it ends and goes the normal way.
+    let started = Instant::now();
+    let o = containerd
+        .ctr(&[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            BUSYBOX_IMAGE,
+            "survivor",
+            "sleep",
+            "600",
+        ])
+        .expect("ctr run -d");
+    assert!(o.status.success(), "{}", failure("run -d survivor", &o));
+    containerd.restart().expect("containerd restarted");
+    let o = containerd.ctr(&["task", "ls"]).expect("task ls");
+    assert!(
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .any(|l| l.starts_with("survivor") && l.contains("RUNNING")),
+        "{}",
+        failure("survivor listed after the restart", &o)
+    );
+    let o = containerd
+        .ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "after",
+            "survivor",
+            "echo",
+            "still-here",
+        ])
+        .expect("exec");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "still-here\n",
+        "{}",
+        failure("exec after the restart", &o)
+    );
+    let o = containerd
+        .ctr(&["task", "kill", "-s", "SIGKILL", "survivor"])
+        .expect("kill");
+    assert!(o.status.success(), "{}", failure("kill survivor", &o));
+    common::wait_stopped(&containerd, "survivor");
+    common::remove(&containerd, "survivor");
+    nothing_left("a containerd restart");
+    eprintln!(
+        "containerd restarted under a running container (1 VM): {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 
     // Several containers (and so several VMs) at once: five on a host with
     // hardware KVM; two inside the lab, whose one emulated CPU boots VMs one

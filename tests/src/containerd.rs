@@ -33,7 +33,9 @@ pub fn example_shim_dir() -> Result<PathBuf, String> {
 pub struct Containerd {
     pub dir: PathBuf,
     pub socket: PathBuf,
-    child: Option<Child>,
+    /// What it was started with (a restart starts it the same way).
+    spec: ContainerdSpec,
+    child: std::sync::Mutex<Option<Child>>,
 }
 
 /// What to start containerd with.
@@ -51,7 +53,37 @@ impl Containerd {
     /// Start containerd in `dir` and wait until it answers.
     pub fn start(dir: &Path, spec: &ContainerdSpec) -> Result<Self, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let socket = dir.join("containerd.sock");
+        let me = Self {
+            dir: dir.to_path_buf(),
+            socket: dir.join("containerd.sock"),
+            spec: spec.clone(),
+            child: std::sync::Mutex::new(None),
+        };
+        me.spawn(false)?;
+        Ok(me)
+    }
+
+    /// Kill containerd (SIGKILL, as a crash would: the shims it started keep
+    /// running), start it again on the same root and state, and wait until it
+    /// answers. Its log goes on in the same file.
+    pub fn restart(&self) -> Result<(), String> {
+        if let Some(mut c) = self.lock_child().take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn(true)
+    }
+
+    fn lock_child(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
+        self.child
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Start the process (appending to its log when `again`) and wait until
+    /// it answers.
+    fn spawn(&self, again: bool) -> Result<(), String> {
+        let (dir, spec, socket) = (&self.dir, &self.spec, &self.socket);
         let disabled = if spec.cri {
             "[]".to_string()
         } else {
@@ -67,7 +99,12 @@ impl Containerd {
         );
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, config).map_err(|e| format!("writing the config: {e}"))?;
-        let log = std::fs::File::create(dir.join("containerd.log"))
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(again)
+            .truncate(!again)
+            .open(dir.join("containerd.log"))
             .map_err(|e| format!("containerd log: {e}"))?;
         let path = format!(
             "{}:{}",
@@ -85,24 +122,20 @@ impl Containerd {
         let child = cmd
             .spawn()
             .map_err(|e| format!("starting containerd (Debian package containerd): {e}"))?;
-        let me = Self {
-            dir: dir.to_path_buf(),
-            socket,
-            child: Some(child),
-        };
+        *self.lock_child() = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if me
+            if self
                 .ctr(&["version"])
                 .map(|o| o.status.success())
                 .unwrap_or(false)
             {
-                return Ok(me);
+                return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(format!(
                     "containerd did not come up; its log:\n{}",
-                    me.log_tail(40)
+                    self.log_tail(40)
                 ));
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -146,7 +179,7 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        if let Some(mut c) = self.lock_child().take() {
             let _ = c.kill();
             let _ = c.wait();
         }
