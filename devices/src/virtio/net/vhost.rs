@@ -198,7 +198,18 @@ impl VhostPath {
     /// cannot open.
     fn restart_kernel(&mut self) {
         if let Some(kernel) = &self.kernel {
-            match kernel.reset_owner() {
+            // Logged on both sides: a reset that never returns (seen once in
+            // the lab, the guest's unbind hung) then shows where it waits.
+            tracing::info!(tap = self.tap.name(), "virtio-net: resetting vhost-net");
+            let started = std::time::Instant::now();
+            let result = kernel.reset_owner();
+            tracing::info!(
+                tap = self.tap.name(),
+                ms = started.elapsed().as_millis() as u64,
+                ok = result.is_ok(),
+                "virtio-net: VHOST_RESET_OWNER returned"
+            );
+            match result {
                 Ok(()) => return,
                 Err(vhost::Error::IoctlError(e)) if e.raw_os_error() == Some(libc::EPERM) => return,
                 Err(e) => tracing::warn!(
