@@ -108,6 +108,12 @@ pub enum NetError {
     )]
     CniPluginMissing { plugin: String, bin_dir: PathBuf },
 
+    #[error(
+        "Pod network namespace {netns}: {detail}; check the CNI configuration of the CRI plugin: \
+         it must give the pod one interface with an IPv4 address"
+    )]
+    PodNetwork { netns: PathBuf, detail: String },
+
     #[error("Network namespace {path}: {detail}")]
     Netns { path: PathBuf, detail: String },
 

@@ -12,6 +12,7 @@
 pub mod conflist;
 pub mod netns;
 pub mod plugin;
+pub mod pod;
 pub mod redirect;
 
 use std::net::Ipv4Addr;

@@ -368,3 +368,95 @@ netns_test! {
         });
     }
 }
+
+/// Run one plugin of `conflist` by hand, as containerd's CRI plugin does before
+/// a shim sees the pod; returns the plugin's stdout.
+fn run_plugin(command: &str, conflist: &str, ns: &Path, id: &str) -> String {
+    let list: serde_json::Value = serde_json::from_str(conflist).unwrap();
+    let mut conf = list["plugins"][0].clone();
+    conf["cniVersion"] = list["cniVersion"].clone();
+    conf["name"] = list["name"].clone();
+    let mut child = std::process::Command::new(plugin_dir().join("bridge"))
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", id)
+        .env("CNI_NETNS", ns)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", plugin_dir())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the bridge plugin (containernetworking-plugins)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "bridge {command}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `tc qdisc show` and `ip -o link` inside `ns`.
+fn tc_and_links(ns: &Path) -> String {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", ns.display()))
+        .args(["sh", "-c", "tc qdisc show; ip -o link"])
+        .output()
+        .expect("nsenter (util-linux)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+netns_test! {
+    fn a_pod_network_made_by_the_cri_plugin_is_joined_and_left_clean() {
+        use beacon_netmgr::cni::pod;
+        let env = Env::new();
+        let conflist = example_conflist("pod-net", "cripod0", "10.98.0.0/24", &env.ipam());
+        let ns = env.dir.path().join("cni-1234");
+        netns::create(&ns).unwrap();
+        let result = run_plugin("ADD", &conflist, &ns, "pod1");
+        let p = pod::attach(&ns, "pod 1").unwrap();
+        assert_eq!(p.interface, "eth0");
+        assert_eq!(p.network.prefix, 24);
+        assert_eq!(p.network.gateway, "10.98.0.1".parse::<Ipv4Addr>().unwrap());
+        assert!(result.contains(&p.network.ip.to_string()), "the guest takes the address the chain gave: {result}");
+        assert_eq!(p.network.netns.as_deref(), Some(ns.as_path()));
+        assert_ne!(p.tap, "eth0");
+        let seen = tc_and_links(&ns);
+        assert!(seen.contains(&p.tap) && seen.contains("ingress"), "{seen}");
+        // The guest answers as the veth: its MAC, its address, through the TAP.
+        rt().block_on(async {
+            assert!(arp_through_tap(&p.network, "cripod0").await, "the CNI bridge answered through the TAP");
+        });
+        drop(p.network.open_tap().unwrap());
+        pod::detach(&p).unwrap();
+        let seen = tc_and_links(&ns);
+        assert!(!seen.contains(&p.tap) && !seen.contains("ingress"), "the TAP and the redirect are gone: {seen}");
+        assert!(seen.contains("eth0"), "the chain's interface stays for CNI DEL: {seen}");
+        // Idempotent; and once the CRI plugin removed the namespace, nothing to do.
+        pod::detach(&p).unwrap();
+        run_plugin("DEL", &conflist, &ns, "pod1");
+        netns::remove(&ns).unwrap();
+        pod::detach(&p).unwrap();
+    }
+}
+
+netns_test! {
+    fn a_pod_namespace_without_an_ipv4_interface_is_refused_and_left_as_it_was() {
+        use beacon_netmgr::cni::pod;
+        let env = Env::new();
+        let ns = env.dir.path().join("cni-empty");
+        netns::create(&ns).unwrap();
+        let e = pod::attach(&ns, "pod2").unwrap_err();
+        assert!(matches!(e, NetError::PodNetwork { .. }) && e.to_string().contains("no interface other than loopback"), "{e}");
+        let seen = tc_and_links(&ns);
+        assert!(!seen.contains(&beacon_netmgr::naming::tap_name("pod2")) && !seen.contains("ingress"), "{seen}");
+        netns::remove(&ns).unwrap();
+    }
+}
