@@ -1,6 +1,13 @@
 //! A private containerd for tests: its own root, state, sockets and config in a
 //! folder the test owns, with beaconbox's shim on its PATH as the runtime
 //! `io.containerd.beaconbox.v1`. Killed (with its shims) when dropped.
+//!
+//! Started with [`Containerd::start_cri`], its CRI plugin is configured for
+//! tests (see [`CriSpec`]): the locally built pause image as sandbox image, a
+//! CNI bridge network of the test's own (conflist and IPAM state in the test's
+//! folder), `runc` and the test's runtime handlers; images for it go to the
+//! `k8s.io` namespace ([`Containerd::import_image`]). Such a containerd stops
+//! and removes every pod left when dropped, and deletes its bridge.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -29,12 +36,19 @@ pub fn example_shim_dir() -> Result<PathBuf, String> {
     Ok(dir.to_path_buf())
 }
 
+/// Where Debian's containernetworking-plugins puts the CNI plugins.
+pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
+/// The containerd namespace the CRI plugin works in (and sees images of).
+pub const CRI_NAMESPACE: &str = "k8s.io";
+
 /// A running private containerd.
 pub struct Containerd {
     pub dir: PathBuf,
     pub socket: PathBuf,
     /// What it was started with (a restart starts it the same way).
     spec: ContainerdSpec,
+    /// The CRI plugin's settings, when started with [`Containerd::start_cri`].
+    cri: Option<CriSpec>,
     child: std::sync::Mutex<Option<Child>>,
 }
 
@@ -45,20 +59,83 @@ pub struct ContainerdSpec {
     pub shim_dir: PathBuf,
     /// Environment for containerd and so for the shims it starts.
     pub env: Vec<(String, String)>,
-    /// Keep the CRI plugin enabled.
+    /// Keep the CRI plugin enabled: only with [`Containerd::start_cri`], which
+    /// configures it (and turns this on); [`Containerd::start`] refuses it.
     pub cri: bool,
 }
 
+/// How [`Containerd::start_cri`] configures the CRI plugin.
+#[derive(Debug, Clone, Default)]
+pub struct CriSpec {
+    /// The Linux bridge the CNI bridge plugin creates and attaches pods to
+    /// (at most 15 characters); pick one no other test uses (one left by an
+    /// earlier run is taken over). Deleted when the containerd is dropped.
+    pub bridge: String,
+    /// The pods' IPv4 subnet, e.g. `10.77.0.0/24` (host-local IPAM; the bridge
+    /// gets its first address and is the pods' gateway, without NAT).
+    pub subnet: String,
+    /// Runtime handlers besides `runc` (which is always there, and the default).
+    pub runtimes: Vec<CriRuntime>,
+}
+
+/// A CRI runtime handler (what a Kubernetes RuntimeClass names).
+#[derive(Debug, Clone, Default)]
+pub struct CriRuntime {
+    /// The handler name `RunPodSandbox` takes, e.g. `beaconbox`.
+    pub handler: String,
+    /// containerd's runtime type, e.g. [`RUNTIME`] (`io.containerd.beaconbox.v1`).
+    pub runtime_type: String,
+    /// `options.ConfigPath`: containerd hands it to the shim as
+    /// `runtimeoptions.v1.Options { config_path }` with each task it creates.
+    pub config_path: Option<PathBuf>,
+}
+
 impl Containerd {
-    /// Start containerd in `dir` and wait until it answers.
+    /// Start containerd in `dir` and wait until it answers. Without the CRI
+    /// plugin: a `spec` with `cri` set is refused (see [`Containerd::start_cri`]).
     pub fn start(dir: &Path, spec: &ContainerdSpec) -> Result<Self, String> {
+        if spec.cri {
+            return Err(
+                "ContainerdSpec.cri needs the CRI plugin's settings: use Containerd::start_cri"
+                    .into(),
+            );
+        }
+        Self::launch(dir, spec, None)
+    }
+
+    /// Start containerd in `dir` with its CRI plugin configured by `cri` (and
+    /// `spec.cri` taken as set), and wait until it answers. Fails naming the
+    /// Debian package when the CNI plugins are missing. Import the pause image
+    /// ([`crate::images::pause_archive`]) before running pods.
+    pub fn start_cri(dir: &Path, spec: &ContainerdSpec, cri: &CriSpec) -> Result<Self, String> {
+        let spec = ContainerdSpec {
+            cri: true,
+            ..spec.clone()
+        };
+        Self::launch(dir, &spec, Some(cri.clone()))
+    }
+
+    fn launch(dir: &Path, spec: &ContainerdSpec, cri: Option<CriSpec>) -> Result<Self, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let me = Self {
             dir: dir.to_path_buf(),
             socket: dir.join("containerd.sock"),
             spec: spec.clone(),
+            cri,
             child: std::sync::Mutex::new(None),
         };
+        if let Some(cri) = &me.cri {
+            check_cni_plugins()?;
+            // One left by an earlier run that died is fine: the bridge plugin
+            // takes it over. Any other kind of link is not ours.
+            if link_exists(&cri.bridge) && !is_bridge(&cri.bridge) {
+                return Err(format!(
+                    "CriSpec.bridge {:?} names an existing link that is no bridge",
+                    cri.bridge
+                ));
+            }
+            me.write_cni_config(cri)?;
+        }
         me.spawn(false)?;
         Ok(me)
     }
@@ -89,7 +166,7 @@ impl Containerd {
         } else {
             r#"["io.containerd.grpc.v1.cri"]"#.to_string()
         };
-        let config = format!(
+        let mut config = format!(
             "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = {disabled}\n\
              [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n\
              [debug]\n  level = \"debug\"\n",
@@ -97,6 +174,9 @@ impl Containerd {
             state = dir.join("state").display(),
             sock = socket.display(),
         );
+        if let Some(cri) = &self.cri {
+            config.push_str(&self.cri_config(cri));
+        }
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, config).map_err(|e| format!("writing the config: {e}"))?;
         let log = std::fs::OpenOptions::new()
@@ -106,11 +186,15 @@ impl Containerd {
             .truncate(!again)
             .open(dir.join("containerd.log"))
             .map_err(|e| format!("containerd log: {e}"))?;
-        let path = format!(
-            "{}:{}",
-            spec.shim_dir.display(),
-            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
-        );
+        let host_path =
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+        // No shim folder (a runc-only test): nothing in front, so no empty
+        // entry (the current folder) either.
+        let path = if spec.shim_dir.as_os_str().is_empty() {
+            host_path
+        } else {
+            format!("{}:{host_path}", spec.shim_dir.display())
+        };
         let mut cmd = Command::new("containerd");
         cmd.arg("--config")
             .arg(&config_path)
@@ -169,6 +253,141 @@ impl Containerd {
         child.wait_with_output()
     }
 
+    /// Import an image archive (OCI or Docker, e.g. from
+    /// [`crate::images::busybox_archive`]) into the CRI plugin's namespace
+    /// `k8s.io` (the only one it sees), unpacked for its snapshotter.
+    pub fn import_image(&self, archive: &Path) -> Result<(), String> {
+        let archive_arg = archive.display().to_string();
+        let out = self
+            .ctr(&[
+                "-n",
+                CRI_NAMESPACE,
+                "images",
+                "import",
+                "--all-platforms",
+                &archive_arg,
+            ])
+            .map_err(|e| format!("running ctr (Debian package containerd): {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "ctr -n {CRI_NAMESPACE} images import {archive_arg} failed: {}\n\
+                 containerd's log:\n{}",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                self.log_tail(20)
+            ));
+        }
+        Ok(())
+    }
+
+    /// The folder holding the CNI network config (the CRI plugin's `conf_dir`).
+    pub fn cni_conf_dir(&self) -> PathBuf {
+        self.dir.join("cni/net.d")
+    }
+
+    /// Write the CNI network config: one conflist, a bridge with host-local
+    /// IPAM whose allocations live in this containerd's folder.
+    fn write_cni_config(&self, cri: &CriSpec) -> Result<(), String> {
+        if cri.bridge.is_empty() || cri.bridge.len() > 15 || cri.subnet.is_empty() {
+            return Err(format!(
+                "CriSpec needs a bridge name (1 to 15 characters) and a subnet: {cri:?}"
+            ));
+        }
+        let conf_dir = self.cni_conf_dir();
+        let _ = std::fs::remove_dir_all(&conf_dir);
+        std::fs::create_dir_all(&conf_dir).map_err(|e| format!("{}: {e}", conf_dir.display()))?;
+        let conflist = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": format!("beacon-{}", cri.bridge),
+            "plugins": [{
+                "type": "bridge",
+                "bridge": cri.bridge,
+                "isGateway": true,
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": cri.subnet}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": self.dir.join("cni/ipam").display().to_string(),
+                },
+            }],
+        });
+        let path = conf_dir.join("10-beacon.conflist");
+        let text = serde_json::to_string_pretty(&conflist).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))
+    }
+
+    /// The config's CRI plugin section (containerd 1.6's
+    /// `pkg/cri/config/config.go` keys). Set for minimal hosts: no AppArmor or
+    /// SELinux labels, and no oom_score_adj below containerd's own (the pause
+    /// container asks for -998, which needs CAP_SYS_RESOURCE: runc fails with
+    /// "can't get final child's PID from pipe" in sandboxes without it).
+    fn cri_config(&self, cri: &CriSpec) -> String {
+        const CRI: &str = "plugins.\"io.containerd.grpc.v1.cri\"";
+        let path = |p: PathBuf| toml_string(&p.display().to_string());
+        let mut out = [
+            format!("[{CRI}]"),
+            format!(
+                "  sandbox_image = {}",
+                toml_string(crate::images::PAUSE_IMAGE)
+            ),
+            "  disable_apparmor = true".into(),
+            "  enable_selinux = false".into(),
+            "  restrict_oom_score_adj = true".into(),
+            "  stream_server_address = \"127.0.0.1\"".into(),
+            "  stream_server_port = \"0\"".into(),
+            format!("[{CRI}.cni]"),
+            format!("  bin_dir = {}", toml_string(CNI_BIN_DIR)),
+            format!("  conf_dir = {}", path(self.cni_conf_dir())),
+            "  max_conf_num = 1".into(),
+            format!("[{CRI}.containerd]"),
+            "  default_runtime_name = \"runc\"".into(),
+            format!("[{CRI}.containerd.runtimes.runc]"),
+            "  runtime_type = \"io.containerd.runc.v2\"".into(),
+            // runc's state in this containerd's folder, not /run/containerd/runc.
+            format!("[{CRI}.containerd.runtimes.runc.options]"),
+            format!("  Root = {}", path(self.dir.join("runc"))),
+            String::new(),
+        ]
+        .join("\n");
+        for r in &cri.runtimes {
+            let table = format!("{CRI}.containerd.runtimes.{}", toml_string(&r.handler));
+            out.push_str(&format!(
+                "[{table}]\n  runtime_type = {}\n",
+                toml_string(&r.runtime_type)
+            ));
+            if let Some(config) = &r.config_path {
+                out.push_str(&format!(
+                    "[{table}.options]\n  ConfigPath = {}\n",
+                    toml_string(&config.display().to_string())
+                ));
+            }
+        }
+        out
+    }
+
+    /// Stop and remove every pod sandbox the CRI plugin still has (so their
+    /// shims, network namespaces and mounts go), each call with a short
+    /// timeout; errors are only printed (this runs when dropped).
+    fn remove_leftover_pods(&self) {
+        let cri = match crate::cri::Cri::connect(&self.socket) {
+            Ok(cri) => cri.with_timeout(Duration::from_secs(30)),
+            Err(e) => return eprintln!("containerd: no CRI client to remove its pods: {e}"),
+        };
+        let pods = match cri.list_pod_sandbox() {
+            Ok(pods) => pods,
+            Err(e) => return eprintln!("containerd: listing its pods: {e}"),
+        };
+        for pod in pods {
+            eprintln!("containerd: removing pod {} left behind", pod.id);
+            if let Err(e) = cri
+                .stop_pod_sandbox(&pod.id)
+                .and_then(|()| cri.remove_pod_sandbox(&pod.id))
+            {
+                eprintln!("containerd: removing pod {}: {e}", pod.id);
+            }
+        }
+    }
+
     /// The last `lines` lines of containerd's log (shim logs included).
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
@@ -179,10 +398,79 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        let running = self.lock_child().is_some();
+        if running && self.cri.is_some() {
+            // Never a panic out of a drop (it would abort a failing test).
+            let removed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.remove_leftover_pods()
+            }));
+            if removed.is_err() {
+                eprintln!("containerd: removing the pods left behind panicked");
+            }
+        }
         if let Some(mut c) = self.lock_child().take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+        if let Some(cri) = &self.cri {
+            if is_bridge(&cri.bridge) {
+                if let Err(e) = delete_link(&cri.bridge) {
+                    eprintln!("containerd: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// `s` as a TOML basic string (JSON's escapes are TOML's).
+fn toml_string(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
+}
+
+/// An error naming the Debian package unless the CNI plugins the CRI config
+/// uses (bridge, host-local, and loopback, which containerd adds itself) are
+/// in [`CNI_BIN_DIR`].
+fn check_cni_plugins() -> Result<(), String> {
+    let missing: Vec<&str> = ["bridge", "host-local", "loopback"]
+        .into_iter()
+        .filter(|p| !Path::new(CNI_BIN_DIR).join(p).is_file())
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "CNI plugins {missing:?} are missing from {CNI_BIN_DIR}: install the Debian \
+             package containernetworking-plugins (resources/install.sh)"
+        ))
+    }
+}
+
+/// Whether network interface `name` exists.
+fn link_exists(name: &str) -> bool {
+    Path::new("/sys/class/net").join(name).exists()
+}
+
+/// Whether network interface `name` exists and is a bridge.
+fn is_bridge(name: &str) -> bool {
+    Path::new("/sys/class/net")
+        .join(name)
+        .join("bridge")
+        .is_dir()
+}
+
+/// `ip link del <name>`.
+fn delete_link(name: &str) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(["link", "del", name])
+        .output()
+        .map_err(|e| format!("running ip (Debian package iproute2): {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip link del {name}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 

@@ -9,6 +9,9 @@ use sha2::{Digest, Sha256};
 
 /// The name the busybox image is imported under.
 pub const BUSYBOX_IMAGE: &str = "docker.io/beacon/busybox:test";
+/// The name the pause image is imported under (the CRI plugin's sandbox image,
+/// see [`crate::containerd::CriSpec`]).
+pub const PAUSE_IMAGE: &str = "docker.io/beacon/pause:test";
 
 fn run(cmd: &mut Command) -> Result<(), String> {
     let out = cmd.output().map_err(|e| format!("running {cmd:?}: {e}"))?;
@@ -40,10 +43,7 @@ pub fn busybox_archive(
     name: &str,
     extra: &[(PathBuf, String)],
 ) -> Result<PathBuf, String> {
-    let root = dir.join("image-root");
-    let layout = dir.join("image-layout");
-    let _ = std::fs::remove_dir_all(&root);
-    let _ = std::fs::remove_dir_all(&layout);
+    let root = fresh_root(dir, "busybox")?;
     for d in ["bin", "etc", "tmp", "proc", "sys", "dev", "root"] {
         std::fs::create_dir_all(root.join(d)).map_err(|e| format!("mkdir {d}: {e}"))?;
     }
@@ -69,8 +69,99 @@ pub fn busybox_archive(
         }
         std::fs::copy(src, &target).map_err(|e| format!("copying {}: {e}", src.display()))?;
     }
+    let config = serde_json::json!({"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/"});
+    oci_archive(dir, "busybox", name, &config)
+}
+
+/// Build an OCI archive of the pause image (named `name`, normally
+/// [`PAUSE_IMAGE`]): only `/pause`, compiled now from `tests/images/pause.rs`
+/// into a static binary, as the entrypoint. Returns the archive path.
+pub fn pause_archive(dir: &Path, name: &str) -> Result<PathBuf, String> {
+    let root = fresh_root(dir, "pause")?;
+    build_pause(&root.join("pause"))?;
+    let config = serde_json::json!({"Entrypoint": ["/pause"], "WorkingDir": "/"});
+    oci_archive(dir, "pause", name, &config)
+}
+
+/// Compile the pause program (`tests/images/pause.rs`, no crates) with rustc
+/// (`$RUSTC`, else `rustc` on PATH) into a static executable at `out`.
+fn build_pause(out: &Path) -> Result<(), String> {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/pause.rs");
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    run(Command::new(&rustc)
+        .args([
+            "--edition",
+            "2021",
+            "-O",
+            "-C",
+            "target-feature=+crt-static",
+        ])
+        .args(["-C", "strip=symbols", "-o"])
+        .arg(out)
+        .arg(&source))
+    .map_err(|e| format!("compiling the pause program: {e}"))?;
+    let bytes = std::fs::read(out).map_err(|e| format!("reading {}: {e}", out.display()))?;
+    match elf_interpreter(&bytes) {
+        Ok(false) => Ok(()),
+        Ok(true) => Err(format!(
+            "{} is dynamically linked (it has an ELF interpreter) although built with \
+             +crt-static: the static C library is missing (Debian package libc6-dev)",
+            out.display()
+        )),
+        Err(e) => Err(format!("{}: {e}", out.display())),
+    }
+}
+
+/// Whether a 64-bit little-endian ELF executable asks for a program
+/// interpreter (a `PT_INTERP` program header: it needs the dynamic loader, so
+/// it cannot run alone in an image); an error when it is no such ELF file.
+fn elf_interpreter(elf: &[u8]) -> Result<bool, String> {
+    const PT_INTERP: u32 = 3;
+    if elf.len() < 64 || &elf[..4] != b"\x7fELF" {
+        return Err("not an ELF file".into());
+    }
+    if elf[4] != 2 || elf[5] != 1 {
+        return Err("not a 64-bit little-endian ELF file".into());
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
+    let mut phoff = [0u8; 8];
+    phoff.copy_from_slice(&elf[32..40]);
+    let phoff = usize::try_from(u64::from_le_bytes(phoff)).map_err(|e| e.to_string())?;
+    let (phentsize, phnum) = (u16_at(54), u16_at(56));
+    (0..phnum)
+        .map(|i| phoff.saturating_add(i * phentsize))
+        .try_fold(false, |interp, at| {
+            let header = elf
+                .get(at..at.saturating_add(4))
+                .ok_or("program headers past the end of the file")?;
+            let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+            Ok(interp || kind == PT_INTERP)
+        })
+}
+
+/// An empty `dir/<stem>-root` to lay an image's files out in.
+fn fresh_root(dir: &Path, stem: &str) -> Result<PathBuf, String> {
+    let root = dir.join(format!("{stem}-root"));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).map_err(|e| format!("mkdir {}: {e}", root.display()))?;
+    Ok(root)
+}
+
+/// Pack `dir/<stem>-root` as the single layer of an image with the OCI image
+/// config `config` (its `config` object: entrypoint, environment, ...), named
+/// `name`, into an OCI image layout (`dir/<stem>-layout`) and archive that as
+/// `dir/<stem>-oci.tar`, which `ctr images import` takes. Returns the archive.
+fn oci_archive(
+    dir: &Path,
+    stem: &str,
+    name: &str,
+    config: &serde_json::Value,
+) -> Result<PathBuf, String> {
+    let root = dir.join(format!("{stem}-root"));
+    let layout = dir.join(format!("{stem}-layout"));
+    let _ = std::fs::remove_dir_all(&layout);
     std::fs::create_dir_all(layout.join("blobs/sha256")).map_err(|e| format!("layout: {e}"))?;
-    let layer_tar = dir.join("layer.tar");
+    let layer_tar = dir.join(format!("{stem}-layer.tar"));
     run(Command::new("tar")
         .args([
             "--numeric-owner",
@@ -89,7 +180,7 @@ pub fn busybox_archive(
     let config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/"},
+        "config": config,
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
     });
     let (config_digest, config_size) = blob(&layout, config.to_string().as_bytes())?;
@@ -120,7 +211,7 @@ pub fn busybox_archive(
         r#"{"imageLayoutVersion":"1.0.0"}"#,
     )
     .map_err(|e| format!("oci-layout: {e}"))?;
-    let archive = dir.join("busybox-oci.tar");
+    let archive = dir.join(format!("{stem}-oci.tar"));
     run(Command::new("tar")
         .arg("-C")
         .arg(&layout)

@@ -2,12 +2,14 @@
 //! lab ([`lab`]) that provides one on hosts without it, and the project's built
 //! assets ([`assets`]: the beacon kernel), guest initrds for device tests
 //! ([`guest`]), the runner of device scenarios ([`device_suite`]), a private
-//! containerd ([`containerd`]), locally built images ([`images`]), helpers for
+//! containerd ([`containerd`]) and a CRI client for it ([`cri`]), locally built
+//! images ([`images`]), helpers for
 //! generated test scripts ([`script`]), `make test`'s timing report
 //! ([`report`]), and the vsock test tool's logic ([`vsock_tool`]).
 
 pub mod assets;
 pub mod containerd;
+pub mod cri;
 pub mod device_suite;
 pub mod guest;
 pub mod images;
