@@ -43,6 +43,18 @@ pub enum BundleError {
     InvalidSandboxId { value: String },
 }
 
+/// The network a sandbox's spec asks for (`linux.namespaces`, type `network`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetNamespace {
+    /// No network namespace: the host's (a CRI `hostNetwork` pod).
+    Host,
+    /// A new namespace of its own (`ctr run`): the runtime config's network.
+    Own,
+    /// A namespace someone else made and configured (a CRI pod's, after its
+    /// CNI chain ran): the VM joins that network.
+    Join(PathBuf),
+}
+
 #[derive(Debug, Clone)]
 pub struct Bundle {
     pub dir: PathBuf,
@@ -129,6 +141,38 @@ impl Bundle {
         self.annotation(SANDBOX_ID_ANNOTATION).unwrap_or(own_id)
     }
 
+    /// Is this the sandbox (pause) container of a CRI pod?
+    pub fn is_pod_sandbox(&self) -> bool {
+        self.annotation(CONTAINER_TYPE_ANNOTATION) == Some("sandbox")
+    }
+
+    /// The network namespace the spec asks for.
+    pub fn network_namespace(&self) -> NetNamespace {
+        let found = self
+            .spec
+            .pointer("/linux/namespaces")
+            .and_then(Value::as_array)
+            .and_then(|ns| {
+                ns.iter()
+                    .find(|n| n.get("type").and_then(Value::as_str) == Some("network"))
+            });
+        match found {
+            None => NetNamespace::Host,
+            Some(n) => match n.get("path").and_then(Value::as_str) {
+                Some(p) if !p.is_empty() => NetNamespace::Join(PathBuf::from(p)),
+                _ => NetNamespace::Own,
+            },
+        }
+    }
+
+    /// `linux.cgroupsPath`, when set.
+    pub fn cgroups_path(&self) -> Option<&str> {
+        self.spec
+            .pointer("/linux/cgroupsPath")
+            .and_then(Value::as_str)
+            .filter(|p| !p.is_empty())
+    }
+
     /// Does this container start a new sandbox (and so a new VM)?
     pub fn starts_sandbox(&self) -> bool {
         self.annotation(CONTAINER_TYPE_ANNOTATION)
@@ -181,6 +225,33 @@ mod tests {
         assert!(
             b.spec.pointer("/linux/namespaces").is_some(),
             "spec kept whole"
+        );
+    }
+
+    #[test]
+    fn the_network_namespace_is_host_own_or_one_to_join() {
+        let ns = |linux: &str| {
+            let json = format!(
+                r#"{{"ociVersion":"1.0.2","process":{{"args":["sh"]}},"root":{{"path":"rootfs"}},{linux}
+                "annotations":{{"io.kubernetes.cri.container-type":"sandbox"}}}}"#
+            );
+            let (_d, b) = bundle(&json);
+            let b = b.expect("bundle");
+            assert!(b.is_pod_sandbox());
+            b.network_namespace()
+        };
+        assert_eq!(ns(""), NetNamespace::Host);
+        assert_eq!(
+            ns(r#""linux":{"namespaces":[{"type":"pid"}]},"#),
+            NetNamespace::Host
+        );
+        assert_eq!(
+            ns(r#""linux":{"namespaces":[{"type":"network"}]},"#),
+            NetNamespace::Own
+        );
+        assert_eq!(
+            ns(r#""linux":{"namespaces":[{"type":"network","path":"/var/run/netns/cni-1"}]},"#),
+            NetNamespace::Join("/var/run/netns/cni-1".into())
         );
     }
 

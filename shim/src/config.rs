@@ -232,8 +232,14 @@ impl RuntimeConfig {
                 }
             }
         }
-        // The container's own limits: the VM must hold them.
-        if let Some(resources) = spec.pointer("/linux/resources") {
+        // The container's own limits, and a CRI pod's (the sum of its
+        // containers' limits, which kubelet >= 1.23 passes as sandbox
+        // annotations): the VM must hold them.
+        let pod = annotations.map(pod_resources);
+        for resources in [spec.pointer("/linux/resources"), pod.as_ref()]
+            .into_iter()
+            .flatten()
+        {
             let needs = ResourceNeeds::of(resources);
             if let Some(mib) = needs.memory_mib {
                 vm.memory_mib = vm.memory_mib.max(mib);
@@ -249,6 +255,35 @@ impl RuntimeConfig {
         }
         Ok(vm)
     }
+}
+
+/// CRI annotations with a pod's resources (kubelet >= 1.23 through
+/// containerd's CRI plugin): memory limit in bytes, CFS quota and period in µs.
+pub const SANDBOX_MEMORY_ANNOTATION: &str = "io.kubernetes.cri.sandbox-memory";
+pub const SANDBOX_CPU_QUOTA_ANNOTATION: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+pub const SANDBOX_CPU_PERIOD_ANNOTATION: &str = "io.kubernetes.cri.sandbox-cpu-period";
+
+/// The pod's resources from the CRI sandbox annotations, as OCI
+/// `LinuxResources` JSON (what is absent, malformed or zero is left out).
+fn pod_resources(annotations: &serde_json::Map<String, Value>) -> Value {
+    let number = |key: &str| {
+        annotations
+            .get(key)
+            .and_then(Value::as_str)
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .filter(|n| *n > 0)
+    };
+    let mut r = serde_json::json!({});
+    if let Some(limit) = number(SANDBOX_MEMORY_ANNOTATION) {
+        r["memory"] = serde_json::json!({ "limit": limit });
+    }
+    if let Some(quota) = number(SANDBOX_CPU_QUOTA_ANNOTATION) {
+        r["cpu"] = serde_json::json!({ "quota": quota });
+        if let Some(period) = number(SANDBOX_CPU_PERIOD_ANNOTATION) {
+            r["cpu"]["period"] = serde_json::json!(period);
+        }
+    }
+    r
 }
 
 /// What a container's OCI `LinuxResources` need of its VM: vCPUs for its
@@ -318,6 +353,29 @@ pub fn runtime_options_config_path(type_url: &str, value: &[u8]) -> Option<PathB
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_pods_resources_from_its_cri_annotations_size_the_vm() {
+        let cfg = RuntimeConfig::default();
+        let vm = cfg
+            .vm_for(&json!({"annotations": {
+                SANDBOX_MEMORY_ANNOTATION: "1073741824",
+                SANDBOX_CPU_QUOTA_ANNOTATION: "250000",
+                SANDBOX_CPU_PERIOD_ANNOTATION: "100000",
+            }}))
+            .expect("vm");
+        assert_eq!(vm.memory_mib, 1024 + GUEST_OVERHEAD_MIB);
+        assert_eq!(vm.cpus, 3);
+        // Zero, malformed or absent: the defaults stand.
+        let vm = cfg
+            .vm_for(&json!({"annotations": {
+                SANDBOX_MEMORY_ANNOTATION: "0",
+                SANDBOX_CPU_QUOTA_ANNOTATION: "lots",
+            }}))
+            .expect("vm");
+        let default = cfg.vm_for(&json!({})).expect("vm");
+        assert_eq!((vm.cpus, vm.memory_mib), (default.cpus, default.memory_mib));
+    }
 
     #[test]
     fn defaults_then_file_then_annotations_then_limits() {

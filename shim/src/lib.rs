@@ -7,6 +7,8 @@
 //! - [`events`]: task events published to containerd, in order;
 //! - [`fault`]: `BEACON_FAULT`, the shim killing itself at a named step (crash tests);
 //! - [`guest`]: the connection to vminitd in the guest (Task API, streams, events);
+//! - [`host_cgroup`]: the sandbox's cgroup on the host, which the shim (its VM
+//!   and virtiofsd with it) joins so the pod's cgroup accounts for the VM;
 //! - [`guest_events`]: which of the guest's events reach containerd (unknown
 //!   and repeated exits dropped, OOM floods rate-limited);
 //! - [`lifecycle`]: the `start` and `delete` actions;
@@ -24,6 +26,7 @@ pub mod events;
 pub mod fault;
 pub mod guest;
 pub mod guest_events;
+pub mod host_cgroup;
 pub mod invocation;
 pub mod lifecycle;
 pub mod logfifo;

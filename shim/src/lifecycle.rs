@@ -112,15 +112,23 @@ pub fn delete(inv: &Invocation) -> anyhow::Result<Vec<u8>> {
         .or_else(|| std::env::current_dir().ok())
         .context("no bundle folder")?;
     // The bundle may be half gone; without it the container is its own sandbox.
-    let sandbox_id = Bundle::load(&bundle_dir)
-        .map(|b| b.sandbox_id(&inv.id).to_string())
-        .unwrap_or_else(|_| inv.id.clone());
+    let bundle = Bundle::load(&bundle_dir).ok();
+    let sandbox_id = bundle
+        .as_ref()
+        .map_or_else(|| inv.id.clone(), |b| b.sandbox_id(&inv.id).to_string());
     let paths = BeaconPaths::from_env();
     let dirs = SandboxDirs::of(&paths, &run_root(), &sandbox_id);
     // Every mount under the sandbox's run folder, deepest first.
     crate::mounts::unmount_under(&dirs.run);
     for m in crate::mounts::remove_tree_within_mount(&dirs.run) {
         eprintln!("{} is still mounted", m.display());
+    }
+    if let Some(path) = bundle
+        .as_ref()
+        .filter(|_| sandbox_id == inv.id)
+        .and_then(Bundle::cgroups_path)
+    {
+        crate::host_cgroup::remove_leftover(path);
     }
     if sandbox_id == inv.id {
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -4,9 +4,11 @@
 //! tears down the sandbox only, never decides about containers.
 //!
 //! Building is a fixed sequence, each step recorded so that a failure undoes
-//! exactly what was done, in reverse: run folder (mode 0700) → with
+//! exactly what was done, in reverse: the sandbox's host cgroup (joined by
+//! this process, see [`crate::host_cgroup`]) → run folder (mode 0700) → with
 //! vhost-vsock (config, or the QEMU backend), a CID lease and a copy of the
-//! initrd carrying the VM's secret → network (netmgr) → share folder (a shared
+//! initrd carrying the VM's secret → network (netmgr's bridge, or a CRI pod's
+//! own network namespace joined with a TAP) → share folder (a shared
 //! mount) → virtiofsd → VM (the in-process KVM backend on threads of this
 //! process, or QEMU) → vminitd answering on vsock → event stream.
 //! Teardown is the same list backwards and keeps going when a step fails, so
@@ -20,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use beacon_common::guest_protocol::{GuestEvent, VsockSecret, GUEST_SECRET_FILE};
+use beacon_netmgr::cni::pod::{self, PodAttachment};
 use beacon_netmgr::{NetworkAttachment, NetworkManager};
 use beacon_paths::BeaconPaths;
 use beacon_virtiofsd_launch::{ShareConfig, Virtiofsd};
@@ -32,6 +35,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{NetworkMode, RuntimeConfig, VmSettings, VsockMode};
 use crate::guest::{GuestError, GuestLink};
+use crate::host_cgroup::HostCgroup;
 use crate::mounts::{self, MountError};
 
 /// Name of the one virtio-fs share (tag and guest folder name).
@@ -188,9 +192,13 @@ impl SandboxDirs {
     }
 }
 
-/// What the guest's eth0 gets.
+/// What the guest's eth0 gets (no gateway when the network has no default
+/// route).
 fn net_params(a: &NetworkAttachment) -> String {
-    let mut p = format!(" beacon.ip={}/{} beacon.gw={}", a.ip, a.prefix, a.gateway);
+    let mut p = format!(" beacon.ip={}/{}", a.ip, a.prefix);
+    if !a.gateway.is_unspecified() {
+        p.push_str(&format!(" beacon.gw={}", a.gateway));
+    }
     if !a.dns.is_empty() {
         let dns: Vec<String> = a.dns.iter().map(Ipv4Addr::to_string).collect();
         p.push_str(&format!(" beacon.dns={}", dns.join(",")));
@@ -201,10 +209,14 @@ fn net_params(a: &NetworkAttachment) -> String {
 /// What was built so far (undone in reverse).
 #[derive(Default)]
 struct Built {
+    /// Left last, once the VM and virtiofsd are gone.
+    cgroup: Option<HostCgroup>,
     run_dir: Option<PathBuf>,
     /// Holds the sandbox alive for netmgr's reconciler; released last.
     liveness: Option<beacon_netmgr::LivenessGuard>,
     network: Option<String>,
+    /// A CRI pod's network joined in its own namespace.
+    pod: Option<PodAttachment>,
     share: Option<PathBuf>,
     virtiofsd: Option<Virtiofsd>,
     /// The vhost-vsock CID, held until the VM is gone.
@@ -277,6 +289,13 @@ pub struct SandboxRequest<'a> {
     pub config: &'a RuntimeConfig,
     pub vm: VmSettings,
     pub net: NetManager,
+    /// A network namespace made and configured by someone else (a CRI pod's,
+    /// after its CNI chain ran): the VM joins that network instead of taking
+    /// one from netmgr.
+    pub pod_netns: Option<&'a Path>,
+    /// The spec's `linux.cgroupsPath`: the host cgroup this process joins
+    /// before the VM boots, so the VM is accounted there.
+    pub cgroups_path: Option<&'a str>,
 }
 
 impl Sandbox {
@@ -326,6 +345,25 @@ impl Sandbox {
             )));
         }
 
+        // The host cgroup first: the VM's memory and virtiofsd are charged
+        // where this process is when they start.
+        if let Some(path) = req.cgroups_path {
+            match HostCgroup::join(path) {
+                Ok(cg) => {
+                    tracing::debug!(
+                        sandbox = req.id,
+                        "joined the host cgroup {}",
+                        cg.dir().display()
+                    );
+                    built.cgroup = Some(cg);
+                }
+                Err(e) => tracing::warn!(
+                    sandbox = req.id,
+                    "the VM is not accounted to the sandbox's cgroup: {e}"
+                ),
+            }
+        }
+
         // Run folder: only this user may enter (the vsock socket is inside).
         create_private_dir(&dirs.run)?;
         built.run_dir = Some(dirs.run.clone());
@@ -368,6 +406,26 @@ impl Sandbox {
         // process holds its lock, then gets its lease and TAP.
         let network = match (req.config.network, &req.net) {
             (NetworkMode::None, _) => None,
+            (NetworkMode::Bridge, _) if req.pod_netns.is_some() => {
+                let ns = req.pod_netns.map(Path::to_path_buf).unwrap_or_default();
+                if req.vm.backend == BackendKind::Qemu {
+                    return Err(SandboxError::Unsupported(format!(
+                        "the pod network in {} needs the KVM backend (QEMU opens its TAP in \
+                         the host's namespace): set vm.backend = \"kvm\" for pods",
+                        ns.display()
+                    )));
+                }
+                let id = req.id.to_string();
+                let pod = tokio::task::spawn_blocking(move || pod::attach(&ns, &id))
+                    .await
+                    .map_err(|e| SandboxError::Io {
+                        what: "joining the pod network".into(),
+                        source: std::io::Error::other(e.to_string()),
+                    })??;
+                let network = pod.network.clone();
+                built.pod = Some(pod);
+                Some(network)
+            }
             (NetworkMode::Bridge, Ok(net)) => {
                 let liveness = net.liveness().clone();
                 let id = req.id.to_string();
@@ -434,17 +492,32 @@ impl Sandbox {
             socket: dirs.fs_socket.clone(),
             queue_size: 1024,
         });
+        // A TAP inside another namespace (a pod's, or netmgr's CNI mode) is
+        // opened from there and handed over; the VMM keeps its own copy.
+        let mut tap_file = None;
         if let Some(a) = &network {
+            if a.netns.is_some() {
+                let opened = a.clone();
+                tap_file = Some(
+                    tokio::task::spawn_blocking(move || opened.open_tap())
+                        .await
+                        .map_err(|e| SandboxError::Io {
+                            what: "opening the TAP".into(),
+                            source: std::io::Error::other(e.to_string()),
+                        })??,
+                );
+            }
             config.devices.push(DeviceConfig::Net {
                 tap: a.tap.clone(),
                 mac: a.mac,
                 vhost: false,
-                tap_fd: None,
+                tap_fd: tap_file.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
             });
         }
         let vm: Arc<dyn VmBackend> = Arc::from(tokio::task::block_in_place(|| {
             create_backend(req.vm.backend, config)
         })?);
+        drop(tap_file);
         let (exit_tx, vm_exit) = watch::channel(None);
         vm.start()?;
         // virtiofsd dying on its own leaves every container without its files
@@ -621,6 +694,17 @@ async fn undo(built: Built, net: Option<&NetworkManager>, id: &str) {
     if let Some(share) = built.share {
         mounts::unmount_all(std::slice::from_ref(&share));
     }
+    if let Some(pod) = built.pod {
+        let detached = tokio::task::spawn_blocking(move || pod::detach(&pod)).await;
+        match detached {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(
+                sandbox = id,
+                "leaving the pod network: {e}; its namespace's removal takes the rest"
+            ),
+            Err(e) => tracing::warn!(sandbox = id, "leaving the pod network: {e}"),
+        }
+    }
     if let (Some(sid), Some(net)) = (built.network, net) {
         if let Err(e) = net.teardown(&sid).await {
             tracing::warn!(
@@ -640,6 +724,9 @@ async fn undo(built: Built, net: Option<&NetworkManager>, id: &str) {
     }
     if let Some(logs) = built.logs {
         logs.prune();
+    }
+    if let Some(cg) = built.cgroup {
+        tokio::task::block_in_place(|| cg.leave());
     }
 }
 

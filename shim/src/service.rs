@@ -35,7 +35,7 @@ use tokio::sync::{mpsc, watch, Mutex, Notify};
 use ttrpc::asynchronous::TtrpcContext;
 use ttrpc::Code;
 
-use crate::bundle::Bundle;
+use crate::bundle::{Bundle, NetNamespace};
 use crate::config::{runtime_options_config_path, RuntimeConfig};
 use crate::events::{timestamp, Publisher, TaskEvent};
 use crate::guest::{call_context, GuestLink};
@@ -276,6 +276,20 @@ impl Service {
                 let vm = config
                     .vm_for(&bundle.spec)
                     .map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
+                let pod_netns = match bundle.network_namespace() {
+                    NetNamespace::Join(path) => Some(path),
+                    NetNamespace::Host if bundle.is_pod_sandbox() => {
+                        return Err(status(
+                            Code::INVALID_ARGUMENT,
+                            format!(
+                                "pod {sandbox_id} asks for the host's network (hostNetwork: \
+                                 true): a VM cannot share the host's network namespace; run \
+                                 hostNetwork pods with another RuntimeClass (runc)"
+                            ),
+                        ));
+                    }
+                    NetNamespace::Host | NetNamespace::Own => None,
+                };
                 let (sandbox, events) = Sandbox::create(SandboxRequest {
                     id: sandbox_id,
                     paths: &self.paths,
@@ -283,6 +297,8 @@ impl Service {
                     config: &config,
                     vm,
                     net: self.net.clone(),
+                    pod_netns: pod_netns.as_deref(),
+                    cgroups_path: bundle.cgroups_path(),
                 })
                 .await
                 .map_err(|e| status(Code::UNAVAILABLE, format!("sandbox {sandbox_id}: {e}")))?;
@@ -573,6 +589,16 @@ impl Task for Service {
                 ))
             }
             Some(_) => {}
+            None if !bundle.starts_sandbox() => {
+                return Err(status(
+                    Code::NOT_FOUND,
+                    format!(
+                        "container {}: its pod sandbox {sandbox_id} is not running in this \
+                         shim; run the pod sandbox first",
+                        req.id
+                    ),
+                ))
+            }
             None => {
                 self.start_sandbox(&mut st, &sandbox_id, &bundle, req.options.as_ref())
                     .await?

@@ -1,0 +1,229 @@
+//! The sandbox's cgroup on the host: the shim process joins the cgroup its
+//! sandbox's spec names (`linux.cgroupsPath`, under the pod's cgroup that
+//! kubelet limits), before the VM boots and virtiofsd starts, so the VM's
+//! memory (faulted in by the VMM's threads of this process, which cgroup v2
+//! moves with it) and virtiofsd (a child started afterwards) are charged to
+//! the pod on the host. On teardown the shim moves back to where it was and
+//! removes the folders it created.
+//!
+//! Owns only that: never sets limits (kubelet sets the pod's), never touches
+//! a cgroup it did not create beyond enabling controllers for its children.
+//! cgroup v2 with cgroupfs-style paths only; the systemd form
+//! (`slice:prefix:name`) and cgroup v1 are reported as unsupported and the
+//! sandbox runs unaccounted.
+
+use std::path::{Component, Path, PathBuf};
+
+/// Where the cgroup v2 hierarchy is mounted.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// Controllers enabled for the sandbox's cgroup (those its parents have).
+const CONTROLLERS: [&str; 3] = ["cpu", "memory", "pids"];
+
+/// Why the shim could not join its sandbox's host cgroup.
+#[derive(Debug, thiserror::Error)]
+pub enum HostCgroupError {
+    #[error(
+        "cgroupsPath {0:?} is in the systemd driver's form (slice:prefix:name), which the \
+         shim cannot join yet: configure containerd's and kubelet's cgroup driver as cgroupfs \
+         to have the VM accounted to its pod"
+    )]
+    Systemd(String),
+    #[error("cgroupsPath {0:?} leaves the cgroup hierarchy ('..'); refusing it")]
+    Escapes(String),
+    #[error(
+        "{0} is not a cgroup v2 hierarchy: the VM's memory cannot be accounted to its pod \
+         (boot the host with cgroup v2, systemd.unified_cgroup_hierarchy=1)"
+    )]
+    NotV2(PathBuf),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HostCgroupError {
+    let what = what.into();
+    move |source| HostCgroupError::Io { what, source }
+}
+
+/// The cgroup folder `cgroups_path` names under `root`, for a process whose
+/// own cgroup is `own` (relative paths are taken from there, as runc does).
+pub fn host_dir(root: &Path, own: &Path, cgroups_path: &str) -> Result<PathBuf, HostCgroupError> {
+    if cgroups_path.contains(':') {
+        return Err(HostCgroupError::Systemd(cgroups_path.into()));
+    }
+    let path = Path::new(cgroups_path);
+    if path.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(HostCgroupError::Escapes(cgroups_path.into()));
+    }
+    let relative = path.strip_prefix("/").unwrap_or(path);
+    let base = if path.is_absolute() {
+        root.to_path_buf()
+    } else {
+        root.join(own.strip_prefix("/").unwrap_or(own))
+    };
+    Ok(base.join(relative))
+}
+
+/// This process's cgroup v2 path (`0::/path` in `/proc/self/cgroup`).
+fn own_cgroup() -> Result<PathBuf, HostCgroupError> {
+    let text =
+        std::fs::read_to_string("/proc/self/cgroup").map_err(io("reading /proc/self/cgroup"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(PathBuf::from)
+        .ok_or_else(|| HostCgroupError::NotV2(PathBuf::from(CGROUP_ROOT)))
+}
+
+fn is_cgroup2(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+}
+
+/// The shim process inside its sandbox's host cgroup.
+#[derive(Debug)]
+pub struct HostCgroup {
+    dir: PathBuf,
+    /// Folders this process created, outermost first.
+    created: Vec<PathBuf>,
+    /// Where the process was before (it returns there on [`HostCgroup::leave`]).
+    previous: PathBuf,
+}
+
+impl HostCgroup {
+    /// Move this process into `cgroups_path` under [`CGROUP_ROOT`], creating
+    /// the folders it needs and enabling the memory, cpu and pids controllers
+    /// on the way (where the parent has them).
+    pub fn join(cgroups_path: &str) -> Result<Self, HostCgroupError> {
+        let root = Path::new(CGROUP_ROOT);
+        if !is_cgroup2(root) {
+            return Err(HostCgroupError::NotV2(root.into()));
+        }
+        let own = own_cgroup()?;
+        let dir = host_dir(root, &own, cgroups_path)?;
+        let previous = root.join(own.strip_prefix("/").unwrap_or(&own));
+        let mut created = Vec::new();
+        let rel = dir.strip_prefix(root).unwrap_or(&dir).to_path_buf();
+        let mut at = root.to_path_buf();
+        for part in rel.components() {
+            enable_controllers(&at);
+            at.push(part);
+            match std::fs::create_dir(&at) {
+                Ok(()) => created.push(at.clone()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    let me = Self {
+                        dir: dir.clone(),
+                        created,
+                        previous,
+                    };
+                    me.remove_created();
+                    return Err(io(format!("creating the cgroup {}", at.display()))(e));
+                }
+            }
+        }
+        let me = Self {
+            dir,
+            created,
+            previous,
+        };
+        let procs = me.dir.join("cgroup.procs");
+        if let Err(e) = std::fs::write(&procs, std::process::id().to_string()) {
+            me.remove_created();
+            return Err(io(format!("moving the shim into {}", procs.display()))(e));
+        }
+        Ok(me)
+    }
+
+    /// The cgroup folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Move the process back where it was and remove the folders it created
+    /// (what is still in use stays, logged).
+    pub fn leave(self) {
+        let procs = self.previous.join("cgroup.procs");
+        if let Err(e) = std::fs::write(&procs, std::process::id().to_string()) {
+            tracing::warn!("moving the shim back to {}: {e}", procs.display());
+        }
+        self.remove_created();
+    }
+
+    /// Remove the folders this process created, innermost first. A parent
+    /// another sandbox has joined since is still busy and stays (as runc
+    /// leaves parents too).
+    fn remove_created(&self) {
+        for dir in self.created.iter().rev() {
+            if let Err(e) = std::fs::remove_dir(dir) {
+                if *dir == self.dir {
+                    tracing::warn!("removing the cgroup {}: {e}", dir.display());
+                } else {
+                    tracing::debug!("leaving the cgroup {}: {e}", dir.display());
+                }
+            }
+        }
+    }
+}
+
+/// Enable [`CONTROLLERS`] for the children of `dir`, each on its own (one the
+/// parent lacks, or a cgroup holding processes, refuses; that is fine).
+fn enable_controllers(dir: &Path) {
+    let available = std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+    let enabled = std::fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+    for c in CONTROLLERS {
+        let has = |list: &str| list.split_whitespace().any(|x| x == c);
+        if has(&available) && !has(&enabled) {
+            if let Err(e) = std::fs::write(dir.join("cgroup.subtree_control"), format!("+{c}")) {
+                tracing::debug!("enabling {c} under {}: {e}", dir.display());
+            }
+        }
+    }
+}
+
+/// After a shim died: remove the sandbox's cgroup folder if it is empty (the
+/// folders above it may belong to others and stay).
+pub fn remove_leftover(cgroups_path: &str) {
+    let root = Path::new(CGROUP_ROOT);
+    if !is_cgroup2(root) {
+        return;
+    }
+    let Ok(own) = own_cgroup() else { return };
+    if let Ok(dir) = host_dir(root, &own, cgroups_path) {
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("removing the cgroup {}: {e}", dir.display()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_taken_from_the_root_or_the_own_cgroup() {
+        let root = Path::new("/sys/fs/cgroup");
+        let own = Path::new("/system.slice/containerd.service");
+        assert_eq!(
+            host_dir(root, own, "/kubepods/burstable/pod1/abc").expect("abs"),
+            Path::new("/sys/fs/cgroup/kubepods/burstable/pod1/abc")
+        );
+        assert_eq!(
+            host_dir(root, own, "k8s.io/abc").expect("rel"),
+            Path::new("/sys/fs/cgroup/system.slice/containerd.service/k8s.io/abc")
+        );
+    }
+
+    #[test]
+    fn systemd_paths_and_escapes_are_refused() {
+        let (root, own) = (Path::new("/sys/fs/cgroup"), Path::new("/"));
+        let e = host_dir(root, own, "kubepods.slice:cri-containerd:abc").expect_err("systemd");
+        assert!(e.to_string().contains("cgroupfs"), "{e}");
+        let e = host_dir(root, own, "/k8s.io/../../etc").expect_err("escape");
+        assert!(matches!(e, HostCgroupError::Escapes(_)), "{e}");
+    }
+}
