@@ -408,13 +408,6 @@ impl Sandbox {
             (NetworkMode::None, _) => None,
             (NetworkMode::Bridge, _) if req.pod_netns.is_some() => {
                 let ns = req.pod_netns.map(Path::to_path_buf).unwrap_or_default();
-                if req.vm.backend == BackendKind::Qemu {
-                    return Err(SandboxError::Unsupported(format!(
-                        "the pod network in {} needs the KVM backend (QEMU opens its TAP in \
-                         the host's namespace): set vm.backend = \"kvm\" for pods",
-                        ns.display()
-                    )));
-                }
                 let id = req.id.to_string();
                 let pod = tokio::task::spawn_blocking(move || pod::attach(&ns, &id))
                     .await

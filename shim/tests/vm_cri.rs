@@ -9,10 +9,13 @@
 //! container lifecycle (create, start, status, stop, remove, each twice),
 //! exec (ExecSync output, exit code, timeout), multi-container networking
 //! (localhost between the containers of a pod, the pod IP from the host), a
-//! volume shared by two containers, stats, resource updates and an OOM kill.
-//! Bad input: a hostNetwork pod, a container for a pod that does not exist.
-//! Afterwards nothing is left: no shim (and so no VMM), virtiofsd, pod
-//! namespace, mount or run folder.
+//! volume shared by two containers, stats, resource updates and an OOM kill;
+//! the pod's host cgroup (made with a memory limit, as kubelet would) holding
+//! the shim and virtiofsd and charged with the VM's memory; the same pod on
+//! the QEMU backend (a second handler), reached on its pod IP. Bad input: a
+//! hostNetwork pod, the same pod twice, a container for a pod that does not
+//! exist. Afterwards nothing is left: no shim (and so no VMM), virtiofsd, pod
+//! namespace, sandbox cgroup, mount or run folder.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -31,6 +34,8 @@ const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-beaconbox-v1");
 const SHARE_ENV: &str = "BEACON_TEST_SHARE_DIR";
 /// The runtime handler a RuntimeClass would name.
 const HANDLER: &str = "beaconbox";
+/// A second handler whose runtime config picks the QEMU backend (parity).
+const QEMU_HANDLER: &str = "beaconbox-qemu";
 /// The CNI bridge and subnet of this test's pods (no other test uses them).
 const BRIDGE: &str = "bcnpod0";
 const SUBNET_PREFIX: &str = "10.76.0.";
@@ -183,6 +188,12 @@ fn cri_pods_run_in_one_microvm_per_pod() {
     // emulated lab a guest takes over a minute to boot.
     let config = dir.join("runtime.toml");
     std::fs::write(&config, "[vm]\nboot_timeout_secs = 600\n").expect("runtime config");
+    let qemu_config = dir.join("runtime-qemu.toml");
+    std::fs::write(
+        &qemu_config,
+        "[vm]\nbackend = \"qemu\"\nboot_timeout_secs = 600\n",
+    )
+    .expect("QEMU runtime config");
     let mut env = shim_env(&dir, &share);
     env.push(("BEACON_LOG".into(), "debug".into()));
     let namespaces_before = pod_namespaces();
@@ -196,11 +207,18 @@ fn cri_pods_run_in_one_microvm_per_pod() {
         &CriSpec {
             bridge: BRIDGE.into(),
             subnet: format!("{SUBNET_PREFIX}0/24"),
-            runtimes: vec![CriRuntime {
-                handler: HANDLER.into(),
-                runtime_type: RUNTIME.into(),
-                config_path: Some(config.clone()),
-            }],
+            runtimes: vec![
+                CriRuntime {
+                    handler: HANDLER.into(),
+                    runtime_type: RUNTIME.into(),
+                    config_path: Some(config.clone()),
+                },
+                CriRuntime {
+                    handler: QEMU_HANDLER.into(),
+                    runtime_type: RUNTIME.into(),
+                    config_path: Some(qemu_config.clone()),
+                },
+            ],
         },
     )
     .expect("containerd with its CRI plugin");
@@ -299,6 +317,16 @@ fn cri_pods_run_in_one_microvm_per_pod() {
         "{status:?}"
     );
     assert_eq!(shims().len(), 1, "one shim for the pod");
+    // Bad input: the same pod again while it runs.
+    let e = cri
+        .run_pod_sandbox(&pod, HANDLER)
+        .expect_err("a second sandbox of the same pod");
+    println!("cri: the same pod twice: {}", e.message());
+    assert_eq!(
+        shims().len(),
+        1,
+        "the refused second sandbox started no shim"
+    );
 
     // The pod's host cgroup holds the shim (and so the VMM's threads) and
     // virtiofsd, and accounts for the VM's memory.
@@ -525,6 +553,55 @@ fn cri_pods_run_in_one_microvm_per_pod() {
         "no pod is left"
     );
 
+    // Parity: a pod on the QEMU backend, its TAP in the pod's namespace
+    // handed to QEMU as a descriptor.
+    let qemu_pod = PodSpec::new("qemu", &logs).config();
+    let t0 = Instant::now();
+    let qemu_pod_id = cri
+        .run_pod_sandbox(&qemu_pod, QEMU_HANDLER)
+        .unwrap_or_else(|e| panic!("{}", why("RunPodSandbox (QEMU)", &e)));
+    let run_qemu_pod = t0.elapsed();
+    let qemu_ip = cri
+        .pod_sandbox_status(&qemu_pod_id)
+        .ok()
+        .and_then(|s| s.status)
+        .and_then(|s| s.network)
+        .map(|n| n.ip)
+        .unwrap_or_default();
+    let web = ContainerSpec::new(
+        "web",
+        BUSYBOX_IMAGE,
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /www && echo served-by-qemu > /www/hello && exec httpd -f -p 8080 -h /www",
+        ],
+    );
+    let web_id = cri
+        .create_container(&qemu_pod_id, &web.config(), &qemu_pod)
+        .unwrap_or_else(|e| panic!("{}", why("CreateContainer (QEMU)", &e)));
+    cri.start_container(&web_id)
+        .unwrap_or_else(|e| panic!("{}", why("StartContainer (QEMU)", &e)));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let body = loop {
+        match http_get(&format!("{qemu_ip}:8080"), "/hello") {
+            Ok(body) if body == "served-by-qemu\n" => break body,
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "{}",
+                    why("the QEMU pod's IP from the host", &format!("{other:?}"))
+                );
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    };
+    println!("cri: the QEMU pod at {qemu_ip} answered {body:?}");
+    cri.stop_pod_sandbox(&qemu_pod_id)
+        .unwrap_or_else(|e| panic!("{}", why("StopPodSandbox (QEMU)", &e)));
+    cri.remove_pod_sandbox(&qemu_pod_id)
+        .unwrap_or_else(|e| panic!("{}", why("RemovePodSandbox (QEMU)", &e)));
+
     // Nothing left: no shim (its VMM with it), virtiofsd, pod namespace,
     // mount or run folder.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -578,7 +655,7 @@ fn cri_pods_run_in_one_microvm_per_pod() {
     let _ = std::fs::remove_dir(&pod_cgroup);
     let _ = std::fs::remove_dir(Path::new(CGROUP_ROOT).join("beacon-test-pods"));
     println!(
-        "cri: RunPodSandbox {run_pod:?}; all scenarios {:?}",
+        "cri: RunPodSandbox {run_pod:?} (QEMU backend {run_qemu_pod:?}); all scenarios {:?}",
         started.elapsed()
     );
 }

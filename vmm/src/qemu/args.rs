@@ -147,6 +147,12 @@ pub fn build_args(config: &VmConfig, sockets: &QemuSockets<'_>) -> Result<Vec<Os
     Ok(a)
 }
 
+/// The descriptor number QEMU finds device `i`'s caller-owned TAP at (the
+/// backend duplicates it there between fork and exec).
+pub fn tap_fd_in_child(i: usize) -> i32 {
+    100 + i32::try_from(i).unwrap_or(0)
+}
+
 fn device_args(i: usize, device: &DeviceConfig) -> Result<Vec<OsString>, VmError> {
     Ok(match device {
         DeviceConfig::Net {
@@ -155,16 +161,16 @@ fn device_args(i: usize, device: &DeviceConfig) -> Result<Vec<OsString>, VmError
             vhost,
             tap_fd,
         } => {
-            if tap_fd.is_some() {
-                return Err(VmError::Qemu(
-                    "a caller-owned TAP fd (tap_fd) is only taken by the KVM backend; give QEMU the TAP by name".into(),
-                ));
-            }
-            let mut netdev = QemuOpts::new("tap")
-                .set("id", format!("net{i}"))
-                .set("ifname", tap)
-                .set("script", "no")
-                .set("downscript", "no");
+            // A caller-owned TAP (one opened in another network namespace)
+            // reaches QEMU as an inherited descriptor; see `tap_fd_in_child`.
+            let mut netdev = QemuOpts::new("tap").set("id", format!("net{i}"));
+            netdev = match tap_fd {
+                Some(_) => netdev.set("fd", tap_fd_in_child(i).to_string()),
+                None => netdev
+                    .set("ifname", tap)
+                    .set("script", "no")
+                    .set("downscript", "no"),
+            };
             if *vhost {
                 netdev = netdev.set("vhost", "on");
             }
@@ -376,15 +382,33 @@ mod tests {
             uds_path: Some("/run/v.sock".into()),
         }];
         assert!(build_args(&c, &s).is_err());
+    }
+
+    #[test]
+    fn a_caller_owned_tap_reaches_qemu_as_an_inherited_descriptor() {
         let mut c = VmConfig::new("/k");
         c.devices = vec![DeviceConfig::Net {
             tap: "tap0".into(),
             mac: MacAddr([2, 0, 0, 0, 0, 1]),
             vhost: false,
-            tap_fd: Some(5),
+            tap_fd: Some(0),
         }];
-        let err = build_args(&c, &s).expect_err("tap fd");
-        assert!(err.to_string().contains("tap_fd"), "{err}");
+        let (q, b) = sockets();
+        let args = strings(
+            &build_args(
+                &c,
+                &QemuSockets {
+                    qmp: &q,
+                    boot_timer: &b,
+                },
+            )
+            .expect("args"),
+        );
+        let netdev = args
+            .iter()
+            .find(|a| a.starts_with("tap,"))
+            .expect("a tap netdev");
+        assert_eq!(netdev, &format!("tap,id=net0,fd={}", tap_fd_in_child(0)));
     }
 
     #[test]

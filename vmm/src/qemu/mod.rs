@@ -1,15 +1,16 @@
 //! The QEMU backend: `qemu-system-x86_64 -M microvm` as a child process.
 //!
 //! Kept for parity and performance comparison with the in-process KVM backend. This
-//! module owns the child process and its private sockets (QMP, boot timer) in a
-//! temporary folder; QEMU is killed when this process dies (`PR_SET_PDEATHSIG`,
+//! module owns the child process, its private sockets (QMP, boot timer) in a
+//! temporary folder, and copies of caller-owned TAPs (`tap_fd`, for a TAP in
+//! another network namespace), which QEMU inherits at [`tap_fd_in_child`]; QEMU is killed when this process dies (`PR_SET_PDEATHSIG`,
 //! which is why the process's one long-lived launcher thread forks it),
 //! when the backend is dropped, and on [`VmBackend::kill`], and it is always reaped.
 
 mod args;
 mod qmp;
 
-pub use args::{build_args, QemuSockets, BOOT_TIMER_PORT};
+pub use args::{build_args, tap_fd_in_child, QemuSockets, BOOT_TIMER_PORT};
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
@@ -46,7 +47,15 @@ pub struct QemuVm {
     init_reached: Arc<Mutex<Option<Duration>>>,
     stderr: Arc<Mutex<String>>,
     exit: Mutex<Option<VmExit>>,
+    /// Copies of the caller-owned TAPs (`tap_fd`), each with the descriptor
+    /// number QEMU finds it at.
+    tap_fds: Vec<(std::os::fd::OwnedFd, i32)>,
 }
+
+/// Lowest descriptor number the copies of caller-owned TAPs take, above every
+/// number [`tap_fd_in_child`] hands out, so moving one into place in the
+/// child never overwrites another.
+const TAP_FD_COPY_MIN: i32 = 1000;
 
 impl QemuVm {
     /// Validate the config and locate QEMU; nothing runs until [`VmBackend::start`].
@@ -78,7 +87,30 @@ impl QemuVm {
                 boot_timer: &sockets.path().join("boot-timer.sock"),
             },
         )?;
+        let mut tap_fds = Vec::new();
+        for (i, device) in config.devices.iter().enumerate() {
+            if let crate::config::DeviceConfig::Net {
+                tap_fd: Some(fd), ..
+            } = device
+            {
+                use std::os::fd::FromRawFd;
+                // SAFETY: F_DUPFD_CLOEXEC only reads the descriptor table
+                // (validate() checked `fd` is open); a bad fd fails with EBADF.
+                let copy = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, TAP_FD_COPY_MIN) };
+                if copy < 0 {
+                    return Err(VmError::io(format!("copying the TAP descriptor {fd}"))(
+                        std::io::Error::last_os_error(),
+                    ));
+                }
+                // SAFETY: `copy` was just created by fcntl and nothing else owns it.
+                tap_fds.push((
+                    unsafe { std::os::fd::OwnedFd::from_raw_fd(copy) },
+                    tap_fd_in_child(i),
+                ));
+            }
+        }
         Ok(Self {
+            tap_fds,
             config,
             program,
             created,
@@ -134,6 +166,30 @@ impl QemuVm {
             _ => Stdio::null(),
         });
         tracing::debug!(program = ?self.program, ?args, "starting QEMU");
+        if !self.tap_fds.is_empty() {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            let moves: Vec<(i32, i32)> = self
+                .tap_fds
+                .iter()
+                .map(|(fd, target)| (fd.as_raw_fd(), *target))
+                .collect();
+            // SAFETY: runs in the forked child before exec; dup2(2) is
+            // async-signal-safe, the closure only reads its own Vec of plain
+            // integers, and the descriptors stay open in this process (owned
+            // by `self`) until the spawn below has returned. dup2 leaves the
+            // target without FD_CLOEXEC, so QEMU inherits it.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for (from, to) in &moves {
+                        if libc::dup2(*from, *to) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
         // Forked by the process's one long-lived launcher thread, with
         // PR_SET_PDEATHSIG: that signal fires when the *forking thread* ends,
         // and the caller's thread may be short-lived (in the shim, a tokio
