@@ -105,6 +105,13 @@ fn write_files(bundle: &Path, address: &str, pid: Option<u32>) -> anyhow::Result
 
 /// `delete`: the server of this container is gone; undo what it left on the
 /// host (mounts, the sandbox's run folder, its network) and answer containerd.
+///
+/// containerd 1.6 also runs it for every task it deleted normally (closing
+/// that task's connection counts as a dead shim), so for each container of a
+/// pod while its server still runs: a server that answers on its socket owns
+/// the sandbox and has cleaned up after the container itself, and nothing is
+/// touched (unmounting the run folder would pull the share from under the
+/// pod's other containers).
 pub fn delete(inv: &Invocation) -> anyhow::Result<Vec<u8>> {
     let bundle_dir = inv
         .bundle
@@ -116,6 +123,19 @@ pub fn delete(inv: &Invocation) -> anyhow::Result<Vec<u8>> {
     let sandbox_id = bundle
         .as_ref()
         .map_or_else(|| inv.id.clone(), |b| b.sandbox_id(&inv.id).to_string());
+    let server_alive = inv
+        .socket_path(&socket_dir(), &sandbox_id)
+        .is_ok_and(|p| std::os::unix::net::UnixStream::connect(p).is_ok());
+    if server_alive {
+        return DeleteResponse {
+            pid: 0,
+            exit_status: 128 + 9,
+            exited_at: MessageField::some(timestamp(SystemTime::now())),
+            ..Default::default()
+        }
+        .write_to_bytes()
+        .context("encoding the DeleteResponse");
+    }
     let paths = BeaconPaths::from_env();
     let dirs = SandboxDirs::of(&paths, &run_root(), &sandbox_id);
     // Every mount under the sandbox's run folder, deepest first.

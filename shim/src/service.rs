@@ -131,6 +131,9 @@ struct Container {
     mounts: Vec<PathBuf>,
     init: Process,
     execs: HashMap<String, Process>,
+    /// The sandbox (pause) container of a CRI pod: when it ends, the pod's
+    /// VM ends with every other container in it.
+    pod_sandbox: bool,
 }
 
 /// The guest side of the sandbox, shared with the event loop.
@@ -406,6 +409,7 @@ impl Service {
             }
         };
         Ok(Container {
+            pod_sandbox: bundle.is_pod_sandbox(),
             bundle: req.bundle.clone(),
             host_dir,
             mounts: made,
@@ -471,16 +475,19 @@ async fn event_loop(
                 exited_at,
                 ..
             } => {
-                let found = {
+                let (found, pod_ended) = {
                     let st = state.lock().await;
-                    st.containers.get(&container_id).and_then(|c| {
+                    let c = st.containers.get(&container_id);
+                    let found = c.and_then(|c| {
                         let p = if id == container_id {
                             Some(&c.init)
                         } else {
                             c.execs.get(&id)
                         };
                         p.map(|p| (p.io.clone(), p.exit.clone()))
-                    })
+                    });
+                    let pod_ended = id == container_id && c.is_some_and(|c| c.pod_sandbox);
+                    (found, pod_ended)
                 };
                 let target = match &found {
                     None => ExitTarget::Unknown,
@@ -506,12 +513,20 @@ async fn event_loop(
                 let at = exited_at.to_system_time().unwrap_or_else(SystemTime::now);
                 exit.send_replace(Some((exit_status, at)));
                 publisher.publish(TaskEvent::Exit {
-                    container_id,
+                    container_id: container_id.clone(),
                     id,
                     pid: std::process::id(),
                     exit_status,
                     exited_at: at,
                 });
+                // The pod's sandbox ended (killed, or pause died): every
+                // other container of the pod is killed, as when a pod's
+                // namespaces go; the VM ends once they are deleted. Through
+                // vminitd, not by ending the VM here: a call in flight (the
+                // Kill that ended pause) still gets its answer.
+                if pod_ended {
+                    tokio::spawn(kill_pod_containers(state.clone(), container_id));
+                }
             }
             GuestEvent::Oom { container_id } => {
                 let known = state.lock().await.containers.contains_key(&container_id);
@@ -548,6 +563,40 @@ async fn event_loop(
                 exit_status: VM_GONE_STATUS,
                 exited_at: now,
             });
+        }
+    }
+}
+
+/// SIGKILL every process of every container of the pod but its sandbox
+/// container `sandbox`, which has ended.
+async fn kill_pod_containers(state: Arc<Mutex<State>>, sandbox: String) {
+    let (guest, ids) = {
+        let st = state.lock().await;
+        let ids: Vec<String> = st
+            .containers
+            .iter()
+            .filter(|(id, c)| **id != sandbox && c.init.exit.borrow().is_none())
+            .map(|(id, _)| id.clone())
+            .collect();
+        (st.guest.clone(), ids)
+    };
+    let Some(guest) = guest else { return };
+    if !ids.is_empty() {
+        tracing::info!(
+            sandbox,
+            containers = ids.len(),
+            "the pod's sandbox container ended; killing the pod's other containers"
+        );
+    }
+    for id in ids {
+        let req = KillRequest {
+            id: id.clone(),
+            signal: 9,
+            all: true,
+            ..Default::default()
+        };
+        if let Err(e) = guest.task.kill(call_context(), &req).await {
+            tracing::warn!(sandbox, container = id, "killing the container: {e}");
         }
     }
 }

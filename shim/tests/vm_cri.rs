@@ -12,7 +12,8 @@
 //! volume shared by two containers, stats, resource updates and an OOM kill;
 //! the pod's host cgroup (made with a memory limit, as kubelet would) holding
 //! the shim and virtiofsd and charged with the VM's memory; the same pod on
-//! the QEMU backend (a second handler), reached on its pod IP. Bad input: a
+//! the QEMU backend (a second handler), reached on its pod IP, whose app
+//! container exits when its sandbox (pause) task is killed. Bad input: a
 //! hostNetwork pod, the same pod twice, a container for a pod that does not
 //! exist. Afterwards nothing is left: no shim (and so no VMM), virtiofsd, pod
 //! namespace, sandbox cgroup, mount or run folder.
@@ -523,6 +524,30 @@ fn cri_pods_run_in_one_microvm_per_pod() {
         "{hog_status:?}"
     );
 
+    // Removing one container leaves the others of the pod untouched
+    // (containerd 1.6 runs the shim's `delete` after every task delete, as
+    // if the shim had died: the pod's share must stay mounted).
+    for _ in 0..2 {
+        cri.remove_container(&hog_id)
+            .unwrap_or_else(|e| panic!("{}", why("RemoveContainer hog", &e)));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let out = cri
+        .exec_sync(&client_id, &["cat", "/data/hello"], Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{}", why("ExecSync after a removal", &e)));
+    assert_eq!(
+        (out.exit_code, out.stdout.as_str()),
+        (0, "hello-from-the-pod\n"),
+        "{}",
+        why(
+            "the pod's files after one container was removed",
+            &format!("{out:?}")
+        )
+    );
+    let body = http_get(&format!("{pod_ip}:8080"), "/hello")
+        .unwrap_or_else(|e| panic!("{}", why("the pod IP after a removal", &e)));
+    assert_eq!(body, "hello-from-the-pod\n");
+
     // Bad input: a container for a pod that does not exist.
     let e = cri
         .create_container("no-such-pod", &client.config(), &pod)
@@ -530,7 +555,7 @@ fn cri_pods_run_in_one_microvm_per_pod() {
     println!("cri: a container of a missing pod: {}", e.message());
 
     // Teardown, each call twice.
-    for id in [&hog_id, &client_id, &server_id] {
+    for id in [&client_id, &server_id] {
         for _ in 0..2 {
             cri.stop_container(id, Duration::from_secs(5))
                 .unwrap_or_else(|e| panic!("{}", why("StopContainer", &e)));
@@ -597,6 +622,40 @@ fn cri_pods_run_in_one_microvm_per_pod() {
         }
     };
     println!("cri: the QEMU pod at {qemu_ip} answered {body:?}");
+    // Killing the pod's sandbox task (pause) ends its VM: the app container
+    // exits too, and the shim goes once the pod is removed.
+    let o = containerd
+        .ctr(&[
+            "-n",
+            "k8s.io",
+            "task",
+            "kill",
+            "-s",
+            "SIGKILL",
+            &qemu_pod_id,
+        ])
+        .expect("ctr task kill");
+    assert!(o.status.success(), "killing the pause task: {o:?}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = cri
+            .container_status(&web_id)
+            .ok()
+            .and_then(|s| s.status)
+            .map(|s| s.state());
+        if s == Some(api::ContainerState::ContainerExited) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            why(
+                "the app container after its pod's sandbox was killed",
+                &format!("{s:?}")
+            )
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     cri.stop_pod_sandbox(&qemu_pod_id)
         .unwrap_or_else(|e| panic!("{}", why("StopPodSandbox (QEMU)", &e)));
     cri.remove_pod_sandbox(&qemu_pod_id)
