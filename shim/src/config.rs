@@ -194,6 +194,7 @@ impl RuntimeConfig {
     /// this config, then grown to hold the container's limits from `spec`.
     pub fn vm_for(&self, spec: &Value) -> Result<VmSettings, ConfigError> {
         let mut vm = self.vm.clone();
+        let mut explicit_memory = false;
         let annotations = spec.get("annotations").and_then(Value::as_object);
         for (key, value) in annotations.into_iter().flatten() {
             let Some(name) = key.strip_prefix(ANNOTATION_PREFIX) else {
@@ -215,7 +216,10 @@ impl RuntimeConfig {
             match name {
                 "cpus" => vm.cpus = cpus(number()?)?,
                 "max_cpus" => vm.max_cpus = cpus(number()?)?,
-                "memory_mib" => vm.memory_mib = number()?,
+                "memory_mib" => {
+                    vm.memory_mib = number()?;
+                    explicit_memory = true;
+                }
                 "hotplug_memory_mib" => vm.hotplug_memory_mib = number()?,
                 "backend" => {
                     vm.backend = match text {
@@ -234,8 +238,16 @@ impl RuntimeConfig {
         }
         // The container's own limits, and a CRI pod's (the sum of its
         // containers' limits, which kubelet >= 1.23 passes as sandbox
-        // annotations): the VM must hold them.
+        // annotations): the VM must hold them. A pod whose memory is known
+        // gets a VM of that size (plus the guest's overhead) rather than the
+        // default, so it fits the pod's cgroup with the RuntimeClass overhead
+        // declared; an explicit memory_mib annotation still sets a floor.
         let pod = annotations.map(pod_resources);
+        if let Some(mib) = pod.as_ref().and_then(|p| ResourceNeeds::of(p).memory_mib) {
+            if !explicit_memory {
+                vm.memory_mib = mib;
+            }
+        }
         for resources in [spec.pointer("/linux/resources"), pod.as_ref()]
             .into_iter()
             .flatten()
@@ -366,6 +378,14 @@ mod tests {
             .expect("vm");
         assert_eq!(vm.memory_mib, 1024 + GUEST_OVERHEAD_MIB);
         assert_eq!(vm.cpus, 3);
+        // A small pod gets a small VM (not the 512 MiB default), unless an
+        // annotation asks for more.
+        let small = json!({"annotations": {SANDBOX_MEMORY_ANNOTATION: "268435456"}});
+        let vm = cfg.vm_for(&small).expect("vm");
+        assert_eq!(vm.memory_mib, 256 + GUEST_OVERHEAD_MIB);
+        let mut floor = small.clone();
+        floor["annotations"]["io.beaconbox.vm.memory_mib"] = json!("1024");
+        assert_eq!(cfg.vm_for(&floor).expect("vm").memory_mib, 1024);
         // Zero, malformed or absent: the defaults stand.
         let vm = cfg
             .vm_for(&json!({"annotations": {

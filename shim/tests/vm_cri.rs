@@ -290,8 +290,17 @@ fn cri_pods_run_in_one_microvm_per_pod() {
     let pod_cgroup = kubelet_pod_cgroup("pod-web", pod_limit);
     let pod_spec = PodSpec::new("web", &logs);
     let mut pod = pod_spec.config();
+    // The pod's resources as kubelet >= 1.23 sends them (the sum of its
+    // containers' limits): the VM is sized from them.
+    let pod_memory: i64 = 256 << 20;
     if let Some(linux) = pod.linux.as_mut() {
         linux.cgroup_parent = "/beacon-test-pods/pod-web".into();
+        linux.resources = Some(api::LinuxContainerResources {
+            memory_limit_in_bytes: pod_memory,
+            cpu_period: 100_000,
+            cpu_quota: 100_000,
+            ..Default::default()
+        });
     }
     let t0 = Instant::now();
     let pod_id = cri
@@ -400,6 +409,31 @@ fn cri_pods_run_in_one_microvm_per_pod() {
         "the pod's containers share one VM (one process with vCPU threads): {vcpus:?}"
     );
     assert_eq!(shims().len(), 1, "still one shim for the pod");
+
+    // The VM is the pod's size (its memory plus the guest's overhead), not
+    // the default.
+    let out = cri
+        .exec_sync(
+            &client_id,
+            &["head", "-n", "1", "/proc/meminfo"],
+            Duration::from_secs(60),
+        )
+        .unwrap_or_else(|e| panic!("{}", why("ExecSync meminfo", &e)));
+    let total_kib: i64 = out
+        .stdout
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let vm_mib = (pod_memory >> 20) + beacon_shim::config::GUEST_OVERHEAD_MIB as i64;
+    println!(
+        "cri: the pod's VM has MemTotal {} MiB (sized {vm_mib} MiB)",
+        total_kib >> 10
+    );
+    assert!(
+        total_kib > (pod_memory >> 10) && total_kib <= vm_mib << 10,
+        "the VM is sized for the pod: {out:?}"
+    );
 
     // Exec: output, exit code, timeout.
     let out = cri
