@@ -9,7 +9,9 @@
 //! container lifecycle (create, start, status, stop, remove, each twice),
 //! exec (ExecSync output, exit code, timeout), multi-container networking
 //! (localhost between the containers of a pod, the pod IP from the host), a
-//! volume shared by two containers, stats, resource updates and an OOM kill;
+//! volume shared by two containers, a read-only projected volume (configMap
+//! style) whose update kubelet's way shows in the container, the VM sized
+//! from the pod's resources, stats, resource updates and an OOM kill;
 //! the pod's host cgroup (made with a memory limit, as kubelet would) holding
 //! the shim and virtiofsd and charged with the VM's memory; the same pod on
 //! the QEMU backend (a second handler), reached on its pod IP, whose app
@@ -382,6 +384,14 @@ fn cri_pods_run_in_one_microvm_per_pod() {
     server.mounts.push((volume.clone(), "/data".into(), false));
     let mut client = ContainerSpec::new("client", BUSYBOX_IMAGE, &["sleep", "3600"]);
     client.mounts.push((volume.clone(), "/data".into(), false));
+    // A projected volume (configMap, secret) as kubelet lays it out: the
+    // files behind a `..data` symlink it swaps atomically on an update.
+    let projected = dir.join("projected");
+    std::fs::create_dir_all(projected.join("..v1")).expect("projected volume");
+    std::fs::write(projected.join("..v1/key"), "v1\n").expect("projected key");
+    std::os::unix::fs::symlink("..v1", projected.join("..data")).expect("..data");
+    std::os::unix::fs::symlink("..data/key", projected.join("key")).expect("key link");
+    client.mounts.push((projected.clone(), "/cfg".into(), true));
     let mut ids = Vec::new();
     for c in [&server, &client] {
         let t = Instant::now();
@@ -490,6 +500,34 @@ fn cri_pods_run_in_one_microvm_per_pod() {
     let body = http_get(&format!("{pod_ip}:8080"), "/hello")
         .unwrap_or_else(|e| panic!("{}", why("the pod IP from the host", &e)));
     assert_eq!(body, "hello-from-the-pod\n");
+
+    // The projected volume: read-only in the container, and an update the
+    // way kubelet makes one (new folder, `..data` swapped by a rename) shows.
+    let read_cfg = || {
+        cri.exec_sync(&client_id, &["cat", "/cfg/key"], Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{}", why("ExecSync cat /cfg/key", &e)))
+    };
+    assert_eq!(read_cfg().stdout, "v1\n");
+    let out = cri
+        .exec_sync(&client_id, &["touch", "/cfg/new"], Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{}", why("ExecSync touch /cfg/new", &e)));
+    assert_ne!(out.exit_code, 0, "a read-only volume took a write: {out:?}");
+    std::fs::create_dir_all(projected.join("..v2")).expect("update");
+    std::fs::write(projected.join("..v2/key"), "v2\n").expect("updated key");
+    std::os::unix::fs::symlink("..v2", projected.join("..data_tmp")).expect("..data_tmp");
+    std::fs::rename(projected.join("..data_tmp"), projected.join("..data")).expect("swap");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = read_cfg();
+        if seen.stdout == "v2\n" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the volume update never showed in the container: {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 
     // Stats and resource updates.
     let stats = cri
