@@ -886,7 +886,16 @@ impl Task for Service {
     async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> ttrpc::Result<Empty> {
         {
             let st = self.state.lock().await;
-            Self::exit_of(&st, &req.id, &req.exec_id)?;
+            if Self::exit_of(&st, &req.id, &req.exec_id)?
+                .borrow()
+                .is_some()
+            {
+                // As containerd's runc shim answers: CRI's stop then succeeds.
+                return Err(status(
+                    Code::NOT_FOUND,
+                    format!("process of {} already finished", req.id),
+                ));
+            }
         }
         self.guest().await?.task.kill(call_context(), &req).await
     }

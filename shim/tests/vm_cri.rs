@@ -620,6 +620,30 @@ fn cri_pods_run_in_one_microvm_per_pod() {
         .unwrap_or_else(|e| panic!("{}", why("the pod IP after a removal", &e)));
     assert_eq!(body, "hello-from-the-pod\n");
 
+    // A container that ends on its own, stopped as soon as its output is
+    // out (before containerd may have heard of the exit): the stop succeeds,
+    // as it does with runc (the kill of a finished process is "not found").
+    let oneshot = ContainerSpec::new("oneshot", BUSYBOX_IMAGE, &["echo", "done"]);
+    let oneshot_id = cri
+        .create_container(&pod_id, &oneshot.config(), &pod)
+        .unwrap_or_else(|e| panic!("{}", why("CreateContainer oneshot", &e)));
+    cri.start_container(&oneshot_id)
+        .unwrap_or_else(|e| panic!("{}", why("StartContainer oneshot", &e)));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(logs.join("oneshot.log")).is_ok_and(|l| l.contains(" done")) {
+        assert!(Instant::now() < deadline, "oneshot never wrote its line");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    cri.stop_container(&oneshot_id, Duration::from_secs(5))
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}",
+                why("StopContainer of a container that just ended", &e)
+            )
+        });
+    cri.remove_container(&oneshot_id)
+        .unwrap_or_else(|e| panic!("{}", why("RemoveContainer oneshot", &e)));
+
     // Bad input: a container for a pod that does not exist.
     let e = cri
         .create_container("no-such-pod", &client.config(), &pod)

@@ -448,7 +448,20 @@ impl Runtime {
             )));
         }
         if exec_id.is_empty() {
-            return self.crun.kill(id, signal, all).await;
+            let killed = self.crun.kill(id, signal, all).await;
+            if killed.is_err() {
+                // The init may have ended between the check above and crun's
+                // kill ("open pidfd: No such process"): a finished process,
+                // which containerd is told as its runc shim tells it (not
+                // found), so a stop of a container that just ended succeeds.
+                let _ = tokio::time::timeout(Duration::from_secs(2), c.init.wait()).await;
+                if c.init.state() == ProcState::Stopped {
+                    return Err(TaskError::NotFound(format!(
+                        "process {id} of {id}: already finished"
+                    )));
+                }
+            }
+            return killed;
         }
         let pid = proc.pid();
         if pid == 0 {
