@@ -23,8 +23,12 @@
 //!   included) minus their guest-RAM (memfd) mappings, plus virtiofsd's RSS,
 //!   divided by ten.
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::{median, pgrep};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -44,19 +48,6 @@ const CONFIGS: [(&str, &str); 3] = [
 ];
 /// How many pods the scale runs start.
 const PODS: usize = 10;
-
-fn pgrep(args: &[&str]) -> Vec<u32> {
-    Command::new("pgrep")
-        .args(args)
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 /// Run pod `name` on `handler` with one busybox container running `cmd`;
 /// returns the pod id and the pod's log folder.
@@ -184,11 +175,6 @@ fn scale(socket: &Path, logs: &Path, at_once: bool) -> anyhow::Result<(f64, f64)
     Ok((took, mib / up as f64))
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied()
-}
-
 fn run(dir: &Path, runs: usize) -> anyhow::Result<()> {
     // The shims run elsewhere: every path they get must be absolute.
     let dir = &std::fs::canonicalize(dir).with_context(|| format!("{}", dir.display()))?;
@@ -284,30 +270,14 @@ fn run(dir: &Path, runs: usize) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.as_slice() {
-        [cmd, dir] if cmd == "prepare" => (|| {
-            let dir = Path::new(dir);
-            std::fs::create_dir_all(dir)?;
+    common::bench_main(
+        "pod_bench",
+        |dir| {
             install_guest(dir).map_err(anyhow::Error::msg)?;
             busybox_archive(dir, BUSYBOX_IMAGE, &[]).map_err(anyhow::Error::msg)?;
             pause_archive(dir, PAUSE_IMAGE).map_err(anyhow::Error::msg)?;
             Ok(())
-        })(),
-        [cmd, dir] if cmd == "run" => run(Path::new(dir), 3),
-        [cmd, dir, runs] if cmd == "run" => match runs.parse() {
-            Ok(n) if n > 0 => run(Path::new(dir), n),
-            _ => Err(anyhow::anyhow!("RUNS must be a positive number")),
         },
-        _ => Err(anyhow::anyhow!(
-            "usage: pod_bench prepare DIR | pod_bench run DIR [RUNS]"
-        )),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("pod_bench: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+        run,
+    )
 }

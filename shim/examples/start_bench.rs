@@ -22,6 +22,10 @@
 //! lines for both backends (where the time goes).
 
 use std::io::{BufRead, BufReader};
+#[path = "common/mod.rs"]
+mod common;
+
+use common::{median, pgrep};
 use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -74,19 +78,6 @@ fn start_once(c: &Containerd, id: &str, runtime: &str, opts: &[&str]) -> anyhow:
     Ok(took)
 }
 
-fn pgrep(args: &[&str]) -> Vec<u32> {
-    Command::new("pgrep")
-        .args(args)
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// MiB of host memory of one idle sandbox (see the module doc).
 fn memory_once(c: &Containerd, id: &str, opts: &[&str]) -> anyhow::Result<f64> {
     let mut args = vec!["run", "-d", "--runtime", RUNTIME];
@@ -137,11 +128,6 @@ fn trace(c: &Containerd, work: &Path, id: &str) {
         println!("{line}");
     }
     println!("--- {id}: end");
-}
-
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied()
 }
 
 fn run(dir: &Path, runs: usize) -> anyhow::Result<()> {
@@ -228,29 +214,13 @@ fn run(dir: &Path, runs: usize) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.as_slice() {
-        [cmd, dir] if cmd == "prepare" => (|| {
-            let dir = Path::new(dir);
-            std::fs::create_dir_all(dir)?;
+    common::bench_main(
+        "start_bench",
+        |dir| {
             install_guest(dir).map_err(anyhow::Error::msg)?;
             busybox_archive(dir, BUSYBOX_IMAGE, &[]).map_err(anyhow::Error::msg)?;
             Ok(())
-        })(),
-        [cmd, dir] if cmd == "run" => run(Path::new(dir), 3),
-        [cmd, dir, runs] if cmd == "run" => match runs.parse() {
-            Ok(n) if n > 0 => run(Path::new(dir), n),
-            _ => Err(anyhow::anyhow!("RUNS must be a positive number")),
         },
-        _ => Err(anyhow::anyhow!(
-            "usage: start_bench prepare DIR | start_bench run DIR [RUNS]"
-        )),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("start_bench: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+        run,
+    )
 }

@@ -20,17 +20,17 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::sh;
+
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use beacon_tests::assets::lab_visible_tempdir;
-use beacon_tests::containerd::{install_guest, shim_env, Containerd, ContainerdSpec, RUNTIME};
+use beacon_tests::containerd::{shim_env, Containerd, ContainerdSpec, RUNTIME};
 use beacon_tests::images::{busybox_archive, BUSYBOX_IMAGE};
-use beacon_tests::lab::{here_or_in_lab, kvm_host, rerun_in_lab, KvmHost};
+use beacon_tests::lab::rerun_in_lab;
 
 const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-beaconbox-v1");
-const SHARE_ENV: &str = "BEACON_TEST_SHARE_DIR";
 /// VM console logs the runtime config keeps (the test runs more sandboxes).
 const KEEP_VM_LOGS: usize = 3;
 /// The steps at which the shim is killed (`BEACON_FAULT`), comma-separated;
@@ -40,16 +40,6 @@ const FAULT_STEPS_ENV: &str = "BEACON_TEST_FAULT_STEPS";
 const DEFAULT_FAULT_STEPS: &str = "start";
 /// Which container (or exec) each step's fault applies to.
 const FAULTS: &str = "create:fault-create,start:fault-start,exec:fault-exec-e,delete:fault-delete";
-
-fn has_hardware_kvm_and_caps() -> bool {
-    kvm_host() == KvmHost::Hardware
-        && std::fs::read_to_string("/proc/self/status")
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("CapEff:"))
-            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-            .is_some_and(|c| c & (1 << 24) != 0)
-}
 
 /// Wait up to a minute for every shim and virtiofsd to be gone; otherwise fail
 /// naming each leftover, its threads and where they wait, and what containerd
@@ -164,15 +154,6 @@ fn as_nobody(script: &str) -> String {
     )
 }
 
-fn sh(script: &str) -> String {
-    let o = Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .output()
-        .expect("sh");
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 /// containerd's Tasks.Update for task `id` with OCI LinuxResources `json`
 /// (what `ctr` 1.6 cannot send), in the `default` namespace.
 fn update_task(socket: &Path, id: &str, json: &str) -> Result<(), String> {
@@ -205,29 +186,15 @@ fn update_task(socket: &Path, id: &str, json: &str) -> Result<(), String> {
 
 #[test]
 fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
-    // Built on the host (cargo and the kernel build are too slow under emulation).
-    let share = match std::env::var_os(SHARE_ENV) {
-        Some(s) => PathBuf::from(s),
-        None => {
-            let dir = lab_visible_tempdir().expect("tempdir").keep();
-            install_guest(&dir).expect("guest kernel and initrd")
-        }
-    };
-    if !here_or_in_lab(
-        has_hardware_kvm_and_caps(),
-        "there is no KVM that runs real guests",
+    let Some(share) = common::vm_test_here(
         "ctr_runs_containers_in_microvms_of_our_own_vmm",
-        &[
-            (SHARE_ENV, share.display().to_string()),
-            (
-                FAULT_STEPS_ENV,
-                std::env::var(FAULT_STEPS_ENV).unwrap_or_else(|_| DEFAULT_FAULT_STEPS.into()),
-            ),
-        ],
-    ) {
-        let _ = std::fs::remove_dir_all(share.parent().unwrap_or(&share));
+        &[(
+            FAULT_STEPS_ENV,
+            std::env::var(FAULT_STEPS_ENV).unwrap_or_else(|_| DEFAULT_FAULT_STEPS.into()),
+        )],
+    ) else {
         return;
-    }
+    };
     let tmp = tempfile::Builder::new()
         .prefix("beacon-shim-vm")
         .tempdir()

@@ -20,21 +20,21 @@
 //! exist. Afterwards nothing is left: no shim (and so no VMM), virtiofsd, pod
 //! namespace, sandbox cgroup, mount or run folder.
 
+mod common;
+
+use common::sh;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use beacon_tests::assets::lab_visible_tempdir;
 use beacon_tests::containerd::{
-    install_guest, shim_env, Containerd, ContainerdSpec, CriRuntime, CriSpec, RUNTIME,
+    shim_env, Containerd, ContainerdSpec, CriRuntime, CriSpec, RUNTIME,
 };
 use beacon_tests::cri::{api, ContainerSpec, Cri, PodSpec};
 use beacon_tests::images::{busybox_archive, pause_archive, BUSYBOX_IMAGE, PAUSE_IMAGE};
-use beacon_tests::lab::{here_or_in_lab, kvm_host, KvmHost};
 
 const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-beaconbox-v1");
-const SHARE_ENV: &str = "BEACON_TEST_SHARE_DIR";
 /// The runtime handler a RuntimeClass would name.
 const HANDLER: &str = "beaconbox";
 /// A second handler whose runtime config picks the QEMU backend (parity).
@@ -42,25 +42,6 @@ const QEMU_HANDLER: &str = "beaconbox-qemu";
 /// The CNI bridge and subnet of this test's pods (no other test uses them).
 const BRIDGE: &str = "bcnpod0";
 const SUBNET_PREFIX: &str = "10.76.0.";
-
-fn has_hardware_kvm_and_caps() -> bool {
-    kvm_host() == KvmHost::Hardware
-        && std::fs::read_to_string("/proc/self/status")
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("CapEff:"))
-            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-            .is_some_and(|c| c & (1 << 24) != 0)
-}
-
-fn sh(script: &str) -> String {
-    let o = Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .output()
-        .expect("sh");
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 /// The pids of this test's shims.
 fn shims() -> Vec<u32> {
@@ -162,23 +143,9 @@ fn http_get(addr: &str, path: &str) -> Result<String, String> {
 
 #[test]
 fn cri_pods_run_in_one_microvm_per_pod() {
-    // Built on the host (cargo and the kernel build are too slow under emulation).
-    let share = match std::env::var_os(SHARE_ENV) {
-        Some(s) => PathBuf::from(s),
-        None => {
-            let dir = lab_visible_tempdir().expect("tempdir").keep();
-            install_guest(&dir).expect("guest kernel and initrd")
-        }
-    };
-    if !here_or_in_lab(
-        has_hardware_kvm_and_caps(),
-        "there is no KVM that runs real guests",
-        "cri_pods_run_in_one_microvm_per_pod",
-        &[(SHARE_ENV, share.display().to_string())],
-    ) {
-        let _ = std::fs::remove_dir_all(share.parent().unwrap_or(&share));
+    let Some(share) = common::vm_test_here("cri_pods_run_in_one_microvm_per_pod", &[]) else {
         return;
-    }
+    };
     let tmp = tempfile::Builder::new()
         .prefix("beacon-shim-cri")
         .tempdir()

@@ -3,11 +3,65 @@
 
 #![allow(dead_code)]
 
-use std::process::Output;
+use std::path::PathBuf;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use beacon_tests::containerd::{Containerd, RUNTIME};
+use beacon_tests::assets::lab_visible_tempdir;
+use beacon_tests::containerd::{install_guest, Containerd, RUNTIME};
 use beacon_tests::images::BUSYBOX_IMAGE;
+use beacon_tests::lab::{here_or_in_lab, kvm_host, KvmHost};
+
+/// Where a VM test finds the guest kernel and initrd (`BEACON_SHARE_DIR`).
+const SHARE_ENV: &str = "BEACON_TEST_SHARE_DIR";
+
+/// Hardware KVM and CAP_SYS_ADMIN (TAPs, mounts): a VM test runs right here.
+pub fn has_hardware_kvm_and_caps() -> bool {
+    kvm_host() == KvmHost::Hardware
+        && std::fs::read_to_string("/proc/self/status")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .is_some_and(|c| c & (1 << 24) != 0)
+}
+
+/// The start of a VM test `test`: the guest files laid out as `make install`
+/// does (built on the host: cargo and the kernel build are too slow under
+/// emulation), then either `Some(share folder)` to run here, or `None` once
+/// the test ran (and passed) in the nested lab with `env` besides the share.
+pub fn vm_test_here(test: &str, env: &[(&str, String)]) -> Option<PathBuf> {
+    let share = match std::env::var_os(SHARE_ENV) {
+        Some(s) => PathBuf::from(s),
+        None => {
+            let dir = lab_visible_tempdir().expect("tempdir").keep();
+            install_guest(&dir).expect("guest kernel and initrd")
+        }
+    };
+    let mut all = vec![(SHARE_ENV, share.display().to_string())];
+    all.extend(env.iter().cloned());
+    if here_or_in_lab(
+        has_hardware_kvm_and_caps(),
+        "there is no KVM that runs real guests",
+        test,
+        &all,
+    ) {
+        Some(share)
+    } else {
+        let _ = std::fs::remove_dir_all(share.parent().unwrap_or(&share));
+        None
+    }
+}
+
+/// A shell script's standard output.
+pub fn sh(script: &str) -> String {
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .expect("sh");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
 
 /// A command's exit code and output, for failure messages.
 pub fn text(o: &Output) -> String {
