@@ -200,7 +200,6 @@ fn run(dir: &Path, runs: usize) -> anyhow::Result<()> {
         &ContainerdSpec {
             shim_dir: example_shim_dir().map_err(anyhow::Error::msg)?,
             env,
-            cri: true,
         },
         &CriSpec {
             bridge: "bcnbench0".into(),

@@ -54,7 +54,6 @@ fn run(dir: &Path) -> anyhow::Result<()> {
         &ContainerdSpec {
             shim_dir: example_shim_dir().map_err(anyhow::Error::msg)?,
             env: shim_env(work.path(), &share),
-            cri: false,
         },
     )
     .map_err(anyhow::Error::msg)?;

@@ -149,7 +149,6 @@ fn run(dir: &Path, runs: usize) -> anyhow::Result<()> {
         &ContainerdSpec {
             shim_dir: example_shim_dir().map_err(anyhow::Error::msg)?,
             env,
-            cri: false,
         },
     )
     .map_err(anyhow::Error::msg)?;

@@ -126,25 +126,33 @@ pub fn delete(inv: &Invocation) -> anyhow::Result<Vec<u8>> {
     let server_alive = inv
         .socket_path(&socket_dir(), &sandbox_id)
         .is_ok_and(|p| std::os::unix::net::UnixStream::connect(p).is_ok());
-    if server_alive {
-        return DeleteResponse {
-            pid: 0,
-            exit_status: 128 + 9,
-            exited_at: MessageField::some(timestamp(SystemTime::now())),
-            ..Default::default()
-        }
-        .write_to_bytes()
-        .context("encoding the DeleteResponse");
+    if !server_alive {
+        clean_up_after(inv, &sandbox_id, bundle.as_ref())?;
     }
+    let resp = DeleteResponse {
+        pid: 0,
+        exit_status: 128 + 9,
+        exited_at: MessageField::some(timestamp(SystemTime::now())),
+        ..Default::default()
+    };
+    resp.write_to_bytes().context("encoding the DeleteResponse")
+}
+
+/// What a dead server of `sandbox_id` left on the host: mounts, the run
+/// folder, and for a sandbox's own container its cgroup and network.
+fn clean_up_after(
+    inv: &Invocation,
+    sandbox_id: &str,
+    bundle: Option<&Bundle>,
+) -> anyhow::Result<()> {
     let paths = BeaconPaths::from_env();
-    let dirs = SandboxDirs::of(&paths, &run_root(), &sandbox_id);
+    let dirs = SandboxDirs::of(&paths, &run_root(), sandbox_id);
     // Every mount under the sandbox's run folder, deepest first.
     crate::mounts::unmount_under(&dirs.run);
     for m in crate::mounts::remove_tree_within_mount(&dirs.run) {
         eprintln!("{} is still mounted", m.display());
     }
     if let Some(path) = bundle
-        .as_ref()
         .filter(|_| sandbox_id == inv.id)
         .and_then(Bundle::cgroups_path)
     {
@@ -160,7 +168,7 @@ pub fn delete(inv: &Invocation) -> anyhow::Result<Vec<u8>> {
                 .and_then(beacon_netmgr::NetworkManager::new)
             {
                 Ok(net) => {
-                    if let Err(e) = net.teardown(&sandbox_id).await {
+                    if let Err(e) = net.teardown(sandbox_id).await {
                         tracing::warn!("network teardown of {sandbox_id}: {e}");
                     }
                 }
@@ -168,13 +176,7 @@ pub fn delete(inv: &Invocation) -> anyhow::Result<Vec<u8>> {
             }
         });
     }
-    let resp = DeleteResponse {
-        pid: 0,
-        exit_status: 128 + 9,
-        exited_at: MessageField::some(timestamp(SystemTime::now())),
-        ..Default::default()
-    };
-    resp.write_to_bytes().context("encoding the DeleteResponse")
+    Ok(())
 }
 
 /// Write `bytes` to stdout and flush.

@@ -404,10 +404,10 @@ impl Sandbox {
 
         // Network: the sandbox is alive (for the reconciler) while this
         // process holds its lock, then gets its lease and TAP.
-        let network = match (req.config.network, &req.net) {
-            (NetworkMode::None, _) => None,
-            (NetworkMode::Bridge, _) if req.pod_netns.is_some() => {
-                let ns = req.pod_netns.map(Path::to_path_buf).unwrap_or_default();
+        let network = match (req.config.network, req.pod_netns, &req.net) {
+            (NetworkMode::None, _, _) => None,
+            (NetworkMode::Bridge, Some(ns), _) => {
+                let ns = ns.to_path_buf();
                 let id = req.id.to_string();
                 let pod = tokio::task::spawn_blocking(move || pod::attach(&ns, &id))
                     .await
@@ -419,7 +419,7 @@ impl Sandbox {
                 built.pod = Some(pod);
                 Some(network)
             }
-            (NetworkMode::Bridge, Ok(net)) => {
+            (NetworkMode::Bridge, None, Ok(net)) => {
                 let liveness = net.liveness().clone();
                 let id = req.id.to_string();
                 let guard = tokio::task::spawn_blocking(move || liveness.acquire(&id))
@@ -432,7 +432,7 @@ impl Sandbox {
                 built.network = Some(req.id.to_string());
                 Some(net.setup(req.id).await?)
             }
-            (NetworkMode::Bridge, Err(why)) => {
+            (NetworkMode::Bridge, None, Err(why)) => {
                 return Err(SandboxError::Unsupported(format!(
                     "bridge networking needs the network manager, which did not start: {why}; fix that, or set network = \"none\" in the runtime config"
                 )))

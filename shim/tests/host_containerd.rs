@@ -145,15 +145,8 @@ fn ctr_runs_containers_through_the_shim_and_vminitd_on_the_host() {
         ),
         ("BEACON_LOG".into(), "debug".into()),
     ];
-    let containerd = Containerd::start(
-        &dir.join("containerd"),
-        &ContainerdSpec {
-            shim_dir,
-            env,
-            cri: false,
-        },
-    )
-    .expect("containerd");
+    let containerd = Containerd::start(&dir.join("containerd"), &ContainerdSpec { shim_dir, env })
+        .expect("containerd");
     let archive = busybox_archive(dir, BUSYBOX_IMAGE, &[]).expect("image");
     let import = containerd
         .ctr(&["images", "import", &archive.display().to_string()])

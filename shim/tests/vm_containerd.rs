@@ -224,7 +224,6 @@ fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
         &ContainerdSpec {
             shim_dir,
             env: env.clone(),
-            cri: false,
         },
     )
     .expect("containerd");

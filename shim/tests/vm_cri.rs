@@ -169,11 +169,7 @@ fn cri_pods_run_in_one_microvm_per_pod() {
     let namespaces_before = pod_namespaces();
     let containerd = Containerd::start_cri(
         &dir.join("containerd"),
-        &ContainerdSpec {
-            shim_dir,
-            env,
-            cri: true,
-        },
+        &ContainerdSpec { shim_dir, env },
         &CriSpec {
             bridge: BRIDGE.into(),
             subnet: format!("{SUBNET_PREFIX}0/24"),

@@ -59,9 +59,6 @@ pub struct ContainerdSpec {
     pub shim_dir: PathBuf,
     /// Environment for containerd and so for the shims it starts.
     pub env: Vec<(String, String)>,
-    /// Keep the CRI plugin enabled: only with [`Containerd::start_cri`], which
-    /// configures it (and turns this on); [`Containerd::start`] refuses it.
-    pub cri: bool,
 }
 
 /// How [`Containerd::start_cri`] configures the CRI plugin.
@@ -91,28 +88,18 @@ pub struct CriRuntime {
 }
 
 impl Containerd {
-    /// Start containerd in `dir` and wait until it answers. Without the CRI
-    /// plugin: a `spec` with `cri` set is refused (see [`Containerd::start_cri`]).
+    /// Start containerd in `dir`, its CRI plugin disabled, and wait until it
+    /// answers.
     pub fn start(dir: &Path, spec: &ContainerdSpec) -> Result<Self, String> {
-        if spec.cri {
-            return Err(
-                "ContainerdSpec.cri needs the CRI plugin's settings: use Containerd::start_cri"
-                    .into(),
-            );
-        }
         Self::launch(dir, spec, None)
     }
 
-    /// Start containerd in `dir` with its CRI plugin configured by `cri` (and
-    /// `spec.cri` taken as set), and wait until it answers. Fails naming the
-    /// Debian package when the CNI plugins are missing. Import the pause image
+    /// Start containerd in `dir` with its CRI plugin configured by `cri`, and
+    /// wait until it answers. Fails naming the Debian package when the CNI
+    /// plugins are missing. Import the pause image
     /// ([`crate::images::pause_archive`]) before running pods.
     pub fn start_cri(dir: &Path, spec: &ContainerdSpec, cri: &CriSpec) -> Result<Self, String> {
-        let spec = ContainerdSpec {
-            cri: true,
-            ..spec.clone()
-        };
-        Self::launch(dir, &spec, Some(cri.clone()))
+        Self::launch(dir, spec, Some(cri.clone()))
     }
 
     fn launch(dir: &Path, spec: &ContainerdSpec, cri: Option<CriSpec>) -> Result<Self, String> {
@@ -161,7 +148,7 @@ impl Containerd {
     /// it answers.
     fn spawn(&self, again: bool) -> Result<(), String> {
         let (dir, spec, socket) = (&self.dir, &self.spec, &self.socket);
-        let disabled = if spec.cri {
+        let disabled = if self.cri.is_some() {
             "[]".to_string()
         } else {
             r#"["io.containerd.grpc.v1.cri"]"#.to_string()

@@ -74,7 +74,6 @@ fn cri_runc_pod_lifecycle() {
         let containerd = Containerd::start_cri(
             &dir.join("containerd"),
             &ContainerdSpec {
-                cri: true,
                 ..Default::default()
             },
             &CriSpec {

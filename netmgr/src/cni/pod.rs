@@ -33,10 +33,8 @@ pub struct PodAttachment {
     pub netns: PathBuf,
     /// The interface the CNI chain made, whose address the guest takes.
     pub interface: String,
-    /// The TAP the VM opens; equal to `interface` when the chain made a TAP
-    /// itself (then `detach` leaves it to the chain).
-    pub tap: String,
-    /// What the VMM and the guest need.
+    /// What the VMM and the guest need. Its `tap` equals `interface` when the
+    /// chain made a TAP itself (then `detach` leaves it to the chain).
     pub network: NetworkAttachment,
 }
 
@@ -213,7 +211,7 @@ pub fn attach(netns: &Path, sandbox_id: &str) -> Result<PodAttachment> {
         netns: netns.to_path_buf(),
         interface: found.name,
         network: NetworkAttachment {
-            tap: tap.clone(),
+            tap,
             mac,
             ip: found.ip,
             prefix: found.prefix,
@@ -222,7 +220,6 @@ pub fn attach(netns: &Path, sandbox_id: &str) -> Result<PodAttachment> {
             dns: Vec::new(),
             netns: Some(netns.to_path_buf()),
         },
-        tap,
     })
 }
 
@@ -262,7 +259,7 @@ pub fn detach(pod: &PodAttachment) -> Result<()> {
     if !netns::is_mounted(&pod.netns) {
         return Ok(());
     }
-    let (interface, tap) = (pod.interface.clone(), pod.tap.clone());
+    let (interface, tap) = (pod.interface.clone(), pod.network.tap.clone());
     netns::run_in(&pod.netns, move || async move {
         let h = link::connect()?;
         if tap != interface {

@@ -427,9 +427,9 @@ netns_test! {
         assert_eq!(p.network.gateway, "10.98.0.1".parse::<Ipv4Addr>().unwrap());
         assert!(result.contains(&p.network.ip.to_string()), "the guest takes the address the chain gave: {result}");
         assert_eq!(p.network.netns.as_deref(), Some(ns.as_path()));
-        assert_ne!(p.tap, "eth0");
+        assert_ne!(p.network.tap, "eth0");
         let seen = tc_and_links(&ns);
-        assert!(seen.contains(&p.tap) && seen.contains("ingress"), "{seen}");
+        assert!(seen.contains(&p.network.tap) && seen.contains("ingress"), "{seen}");
         // The guest answers as the veth: its MAC, its address, through the TAP.
         rt().block_on(async {
             assert!(arp_through_tap(&p.network, "cripod0").await, "the CNI bridge answered through the TAP");
@@ -437,7 +437,7 @@ netns_test! {
         drop(p.network.open_tap().unwrap());
         pod::detach(&p).unwrap();
         let seen = tc_and_links(&ns);
-        assert!(!seen.contains(&p.tap) && !seen.contains("ingress"), "the TAP and the redirect are gone: {seen}");
+        assert!(!seen.contains(&p.network.tap) && !seen.contains("ingress"), "the TAP and the redirect are gone: {seen}");
         assert!(seen.contains("eth0"), "the chain's interface stays for CNI DEL: {seen}");
         // Idempotent; and once the CRI plugin removed the namespace, nothing to do.
         pod::detach(&p).unwrap();
