@@ -22,6 +22,15 @@ pub const NAT_TABLE: &str = "beacon_runner_nat";
 /// nftables table (bridge family) pinning each TAP to its lease's MAC and IP and
 /// isolating the guests from each other.
 pub const GUARD_TABLE: &str = "beacon_runner_guard";
+/// nftables table (family `ip`) inside a CRI pod's network namespace that sends
+/// the namespace's own TCP connections to its loopback to the shim's port
+/// forward listener ([`crate::cni::pod::forward_localhost`]).
+pub const PORTFWD_TABLE: &str = "beacon_portfwd";
+/// Environment variable: the `nft` program to run (a name looked up in PATH,
+/// or a path); [`DEFAULT_NFT`] when unset.
+pub const NFT_ENV: &str = "BEACON_NFT";
+/// The `nft` program when [`NFT_ENV`] is unset.
+pub const DEFAULT_NFT: &str = "nft";
 /// File (under `$BEACON_RUN_DIR`) whose `flock` serialises rebuilds of
 /// [`GUARD_TABLE`] across processes.
 pub const FIREWALL_LOCK_FILE: &str = "firewall.lock";
@@ -183,7 +192,7 @@ impl NetConfig {
             },
             db_path: paths.network_db(),
             liveness_dir: paths.liveness_dir(),
-            nft_program: "nft".to_string(),
+            nft_program: DEFAULT_NFT.to_string(),
             dns: Vec::new(),
             host_access: Vec::new(),
             guest_to_guest: false,
@@ -238,7 +247,7 @@ impl NetConfig {
         if let Some(bridge) = lookup("BEACON_BRIDGE") {
             cfg.bridge = bridge;
         }
-        if let Some(nft) = lookup("BEACON_NFT") {
+        if let Some(nft) = lookup(NFT_ENV) {
             cfg.nft_program = nft;
         }
         cfg.dns = match lookup("BEACON_DNS") {

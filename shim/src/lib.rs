@@ -31,6 +31,7 @@ pub mod invocation;
 pub mod lifecycle;
 pub mod logfifo;
 pub mod mounts;
+pub mod portfwd;
 pub mod resize;
 pub mod sandbox;
 pub mod server;

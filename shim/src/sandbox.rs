@@ -37,6 +37,7 @@ use crate::config::{NetworkMode, RuntimeConfig, VmSettings, VsockMode};
 use crate::guest::{GuestError, GuestLink};
 use crate::host_cgroup::HostCgroup;
 use crate::mounts::{self, MountError};
+use crate::portfwd::PortForwarder;
 
 /// Name of the one virtio-fs share (tag and guest folder name).
 pub const SHARE_NAME: &str = "sb";
@@ -217,6 +218,8 @@ struct Built {
     network: Option<String>,
     /// A CRI pod's network joined in its own namespace.
     pod: Option<PodAttachment>,
+    /// Serves CRI PortForward for a pod; stopped first.
+    port_forward: Option<PortForwarder>,
     share: Option<PathBuf>,
     virtiofsd: Option<Virtiofsd>,
     /// The vhost-vsock CID, held until the VM is gone.
@@ -404,6 +407,7 @@ impl Sandbox {
 
         // Network: the sandbox is alive (for the reconciler) while this
         // process holds its lock, then gets its lease and TAP.
+        let mut forward_listener = None;
         let network = match (req.config.network, req.pod_netns, &req.net) {
             (NetworkMode::None, _, _) => None,
             (NetworkMode::Bridge, Some(ns), _) => {
@@ -416,7 +420,27 @@ impl Sandbox {
                         source: std::io::Error::other(e.to_string()),
                     })??;
                 let network = pod.network.clone();
+                let ns = pod.netns.clone();
                 built.pod = Some(pod);
+                forward_listener = match tokio::task::spawn_blocking(move || {
+                    pod::forward_localhost(&ns)
+                })
+                .await
+                {
+                    Ok(Ok(listener)) => Some(listener),
+                    Ok(Err(e)) => {
+                        tracing::warn!(
+                            sandbox = req.id,
+                            "CRI PortForward will not reach this pod: {e} (it needs nftables \
+                             with the nft_redir and nf_nat modules)"
+                        );
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!(sandbox = req.id, "CRI PortForward setup: {e}");
+                        None
+                    }
+                };
                 Some(network)
             }
             (NetworkMode::Bridge, None, Ok(net)) => {
@@ -572,6 +596,15 @@ impl Sandbox {
                 return Err(e.into());
             }
         };
+        if let Some(listener) = forward_listener {
+            match PortForwarder::start(listener, link.clone(), req.id) {
+                Ok(fw) => built.port_forward = Some(fw),
+                Err(e) => tracing::warn!(
+                    sandbox = req.id,
+                    "CRI PortForward will not reach this pod: serving its listener: {e}"
+                ),
+            }
+        }
         tracing::info!(sandbox = req.id, "sandbox VM up");
         Ok((
             Self {
@@ -678,6 +711,7 @@ fn create_private_dir(dir: &Path) -> Result<(), SandboxError> {
 
 /// Undo what was built, in reverse; every step runs even if one fails.
 async fn undo(built: Built, net: Option<&NetworkManager>, id: &str) {
+    drop(built.port_forward);
     if let Some(fsd) = built.virtiofsd {
         let stopped = tokio::task::block_in_place(|| fsd.stop(Duration::from_secs(2)));
         if let Err(e) = stopped {

@@ -8,13 +8,15 @@
 //! lifecycle (run, status with the CNI IP, stop and remove, each twice),
 //! container lifecycle (create, start, status, stop, remove, each twice),
 //! exec (ExecSync output, exit code, timeout), multi-container networking
-//! (localhost between the containers of a pod, the pod IP from the host), a
+//! (localhost between the containers of a pod, the pod IP from the host),
+//! PortForward (the WebSocket protocol, two at once, a closed port), a
 //! volume shared by two containers, a read-only projected volume (configMap
 //! style) whose update kubelet's way shows in the container, the VM sized
 //! from the pod's resources, stats, resource updates and an OOM kill;
 //! the pod's host cgroup (made with a memory limit, as kubelet would) holding
 //! the shim and virtiofsd and charged with the VM's memory; the same pod on
-//! the QEMU backend (a second handler), reached on its pod IP, whose app
+//! the QEMU backend (a second handler), reached on its pod IP and through
+//! PortForward, whose app
 //! container exits when its sandbox (pause) task is killed. Bad input: a
 //! hostNetwork pod, the same pod twice, a container for a pod that does not
 //! exist. Afterwards nothing is left: no shim (and so no VMM), virtiofsd, pod
@@ -31,7 +33,7 @@ use std::time::{Duration, Instant};
 use beacon_tests::containerd::{
     shim_env, Containerd, ContainerdSpec, CriRuntime, CriSpec, RUNTIME,
 };
-use beacon_tests::cri::{api, ContainerSpec, Cri, PodSpec};
+use beacon_tests::cri::{api, forward_once, ContainerSpec, Cri, PodSpec};
 use beacon_tests::images::{busybox_archive, pause_archive, BUSYBOX_IMAGE, PAUSE_IMAGE};
 
 const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-beaconbox-v1");
@@ -464,6 +466,44 @@ fn cri_pods_run_in_one_microvm_per_pod() {
         .unwrap_or_else(|e| panic!("{}", why("the pod IP from the host", &e)));
     assert_eq!(body, "hello-from-the-pod\n");
 
+    // PortForward (kubectl port-forward): containerd dials localhost:8080 in
+    // the pod's namespace; the shim carries it to the guest's loopback. Twice
+    // at once, and a port nothing listens on, which the error channel reports.
+    let request = b"GET /hello HTTP/1.0\r\n\r\n";
+    let forwards: Vec<_> = (0..2)
+        .map(|_| {
+            let url = cri
+                .port_forward(&pod_id, 8080)
+                .unwrap_or_else(|e| panic!("{}", why("PortForward", &e)));
+            std::thread::spawn(move || forward_once(&url, 8080, request, Duration::from_secs(60)))
+        })
+        .collect();
+    for f in forwards {
+        let fwd = f
+            .join()
+            .expect("forward thread")
+            .unwrap_or_else(|e| panic!("{}", why("forwarding 8080", &e)));
+        let text = String::from_utf8_lossy(&fwd.data);
+        assert!(
+            text.starts_with("HTTP/1.") && text.ends_with("\r\n\r\nhello-from-the-pod\n"),
+            "{fwd:?}"
+        );
+        assert_eq!(fwd.error, "", "{fwd:?}");
+    }
+    let url = cri
+        .port_forward(&pod_id, 9)
+        .unwrap_or_else(|e| panic!("{}", why("PortForward", &e)));
+    let fwd = forward_once(&url, 9, b"", Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{}", why("forwarding 9", &e)));
+    assert!(
+        fwd.data.is_empty() && fwd.error.contains("error forwarding port 9"),
+        "{fwd:?}"
+    );
+    println!(
+        "cri: PortForward to 8080 answered; to 9: {}",
+        fwd.error.trim()
+    );
+
     // The projected volume: read-only in the container, and an update the
     // way kubelet makes one (new folder, `..data` swapped by a rename) shows.
     let read_cfg = || {
@@ -681,6 +721,22 @@ fn cri_pods_run_in_one_microvm_per_pod() {
         }
     };
     println!("cri: the QEMU pod at {qemu_ip} answered {body:?}");
+    // PortForward over vhost-vsock (the QEMU backend's guest link).
+    let url = cri
+        .port_forward(&qemu_pod_id, 8080)
+        .unwrap_or_else(|e| panic!("{}", why("PortForward (QEMU)", &e)));
+    let fwd = forward_once(
+        &url,
+        8080,
+        b"GET /hello HTTP/1.0\r\n\r\n",
+        Duration::from_secs(60),
+    )
+    .unwrap_or_else(|e| panic!("{}", why("forwarding 8080 (QEMU)", &e)));
+    assert!(
+        String::from_utf8_lossy(&fwd.data).ends_with("\r\n\r\nserved-by-qemu\n")
+            && fwd.error.is_empty(),
+        "{fwd:?}"
+    );
     // Killing the pod's sandbox task (pause) ends its VM: the app container
     // exits too, and the shim goes once the pod is removed.
     let o = containerd

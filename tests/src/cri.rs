@@ -313,6 +313,18 @@ impl Cri {
             })
     }
 
+    /// `PortForward`: the streaming URL that forwards to `port` of the pod's
+    /// localhost ([`forward_once`] uses it).
+    pub fn port_forward(&self, pod_id: &str, port: u16) -> Result<String, tonic::Status> {
+        let mut c = self.runtime.clone();
+        let req = self.request(api::PortForwardRequest {
+            pod_sandbox_id: pod_id.into(),
+            port: vec![i32::from(port)],
+        });
+        self.call("PortForward", self.timeout, c.port_forward(req))
+            .map(|r| r.url)
+    }
+
     /// `ContainerStats` (`None` when containerd has none yet).
     pub fn container_stats(&self, id: &str) -> Result<Option<api::ContainerStats>, tonic::Status> {
         let mut c = self.runtime.clone();
@@ -477,4 +489,115 @@ impl ContainerSpec {
             ..Default::default()
         }
     }
+}
+
+/// What one forwarded connection carried back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forwarded {
+    /// What the pod's port sent, in order.
+    pub data: Vec<u8>,
+    /// The error channel's text (empty: containerd reported none).
+    pub error: String,
+}
+
+/// One connection through a PortForward streaming `url` to `port`, with the
+/// WebSocket protocol kubelet's streaming code (in containerd) speaks,
+/// `v4.channel.k8s.io`: every message is binary, its first byte the channel
+/// (0 data, 1 error), and the first message on each channel is the port (16
+/// bits, little endian). Sends `request` on the data channel, then reads until
+/// the server closes (after the pod's side closed), at most `limit`.
+pub fn forward_once(
+    url: &str,
+    port: u16,
+    request: &[u8],
+    limit: Duration,
+) -> Result<Forwarded, String> {
+    use std::io::ErrorKind;
+    use tungstenite::client::IntoClientRequest;
+    use tungstenite::Message;
+
+    let ws_url = match url.strip_prefix("http://") {
+        Some(rest) => format!("ws://{rest}?port={port}"),
+        None => return Err(format!("expected an http:// streaming URL, got {url:?}")),
+    };
+    let mut req = ws_url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| format!("{ws_url}: {e}"))?;
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        tungstenite::http::HeaderValue::from_static("v4.channel.k8s.io"),
+    );
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .ok_or_else(|| format!("{ws_url}: no host"))?;
+    let tcp = std::net::TcpStream::connect(&authority)
+        .map_err(|e| format!("connecting the streaming server {authority}: {e}"))?;
+    let deadline = std::time::Instant::now() + limit;
+    tcp.set_read_timeout(Some(limit))
+        .map_err(|e| format!("read timeout: {e}"))?;
+    let (mut ws, _) =
+        tungstenite::client(req, tcp).map_err(|e| format!("WebSocket handshake: {e}"))?;
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(request);
+    ws.send(Message::binary(frame))
+        .map_err(|e| format!("sending the request: {e}"))?;
+    let mut out = Forwarded {
+        data: Vec::new(),
+        error: String::new(),
+    };
+    // The port header each channel starts with, not yet seen.
+    let mut header = [true, true];
+    loop {
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "the forward did not end within {limit:?}; so far {out:?}"
+            ));
+        }
+        let msg = match ws.read() {
+            Ok(m) => m,
+            Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => break,
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+            {
+                return Err(format!(
+                    "no end of the forward within {limit:?}; so far {out:?}"
+                ))
+            }
+            Err(e) => return Err(format!("reading the forward: {e}; so far {out:?}")),
+        };
+        let bytes = match msg {
+            Message::Binary(b) => b,
+            Message::Close(_) => break,
+            _ => continue,
+        };
+        let Some((&channel, rest)) = bytes.split_first() else {
+            continue;
+        };
+        let channel = usize::from(channel);
+        if channel > 1 {
+            return Err(format!(
+                "a message on channel {channel}; only 0 and 1 exist"
+            ));
+        }
+        let rest = if header[channel] {
+            header[channel] = false;
+            if rest.len() < 2 || u16::from_le_bytes([rest[0], rest[1]]) != port {
+                return Err(format!(
+                    "channel {channel} did not start with port {port}: {rest:?}"
+                ));
+            }
+            &rest[2..]
+        } else {
+            rest
+        };
+        if channel == 0 {
+            out.data.extend_from_slice(rest);
+        } else {
+            out.error.push_str(&String::from_utf8_lossy(rest));
+        }
+    }
+    Ok(out)
 }

@@ -1,7 +1,8 @@
 //! The CRI test harness on the host, with runc (no VM): a private containerd
 //! 1.6 with its CRI plugin (bridge `beacri0`, 10.77.0.0/24) runs a busybox pod
 //! through the CRI v1 client, answers ExecSync (output, exit code, timeout),
-//! gives the pod an address the host reaches, and stops and removes
+//! gives the pod an address the host reaches, forwards a port with
+//! PortForward (the WebSocket client), and stops and removes
 //! everything idempotently, leaving no pod, network namespace or bridge.
 //! Runs as root; fails (never skips) when containerd, runc or the CNI plugins
 //! are missing.
@@ -13,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use beacon_tests::containerd::{Containerd, ContainerdSpec, CriRuntime, CriSpec, RUNTIME};
-use beacon_tests::cri::{api, ContainerSpec, Cri, PodSpec};
+use beacon_tests::cri::{api, forward_once, ContainerSpec, Cri, PodSpec};
 use beacon_tests::images::{busybox_archive, pause_archive, BUSYBOX_IMAGE, PAUSE_IMAGE};
 
 const BRIDGE: &str = "beacri0";
@@ -272,6 +273,29 @@ fn cri_runc_pod_lifecycle() {
             }
         };
         assert_eq!(greeting, "hello\n");
+
+        // PortForward: the same server through containerd's streaming server
+        // (it dials localhost in the pod's namespace), and a port nothing
+        // listens on, which the error channel reports.
+        let url = cri
+            .port_forward(&pod, PORT)
+            .unwrap_or_else(|e| panic!("{}", log(&format!("PortForward: {e}"))));
+        let fwd = forward_once(&url, PORT, b"", Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{}", log(&format!("forwarding {url}: {e}"))));
+        assert_eq!(
+            (
+                String::from_utf8_lossy(&fwd.data).as_ref(),
+                fwd.error.as_str()
+            ),
+            ("hello\n", ""),
+            "{fwd:?}"
+        );
+        let url = cri.port_forward(&pod, 9).expect("PortForward");
+        let fwd = forward_once(&url, 9, b"", Duration::from_secs(30)).expect("forward");
+        assert!(
+            fwd.data.is_empty() && fwd.error.contains("error forwarding port 9"),
+            "{fwd:?}"
+        );
 
         // Stop and remove, each twice: the second call succeeds too.
         for _ in 0..2 {

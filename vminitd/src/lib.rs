@@ -10,6 +10,7 @@ pub mod crun;
 pub mod error;
 pub mod events;
 pub mod fdio;
+pub mod forward;
 pub mod ids;
 pub mod pid1;
 pub mod reaper;

@@ -10,7 +10,8 @@
 //! announced streams nobody took are capped and expire. One event
 //! subscriber at a time is the `events` module's rule.
 //!
-//! Owns only connection setup; copying bytes is `stdio`, events are `events`.
+//! Owns only connection setup; copying bytes is `stdio`, events are
+//! `events`, port forwards (`FORWARD`) are `forward`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::events::EventHub;
+use crate::forward::{ForwardLimits, Forwards};
 use crate::transport::{BoxStream, RefusalLog, StreamListener};
 
 /// Longest handshake line accepted.
@@ -39,6 +41,8 @@ pub struct StreamLimits {
     pub max_pending_streams: usize,
     /// How long an announced stream waits for its process to take it.
     pub pending_ttl: Duration,
+    /// `FORWARD` connections open at once, and their connect timeout.
+    pub forwards: ForwardLimits,
 }
 
 impl Default for StreamLimits {
@@ -48,6 +52,7 @@ impl Default for StreamLimits {
             max_handshaking: 32,
             max_pending_streams: 3 * 1024,
             pending_ttl: Duration::from_secs(120),
+            forwards: ForwardLimits::default(),
         }
     }
 }
@@ -73,6 +78,8 @@ pub struct StreamKey {
 pub enum Handshake {
     Stdio(StreamKey),
     Events,
+    /// Join this connection to a TCP port of the guest's loopback.
+    Forward(u16),
 }
 
 /// Parses one handshake line (without the newline), with the wire format of
@@ -81,6 +88,7 @@ pub fn parse_handshake(line: &str) -> Result<Handshake, String> {
     use beacon_common::guest_protocol::{StdioStream, StreamRequest};
     match StreamRequest::parse(line).map_err(|e| e.to_string())? {
         StreamRequest::Events => Ok(Handshake::Events),
+        StreamRequest::Forward { port } => Ok(Handshake::Forward(port)),
         StreamRequest::Stdio {
             container,
             exec,
@@ -332,6 +340,7 @@ pub async fn serve(
     limits: StreamLimits,
 ) {
     let handshakes = Arc::new(Semaphore::new(limits.max_handshaking));
+    let forwards = Forwards::new(limits.forwards);
     let mut busy_log = RefusalLog::default();
     let mut sweep = tokio::time::interval((limits.pending_ttl / 4).max(Duration::from_secs(1)));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -348,8 +357,14 @@ pub async fn serve(
                 Ok(permit) => {
                     let hub = hub.clone();
                     let events = events.clone();
+                    let forwards = forwards.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = route(stream, permit, &hub, &events, limits).await {
+                        let to = Routes {
+                            hub: &hub,
+                            events: &events,
+                            forwards: &forwards,
+                        };
+                        if let Err(e) = route(stream, permit, to, limits).await {
                             tracing::warn!("stream handshake failed: {e}");
                         }
                     });
@@ -404,15 +419,27 @@ async fn reply(stream: &mut BoxStream, line: &[u8]) -> std::io::Result<()> {
     stream.flush().await
 }
 
+/// Where a connection can be handed on.
+#[derive(Clone, Copy)]
+struct Routes<'a> {
+    hub: &'a StdioHub,
+    events: &'a EventHub,
+    forwards: &'a Forwards,
+}
+
 /// One connection's handshake. `_permit` counts it among the handshakes in
 /// flight until this returns.
 async fn route(
     mut stream: BoxStream,
     _permit: OwnedSemaphorePermit,
-    hub: &StdioHub,
-    events: &EventHub,
+    to: Routes<'_>,
     limits: StreamLimits,
 ) -> std::io::Result<()> {
+    let Routes {
+        hub,
+        events,
+        forwards,
+    } = to;
     let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
     let line = match tokio::time::timeout_at(deadline, read_line(&mut stream)).await {
         Ok(Ok(Some(line))) => line,
@@ -435,6 +462,30 @@ async fn route(
         // connected, `ERR`): only it knows, in order with the events.
         Ok(Handshake::Events) => {
             events.subscribe(stream);
+            Ok(())
+        }
+        Ok(Handshake::Forward(port)) => {
+            let connected = tokio::time::timeout_at(deadline, forwards.connect(port))
+                .await
+                .unwrap_or_else(|_| Err("handshake timed out while connecting".into()));
+            match connected {
+                Ok(forward) => {
+                    if tokio::time::timeout_at(deadline, reply(&mut stream, b"OK\n"))
+                        .await
+                        .is_ok_and(|r| r.is_ok())
+                    {
+                        tokio::spawn(forward.run(stream));
+                    }
+                }
+                Err(why) => {
+                    tracing::info!(port, "port forward refused: {why}");
+                    let _ = tokio::time::timeout_at(
+                        deadline,
+                        reply(&mut stream, format!("ERR {why}\n").as_bytes()),
+                    )
+                    .await;
+                }
+            }
             Ok(())
         }
         Ok(Handshake::Stdio(key)) => match hub.begin(key.clone()) {
@@ -717,5 +768,36 @@ mod tests {
         drop(first);
         let (answer, _) = ask(&p.path, "EVENTS\n").await;
         assert_eq!(answer, "OK\n");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_forward_reaches_the_loopback_port_or_says_why_not() {
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let open = server.local_addr().expect("addr").port();
+        let serving = tokio::spawn(async move {
+            let (mut s, _) = server.accept().await.expect("accept");
+            s.write_all(b"hello from the guest").await.expect("write");
+        });
+        let p = port(StreamLimits::default());
+        let (answer, mut rest) = ask(&p.path, &format!("FORWARD {open}\n")).await;
+        assert_eq!(answer, "OK\n");
+        let mut got = String::new();
+        rest.read_to_string(&mut got).await.expect("read");
+        assert_eq!(got, "hello from the guest");
+        serving.await.expect("served");
+
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind")
+            .port();
+        let (answer, _) = ask(&p.path, &format!("FORWARD {closed}\n")).await;
+        assert!(
+            answer.starts_with("ERR cannot connect 127.0.0.1:"),
+            "{answer:?}"
+        );
+        let (answer, _) = ask(&p.path, "FORWARD 0\n").await;
+        assert!(answer.starts_with("ERR "), "{answer:?}");
     }
 }

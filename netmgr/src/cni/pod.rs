@@ -6,6 +6,15 @@
 //! answers on the pod IP Kubernetes reports. [`detach`] removes exactly what
 //! `attach` added.
 //!
+//! CRI PortForward: containerd's CRI plugin serves it by dialing
+//! `localhost:PORT` inside the pod's namespace, where nothing listens (the
+//! pod's processes run in the VM). [`forward_localhost`] binds a listener on
+//! the namespace's loopback and adds the [`PORTFWD_TABLE`] nftables table
+//! there, whose NAT output chain redirects every TCP connection the namespace
+//! makes to 127.0.0.0/8 to that listener; [`original_port`] tells which port
+//! was dialled, so the caller can carry it into the guest. [`detach`] removes
+//! the table too.
+//!
 //! Never runs a plugin, allocates an address or writes the lease database: the
 //! namespace and everything its chain made belong to the CRI plugin, which
 //! removes them (CNI DEL, then the namespace). A shim that dies leaves only its
@@ -20,11 +29,13 @@ use netlink_packet_route::link::LinkFlags;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute};
 use netlink_packet_route::tc::{TcAttribute, TcHandle};
 use rtnetlink::{Handle, RouteMessageBuilder};
+use serde_json::json;
 
 use super::{netns, redirect};
 use crate::attachment::NetworkAttachment;
+use crate::config::{DEFAULT_NFT, NFT_ENV, PORTFWD_TABLE};
 use crate::error::{NetError, Result};
-use crate::{link, naming};
+use crate::{firewall, link, naming};
 
 /// What [`attach`] made in a pod's namespace (what [`detach`] removes).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,9 +263,10 @@ async fn remove_ingress(h: &Handle, interface: &str) -> Result<()> {
     }
 }
 
-/// Remove what [`attach`] made: the TAP (unless the chain made it) and the
-/// redirect on the pod's interface. A namespace already gone (the CRI plugin
-/// removed the pod's network first) leaves nothing to do.
+/// Remove what [`attach`] and [`forward_localhost`] made: the TAP (unless the
+/// chain made it), the redirect on the pod's interface and the port forward
+/// table. A namespace already gone (the CRI plugin removed the pod's network
+/// first) leaves nothing to do.
 pub fn detach(pod: &PodAttachment) -> Result<()> {
     if !netns::is_mounted(&pod.netns) {
         return Ok(());
@@ -265,8 +277,84 @@ pub fn detach(pod: &PodAttachment) -> Result<()> {
         if tap != interface {
             link::delete_link(&h, &tap).await?;
         }
-        remove_ingress(&h, &interface).await
+        let unplugged = remove_ingress(&h, &interface).await;
+        // Adding and deleting in one batch: no error when it was never made.
+        let dropped = firewall::apply(
+            &nft_program(),
+            "removing the pod's port forward table",
+            json!({"nftables": [
+                {"add": {"table": {"family": "ip", "name": PORTFWD_TABLE}}},
+                {"delete": {"table": {"family": "ip", "name": PORTFWD_TABLE}}},
+            ]}),
+        );
+        unplugged.and(dropped)
     })
+}
+
+/// The `nft` program ([`NFT_ENV`], else [`DEFAULT_NFT`]).
+fn nft_program() -> String {
+    std::env::var(NFT_ENV)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| DEFAULT_NFT.to_string())
+}
+
+/// The batch that makes [`PORTFWD_TABLE`] redirect every new TCP connection
+/// to 127.0.0.0/8 made in the namespace to `listener_port`.
+fn portfwd_ruleset(listener_port: u16) -> serde_json::Value {
+    let table = json!({"family": "ip", "name": PORTFWD_TABLE});
+    json!({"nftables": [
+        {"add": {"table": table}},
+        {"flush": {"table": table}},
+        {"add": {"chain": {"family": "ip", "table": PORTFWD_TABLE, "name": "output",
+            "type": "nat", "hook": "output", "prio": -100, "policy": "accept"}}},
+        {"add": {"rule": {"family": "ip", "table": PORTFWD_TABLE, "chain": "output", "expr": [
+            {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                "right": {"prefix": {"addr": "127.0.0.0", "len": 8}}}},
+            {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
+            {"redirect": {"port": listener_port}},
+        ]}}},
+    ]})
+}
+
+/// A listener on the loopback of the pod's namespace that receives every TCP
+/// connection made there to any port of 127.0.0.0/8 (see the module docs);
+/// [`original_port`] on an accepted connection says which port was dialled.
+/// Blocking; the caller makes it non-blocking if it wants. Needs the
+/// `nft_redir` and `nf_nat` kernel modules (loaded on demand on a normal host).
+pub fn forward_localhost(netns: &Path) -> Result<std::net::TcpListener> {
+    if !netns::is_mounted(netns) {
+        return Err(pod_err(
+            netns,
+            "not a network namespace (nothing is mounted there): the pod's network is gone",
+        ));
+    }
+    let shown = netns.to_path_buf();
+    netns::run_in(netns, move || async move {
+        // A socket belongs to the namespace it was made in, wherever it is
+        // used later.
+        let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+            .map_err(|e| pod_err(&shown, format!("binding the port forward listener: {e}")))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| pod_err(&shown, format!("the port forward listener's port: {e}")))?
+            .port();
+        // nft runs as a child of this thread, so in its namespace.
+        firewall::apply(
+            &nft_program(),
+            "adding the pod's port forward table",
+            portfwd_ruleset(port),
+        )?;
+        Ok(listener)
+    })
+}
+
+/// The port a connection accepted by [`forward_localhost`]'s listener was
+/// dialled to (from the NAT's record of it).
+pub fn original_port(conn: &impl std::os::fd::AsFd) -> std::io::Result<u16> {
+    let addr = nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::OriginalDst)
+        .map_err(std::io::Error::from)?;
+    Ok(u16::from_be(addr.sin_port))
 }
 
 #[cfg(test)]
@@ -322,9 +410,22 @@ mod tests {
     }
 
     #[test]
+    fn the_port_forward_ruleset_matches_the_nftables_schema() {
+        let doc = portfwd_ruleset(40123);
+        let parsed: nftables::schema::Nftables = serde_json::from_value(doc).expect("schema");
+        // add + flush table, the chain, the rule.
+        assert_eq!(parsed.objects.len(), 4);
+        let text = serde_json::to_string(&parsed).expect("json");
+        assert!(text.contains("\"redirect\":{\"port\":40123"), "{text}");
+        assert!(text.contains("\"hook\":\"output\""), "{text}");
+    }
+
+    #[test]
     fn a_path_that_is_no_namespace_is_refused_clearly() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let e = attach(&tmp.path().join("cni-none"), "pod1").expect_err("no namespace");
+        assert!(e.to_string().contains("not a network namespace"), "{e}");
+        let e = forward_localhost(&tmp.path().join("cni-none")).expect_err("no namespace");
         assert!(e.to_string().contains("not a network namespace"), "{e}");
         let e = attach(tmp.path(), "").expect_err("bad id");
         assert!(matches!(e, NetError::InvalidSandboxId(_)), "{e}");

@@ -403,14 +403,19 @@ fn run_plugin(command: &str, conflist: &str, ns: &Path, id: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// `tc qdisc show` and `ip -o link` inside `ns`.
-fn tc_and_links(ns: &Path) -> String {
+/// The stdout of shell `command` run inside `ns`.
+fn nsenter(ns: &Path, command: &str) -> String {
     let out = std::process::Command::new("nsenter")
         .arg(format!("--net={}", ns.display()))
-        .args(["sh", "-c", "tc qdisc show; ip -o link"])
+        .args(["sh", "-c", command])
         .output()
         .expect("nsenter (util-linux)");
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `tc qdisc show` and `ip -o link` inside `ns`.
+fn tc_and_links(ns: &Path) -> String {
+    nsenter(ns, "tc qdisc show; ip -o link")
 }
 
 netns_test! {
@@ -435,9 +440,37 @@ netns_test! {
             assert!(arp_through_tap(&p.network, "cripod0").await, "the CNI bridge answered through the TAP");
         });
         drop(p.network.open_tap().unwrap());
+
+        // CRI PortForward: what the namespace dials on its loopback reaches
+        // the listener, which learns the port that was dialled.
+        nsenter(&ns, "ip link set lo up");
+        let listener = pod::forward_localhost(&ns).unwrap();
+        for (addr, port) in [("127.0.0.1", 8080u16), ("127.0.0.1", 1), ("127.9.9.9", 65535)] {
+            let target = format!("{addr}:{port}");
+            let dialled = std::thread::scope(|t| {
+                let ns = ns.clone();
+                let dial = t.spawn(move || {
+                    netns::run_in(&ns, move || async move {
+                        Ok(std::net::TcpStream::connect(target).map(|_| ()))
+                    })
+                });
+                let (conn, _) = listener.accept().unwrap();
+                dial.join().unwrap().unwrap().unwrap();
+                pod::original_port(&conn).unwrap()
+            });
+            assert_eq!(dialled, port, "{addr}:{port}");
+        }
+        assert!(nsenter(&ns, "nft list tables").contains("beacon_portfwd"));
+        // A second call (a restarted forwarder) replaces the rule, not adds one.
+        let listener = pod::forward_localhost(&ns).unwrap();
+        let rules = nsenter(&ns, "nft list table ip beacon_portfwd");
+        assert_eq!(rules.matches("redirect").count(), 1, "{rules}");
+        drop(listener);
+
         pod::detach(&p).unwrap();
         let seen = tc_and_links(&ns);
         assert!(!seen.contains(&p.network.tap) && !seen.contains("ingress"), "the TAP and the redirect are gone: {seen}");
+        assert!(!nsenter(&ns, "nft list tables").contains("beacon_portfwd"), "the port forward table is gone");
         assert!(seen.contains("eth0"), "the chain's interface stays for CNI DEL: {seen}");
         // Idempotent; and once the CRI plugin removed the namespace, nothing to do.
         pod::detach(&p).unwrap();

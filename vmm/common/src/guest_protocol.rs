@@ -160,6 +160,11 @@ pub enum StreamRequest {
     },
     /// `EVENTS`
     Events,
+    /// `FORWARD <port>`: connect TCP port `port` of the guest's loopback
+    /// (127.0.0.1, else ::1) and carry bytes both ways from the `OK` on. The
+    /// host serves CRI PortForward with it (containerd dials `localhost:PORT`
+    /// in the pod's network namespace, which means the guest's).
+    Forward { port: u16 },
 }
 
 /// Why a line from the other side was refused.
@@ -197,6 +202,7 @@ impl StreamRequest {
                 stream.as_str()
             ),
             Self::Events => "EVENTS\n".to_string(),
+            Self::Forward { port } => format!("FORWARD {port}\n"),
         }
     }
 
@@ -227,7 +233,21 @@ impl StreamRequest {
                     stream,
                 })
             }
-            _ => Err(ProtocolError::Malformed("expected STDIO or EVENTS")),
+            Some("FORWARD") => {
+                let (Some(text), None) = (words.next(), words.next()) else {
+                    return Err(ProtocolError::Malformed("FORWARD takes one port"));
+                };
+                // Digits only: `u16::from_str` would also take a `+`.
+                match text.parse::<u16>() {
+                    Ok(port) if port != 0 && text.bytes().all(|b| b.is_ascii_digit()) => {
+                        Ok(Self::Forward { port })
+                    }
+                    _ => Err(ProtocolError::Malformed("FORWARD port must be 1 to 65535")),
+                }
+            }
+            _ => Err(ProtocolError::Malformed(
+                "expected STDIO, EVENTS or FORWARD",
+            )),
         }
     }
 }
@@ -335,6 +355,8 @@ mod tests {
                 exec: Some("e1".into()),
                 stream: StdioStream::Stdin,
             },
+            StreamRequest::Forward { port: 1 },
+            StreamRequest::Forward { port: 65535 },
         ];
         for r in reqs {
             assert_eq!(StreamRequest::parse(&r.to_line()), Ok(r.clone()));
@@ -347,6 +369,12 @@ mod tests {
             "STDIO -c - stdout",
             "STDIO c1 - stdwhat",
             "HELLO",
+            "FORWARD",
+            "FORWARD 0",
+            "FORWARD 65536",
+            "FORWARD +80",
+            "FORWARD 80 81",
+            "FORWARD http",
         ] {
             assert!(StreamRequest::parse(bad).is_err(), "{bad:?}");
         }
