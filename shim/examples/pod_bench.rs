@@ -16,6 +16,9 @@
 //! - pod start: RunPodSandbox + CreateContainer + StartContainer of a busybox
 //!   `echo ready`, to that line in the container's CRI log (the VM's boot,
 //!   vminitd, crun, the CNI chain and the pod's TAP included);
+//!   RunPodSandbox, CreateContainer and StartContainer each, and the shim's
+//!   own account of the sandbox's start (its "sandbox VM up in" log line:
+//!   network, virtiofsd, VM built, vminitd up, ...) as medians per phase;
 //! - ten pods: the wall time for ten pods (each RunPodSandbox, CreateContainer
 //!   and StartContainer of a `sleep`), one after another and from ten threads
 //!   at once;
@@ -26,7 +29,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{median, pgrep};
+use common::{median, pgrep, phase_medians, sandbox_phases};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -49,30 +52,46 @@ const CONFIGS: [(&str, &str); 3] = [
 /// How many pods the scale runs start.
 const PODS: usize = 10;
 
-/// Run pod `name` on `handler` with one busybox container running `cmd`;
-/// returns the pod id and the pod's log folder.
+/// A started pod: its id, its log folder, and how long RunPodSandbox,
+/// CreateContainer and StartContainer took.
+struct Started {
+    pod_id: String,
+    log_dir: PathBuf,
+    calls: [f64; 3],
+}
+
+/// Run pod `name` on `handler` with one busybox container running `cmd`.
 fn run_pod(
     cri: &Cri,
     logs: &Path,
     name: &str,
     handler: &str,
     cmd: &[&str],
-) -> anyhow::Result<(String, PathBuf)> {
+) -> anyhow::Result<Started> {
     let log_dir = logs.join(name);
     std::fs::create_dir_all(&log_dir)?;
     let pod = PodSpec::new(name, &log_dir).config();
+    let t = Instant::now();
     let pod_id = cri
         .run_pod_sandbox(&pod, handler)
         .map_err(|e| anyhow::anyhow!("RunPodSandbox {name}: {}", e.message()))?;
+    let run = t.elapsed().as_secs_f64();
     let app = ContainerSpec::new("app", BUSYBOX_IMAGE, cmd);
-    let started = cri
-        .create_container(&pod_id, &app.config(), &pod)
-        .and_then(|id| cri.start_container(&id));
+    let t = Instant::now();
+    let created = cri.create_container(&pod_id, &app.config(), &pod);
+    let create = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let started = created.and_then(|id| cri.start_container(&id));
+    let start = t.elapsed().as_secs_f64();
     if let Err(e) = started {
         remove_pod(cri, &pod_id);
         bail!("the container of {name}: {}", e.message());
     }
-    Ok((pod_id, log_dir))
+    Ok(Started {
+        pod_id,
+        log_dir,
+        calls: [run, create, start],
+    })
 }
 
 fn remove_pod(cri: &Cri, pod_id: &str) {
@@ -84,16 +103,18 @@ fn remove_pod(cri: &Cri, pod_id: &str) {
     }
 }
 
-/// Seconds from RunPodSandbox to the app's `ready` in its CRI log.
-fn start_once(cri: &Cri, logs: &Path, name: &str, handler: &str) -> anyhow::Result<f64> {
-    let started = Instant::now();
-    let (pod_id, log_dir) = run_pod(cri, logs, name, handler, &["echo", "ready"])?;
-    let log = log_dir.join("app.log");
+/// Seconds from RunPodSandbox to the app's `ready` in its CRI log, with the
+/// pod's id and its calls' times.
+fn start_once(cri: &Cri, logs: &Path, name: &str, handler: &str) -> anyhow::Result<(f64, Started)> {
+    let begun = Instant::now();
+    let started = run_pod(cri, logs, name, handler, &["echo", "ready"])?;
+    let log = started.log_dir.join("app.log");
+    let pod_id = started.pod_id.clone();
     let deadline = Instant::now() + Duration::from_secs(300);
     let result = loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         if text.lines().any(|l| l.ends_with(" ready")) {
-            break Ok(started.elapsed().as_secs_f64());
+            break Ok((begun.elapsed().as_secs_f64(), started));
         }
         if Instant::now() > deadline {
             break Err(anyhow::anyhow!(
@@ -134,7 +155,7 @@ fn scale(socket: &Path, logs: &Path, at_once: bool) -> anyhow::Result<(f64, f64)
             "beaconbox",
             &["sleep", "600"],
         )
-        .map(|p| p.0)
+        .map(|p| p.pod_id)
     };
     let results: Vec<anyhow::Result<String>> = if at_once {
         std::thread::scope(|s| {
@@ -221,12 +242,24 @@ fn run(dir: &Path, runs: usize) -> anyhow::Result<()> {
         .with_timeout(Duration::from_secs(600));
     let logs = work.path().join("pod-logs");
     let mut start: Vec<Vec<f64>> = vec![Vec::new(); CONFIGS.len()];
+    let mut calls: Vec<[Vec<f64>; 3]> = vec![Default::default(); CONFIGS.len()];
+    let mut phases: Vec<Vec<Vec<(String, f64)>>> = vec![Vec::new(); CONFIGS.len()];
     for run in 0..runs {
         for (i, (label, handler)) in CONFIGS.iter().enumerate() {
             match start_once(&cri, &logs, &format!("s{run}-{i}"), handler) {
-                Ok(s) => {
-                    println!("run {run} {label:>14}: pod start {s:.3} s");
+                Ok((s, started)) => {
+                    let [rp, cc, sc] = started.calls;
+                    println!(
+                        "run {run} {label:>14}: pod start {s:.3} s (RunPodSandbox {rp:.3}, \
+                         CreateContainer {cc:.3}, StartContainer {sc:.3})"
+                    );
                     start[i].push(s);
+                    for (k, v) in started.calls.into_iter().enumerate() {
+                        calls[i][k].push(v);
+                    }
+                    if let Some(p) = sandbox_phases(&c.log_text(), &started.pod_id) {
+                        phases[i].push(p);
+                    }
                 }
                 Err(e) => println!("run {run} {label:>14}: pod start failed: {e:#}"),
             }
@@ -252,6 +285,37 @@ fn run(dir: &Path, runs: usize) -> anyhow::Result<()> {
         ratio(s[0], s[1]),
         ratio(s[0], s[2])
     );
+    for (k, call) in ["RunPodSandbox", "CreateContainer", "StartContainer"]
+        .iter()
+        .enumerate()
+    {
+        let m: Vec<Option<f64>> = calls.iter().map(|c| median(c[k].clone())).collect();
+        println!(
+            "{:<36}{:>10}{:>10}{:>10}{:>10}{:>10}",
+            format!("  {call}"),
+            fmt(m[0], "s"),
+            fmt(m[1], "s"),
+            fmt(m[2], "s"),
+            ratio(m[0], m[1]),
+            ratio(m[0], m[2])
+        );
+    }
+    // The sandbox's start inside RunPodSandbox, as the shim logged it.
+    let p: Vec<Vec<(String, f64)>> = phases.iter().map(|r| phase_medians(r)).collect();
+    for (name, kvm) in &p[0] {
+        let qemu = p[1]
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, ms)| *ms / 1000.0);
+        println!(
+            "{:<36}{:>10}{:>10}{:>10}{:>10}",
+            format!("  shim: {name}"),
+            fmt(Some(kvm / 1000.0), "s"),
+            fmt(qemu, "s"),
+            "",
+            ratio(Some(*kvm), qemu.map(|q| q * 1000.0)),
+        );
+    }
     for at_once in [false, true] {
         let what = if at_once {
             "at once"

@@ -18,6 +18,10 @@
 //!   (its VMM threads included) minus its guest-RAM (memfd) mappings, plus
 //!   virtiofsd's RSS, plus for QEMU the qemu process's RSS minus its guest RAM.
 //!
+//! The shim's own account of each sandbox's start (its "sandbox VM up in"
+//! log line: network, virtiofsd, VM built, vminitd up, ...) is printed as
+//! medians per phase under the start row.
+//!
 //! `BEACON_BENCH_TRACE=1` prints the first start's VM console log and shim log
 //! lines for both backends (where the time goes).
 
@@ -25,7 +29,7 @@ use std::io::{BufRead, BufReader};
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{median, pgrep};
+use common::{median, pgrep, phase_medians, sandbox_phases};
 use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -158,12 +162,16 @@ fn run(dir: &Path, runs: usize) -> anyhow::Result<()> {
     }
     let mut start: Vec<Vec<f64>> = vec![Vec::new(); CONFIGS.len()];
     let mut mem: Vec<Vec<f64>> = vec![Vec::new(); 2];
+    let mut phases: Vec<Vec<Vec<(String, f64)>>> = vec![Vec::new(); 2];
     for run in 0..runs {
         for (i, (label, runtime, opts)) in CONFIGS.iter().enumerate() {
             match start_once(&c, &format!("s{run}-{i}"), runtime, opts) {
                 Ok(s) => {
                     println!("run {run} {label:>14}: start {s:.3} s");
                     start[i].push(s);
+                    if let Some(p) = phases.get_mut(i) {
+                        p.extend(sandbox_phases(&c.log_text(), &format!("s{run}-{i}")));
+                    }
                     if run == 0 && i < 2 && std::env::var_os("BEACON_BENCH_TRACE").is_some() {
                         trace(&c, work.path(), &format!("s{run}-{i}"));
                     }
@@ -201,6 +209,19 @@ fn run(dir: &Path, runs: usize) -> anyhow::Result<()> {
         fmt(s[2], "s"),
         ratio(s[0], s[1])
     );
+    // The sandbox's start inside it, as the shim logged it.
+    let p: Vec<Vec<(String, f64)>> = phases.iter().map(|r| phase_medians(r)).collect();
+    for (name, kvm) in &p[0] {
+        let qemu = p[1].iter().find(|(n, _)| n == name).map(|(_, ms)| *ms);
+        println!(
+            "{:<28}{:>12}{:>12}{:>12}{:>10}",
+            format!("  shim: {name}"),
+            fmt(Some(kvm / 1000.0), "s"),
+            fmt(qemu.map(|q| q / 1000.0), "s"),
+            "",
+            ratio(Some(*kvm), qemu)
+        );
+    }
     println!(
         "{:<28}{:>12}{:>12}{:>12}{:>10}",
         "idle sandbox host memory",

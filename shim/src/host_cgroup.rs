@@ -143,11 +143,26 @@ impl HostCgroup {
     }
 
     /// Move the process back where it was and remove the folders it created
-    /// (what is still in use stays, logged).
+    /// (what is still in use stays, logged). A child that was just stopped
+    /// (virtiofsd) can keep the cgroup populated for a moment after it was
+    /// reaped, so this waits up to [`EMPTY_WAIT`] for the kernel to say the
+    /// cgroup is empty before removing it.
     pub fn leave(self) {
         let procs = self.previous.join("cgroup.procs");
         if let Err(e) = std::fs::write(&procs, std::process::id().to_string()) {
             tracing::warn!("moving the shim back to {}: {e}", procs.display());
+        }
+        let deadline = std::time::Instant::now() + EMPTY_WAIT;
+        while populated(&self.dir) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        if populated(&self.dir) {
+            let left = std::fs::read_to_string(self.dir.join("cgroup.procs")).unwrap_or_default();
+            tracing::warn!(
+                "the cgroup {} still holds processes {:?} after {EMPTY_WAIT:?}; it stays",
+                self.dir.display(),
+                left.split_whitespace().collect::<Vec<_>>()
+            );
         }
         self.remove_created();
     }
@@ -166,6 +181,17 @@ impl HostCgroup {
             }
         }
     }
+}
+
+/// How long [`HostCgroup::leave`] waits for the cgroup to empty.
+const EMPTY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether the cgroup at `dir` (or a descendant) holds a process, from its
+/// `cgroup.events`; false when that cannot be read (gone already).
+fn populated(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("cgroup.events"))
+        .map(|t| t.lines().any(|l| l == "populated 1"))
+        .unwrap_or(false)
 }
 
 /// Enable [`CONTROLLERS`] for the children of `dir`, each on its own (one the

@@ -375,9 +375,14 @@ impl Containerd {
         }
     }
 
+    /// containerd's whole log so far (the shims' log lines included).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+    }
+
     /// The last `lines` lines of containerd's log (shim logs included).
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
+        let text = self.log_text();
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }

@@ -1,5 +1,6 @@
 //! What the benchmark examples share: their command line (`prepare DIR`,
-//! `run DIR [RUNS]`), process lookup and medians. Included with `#[path]`
+//! `run DIR [RUNS]`), process lookup, medians, and the shim's sandbox phase
+//! times read back from containerd's log. Included with `#[path]`
 //! (not an example of its own).
 
 use std::path::Path;
@@ -56,4 +57,40 @@ pub fn bench_main(
             ExitCode::FAILURE
         }
     }
+}
+
+/// The phases of sandbox `id`'s start as the shim logged them ("sandbox VM up
+/// in 2.310 s (host cgroup 0 ms, network 45 ms, ...)"): (name, ms) in order,
+/// from the last such line of `log` that names `id`.
+pub fn sandbox_phases(log: &str, id: &str) -> Option<Vec<(String, f64)>> {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("sandbox VM up in ") && l.contains(id))?;
+    let inner = line.split_once(" s (")?.1.split_once(')')?.0;
+    inner
+        .split(", ")
+        .map(|part| {
+            let (name, ms) = part.strip_suffix(" ms")?.rsplit_once(' ')?;
+            Some((name.to_string(), ms.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Per-phase medians of several [`sandbox_phases`] results, in the phases'
+/// order, as `name median ms` lines.
+pub fn phase_medians(runs: &[Vec<(String, f64)>]) -> Vec<(String, f64)> {
+    let Some(first) = runs.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .filter_map(|(name, _)| {
+            let values = runs
+                .iter()
+                .filter_map(|r| r.iter().find(|(n, _)| n == name).map(|(_, ms)| *ms))
+                .collect();
+            median(values).map(|m| (name.clone(), m))
+        })
+        .collect()
 }
