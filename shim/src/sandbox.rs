@@ -712,7 +712,20 @@ impl Sandbox {
             }
         }
         stop_vm(&self.vm, &self.vm_exit).await;
-        undo(self.built, self.net.as_deref(), &self.id).await;
+        // The VM's devices go before what they used: its vhost-user link
+        // keeps virtiofsd's worker (a child of the process `undo` stops, in
+        // the sandbox's host cgroup) alive until it closes.
+        let Sandbox {
+            id, vm, built, net, ..
+        } = self;
+        if Arc::strong_count(&vm) > 1 {
+            tracing::debug!(
+                sandbox = id,
+                "the VM is still referenced; its devices go later"
+            );
+        }
+        drop(vm);
+        undo(built, net.as_deref(), &id).await;
     }
 }
 
