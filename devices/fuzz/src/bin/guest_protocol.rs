@@ -3,7 +3,8 @@
 //! the event lines vminitd sends the shim (`GuestEvent::parse`: exits and
 //! OOMs, JSON), the first line of a stream connection (`StreamRequest::parse`,
 //! what vminitd's stream port reads before it hands a connection to a
-//! process) and the vhost-vsock auth line (`VsockSecret::accepts`, the check
+//! process or, for `FORWARD`, joins it to a loopback port) and the
+//! vhost-vsock auth line (`VsockSecret::accepts`, the check
 //! that keeps the guest's containers off vminitd's ports). Must hold: no
 //! panic; every event and request that parses round-trips through its
 //! `to_line`, its ids follow the id rule and its exit time is a real
@@ -60,12 +61,16 @@ fn request(bytes: &[u8]) {
         return;
     };
     assert!(line.len() <= MAX_HANDSHAKE_LINE);
-    if let StreamRequest::Stdio {
-        container, exec, ..
-    } = &r
-    {
-        assert!(valid_id(container));
-        assert!(exec.as_deref().is_none_or(valid_id));
+    match &r {
+        StreamRequest::Stdio {
+            container, exec, ..
+        } => {
+            assert!(valid_id(container));
+            assert!(exec.as_deref().is_none_or(valid_id));
+        }
+        // Port 0 is never a forward target.
+        StreamRequest::Forward { port } => assert_ne!(*port, 0),
+        StreamRequest::Events => {}
     }
     assert_eq!(StreamRequest::parse(&r.to_line()), Ok(r));
 }
