@@ -8,9 +8,14 @@
 //!
 //! Owns only that: never sets limits (kubelet sets the pod's), never touches
 //! a cgroup it did not create beyond enabling controllers for its children.
-//! cgroup v2 with cgroupfs-style paths only; the systemd form
-//! (`slice:prefix:name`) and cgroup v1 are reported as unsupported and the
-//! sandbox runs unaccounted.
+//! cgroup v2 only (v1 is reported as unsupported and the sandbox runs
+//! unaccounted). Both forms of `cgroupsPath`: cgroupfs paths, and the systemd
+//! driver's `slice:prefix:name` (what containerd's CRI plugin passes when the
+//! pod's parent is a `.slice`), which names the folder
+//! `<slice, expanded as systemd does>/<prefix>-<name>.scope`. The shim makes
+//! that folder itself; unlike runc's systemd driver it does not register the
+//! scope with systemd over D-Bus (systemd leaves cgroups it does not know
+//! alone; the pod slice's limits, which kubelet sets through systemd, apply).
 
 use std::path::{Component, Path, PathBuf};
 
@@ -22,12 +27,8 @@ const CONTROLLERS: [&str; 3] = ["cpu", "memory", "pids"];
 /// Why the shim could not join its sandbox's host cgroup.
 #[derive(Debug, thiserror::Error)]
 pub enum HostCgroupError {
-    #[error(
-        "cgroupsPath {0:?} is in the systemd driver's form (slice:prefix:name), which the \
-         shim cannot join yet: configure containerd's and kubelet's cgroup driver as cgroupfs \
-         to have the VM accounted to its pod"
-    )]
-    Systemd(String),
+    #[error("cgroupsPath {path:?} is not a valid systemd-driver path (slice:prefix:name): {why}")]
+    Systemd { path: String, why: &'static str },
     #[error("cgroupsPath {0:?} leaves the cgroup hierarchy ('..'); refusing it")]
     Escapes(String),
     #[error(
@@ -48,11 +49,85 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HostCgroupError
     move |source| HostCgroupError::Io { what, source }
 }
 
+/// The folder of systemd slice `slice` relative to the hierarchy's root, as
+/// systemd lays slices out: `a-b-c.slice` is `a.slice/a-b.slice/a-b-c.slice`,
+/// `-.slice` is the root.
+fn expand_slice(slice: &str) -> Result<PathBuf, &'static str> {
+    let Some(stem) = slice.strip_suffix(".slice") else {
+        return Err("the slice must end in .slice");
+    };
+    if stem == "-" {
+        return Ok(PathBuf::new());
+    }
+    if stem.is_empty()
+        || stem.contains('/')
+        || stem.starts_with('-')
+        || stem.ends_with('-')
+        || stem.contains("--")
+    {
+        return Err("a slice name is dash-separated words without '/'");
+    }
+    let mut out = PathBuf::new();
+    let mut prefix = String::new();
+    for word in stem.split('-') {
+        if !prefix.is_empty() {
+            prefix.push('-');
+        }
+        prefix.push_str(word);
+        out.push(format!("{prefix}.slice"));
+    }
+    Ok(out)
+}
+
+/// The folder a systemd-driver `slice:prefix:name` path names, relative to
+/// the hierarchy's root (runc's rules: an empty slice is `system.slice`; the
+/// unit is `<prefix>-<name>.scope`, or `name` itself when there is no prefix
+/// and `name` is a slice).
+fn systemd_dir(cgroups_path: &str) -> Result<PathBuf, HostCgroupError> {
+    let bad = |why| HostCgroupError::Systemd {
+        path: cgroups_path.into(),
+        why,
+    };
+    let mut parts = cgroups_path.split(':');
+    let (Some(slice), Some(prefix), Some(name), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad("expected three ':'-separated parts"));
+    };
+    if name.is_empty() {
+        return Err(bad("the name is empty"));
+    }
+    let unit_ok = |s: &str| !s.contains('/') && s != "." && s != "..";
+    if !unit_ok(prefix) || !unit_ok(name) {
+        return Err(bad("a prefix or name holds '/' or is '.' or '..'"));
+    }
+    let slice = if slice.is_empty() {
+        "system.slice"
+    } else {
+        slice
+    };
+    let mut dir = expand_slice(slice).map_err(bad)?;
+    if prefix.is_empty() && name.ends_with(".slice") {
+        dir.push(
+            expand_slice(name)
+                .map_err(bad)?
+                .file_name()
+                .unwrap_or_default(),
+        );
+    } else if prefix.is_empty() {
+        dir.push(format!("{name}.scope"));
+    } else {
+        dir.push(format!("{prefix}-{name}.scope"));
+    }
+    Ok(dir)
+}
+
 /// The cgroup folder `cgroups_path` names under `root`, for a process whose
-/// own cgroup is `own` (relative paths are taken from there, as runc does).
+/// own cgroup is `own` (relative paths are taken from there, as runc does;
+/// systemd-driver paths from the root).
 pub fn host_dir(root: &Path, own: &Path, cgroups_path: &str) -> Result<PathBuf, HostCgroupError> {
     if cgroups_path.contains(':') {
-        return Err(HostCgroupError::Systemd(cgroups_path.into()));
+        return Ok(root.join(systemd_dir(cgroups_path)?));
     }
     let path = Path::new(cgroups_path);
     if path.components().any(|c| matches!(c, Component::ParentDir)) {
@@ -245,10 +320,47 @@ mod tests {
     }
 
     #[test]
-    fn systemd_paths_and_escapes_are_refused() {
+    fn systemd_paths_expand_as_systemd_lays_slices_out() {
+        let (root, own) = (Path::new("/sys/fs/cgroup"), Path::new("/system.slice/x"));
+        let dir = |p: &str| host_dir(root, own, p);
+        assert_eq!(
+            dir("kubepods-burstable-pod1a2b.slice:cri-containerd:abc").expect("kubelet"),
+            Path::new(
+                "/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/\
+                 kubepods-burstable-pod1a2b.slice/cri-containerd-abc.scope"
+            )
+        );
+        assert_eq!(
+            dir("-.slice:docker:abc").expect("root slice"),
+            Path::new("/sys/fs/cgroup/docker-abc.scope")
+        );
+        assert_eq!(
+            dir(":cri-containerd:abc").expect("default slice"),
+            Path::new("/sys/fs/cgroup/system.slice/cri-containerd-abc.scope")
+        );
+        assert_eq!(
+            dir("machine.slice::vm1").expect("no prefix"),
+            Path::new("/sys/fs/cgroup/machine.slice/vm1.scope")
+        );
+    }
+
+    #[test]
+    fn bad_systemd_paths_and_escapes_are_refused() {
         let (root, own) = (Path::new("/sys/fs/cgroup"), Path::new("/"));
-        let e = host_dir(root, own, "kubepods.slice:cri-containerd:abc").expect_err("systemd");
-        assert!(e.to_string().contains("cgroupfs"), "{e}");
+        for bad in [
+            "kubepods.slice:cri-containerd",
+            "kubepods.slice:a:b:c",
+            "kubepods:cri-containerd:abc",
+            "kube--pods.slice:p:abc",
+            "-kubepods.slice:p:abc",
+            "a/b.slice:p:abc",
+            "kubepods.slice:p:",
+            "kubepods.slice:p:../../etc",
+            "kubepods.slice::..",
+        ] {
+            let e = host_dir(root, own, bad).expect_err(bad);
+            assert!(matches!(e, HostCgroupError::Systemd { .. }), "{bad}: {e}");
+        }
         let e = host_dir(root, own, "/k8s.io/../../etc").expect_err("escape");
         assert!(matches!(e, HostCgroupError::Escapes(_)), "{e}");
     }

@@ -15,8 +15,8 @@
 //! from the pod's resources, stats, resource updates and an OOM kill;
 //! the pod's host cgroup (made with a memory limit, as kubelet would) holding
 //! the shim and virtiofsd and charged with the VM's memory; the same pod on
-//! the QEMU backend (a second handler), reached on its pod IP and through
-//! PortForward, whose app
+//! the QEMU backend (a second handler) under a systemd-driver style cgroup
+//! path, reached on its pod IP and through PortForward, whose app
 //! container exits when its sandbox (pause) task is killed. Bad input: a
 //! hostNetwork pod, the same pod twice, a container for a pod that does not
 //! exist. Afterwards nothing is left: no shim (and so no VMM), virtiofsd, pod
@@ -678,13 +678,41 @@ fn cri_pods_run_in_one_microvm_per_pod() {
     );
 
     // Parity: a pod on the QEMU backend, its TAP in the pod's namespace
-    // handed to QEMU as a descriptor.
-    let qemu_pod = PodSpec::new("qemu", &logs).config();
+    // handed to QEMU as a descriptor. Its parent is a systemd slice, as with
+    // kubelet's systemd cgroup driver: containerd passes the cgroupsPath as
+    // `slice:cri-containerd:ID`.
+    let mut qemu_pod = PodSpec::new("qemu", &logs).config();
+    if let Some(linux) = qemu_pod.linux.as_mut() {
+        linux.cgroup_parent = "beacontest-podq.slice".into();
+    }
     let t0 = Instant::now();
     let qemu_pod_id = cri
         .run_pod_sandbox(&qemu_pod, QEMU_HANDLER)
         .unwrap_or_else(|e| panic!("{}", why("RunPodSandbox (QEMU)", &e)));
     let run_qemu_pod = t0.elapsed();
+    let slice_root = Path::new(CGROUP_ROOT).join("beacontest.slice");
+    let scope = slice_root
+        .join("beacontest-podq.slice")
+        .join(format!("cri-containerd-{qemu_pod_id}.scope"));
+    let members = std::fs::read_to_string(scope.join("cgroup.procs")).unwrap_or_default();
+    let members: Vec<u32> = members
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let qemu_procs: Vec<u32> = sh("pgrep -x qemu-system-x86 || true")
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    assert!(
+        !shims().is_empty()
+            && shims()
+                .iter()
+                .chain(&qemu_procs)
+                .all(|p| members.contains(p)),
+        "the shim {:?} and QEMU {qemu_procs:?} are in the systemd-style scope {}: {members:?}",
+        shims(),
+        scope.display()
+    );
     let qemu_ip = cri
         .pod_sandbox_status(&qemu_pod_id)
         .ok()
@@ -825,6 +853,11 @@ fn cri_pods_run_in_one_microvm_per_pod() {
         !sandbox_cgroup.exists(),
         "the shim removed the sandbox's cgroup {}",
         sandbox_cgroup.display()
+    );
+    assert!(
+        !slice_root.exists(),
+        "the shim removed the slices it made for the systemd-style path: {}",
+        slice_root.display()
     );
     let _ = std::fs::remove_dir(&pod_cgroup);
     let _ = std::fs::remove_dir(Path::new(CGROUP_ROOT).join("beacon-test-pods"));
