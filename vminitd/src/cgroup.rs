@@ -1,7 +1,10 @@
 //! Reading a container's cgroup v2 directory: Stats (cpu, memory, pids, io
 //! as containerd's `io.containerd.cgroups.v2.Metrics`), its process list,
-//! and the OOM watch on `memory.events`. crun creates and writes the
-//! cgroup (limits, freezer); this module only reads it.
+//! and the OOM watch on `memory.events`. crun creates and writes each
+//! container's cgroup (limits, freezer); this module only reads it. The one
+//! thing it writes is the containers' common parent's `pids.max`
+//! ([`reserve_pids`]), so that no container can take the last free pids of
+//! the guest from vminitd and crun.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -60,6 +63,23 @@ pub fn parse_io(text: &str) -> Vec<IOEntry> {
             Some(e)
         })
         .collect()
+}
+
+/// Pids the guest keeps for vminitd, crun and the kernel whatever the
+/// containers do: a fork bomb in a container stops at the kernel's pid limit
+/// minus these, so vminitd can still run `crun kill` and answer the host.
+pub const RESERVED_PIDS: u64 = 256;
+
+/// Create the containers' parent cgroup `parent` under `mount` and cap it at
+/// `pid_max` (the kernel's `/proc/sys/kernel/pid_max`) minus
+/// [`RESERVED_PIDS`]; returns the cap. Needs the pids controller enabled at
+/// the mount's root.
+pub fn reserve_pids(mount: &Path, parent: &str, pid_max: u64) -> std::io::Result<u64> {
+    let dir = mount.join(parent);
+    std::fs::create_dir_all(&dir)?;
+    let cap = pid_max.saturating_sub(RESERVED_PIDS).max(1);
+    std::fs::write(dir.join("pids.max"), cap.to_string())?;
+    Ok(cap)
 }
 
 /// One container's cgroup directory.
@@ -238,6 +258,18 @@ pub fn watch_oom_file(
 mod tests {
     use super::*;
     use tokio::io::AsyncBufReadExt;
+
+    #[test]
+    fn the_containers_parent_keeps_pids_for_vminitd() {
+        let mount = tempfile::tempdir().expect("tempdir");
+        let cap = reserve_pids(mount.path(), "vminitd", 4096).expect("reserve");
+        assert_eq!(cap, 4096 - RESERVED_PIDS);
+        assert_eq!(
+            std::fs::read_to_string(mount.path().join("vminitd/pids.max")).expect("pids.max"),
+            (4096 - RESERVED_PIDS).to_string()
+        );
+        assert_eq!(reserve_pids(mount.path(), "vminitd", 100).expect("tiny"), 1);
+    }
 
     #[test]
     fn parses_cgroup_files() {

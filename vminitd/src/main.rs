@@ -133,6 +133,24 @@ async fn run(args: Args, boot: Option<BootParams>) -> anyhow::Result<()> {
     } else {
         nix::sys::prctl::set_child_subreaper(true).context("Becoming a child subreaper")?;
     }
+    if pid1 {
+        let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+            .ok()
+            .and_then(|t| t.trim().parse().ok());
+        match pid_max
+            .map(|m| vminitd::cgroup::reserve_pids(&args.cgroup_mount, &args.cgroup_parent, m))
+        {
+            Some(Ok(cap)) => tracing::info!(
+                "containers may hold {cap} pids in all ({} kept for vminitd)",
+                vminitd::cgroup::RESERVED_PIDS
+            ),
+            Some(Err(e)) => tracing::warn!(
+                "capping the containers' pids failed ({e}): a fork bomb in one could leave \
+                 vminitd unable to stop it"
+            ),
+            None => tracing::warn!("no kernel pid limit to reserve pids from"),
+        }
+    }
     let secret = if pid1 { take_secret()? } else { None };
     let task_addr = ListenAddr::parse(&args.task_addr)?;
     let stream_addr = ListenAddr::parse(&args.stream_addr)?;
