@@ -152,14 +152,22 @@ mod tests {
                 let mut c = std::net::TcpStream::connect(addr).expect("connect");
                 c.set_read_timeout(Some(Duration::from_secs(30)))
                     .expect("timeout");
-                let _ = c.write_all(b"GET / HTTP/1.0\r\n\r\n");
+                // The reset may come before the write: the write then
+                // takes the error, and a later read would see only EOF.
+                c.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
                 let mut buf = [0u8; 16];
                 c.read(&mut buf)
             })
             .await
             .expect("join");
             let e = got.expect_err("reset, not an empty stream");
-            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+            assert!(
+                matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                ),
+                "{e}"
+            );
         }
         drop(fw);
     }
