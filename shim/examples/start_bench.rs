@@ -23,7 +23,9 @@
 //! medians per phase under the start row.
 //!
 //! `BEACON_BENCH_TRACE=1` prints the first start's VM console log and shim log
-//! lines for both backends (where the time goes).
+//! lines for both backends (where the time goes), `BEACON_BENCH_TRACE=all`
+//! those of every start; `BEACON_BENCH_KERNEL_PARAMS` adds guest kernel
+//! parameters (`loglevel=7` shows the kernel's own boot in those logs).
 
 use std::io::{BufRead, BufReader};
 #[path = "common/mod.rs"]
@@ -145,7 +147,11 @@ fn run(dir: &Path, runs: usize) -> anyhow::Result<()> {
     let work = tempfile::Builder::new().prefix("beacon-bench").tempdir()?;
     // Room for a slow boot in the emulated lab.
     let config = work.path().join("runtime.toml");
-    std::fs::write(&config, "[vm]\nboot_timeout_secs = 600\n")?;
+    let mut runtime = "[vm]\nboot_timeout_secs = 600\n".to_string();
+    if let Ok(params) = std::env::var("BEACON_BENCH_KERNEL_PARAMS") {
+        runtime.push_str(&format!("kernel_params = {:?}\n", params));
+    }
+    std::fs::write(&config, runtime)?;
     let mut env = shim_env(work.path(), &dir.join("share"));
     env.push(("BEACON_RUNTIME_CONFIG".into(), config.display().to_string()));
     let c = Containerd::start(
@@ -170,9 +176,20 @@ fn run(dir: &Path, runs: usize) -> anyhow::Result<()> {
                     println!("run {run} {label:>14}: start {s:.3} s");
                     start[i].push(s);
                     if let Some(p) = phases.get_mut(i) {
-                        p.extend(sandbox_phases(&c.log_text(), &format!("s{run}-{i}")));
+                        let these = sandbox_phases(&c.log_text(), &format!("s{run}-{i}"));
+                        let line: Vec<String> = these
+                            .iter()
+                            .flatten()
+                            .map(|(name, ms)| format!("{name} {ms:.0} ms"))
+                            .collect();
+                        println!("run {run} {label:>14}: shim {}", line.join(", "));
+                        p.extend(these);
                     }
-                    if run == 0 && i < 2 && std::env::var_os("BEACON_BENCH_TRACE").is_some() {
+                    let trace_all = std::env::var("BEACON_BENCH_TRACE").is_ok_and(|v| v == "all");
+                    if (run == 0 || trace_all)
+                        && i < 2
+                        && std::env::var_os("BEACON_BENCH_TRACE").is_some()
+                    {
                         trace(&c, work.path(), &format!("s{run}-{i}"));
                     }
                 }

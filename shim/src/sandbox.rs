@@ -258,6 +258,9 @@ struct Built {
     pod: Option<PodAttachment>,
     /// Serves CRI PortForward for a pod; stopped first.
     port_forward: Option<PortForwarder>,
+    /// PortForward's listener being made (while the VM boots); awaited
+    /// before the pod network is left, so nothing is added after.
+    forward_setup: Option<tokio::task::JoinHandle<beacon_netmgr::Result<std::net::TcpListener>>>,
     share: Option<PathBuf>,
     virtiofsd: Option<Virtiofsd>,
     /// The vhost-vsock CID, held until the VM is gone.
@@ -446,9 +449,22 @@ impl Sandbox {
         }
 
         phases.mark("run folder");
+        // The share, then virtiofsd, which starts while the network is made
+        // (it is waited for below, before the VM connects to it).
+        mounts::prepare_share(&dirs.share)?;
+        built.share = Some(dirs.share.clone());
+        let mut share = ShareConfig::new(&dirs.share, &dirs.fs_socket);
+        if let Some(cache) = &req.config.virtiofs_cache {
+            share.cache = match cache.as_str() {
+                "never" => beacon_virtiofsd_launch::CachePolicy::Never,
+                "always" => beacon_virtiofsd_launch::CachePolicy::Always,
+                _ => beacon_virtiofsd_launch::CachePolicy::Auto,
+            };
+        }
+        built.virtiofsd = Some(Virtiofsd::start(&share)?);
+
         // Network: the sandbox is alive (for the reconciler) while this
         // process holds its lock, then gets its lease and TAP.
-        let mut forward_listener = None;
         let network = match (req.config.network, req.pod_netns, &req.net) {
             (NetworkMode::None, _, _) => None,
             (NetworkMode::Bridge, Some(ns), _) => {
@@ -463,25 +479,10 @@ impl Sandbox {
                 let network = pod.network.clone();
                 let ns = pod.netns.clone();
                 built.pod = Some(pod);
-                forward_listener = match tokio::task::spawn_blocking(move || {
+                // Made while the VM boots; served once vminitd answers.
+                built.forward_setup = Some(tokio::task::spawn_blocking(move || {
                     pod::forward_localhost(&ns)
-                })
-                .await
-                {
-                    Ok(Ok(listener)) => Some(listener),
-                    Ok(Err(e)) => {
-                        tracing::warn!(
-                            sandbox = req.id,
-                            "CRI PortForward will not reach this pod: {e} (it needs nftables \
-                             with the nft_redir and nf_nat modules)"
-                        );
-                        None
-                    }
-                    Err(e) => {
-                        tracing::warn!(sandbox = req.id, "CRI PortForward setup: {e}");
-                        None
-                    }
-                };
+                }));
                 Some(network)
             }
             (NetworkMode::Bridge, None, Ok(net)) => {
@@ -505,19 +506,9 @@ impl Sandbox {
         };
 
         phases.mark("network");
-        // The share, then virtiofsd.
-        mounts::prepare_share(&dirs.share)?;
-        built.share = Some(dirs.share.clone());
-        let mut share = ShareConfig::new(&dirs.share, &dirs.fs_socket);
-        if let Some(cache) = &req.config.virtiofs_cache {
-            share.cache = match cache.as_str() {
-                "never" => beacon_virtiofsd_launch::CachePolicy::Never,
-                "always" => beacon_virtiofsd_launch::CachePolicy::Always,
-                _ => beacon_virtiofsd_launch::CachePolicy::Auto,
-            };
+        if let Some(fsd) = built.virtiofsd.as_mut() {
+            tokio::task::block_in_place(|| fsd.wait_ready(share.ready_timeout))?;
         }
-        let fsd = tokio::task::block_in_place(|| Virtiofsd::spawn(&share))?;
-        built.virtiofsd = Some(fsd);
         phases.mark("virtiofsd");
 
         // The VM.
@@ -641,12 +632,20 @@ impl Sandbox {
                 return Err(e.into());
             }
         };
-        if let Some(listener) = forward_listener {
-            match PortForwarder::start(listener, link.clone(), req.id) {
+        if let Some(made) = built.forward_setup.take() {
+            let served = match made.await {
+                Ok(Ok(listener)) => PortForwarder::start(listener, link.clone(), req.id)
+                    .map_err(|e| format!("serving its listener: {e}")),
+                Ok(Err(e)) => Err(format!(
+                    "{e} (it needs nftables with the nft_redir and nf_nat modules)"
+                )),
+                Err(e) => Err(format!("setting it up: {e}")),
+            };
+            match served {
                 Ok(fw) => built.port_forward = Some(fw),
                 Err(e) => tracing::warn!(
                     sandbox = req.id,
-                    "CRI PortForward will not reach this pod: serving its listener: {e}"
+                    "CRI PortForward will not reach this pod: {e}"
                 ),
             }
         }
@@ -771,6 +770,9 @@ fn create_private_dir(dir: &Path) -> Result<(), SandboxError> {
 /// Undo what was built, in reverse; every step runs even if one fails.
 async fn undo(built: Built, net: Option<&NetworkManager>, id: &str) {
     drop(built.port_forward);
+    if let Some(setup) = built.forward_setup {
+        let _ = setup.await;
+    }
     if let Some(fsd) = built.virtiofsd {
         let stopped = tokio::task::block_in_place(|| fsd.stop(Duration::from_secs(2)));
         if let Err(e) = stopped {

@@ -159,11 +159,21 @@ impl Virtiofsd {
     }
 
     /// Start `binary` for `share` and wait until its socket exists.
-    ///
-    /// We only test for the socket file, never connect: virtiofsd serves exactly
-    /// one vhost-user frontend and exits when that connection closes, so a probe
-    /// connection would consume the share.
     pub fn spawn_with(binary: &Path, share: &ShareConfig) -> Result<Self, LaunchError> {
+        let mut me = Self::start_with(binary, share)?;
+        me.wait_ready(share.ready_timeout)?;
+        Ok(me)
+    }
+
+    /// Start virtiofsd for `share` with the binary from [`find_binary`],
+    /// without waiting for its socket: the caller does other work meanwhile
+    /// and calls [`Virtiofsd::wait_ready`] before anything connects.
+    pub fn start(share: &ShareConfig) -> Result<Self, LaunchError> {
+        Self::start_with(&find_binary()?, share)
+    }
+
+    /// [`Virtiofsd::start`] with `binary`.
+    pub fn start_with(binary: &Path, share: &ShareConfig) -> Result<Self, LaunchError> {
         if !share.shared_dir.is_dir() {
             return Err(LaunchError::BadShare(share.shared_dir.clone()));
         }
@@ -245,7 +255,7 @@ impl Virtiofsd {
                 return Err(spawn_err(e));
             }
         };
-        let mut me = Self {
+        Ok(Self {
             pid,
             pidfd,
             share: share.shared_dir.clone(),
@@ -254,13 +264,16 @@ impl Virtiofsd {
             supervisor: Some(supervisor),
             log,
             finished: false,
-        };
-        me.wait_ready(share.ready_timeout)?;
-        tracing::info!(share = ?share.shared_dir, socket = ?share.socket_path, log = ?log_path, pid, "virtiofsd ready");
-        Ok(me)
+        })
     }
 
-    fn wait_ready(&mut self, timeout: Duration) -> Result<(), LaunchError> {
+    /// Wait (at most `timeout`) until the vhost-user socket exists. On an
+    /// error virtiofsd is stopped, and its last log lines are in the error.
+    ///
+    /// We only test for the socket file, never connect: virtiofsd serves exactly
+    /// one vhost-user frontend and exits when that connection closes, so a probe
+    /// connection would consume the share.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<(), LaunchError> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(exited) = self.exited() {
@@ -274,6 +287,7 @@ impl Virtiofsd {
                 });
             }
             if is_socket(&self.socket_path) {
+                tracing::info!(share = ?self.share, socket = ?self.socket_path, log = ?self.log.path(), pid = self.pid, "virtiofsd ready");
                 return Ok(());
             }
             let now = Instant::now();

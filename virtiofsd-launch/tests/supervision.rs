@@ -302,3 +302,28 @@ fn virtiofsd_spawned_for_a_short_lived_thread_survives_it() {
     beacon_virtiofsd_launch::connect(&f.socket).expect("still listening");
     fs.stop(Duration::from_secs(5)).expect("stop");
 }
+
+/// Started without waiting, a virtiofsd becomes ready later; one that dies
+/// before it is waited for reports the death from `wait_ready`, and nothing
+/// of it is left.
+#[test]
+fn a_started_virtiofsd_is_waited_for_later() {
+    let _serial = serial();
+    let f = fake("quiet");
+    let cfg = ShareConfig::new(&f.share, &f.socket);
+    let mut fs = Virtiofsd::start_with(&f.binary, &cfg).expect("start");
+    fs.wait_ready(Duration::from_secs(10)).expect("ready");
+    assert!(f.socket.exists());
+    fs.wait_ready(Duration::from_secs(10))
+        .expect("waiting again is no error");
+    drop(fs);
+    assert!(!f.socket.exists());
+
+    let mut fs = Virtiofsd::start_with(Path::new("/bin/sh"), &cfg).expect("start");
+    let err = fs
+        .wait_ready(Duration::from_secs(10))
+        .expect_err("sh dies on virtiofsd's flags");
+    assert!(matches!(err, LaunchError::Died { .. }), "{err}");
+    drop(fs);
+    assert_no_vfsd_threads("no vfsd thread left");
+}
