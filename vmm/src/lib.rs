@@ -12,6 +12,7 @@ pub mod backend;
 pub mod config;
 pub mod kvm;
 pub mod qemu;
+pub mod resize;
 pub mod seccomp;
 
 pub use backend::{BackendKind, BootTimes, ExitCount, ExitStats, VmBackend, VmError, VmExit};

@@ -268,7 +268,7 @@ fn build_inner(config: VmConfig, console: Option<ConsoleOutput>) -> Result<KvmVm
         // Hot-added memory goes to ZONE_MOVABLE, so it can be taken back.
         boot_config
             .cmdline
-            .push_str(" memhp_default_state=online_movable");
+            .push_str(crate::resize::MOVABLE_MEMORY_PARAM);
     }
     if config.virtio_mmio_cmdline {
         boot_config.cmdline.push_str(&devices.virtio_cmdline());

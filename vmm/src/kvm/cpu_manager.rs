@@ -9,7 +9,7 @@
 //! acknowledges. Hot-remove asks the guest through the GED to give the CPU
 //! back; once the guest ejected it (`_EJ0`), its thread is retired and its fd
 //! kept: KVM cannot destroy a vCPU, so adding it again reuses the fd. A guest
-//! that does not answer within [`HOTPLUG_ACK_TIMEOUT`] leaves the VM as it was.
+//! that does not answer within [`crate::resize::HOTPLUG_ACK_TIMEOUT`] leaves the VM as it was.
 //!
 //! This module owns the vCPU fds and threads; it never runs a vCPU loop
 //! itself ([`super::vcpu`]) and never stops the VM ([`super::control`]).
@@ -34,10 +34,6 @@ use super::vcpu::{self, VcpuSetup, VcpuThread};
 use crate::backend::{VmError, VmExit};
 use crate::seccomp::SeccompMode;
 
-/// How long a hotplug request waits for the guest to acknowledge it (an
-/// insertion) or to eject the CPU (a removal). Generous: the nested lab runs
-/// the guest's ACPI code under emulation.
-pub const HOTPLUG_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a wait for the guest checks whether the VM is ending.
 const STOP_POLL: Duration = Duration::from_millis(100);
 /// How long retiring a vCPU thread may take once the guest let it go.
@@ -122,7 +118,7 @@ pub struct CpuManager {
     links: VcpuLinks,
     slots: Mutex<Vec<Slot>>,
     hotplug: Option<HotplugWiring>,
-    /// How long a request waits for the guest ([`HOTPLUG_ACK_TIMEOUT`]).
+    /// How long a request waits for the guest ([`HOTPLUG_ACK_TIMEOUT`](crate::resize::HOTPLUG_ACK_TIMEOUT)).
     ack_timeout: Mutex<Duration>,
     /// Serializes resize requests.
     resizing: Mutex<()>,
@@ -162,7 +158,7 @@ impl CpuManager {
             links,
             slots: Mutex::new(Vec::new()),
             hotplug,
-            ack_timeout: Mutex::new(HOTPLUG_ACK_TIMEOUT),
+            ack_timeout: Mutex::new(crate::resize::HOTPLUG_ACK_TIMEOUT),
             resizing: Mutex::new(()),
         };
         for id in 0..me.setup.boot {
@@ -291,23 +287,19 @@ impl CpuManager {
     /// Returns the new count; on error the VM keeps the vCPUs it had.
     pub fn resize(&self, target: u8) -> Result<u8, VmError> {
         let _one_at_a_time = lock(&self.resizing);
+        crate::resize::check_vcpu_target(
+            crate::config::VcpuConfig {
+                boot: self.setup.boot,
+                max: self.setup.max,
+            },
+            target,
+        )?;
         let Some(hotplug) = &self.hotplug else {
             return Err(VmError::Unsupported(format!(
                 "this VM was started without room for more vCPUs (--max-cpus equal to --cpus: {}); start it with a higher --max-cpus",
                 self.setup.max
             )));
         };
-        if target == 0 {
-            return Err(VmError::Unsupported(
-                "a VM needs at least 1 vCPU; ask for 1 or more".into(),
-            ));
-        }
-        if target > self.setup.max {
-            return Err(VmError::Unsupported(format!(
-                "{target} vCPUs asked for, but this VM was started with at most {} (--max-cpus)",
-                self.setup.max
-            )));
-        }
         let current = self.online();
         if target == current {
             return Ok(current);

@@ -35,10 +35,11 @@ use vm_memory::{
 
 use super::boot::layout::hotplug_base;
 use super::control::VcpuControl;
-use super::cpu_manager::{ending, wait_guest, HotplugWiring, HOTPLUG_ACK_TIMEOUT};
+use super::cpu_manager::{ending, wait_guest, HotplugWiring};
 use super::memory::GuestMem;
 use crate::backend::VmError;
 use crate::config::HOTPLUG_BLOCK_MIB;
+use crate::resize::HOTPLUG_ACK_TIMEOUT;
 
 /// Bytes in one hotplug block.
 pub const BLOCK_BYTES: u64 = HOTPLUG_BLOCK_MIB << 20;
@@ -149,35 +150,16 @@ impl MemoryManager {
     /// what it has then (reported in the error).
     pub fn resize(&self, total_mib: u64) -> Result<u64, VmError> {
         let _one_at_a_time = lock(&self.resizing);
+        let shape = crate::config::MemoryConfig {
+            size_mib: self.boot_mib,
+            hotplug_mib: self.max_mib() - self.boot_mib,
+        };
+        let want = crate::resize::memory_blocks_for(shape, total_mib)?;
         let Some(wiring) = &self.wiring else {
             return Err(VmError::Unsupported(
                 "this VM was started without a memory hotplug room (--hotplug-memory 0); start it with one".into(),
             ));
         };
-        let max = self.max_mib();
-        if total_mib < self.boot_mib {
-            return Err(VmError::Unsupported(format!(
-                "{total_mib} MiB asked for, but boot memory ({} MiB) cannot be removed; ask for {} MiB or more",
-                self.boot_mib, self.boot_mib
-            )));
-        }
-        if total_mib > max {
-            return Err(VmError::Unsupported(format!(
-                "{total_mib} MiB asked for, but this VM can have at most {max} MiB ({} MiB boot memory and a {} MiB hotplug room)",
-                self.boot_mib,
-                max - self.boot_mib
-            )));
-        }
-        let extra = total_mib - self.boot_mib;
-        if !extra.is_multiple_of(HOTPLUG_BLOCK_MIB) {
-            return Err(VmError::Unsupported(format!(
-                "{total_mib} MiB is not boot memory ({} MiB) plus whole {HOTPLUG_BLOCK_MIB} MiB blocks; ask for {} or {} MiB",
-                self.boot_mib,
-                total_mib - extra % HOTPLUG_BLOCK_MIB,
-                total_mib - extra % HOTPLUG_BLOCK_MIB + HOTPLUG_BLOCK_MIB
-            )));
-        }
-        let want = (extra / HOTPLUG_BLOCK_MIB) as usize;
         let (free, plugged): (Vec<usize>, Vec<usize>) = {
             let blocks = lock(&self.blocks);
             let free = blocks
