@@ -1,8 +1,13 @@
-//! Translate a [`VmConfig`] into a `qemu-system-x86_64 -M microvm` command line.
+//! Translate a [`VmConfig`] into a `qemu-system-x86_64` command line.
 //!
 //! Pure function of its inputs (no process is started here), so every mapping is
-//! unit-tested. Settings microvm cannot express are refused with a clear error
+//! unit-tested. Settings QEMU cannot express are refused with a clear error
 //! instead of being silently dropped.
+//!
+//! The machine is `microvm` (virtio-mmio devices, no firmware), QEMU's fastest,
+//! unless the VM can grow: microvm cannot hotplug, so a VM with room for more
+//! vCPUs or memory gets [`HOTPLUG_MACHINE`] instead (SeaBIOS, ACPI CPU and
+//! memory hotplug, virtio-pci devices), with one DIMM slot per hotplug block.
 //!
 //! Every value that goes into a QEMU option string (`driver,key=value,...`) goes
 //! through [`QemuOpts`], which doubles commas (QEMU reads `,,` as one literal comma),
@@ -16,9 +21,18 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
 
 use crate::backend::VmError;
-use crate::config::{ConsoleConfig, DeviceConfig, VmConfig};
+use crate::config::{ConsoleConfig, DeviceConfig, VmConfig, HOTPLUG_BLOCK_MIB};
+use crate::resize::MOVABLE_MEMORY_PARAM;
 
 pub use beacon_devices::legacy::BOOT_TIMER_PORT;
+
+/// The machine a VM that can grow runs on (see the module doc).
+pub const HOTPLUG_MACHINE: &str = "q35";
+
+/// Whether `config` needs [`HOTPLUG_MACHINE`] instead of microvm.
+pub fn needs_hotplug_machine(config: &VmConfig) -> bool {
+    config.vcpus.max > config.vcpus.boot || config.memory.hotplug_mib > 0
+}
 
 /// Private sockets QEMU is told to create.
 pub struct QemuSockets<'a> {
@@ -69,21 +83,15 @@ fn escape(value: &OsStr) -> Vec<u8> {
 
 /// Build the argument list (without the program name).
 pub fn build_args(config: &VmConfig, sockets: &QemuSockets<'_>) -> Result<Vec<OsString>, VmError> {
-    let unsupported = |what: &str| {
-        VmError::Qemu(format!(
-            "{what} is not supported by the QEMU microvm backend; use --backend kvm"
-        ))
-    };
-    if config.vcpus.max > config.vcpus.boot {
-        return Err(unsupported("CPU hotplug (max vCPUs above boot vCPUs)"));
-    }
-    if config.memory.hotplug_mib > 0 {
-        return Err(unsupported("memory hotplug"));
-    }
+    let hotplug = needs_hotplug_machine(config);
     let mem = config.memory.size_mib;
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| os(*s)));
-    push(&["-M", "microvm,x-option-roms=off,memory-backend=ram0"]);
+    if hotplug {
+        push(&["-M", "q35,memory-backend=ram0"]);
+    } else {
+        push(&["-M", "microvm,x-option-roms=off,memory-backend=ram0"]);
+    }
     push(&[
         "-enable-kvm",
         "-cpu",
@@ -92,10 +100,25 @@ pub fn build_args(config: &VmConfig, sockets: &QemuSockets<'_>) -> Result<Vec<Os
         "-no-user-config",
     ]);
     push(&["-display", "none", "-no-reboot", "-S"]);
+    // Named threads ("CPU 1/KVM", ...), as ours are: per-vCPU CPU time in
+    // /proc, and a hot-removed vCPU's thread can be seen to end.
+    push(&["-name", "guest=beacon,debug-threads=on"]);
     a.push(os("-smp"));
-    a.push(os(config.vcpus.boot.to_string()));
+    a.push(os(if hotplug {
+        format!("{},maxcpus={}", config.vcpus.boot, config.vcpus.max)
+    } else {
+        config.vcpus.boot.to_string()
+    }));
     a.push(os("-m"));
-    a.push(os(format!("{mem}M")));
+    let slots = config.memory.hotplug_mib / HOTPLUG_BLOCK_MIB;
+    a.push(os(if slots > 0 {
+        format!(
+            "{mem}M,slots={slots},maxmem={}M",
+            mem + config.memory.hotplug_mib
+        )
+    } else {
+        format!("{mem}M")
+    }));
     // memfd-backed shared RAM: vhost-user devices (virtio-fs) must map guest memory.
     a.push(os("-object"));
     a.push(os(format!(
@@ -123,7 +146,11 @@ pub fn build_args(config: &VmConfig, sockets: &QemuSockets<'_>) -> Result<Vec<Os
         a.push(initrd.clone().into_os_string());
     }
     a.push(os("-append"));
-    a.push(os(config.cmdline.clone()));
+    a.push(os(if config.memory.hotplug_mib > 0 {
+        format!("{}{MOVABLE_MEMORY_PARAM}", config.cmdline)
+    } else {
+        config.cmdline.clone()
+    }));
     for (id, path) in [("qmp", sockets.qmp), ("boottimer", sockets.boot_timer)] {
         a.push(os("-chardev"));
         a.push(
@@ -142,7 +169,7 @@ pub fn build_args(config: &VmConfig, sockets: &QemuSockets<'_>) -> Result<Vec<Os
         "isa-debugcon,iobase={BOOT_TIMER_PORT:#x},chardev=boottimer"
     )));
     for (i, device) in config.devices.iter().enumerate() {
-        a.extend(device_args(i, device)?);
+        a.extend(device_args(i, device, hotplug)?);
     }
     Ok(a)
 }
@@ -153,7 +180,14 @@ pub fn tap_fd_in_child(i: usize) -> i32 {
     100 + i32::try_from(i).unwrap_or(0)
 }
 
-fn device_args(i: usize, device: &DeviceConfig) -> Result<Vec<OsString>, VmError> {
+/// The QEMU driver of virtio device `kind` ("virtio-net", "vhost-vsock", ...)
+/// on the machine's transport: virtio-mmio on microvm, PCI on the hotplug machine.
+fn virtio_driver(kind: &str, pci: bool) -> String {
+    format!("{kind}-{}", if pci { "pci" } else { "device" })
+}
+
+fn device_args(i: usize, device: &DeviceConfig, pci: bool) -> Result<Vec<OsString>, VmError> {
+    let driver = |kind: &str| QemuOpts::new(&virtio_driver(kind, pci));
     Ok(match device {
         DeviceConfig::Net {
             tap,
@@ -178,10 +212,18 @@ fn device_args(i: usize, device: &DeviceConfig) -> Result<Vec<OsString>, VmError
                 os("-netdev"),
                 netdev.build(),
                 os("-device"),
-                QemuOpts::new("virtio-net-device")
-                    .set("netdev", format!("net{i}"))
-                    .set("mac", mac.to_string())
-                    .build(),
+                {
+                    let nic = driver("virtio-net")
+                        .set("netdev", format!("net{i}"))
+                        .set("mac", mac.to_string());
+                    // No iPXE option ROM: the kernel is loaded directly.
+                    if pci {
+                        nic.set("romfile", "")
+                    } else {
+                        nic
+                    }
+                }
+                .build(),
             ]
         }
         DeviceConfig::Vsock {
@@ -195,7 +237,7 @@ fn device_args(i: usize, device: &DeviceConfig) -> Result<Vec<OsString>, VmError
             }
             vec![
                 os("-device"),
-                QemuOpts::new("vhost-vsock-device")
+                driver("vhost-vsock")
                     .set("guest-cid", guest_cid.to_string())
                     .build(),
             ]
@@ -211,7 +253,7 @@ fn device_args(i: usize, device: &DeviceConfig) -> Result<Vec<OsString>, VmError
                 .set("path", socket)
                 .build(),
             os("-device"),
-            QemuOpts::new("vhost-user-fs-device")
+            driver("vhost-user-fs")
                 .set("chardev", format!("fs{i}"))
                 .set("tag", tag)
                 .set("queue-size", queue_size.to_string())
@@ -226,9 +268,7 @@ fn device_args(i: usize, device: &DeviceConfig) -> Result<Vec<OsString>, VmError
                 .set("readonly", if *read_only { "on" } else { "off" })
                 .build(),
             os("-device"),
-            QemuOpts::new("virtio-blk-device")
-                .set("drive", format!("blk{i}"))
-                .build(),
+            driver("virtio-blk").set("drive", format!("blk{i}")).build(),
         ],
         DeviceConfig::Rng => vec![
             os("-object"),
@@ -237,9 +277,7 @@ fn device_args(i: usize, device: &DeviceConfig) -> Result<Vec<OsString>, VmError
                 .set("filename", "/dev/urandom")
                 .build(),
             os("-device"),
-            QemuOpts::new("virtio-rng-device")
-                .set("rng", format!("rng{i}"))
-                .build(),
+            driver("virtio-rng").set("rng", format!("rng{i}")).build(),
         ],
     })
 }
@@ -303,6 +341,7 @@ mod tests {
             ]
         );
         assert_eq!(after(&args, "-mon"), ["chardev=qmp,mode=control"]);
+        assert_eq!(after(&args, "-name"), ["guest=beacon,debug-threads=on"]);
         assert!(args.contains(&"-S".to_string()));
         assert!(
             after(&args, "-object").contains(&"memory-backend-memfd,id=ram0,size=256M,share=on")
@@ -364,24 +403,83 @@ mod tests {
     }
 
     #[test]
-    fn refuses_what_microvm_cannot_do() {
+    fn refuses_what_qemu_cannot_do() {
         let (q, b) = sockets();
         let s = QemuSockets {
             qmp: &q,
             boot_timer: &b,
         };
         let mut c = VmConfig::new("/k");
-        c.vcpus = VcpuConfig { boot: 1, max: 4 };
-        assert!(build_args(&c, &s).is_err());
-        let mut c = VmConfig::new("/k");
-        c.memory.hotplug_mib = 1024;
-        assert!(build_args(&c, &s).is_err());
-        let mut c = VmConfig::new("/k");
         c.devices = vec![DeviceConfig::Vsock {
             guest_cid: 3,
             uds_path: Some("/run/v.sock".into()),
         }];
         assert!(build_args(&c, &s).is_err());
+    }
+
+    /// A VM that can grow runs on the hotplug machine, its devices on PCI,
+    /// with a DIMM slot per block and removable hot-added memory; one that
+    /// cannot stays on microvm.
+    #[test]
+    fn a_vm_that_can_grow_runs_on_the_hotplug_machine() {
+        let (q, b) = sockets();
+        let s = QemuSockets {
+            qmp: &q,
+            boot_timer: &b,
+        };
+        let mut c = VmConfig::new("/k");
+        c.cmdline = "console=ttyS0".into();
+        c.vcpus = VcpuConfig { boot: 1, max: 2 };
+        c.memory.size_mib = 512;
+        c.memory.hotplug_mib = 2048;
+        c.devices = vec![
+            DeviceConfig::Net {
+                tap: "t0".into(),
+                mac: MacAddr([2, 0, 0, 0, 0, 9]),
+                vhost: false,
+                tap_fd: None,
+            },
+            DeviceConfig::Vsock {
+                guest_cid: 7,
+                uds_path: None,
+            },
+            DeviceConfig::Fs {
+                tag: "rootfs".into(),
+                socket: "/run/fs.sock".into(),
+                queue_size: 1024,
+            },
+            DeviceConfig::Rng,
+        ];
+        let args = strings(&build_args(&c, &s).expect("args"));
+        assert_eq!(after(&args, "-M"), ["q35,memory-backend=ram0"]);
+        assert_eq!(after(&args, "-smp"), ["1,maxcpus=2"]);
+        assert_eq!(after(&args, "-m"), ["512M,slots=16,maxmem=2560M"]);
+        assert_eq!(
+            after(&args, "-append"),
+            ["console=ttyS0 memhp_default_state=online_movable"]
+        );
+        let devices = after(&args, "-device");
+        assert!(devices.contains(&"virtio-net-pci,netdev=net0,mac=02:00:00:00:00:09,romfile="));
+        assert!(devices.contains(&"vhost-vsock-pci,guest-cid=7"));
+        assert!(devices.contains(&"vhost-user-fs-pci,chardev=fs2,tag=rootfs,queue-size=1024"));
+        assert!(devices.contains(&"virtio-rng-pci,rng=rng3"));
+
+        // Room for vCPUs only: no DIMM slots, the command line as given.
+        c.memory.hotplug_mib = 0;
+        let args = strings(&build_args(&c, &s).expect("args"));
+        assert_eq!(after(&args, "-M"), ["q35,memory-backend=ram0"]);
+        assert_eq!(after(&args, "-m"), ["512M"]);
+        assert_eq!(after(&args, "-append"), ["console=ttyS0"]);
+
+        // No room at all: microvm.
+        c.vcpus = VcpuConfig { boot: 2, max: 2 };
+        let args = strings(&build_args(&c, &s).expect("args"));
+        assert_eq!(
+            after(&args, "-M"),
+            ["microvm,x-option-roms=off,memory-backend=ram0"]
+        );
+        assert_eq!(after(&args, "-smp"), ["2"]);
+        assert!(after(&args, "-device").contains(&"vhost-vsock-device,guest-cid=7"));
     }
 
     #[test]

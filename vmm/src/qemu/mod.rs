@@ -1,4 +1,5 @@
-//! The QEMU backend: `qemu-system-x86_64 -M microvm` as a child process.
+//! The QEMU backend: `qemu-system-x86_64` as a child process (`-M microvm`,
+//! or the hotplug machine for a VM that can grow: see [`args`] and [`hotplug`]).
 //!
 //! Kept for parity and performance comparison with the in-process KVM backend. This
 //! module owns the child process, its private sockets (QMP, boot timer) in a
@@ -8,9 +9,13 @@
 //! when the backend is dropped, and on [`VmBackend::kill`], and it is always reaped.
 
 mod args;
+mod hotplug;
 mod qmp;
 
-pub use args::{build_args, tap_fd_in_child, QemuSockets, BOOT_TIMER_PORT};
+pub use args::{
+    build_args, needs_hotplug_machine, tap_fd_in_child, QemuSockets, BOOT_TIMER_PORT,
+    HOTPLUG_MACHINE,
+};
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
@@ -50,6 +55,7 @@ pub struct QemuVm {
     /// Copies of the caller-owned TAPs (`tap_fd`), each with the descriptor
     /// number QEMU finds it at.
     tap_fds: Vec<(std::os::fd::OwnedFd, i32)>,
+    hotplug: hotplug::Hotplug,
 }
 
 /// Lowest descriptor number the copies of caller-owned TAPs take, above every
@@ -111,6 +117,7 @@ impl QemuVm {
         }
         Ok(Self {
             tap_fds,
+            hotplug: hotplug::Hotplug::new(config.vcpus, config.memory),
             config,
             program,
             created,
@@ -141,6 +148,26 @@ impl QemuVm {
                 expected: "running",
                 actual: "not started",
             })
+    }
+
+    /// QMP, if the guest is running now (not paused, stopping or gone).
+    fn running_qmp(&self, operation: &'static str) -> Result<Arc<Qmp>, VmError> {
+        let state = |actual| VmError::WrongState {
+            operation,
+            expected: "running",
+            actual,
+        };
+        if self.host_stop.load(Ordering::SeqCst) {
+            return Err(state("stopping"));
+        }
+        let qmp = self.qmp().map_err(|_| state("not started"))?;
+        let status = qmp.execute("query-status")?;
+        match status.get("status").and_then(serde_json::Value::as_str) {
+            Some("running") => Ok(qmp),
+            Some("paused") => Err(state("paused")),
+            Some("shutdown") => Err(state("stopping")),
+            _ => Err(state("not running")),
+        }
     }
 
     fn stderr_tail(&self) -> String {
@@ -485,31 +512,31 @@ impl VmBackend for QemuVm {
     }
 
     fn vcpu_count(&self) -> u8 {
-        self.config.vcpus.boot
+        self.hotplug.vcpus()
     }
 
     fn max_vcpus(&self) -> u8 {
         self.config.vcpus.max
     }
 
-    fn resize_vcpus(&self, _target: u8) -> Result<u8, VmError> {
-        Err(VmError::Unsupported(
-            "vCPU hotplug is not implemented in the QEMU backend yet (its microvm machine cannot hotplug); use the kvm backend".into(),
-        ))
+    fn resize_vcpus(&self, target: u8) -> Result<u8, VmError> {
+        crate::resize::check_vcpu_target(self.config.vcpus, target)?;
+        let qmp = self.running_qmp("resize")?;
+        self.hotplug.resize_vcpus(&qmp, target)
     }
 
     fn memory_mib(&self) -> u64 {
-        self.config.memory.size_mib
+        self.hotplug.memory_mib()
     }
 
     fn max_memory_mib(&self) -> u64 {
-        self.config.memory.size_mib
+        self.config.memory.size_mib + self.config.memory.hotplug_mib
     }
 
-    fn resize_memory(&self, _total_mib: u64) -> Result<u64, VmError> {
-        Err(VmError::Unsupported(
-            "memory hotplug is not implemented in the QEMU backend yet (its microvm machine cannot hotplug); use the kvm backend".into(),
-        ))
+    fn resize_memory(&self, total_mib: u64) -> Result<u64, VmError> {
+        crate::resize::memory_blocks_for(self.config.memory, total_mib)?;
+        let qmp = self.running_qmp("resize")?;
+        self.hotplug.resize_memory(&qmp, total_mib)
     }
 
     fn boot_times(&self) -> BootTimes {
