@@ -1,7 +1,8 @@
 //! ACPI CPU hotplug (`cpu-hotplug`) and memory hotplug (`memory-hotplug`)
-//! on our VMM, driven through the control socket (`--api-socket`,
-//! `beacon-vmm ctl`) while the guest runs. Each part serves its own socket,
-//! so the two go in different boots.
+//! on both backends (ours, and QEMU on its hotplug machine through QMP),
+//! driven through the control socket (`beacon-vmm ctl`) while the guest
+//! runs. The boot serves the one socket ([`api_socket_args`], at
+//! `$CASE_WORK/api.sock`), so both parts can share a boot.
 //!
 //! The host refuses a resize to 0 and beyond the maximum, then adds vCPUs up
 //! to the maximum (retrying while the guest is still booting: a request waits
@@ -39,15 +40,44 @@ use beacon_tests::script::sh_quote;
 
 use crate::VMM;
 
-/// The part for a VM booted with `boot` of `max` vCPUs.
-pub fn part(boot: u8, max: u8) -> Scenario {
+/// The `beacon-vmm run` arguments a boot with a hotplug part needs: its
+/// control socket, which the parts reach at `$CASE_WORK/api.sock`.
+pub fn api_socket_args() -> Vec<String> {
+    vec!["--api-socket".into(), "{WORK}/api.sock".into()]
+}
+
+/// Shell functions the host jobs share: `vmm_pid` (the process running the
+/// guest: our VMM, or QEMU) and `vcpu_task N` (the thread of vCPU N in it).
+const HOST_HELPERS: &str = r#"
+vmm_pid() {
+    case "$BACKEND" in kvm) comm=beacon-vmm ;; *) comm=qemu-system-x86 ;; esac
+    for p in $(pgrep -f "beacon.case=$CASE"); do
+        [ "$(cat /proc/$p/comm 2>/dev/null)" = "$comm" ] && { echo "$p"; return; }
+    done
+}
+vcpu_task() {
+    case "$BACKEND" in kvm) name="beacon-vcpu$1" ;; *) name="CPU $1/KVM" ;; esac
+    grep -lx "$name" /proc/$pid/task/*/comm 2>/dev/null | head -n1 | xargs -r dirname
+}
+"#;
+
+/// The part for a VM booted with `boot` of `max` vCPUs on `backend`.
+pub fn part(boot: u8, max: u8, backend: &'static str) -> Scenario {
     assert!(max > boot, "cpu-hotplug needs room above the boot vCPUs");
     let last = max - 1;
     let vmm = sh_quote(VMM);
-    let host_before = format!(
+    // The device report exists on our VMM only.
+    let devices_check = if backend == "kvm" {
         r#"
+    # The device report of a running guest: devices activated, rings moved.
+    out=$(ctl devices) && echo "$out" | grep -q '"activated":true' && echo "$out" | grep -q '"used_idx":[1-9]'         && echo "HOTPLUG-HOST-DEVICES-REPORTED" || echo "HOTPLUG-HOST-DEVICES-WRONG $out""#
+    } else {
+        ""
+    };
+    let host_before = format!(
+        r#"{HOST_HELPERS}
 hp_job() {{
-    sock="$WORK/api.sock"
+    sock="$CASE_WORK/api.sock"
     ctl() {{ {vmm} ctl --socket "$sock" --timeout-secs 300 "$@"; }}
     i=0
     while [ ! -S "$sock" ]; do
@@ -68,9 +98,7 @@ hp_job() {{
         i=$((i + 1)); [ $i -gt 18000 ] && {{ echo "HOTPLUG-HOST-GUEST-NEVER-CAME"; return 1; }}
         sleep 0.1
     done
-    # The device report of a running guest: devices activated, rings moved.
-    out=$(ctl devices) && echo "$out" | grep -q '"activated":true' && echo "$out" | grep -q '"used_idx":[1-9]' \
-        && echo "HOTPLUG-HOST-DEVICES-REPORTED" || echo "HOTPLUG-HOST-DEVICES-WRONG $out"
+    {devices_check}
     added=""
     for attempt in 1 2 3 4 5; do
         if out=$(ctl resize --cpus {max}); then added=1; break; fi
@@ -79,12 +107,8 @@ hp_job() {{
     done
     [ -n "$added" ] || return 1
     echo "HOTPLUG-HOST-ADDED $out"
-    pid=""
-    for p in $(pgrep -f "beacon.case=$CASE"); do
-        [ "$(cat /proc/$p/comm 2>/dev/null)" = beacon-vmm ] && pid=$p
-    done
+    pid=$(vmm_pid)
     [ -n "$pid" ] || {{ echo "HOTPLUG-HOST-NO-VMM"; return 1; }}
-    vcpu_task() {{ grep -lx "beacon-vcpu$1" /proc/$pid/task/*/comm 2>/dev/null | head -n1 | xargs -r dirname; }}
     task=$(vcpu_task {last})
     [ -n "$task" ] || {{ echo "HOTPLUG-HOST-NO-THREAD"; return 1; }}
     # utime + stime in clock ticks: the guest's busy loop on the new vCPU.
@@ -138,24 +162,26 @@ echo "HOTPLUG-GUEST-REMOVED $n"
 [ "$n" -eq {boot} ]
 "#
     );
+    let mut expect: Vec<String> = vec![
+        "HOTPLUG-HOST-REFUSED-ZERO".into(),
+        "HOTPLUG-HOST-REFUSED-TOO-MANY".into(),
+        "HOTPLUG-HOST-ADDED".into(),
+        format!("HOTPLUG-GUEST-ONLINE {max}"),
+        format!("HOTPLUG-HOST-BUSY-SEEN on vCPU {last}"),
+        "HOTPLUG-HOST-REMOVED".into(),
+        format!("HOTPLUG-GUEST-REMOVED {boot}"),
+        "HOTPLUG-HOST-THREAD-GONE".into(),
+    ];
+    if backend == "kvm" {
+        expect.insert(2, "HOTPLUG-HOST-DEVICES-REPORTED".into());
+    }
     Scenario {
         name: "cpu-hotplug",
-        backends: vec!["kvm"],
-        vmm_args: vec!["--api-socket".into(), "{WORK}/api.sock".into()],
+        backends: vec![backend],
         host_before,
         checks,
         host_after: r#"wait $hp_pid; cat "$WORK/hotplug-host.out"; [ "$(cat "$WORK/hotplug-host.rc")" = 0 ]"#.into(),
-        expect: vec![
-            "HOTPLUG-HOST-REFUSED-ZERO".into(),
-            "HOTPLUG-HOST-REFUSED-TOO-MANY".into(),
-            "HOTPLUG-HOST-DEVICES-REPORTED".into(),
-            "HOTPLUG-HOST-ADDED".into(),
-            format!("HOTPLUG-GUEST-ONLINE {max}"),
-            format!("HOTPLUG-HOST-BUSY-SEEN on vCPU {last}"),
-            "HOTPLUG-HOST-REMOVED".into(),
-            format!("HOTPLUG-GUEST-REMOVED {boot}"),
-            "HOTPLUG-HOST-THREAD-GONE".into(),
-        ],
+        expect,
         ..Scenario::default()
     }
 }
@@ -168,10 +194,11 @@ echo "HOTPLUG-GUEST-REMOVED $n"
 /// it from a tmpfs, and reads a file from a virtio-fs share with its page
 /// cache in the new memory (so virtiofsd writes into the hot-added region:
 /// its memory table was updated). Then the host removes the room again:
-/// the guest offlines and ejects the blocks, MemTotal is back, the VMM
-/// closed the blocks' memfds, and the share still reads correctly (the
-/// removal reached virtiofsd's table without breaking it).
-pub fn memory_part(boot_mib: u64, room_mib: u64) -> Scenario {
+/// the guest offlines and ejects the blocks, MemTotal is back, the VMM (our
+/// VMM or QEMU, on `backend`) closed the blocks' memfds, and the share
+/// still reads correctly (the removal reached virtiofsd's table without
+/// breaking it).
+pub fn memory_part(boot_mib: u64, room_mib: u64, backend: &'static str) -> Scenario {
     assert!(
         room_mib >= 256 && room_mib.is_multiple_of(128),
         "whole blocks, two or more"
@@ -180,12 +207,12 @@ pub fn memory_part(boot_mib: u64, room_mib: u64) -> Scenario {
     let total = boot_mib + room_mib;
     let room_pages = room_mib * 256;
     let host_before = format!(
-        r#"
+        r#"{HOST_HELPERS}
 mkdir -p "$WORK/share"
 head -c 48M /dev/urandom >"$WORK/share/data"
 md5sum <"$WORK/share/data" | cut -d' ' -f1 >"$WORK/share/data.md5"
 mem_job() {{
-    sock="$WORK/api.sock"
+    sock="$CASE_WORK/api.sock"
     ctl() {{ {vmm} ctl --socket "$sock" --timeout-secs 300 "$@"; }}
     i=0
     while [ ! -S "$sock" ]; do
@@ -203,15 +230,15 @@ mem_job() {{
     [ $rc -eq 1 ] && echo "MEMHP-HOST-REFUSED-PARTIAL-BLOCK" || echo "MEMHP-HOST-PARTIAL-NOT-REFUSED ($rc) $out"
     out=$(ctl resize --memory {too_much}); rc=$?
     [ $rc -eq 1 ] && echo "MEMHP-HOST-REFUSED-TOO-MUCH" || echo "MEMHP-HOST-TOO-MUCH-NOT-REFUSED ($rc) $out"
+    pid=$(vmm_pid)
+    [ -n "$pid" ] || {{ echo "MEMHP-HOST-NO-VMM"; return 1; }}
+    # The memfds backing guest RAM (QEMU's boot RAM is one too: count the change).
+    case "$BACKEND" in kvm) memfd=beacon-guest-ram-hotplug ;; *) memfd=memory-backend-memfd ;; esac
+    memfds() {{ ls -l /proc/$pid/fd 2>/dev/null | grep -c "$memfd"; }}
+    before=$(memfds)
     out=$(ctl resize --memory {total}) || {{ echo "MEMHP-HOST-ADD-FAILED $out"; return 1; }}
     echo "MEMHP-HOST-ADDED $out"
-    pid=""
-    for p in $(pgrep -f "beacon.case=$CASE"); do
-        [ "$(cat /proc/$p/comm 2>/dev/null)" = beacon-vmm ] && pid=$p
-    done
-    [ -n "$pid" ] || {{ echo "MEMHP-HOST-NO-VMM"; return 1; }}
-    memfds() {{ ls -l /proc/$pid/fd 2>/dev/null | grep -c beacon-guest-ram-hotplug; }}
-    echo "MEMHP-HOST-MEMFDS $(memfds)"
+    echo "MEMHP-HOST-MEMFDS-ADDED $(($(memfds) - before))"
     # The guest says when it is done with the new memory.
     i=0
     while [ ! -e "$WORK/share/guest-done" ]; do
@@ -222,7 +249,7 @@ mem_job() {{
     out=$(ctl resize --memory {boot_mib}) || {{ echo "MEMHP-HOST-REMOVE-FAILED $out"; return 1; }}
     echo "MEMHP-HOST-REMOVED $out"
     echo "$out" | grep -q '"memory_mib":{boot_mib}' || {{ echo "MEMHP-HOST-WRONG-SIZE"; return 1; }}
-    echo "MEMHP-HOST-MEMFDS-AFTER $(memfds)"
+    echo "MEMHP-HOST-MEMFDS-LEFT $(($(memfds) - before))"
 }}
 ( mem_job >"$WORK/memory-host.out" 2>&1; echo $? >"$WORK/memory-host.rc" ) &
 mem_pid=$!
@@ -281,12 +308,10 @@ umount /mnt/hpmem
     );
     Scenario {
         name: "memory-hotplug",
-        backends: vec!["kvm"],
+        backends: vec![backend],
         vmm_args: vec![
             "--hotplug-memory".into(),
             room_mib.to_string(),
-            "--api-socket".into(),
-            "{WORK}/api.sock".into(),
             "--fs".into(),
             "tag=hpmem,dir={WORK}/share".into(),
         ],
@@ -300,14 +325,14 @@ umount /mnt/hpmem
             "MEMHP-HOST-REFUSED-PARTIAL-BLOCK".into(),
             "MEMHP-HOST-REFUSED-TOO-MUCH".into(),
             "MEMHP-HOST-ADDED".into(),
-            format!("MEMHP-HOST-MEMFDS {}", room_mib / 128),
+            format!("MEMHP-HOST-MEMFDS-ADDED {}", room_mib / 128),
             format!("MEMHP-GUEST-MOVABLE {room_pages} pages"),
             "MEMHP-GUEST-FILLED".into(),
             "MEMHP-GUEST-FS-READ-OK".into(),
             "MEMHP-HOST-REMOVED".into(),
             "MEMHP-GUEST-REMOVED".into(),
             "MEMHP-GUEST-FS-AFTER-REMOVE-OK".into(),
-            "MEMHP-HOST-MEMFDS-AFTER 0".into(),
+            "MEMHP-HOST-MEMFDS-LEFT 0".into(),
         ],
         ..Scenario::default()
     }
