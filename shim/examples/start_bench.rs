@@ -136,6 +136,9 @@ fn trace(c: &Containerd, work: &Path, id: &str) {
     println!("--- {id}: end");
 }
 
+/// Runtime-config lines for VMs that cannot grow (QEMU then runs on microvm).
+const FIXED_SHAPE: &str = "max_cpus = 1\nhotplug_memory_mib = 0\n";
+
 fn run(dir: &Path, runs: usize) -> anyhow::Result<()> {
     // The shims run elsewhere: every path they get must be absolute.
     let dir = &std::fs::canonicalize(dir).with_context(|| format!("{}", dir.display()))?;
@@ -145,9 +148,10 @@ fn run(dir: &Path, runs: usize) -> anyhow::Result<()> {
         .find(|p| p.extension().is_some_and(|e| e == "tar"))
         .context("no image archive: run `start_bench prepare DIR` first")?;
     let work = tempfile::Builder::new().prefix("beacon-bench").tempdir()?;
-    // Room for a slow boot in the emulated lab.
+    // Room for a slow boot in the emulated lab; VMs that cannot grow, so
+    // QEMU runs on microvm (its fastest machine), not its hotplug machine.
     let config = work.path().join("runtime.toml");
-    let mut runtime = "[vm]\nboot_timeout_secs = 600\n".to_string();
+    let mut runtime = format!("[vm]\nboot_timeout_secs = 600\n{FIXED_SHAPE}");
     if let Ok(params) = std::env::var("BEACON_BENCH_KERNEL_PARAMS") {
         runtime.push_str(&format!("kernel_params = {:?}\n", params));
     }

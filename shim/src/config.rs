@@ -82,14 +82,22 @@ pub struct VmSettings {
     pub boot_timeout_secs: u64,
 }
 
+/// The shape of a VM nobody sized: the system we replace's (1 vCPU of 2,
+/// 512 MiB with a 2 GiB hotplug room), so containerd's Update can grow it.
+/// Room costs no memory until used; on the QEMU backend it means QEMU's
+/// hotplug machine (q35) instead of microvm. `max_cpus = cpus` and
+/// `hotplug_memory_mib = 0` in the runtime config give a VM that cannot grow.
+pub const DEFAULT_SHAPE: (u8, u8, u64, u64) = (1, 2, 512, 2048);
+
 impl Default for VmSettings {
     fn default() -> Self {
+        let (cpus, max_cpus, memory_mib, hotplug_memory_mib) = DEFAULT_SHAPE;
         Self {
             backend: BackendKind::Kvm,
-            cpus: 1,
-            max_cpus: 1,
-            memory_mib: 512,
-            hotplug_memory_mib: 0,
+            cpus,
+            max_cpus,
+            memory_mib,
+            hotplug_memory_mib,
             kernel: None,
             initrd: None,
             kernel_params: String::new(),
@@ -365,6 +373,15 @@ pub fn runtime_options_config_path(type_url: &str, value: &[u8]) -> Option<PathB
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn an_unsized_vm_can_grow_by_default() {
+        let vm = RuntimeConfig::default().vm_for(&json!({})).expect("vm");
+        assert_eq!(
+            (vm.cpus, vm.max_cpus, vm.memory_mib, vm.hotplug_memory_mib),
+            (1, 2, 512, 2048)
+        );
+    }
 
     #[test]
     fn a_pods_resources_from_its_cri_annotations_size_the_vm() {

@@ -10,7 +10,8 @@
 //! port out of reach), metrics, pause and resume, bind mounts (read-only
 //! and read-write), a terminal with its size, SIGTERM, the QEMU backend with
 //! vhost-vsock and the VM's secret (another host user reaching either vsock
-//! backend gets nowhere), a guest kernel panic and
+//! backend gets nowhere), containerd's Tasks.Update growing and shrinking the
+//! VM on both backends, a guest kernel panic and
 //! a killed virtiofsd under running containers (non-zero exit, nothing hangs),
 //! the shim killed at a step of the Task API (`BEACON_FAULT`; the steps come
 //! from `BEACON_TEST_FAULT_STEPS`) and containerd killed and restarted under a
@@ -182,6 +183,105 @@ fn update_task(socket: &Path, id: &str, json: &str) -> Result<(), String> {
             .map(drop)
             .map_err(|s| s.message().to_string())
     })
+}
+
+/// containerd's Tasks.Update resizes the VM of container `id` on `backend`:
+/// a CPU quota of 2 and a 640 MiB limit grow a 1-vCPU, 512 MiB VM (with
+/// room for 1 more vCPU and 256 MiB) before vminitd applies them; beyond the
+/// room is refused with nothing changed; lowering them shrinks the VM after
+/// the cgroup.
+fn resize_through_update(containerd: &Containerd, id: &str, backend: &str) {
+    let o = containerd
+        .ctr(&[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            "--annotation",
+            &format!("io.beaconbox.vm.backend={backend}"),
+            "--annotation",
+            "io.beaconbox.vm.max_cpus=2",
+            "--annotation",
+            "io.beaconbox.vm.hotplug_memory_mib=256",
+            BUSYBOX_IMAGE,
+            id,
+            "sleep",
+            "600",
+        ])
+        .expect("ctr run");
+    assert!(o.status.success(), "{}", failure("resize run", &o));
+    let in_vm = |script: &str| {
+        let o = containerd
+            .ctr(&["task", "exec", "--exec-id", "look", id, "sh", "-c", script])
+            .expect("exec");
+        assert!(o.status.success(), "{}", failure(script, &o));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    // vCPUs and MemTotal in MiB as the container sees them, and its cgroup
+    // memory limit as vminitd reports it (containers here see no cgroup fs).
+    let shape = "echo $(nproc) $(awk '/^MemTotal:/{print int($2/1024)}' /proc/meminfo)";
+    let limit = || {
+        let o = containerd.ctr(&["task", "metrics", id]).expect("metrics");
+        assert!(o.status.success(), "{}", failure("metrics", &o));
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("memory.usage_limit"))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let before = in_vm(shape);
+    let update = |json: &str| update_task(&containerd.socket, id, json);
+    update(r#"{"cpu":{"quota":200000,"period":100000},"memory":{"limit":671088640}}"#)
+        .unwrap_or_else(|e| panic!("{}", failure(&format!("update: {e}"), &o)));
+    // vminitd onlines the new vCPU when the kernel announces it.
+    let mut grown = String::new();
+    for _ in 0..600 {
+        grown = in_vm(shape);
+        if grown.starts_with("2 ") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let fields: Vec<&str> = grown.split_whitespace().collect();
+    let mem_before: u64 = before
+        .split_whitespace()
+        .nth(1)
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("MemTotal before: {before:?}"));
+    assert_eq!(
+        fields.first(),
+        Some(&"2"),
+        "vCPUs after the update: {grown:?} (before: {before:?})"
+    );
+    let mem_after: u64 = fields.get(1).and_then(|m| m.parse().ok()).unwrap_or(0);
+    assert_eq!(
+        mem_after,
+        mem_before + 256,
+        "MemTotal after the update: {grown:?} (before: {before:?})"
+    );
+    assert_eq!(limit(), "671088640", "the container's memory limit");
+    let err = update(r#"{"cpu":{"quota":300000,"period":100000}}"#).expect_err("3 vCPUs > max 2");
+    assert!(err.contains("max_cpus"), "{err}");
+    let err = update(r#"{"memory":{"limit":1073741824}}"#).expect_err("beyond the room");
+    assert!(err.contains("hotplug_memory_mib"), "{err}");
+    assert_eq!(in_vm(shape), grown, "a refused update changes nothing");
+    assert_eq!(limit(), "671088640", "a refused update changes no limit");
+    update(r#"{"cpu":{"quota":100000,"period":100000},"memory":{"limit":268435456}}"#)
+        .unwrap_or_else(|e| panic!("shrink: {e}"));
+    let shrunk = in_vm(shape);
+    assert_eq!(
+        shrunk,
+        format!("1 {mem_before}"),
+        "after lowering the limits (before: {before:?}, grown: {grown:?})"
+    );
+    assert_eq!(limit(), "268435456", "the lowered memory limit");
+    let o = containerd
+        .ctr(&["task", "kill", "-s", "SIGKILL", id])
+        .expect("kill");
+    assert!(o.status.success(), "{}", failure("resize kill", &o));
+    common::wait_stopped(containerd, id);
+    common::remove(containerd, id);
+    no_shim_left(containerd, &format!("the resize on {backend}"));
 }
 
 #[test]
@@ -472,115 +572,16 @@ fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
         started.elapsed().as_secs_f64()
     );
 
-    // containerd's Tasks.Update resizes the VM: a CPU quota of 2 and a 640 MiB
-    // limit grow a 1-vCPU, 512 MiB VM (with room for 1 more vCPU and 256 MiB)
-    // before vminitd applies them; beyond the room is refused with nothing
-    // changed; lowering them shrinks the VM after the cgroup.
-    let started = Instant::now();
-    let o = containerd
-        .ctr(&[
-            "run",
-            "-d",
-            "--runtime",
-            RUNTIME,
-            "--annotation",
-            "io.beaconbox.vm.max_cpus=2",
-            "--annotation",
-            "io.beaconbox.vm.hotplug_memory_mib=256",
-            BUSYBOX_IMAGE,
-            "up1",
-            "sleep",
-            "600",
-        ])
-        .expect("ctr run");
-    assert!(o.status.success(), "{}", failure("resize run", &o));
-    let in_up1 = |script: &str| {
-        let o = containerd
-            .ctr(&[
-                "task",
-                "exec",
-                "--exec-id",
-                "look",
-                "up1",
-                "sh",
-                "-c",
-                script,
-            ])
-            .expect("exec");
-        assert!(o.status.success(), "{}", failure(script, &o));
-        String::from_utf8_lossy(&o.stdout).trim().to_string()
-    };
-    // vCPUs and MemTotal in MiB as the container sees them, and its cgroup
-    // memory limit as vminitd reports it (containers here see no cgroup fs).
-    let shape = "echo $(nproc) $(awk '/^MemTotal:/{print int($2/1024)}' /proc/meminfo)";
-    let limit = || {
-        let o = containerd
-            .ctr(&["task", "metrics", "up1"])
-            .expect("metrics");
-        assert!(o.status.success(), "{}", failure("metrics", &o));
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix("memory.usage_limit"))
-            .map(|v| v.trim().to_string())
-            .unwrap_or_default()
-    };
-    let before = in_up1(shape);
-    let update = |json: &str| update_task(&containerd.socket, "up1", json);
-    update(r#"{"cpu":{"quota":200000,"period":100000},"memory":{"limit":671088640}}"#)
-        .unwrap_or_else(|e| panic!("{}", failure(&format!("update: {e}"), &o)));
-    // vminitd onlines the new vCPU when the kernel announces it.
-    let mut grown = String::new();
-    for _ in 0..600 {
-        grown = in_up1(shape);
-        if grown.starts_with("2 ") {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
+    // containerd's Tasks.Update resizes the VM, on both backends (QEMU's
+    // through QMP, on its hotplug machine).
+    for (id, backend) in [("up1", "kvm"), ("uq1", "qemu")] {
+        let started = Instant::now();
+        resize_through_update(&containerd, id, backend);
+        eprintln!(
+            "resize through Tasks.Update on {backend} (1 VM): {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
     }
-    let fields: Vec<&str> = grown.split_whitespace().collect();
-    let mem_before: u64 = before
-        .split_whitespace()
-        .nth(1)
-        .and_then(|m| m.parse().ok())
-        .unwrap_or_else(|| panic!("MemTotal before: {before:?}"));
-    assert_eq!(
-        fields.first(),
-        Some(&"2"),
-        "vCPUs after the update: {grown:?} (before: {before:?})"
-    );
-    let mem_after: u64 = fields.get(1).and_then(|m| m.parse().ok()).unwrap_or(0);
-    assert_eq!(
-        mem_after,
-        mem_before + 256,
-        "MemTotal after the update: {grown:?} (before: {before:?})"
-    );
-    assert_eq!(limit(), "671088640", "the container's memory limit");
-    let err = update(r#"{"cpu":{"quota":300000,"period":100000}}"#).expect_err("3 vCPUs > max 2");
-    assert!(err.contains("max_cpus"), "{err}");
-    let err = update(r#"{"memory":{"limit":1073741824}}"#).expect_err("beyond the room");
-    assert!(err.contains("hotplug_memory_mib"), "{err}");
-    assert_eq!(in_up1(shape), grown, "a refused update changes nothing");
-    assert_eq!(limit(), "671088640", "a refused update changes no limit");
-    update(r#"{"cpu":{"quota":100000,"period":100000},"memory":{"limit":268435456}}"#)
-        .unwrap_or_else(|e| panic!("shrink: {e}"));
-    let shrunk = in_up1(shape);
-    assert_eq!(
-        shrunk,
-        format!("1 {mem_before}"),
-        "after lowering the limits (before: {before:?}, grown: {grown:?})"
-    );
-    assert_eq!(limit(), "268435456", "the lowered memory limit");
-    let o = containerd
-        .ctr(&["task", "kill", "-s", "SIGKILL", "up1"])
-        .expect("kill");
-    assert!(o.status.success(), "{}", failure("resize kill", &o));
-    common::wait_stopped(&containerd, "up1");
-    common::remove(&containerd, "up1");
-    no_shim_left(&containerd, "the resize");
-    eprintln!(
-        "resize through Tasks.Update (1 VM): {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
 
     // The guest or its file server dies under a running container: the task
     // exits non-zero, ctr returns, and (checked at the end) nothing is left.
