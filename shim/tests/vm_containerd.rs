@@ -191,6 +191,7 @@ fn update_task(socket: &Path, id: &str, json: &str) -> Result<(), String> {
 /// room is refused with nothing changed; lowering them shrinks the VM after
 /// the cgroup.
 fn resize_through_update(containerd: &Containerd, id: &str, backend: &str) {
+    let failure = |what: &str, o: &std::process::Output| common::failure(containerd, what, o);
     let o = containerd
         .ctr(&[
             "run",
