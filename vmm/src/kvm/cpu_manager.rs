@@ -294,11 +294,11 @@ impl CpuManager {
             },
             target,
         )?;
+        // Checked above: a VM with room has its hotplug devices.
         let Some(hotplug) = &self.hotplug else {
-            return Err(VmError::Unsupported(format!(
-                "this VM was started without room for more vCPUs (--max-cpus equal to --cpus: {}); start it with a higher --max-cpus",
-                self.setup.max
-            )));
+            return Err(VmError::Unsupported(
+                "this VM has no CPU hotplug device".into(),
+            ));
         };
         let current = self.online();
         if target == current {

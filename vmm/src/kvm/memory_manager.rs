@@ -155,9 +155,10 @@ impl MemoryManager {
             hotplug_mib: self.max_mib() - self.boot_mib,
         };
         let want = crate::resize::memory_blocks_for(shape, total_mib)?;
+        // Checked above: a VM with a room has its hotplug devices.
         let Some(wiring) = &self.wiring else {
             return Err(VmError::Unsupported(
-                "this VM was started without a memory hotplug room (--hotplug-memory 0); start it with one".into(),
+                "this VM has no memory hotplug device".into(),
             ));
         };
         let (free, plugged): (Vec<usize>, Vec<usize>) = {

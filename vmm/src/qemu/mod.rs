@@ -520,7 +520,6 @@ impl VmBackend for QemuVm {
     }
 
     fn resize_vcpus(&self, target: u8) -> Result<u8, VmError> {
-        crate::resize::check_vcpu_target(self.config.vcpus, target)?;
         let qmp = self.running_qmp("resize")?;
         self.hotplug.resize_vcpus(&qmp, target)
     }
@@ -534,7 +533,6 @@ impl VmBackend for QemuVm {
     }
 
     fn resize_memory(&self, total_mib: u64) -> Result<u64, VmError> {
-        crate::resize::memory_blocks_for(self.config.memory, total_mib)?;
         let qmp = self.running_qmp("resize")?;
         self.hotplug.resize_memory(&qmp, total_mib)
     }
