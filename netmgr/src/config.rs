@@ -31,6 +31,19 @@ pub const PORTFWD_TABLE: &str = "beacon_portfwd";
 pub const NFT_ENV: &str = "BEACON_NFT";
 /// The `nft` program when [`NFT_ENV`] is unset.
 pub const DEFAULT_NFT: &str = "nft";
+
+/// The `nft` program to run: [`NFT_ENV`] as `lookup` gives it (empty counts
+/// as unset), else [`DEFAULT_NFT`]. The one place that reads the variable.
+pub fn nft_program(lookup: impl Fn(&str) -> Option<String>) -> String {
+    lookup(NFT_ENV)
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| DEFAULT_NFT.to_string())
+}
+
+/// [`nft_program`] from the process environment.
+pub fn nft_program_from_env() -> String {
+    nft_program(|k| std::env::var(k).ok())
+}
 /// File (under `$BEACON_RUN_DIR`) whose `flock` serialises rebuilds of
 /// [`GUARD_TABLE`] across processes.
 pub const FIREWALL_LOCK_FILE: &str = "firewall.lock";
@@ -247,9 +260,7 @@ impl NetConfig {
         if let Some(bridge) = lookup("BEACON_BRIDGE") {
             cfg.bridge = bridge;
         }
-        if let Some(nft) = lookup(NFT_ENV) {
-            cfg.nft_program = nft;
-        }
+        cfg.nft_program = nft_program(&lookup);
         cfg.dns = match lookup("BEACON_DNS") {
             Some(list) => parse_dns_list(&list)?,
             None => host_nameservers(),

@@ -33,7 +33,7 @@ use serde_json::json;
 
 use super::{netns, redirect};
 use crate::attachment::NetworkAttachment;
-use crate::config::{DEFAULT_NFT, NFT_ENV, PORTFWD_TABLE};
+use crate::config::{nft_program_from_env, PORTFWD_TABLE};
 use crate::error::{NetError, Result};
 use crate::{firewall, link, naming};
 
@@ -280,7 +280,7 @@ pub fn detach(pod: &PodAttachment) -> Result<()> {
         let unplugged = remove_ingress(&h, &interface).await;
         // Adding and deleting in one batch: no error when it was never made.
         let dropped = firewall::apply(
-            &nft_program(),
+            &nft_program_from_env(),
             "removing the pod's port forward table",
             json!({"nftables": [
                 {"add": {"table": {"family": "ip", "name": PORTFWD_TABLE}}},
@@ -289,14 +289,6 @@ pub fn detach(pod: &PodAttachment) -> Result<()> {
         );
         unplugged.and(dropped)
     })
-}
-
-/// The `nft` program ([`NFT_ENV`], else [`DEFAULT_NFT`]).
-fn nft_program() -> String {
-    std::env::var(NFT_ENV)
-        .ok()
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| DEFAULT_NFT.to_string())
 }
 
 /// The batch that makes [`PORTFWD_TABLE`] redirect every new TCP connection
@@ -341,7 +333,7 @@ pub fn forward_localhost(netns: &Path) -> Result<std::net::TcpListener> {
             .port();
         // nft runs as a child of this thread, so in its namespace.
         firewall::apply(
-            &nft_program(),
+            &nft_program_from_env(),
             "adding the pod's port forward table",
             portfwd_ruleset(port),
         )?;
