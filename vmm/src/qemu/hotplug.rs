@@ -450,6 +450,169 @@ impl Hotplug {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+    use std::sync::Arc;
+
+    /// How the fake QEMU's guest answers additions.
+    #[derive(Clone, Copy)]
+    enum FakeGuest {
+        /// Never (no `_OST`).
+        Silent,
+        /// `_OST` insertion with this status.
+        Answers(u64),
+    }
+
+    /// A fake QEMU on a QMP socket: one boot vCPU and one free slot, no
+    /// DIMMs; `device_add` plugs (and the guest answers as `guest` says),
+    /// `device_del` is only recorded (the guest never ejects). Returns the
+    /// client and the commands QEMU received (with their arguments).
+    fn fake_qemu(dir: &std::path::Path, guest: FakeGuest) -> (Qmp, Arc<Mutex<Vec<Value>>>) {
+        let path = dir.join("qmp.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            let mut r = BufReader::new(s.try_clone().expect("clone"));
+            writeln!(s, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).expect("greet");
+            let mut plugged: Vec<String> = Vec::new();
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap_or(0) > 0 {
+                let cmd: Value = serde_json::from_str(line.trim()).expect("QMP command");
+                line.clear();
+                beacon_common::lock(&log).push(cmd.clone());
+                let args = cmd.get("arguments").cloned().unwrap_or(json!({}));
+                let reply = match cmd["execute"].as_str().unwrap_or_default() {
+                    "query-hotpluggable-cpus" => {
+                        let mut slots = vec![json!({"type": "host-x86_64-cpu",
+                            "props": {"socket-id": 0, "core-id": 0, "thread-id": 0},
+                            "qom-path": "/machine/unattached/device[0]"})];
+                        let mut free = json!({"type": "host-x86_64-cpu",
+                            "props": {"socket-id": 1, "core-id": 0, "thread-id": 0}});
+                        if let Some(id) = plugged.iter().find(|i| i.starts_with(CPU_ID)) {
+                            free["qom-path"] = json!(format!("/machine/peripheral/{id}"));
+                        }
+                        slots.push(free);
+                        json!(slots)
+                    }
+                    "query-memory-devices" => json!(plugged
+                        .iter()
+                        .filter(|i| i.starts_with(DIMM_ID))
+                        .map(|i| json!({"type": "dimm", "data": {"id": i, "size": 134217728u64}}))
+                        .collect::<Vec<_>>()),
+                    "device_add" => {
+                        let id = args["id"].as_str().unwrap_or_default().to_string();
+                        plugged.push(id.clone());
+                        if let FakeGuest::Answers(status) = guest {
+                            writeln!(
+                                s,
+                                "{}",
+                                json!({"event": "ACPI_DEVICE_OST", "data": {"info":
+                                {"device": id, "source": OST_INSERT, "status": status}}})
+                            )
+                            .expect("ost");
+                        }
+                        json!({})
+                    }
+                    _ => json!({}),
+                };
+                writeln!(s, "{}", json!({ "return": reply })).expect("reply");
+            }
+        });
+        let qmp = Qmp::connect(&path, Duration::from_secs(5)).expect("connect");
+        (qmp, seen)
+    }
+
+    /// The commands named `execute` and their `id` arguments.
+    fn ids_of(seen: &Mutex<Vec<Value>>, execute: &str) -> Vec<String> {
+        beacon_common::lock(seen)
+            .iter()
+            .filter(|c| c["execute"] == execute)
+            .filter_map(|c| c["arguments"]["id"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    fn hotplug() -> Hotplug {
+        let mut h = Hotplug::new(
+            VcpuConfig { boot: 1, max: 2 },
+            MemoryConfig {
+                size_mib: 512,
+                hotplug_mib: 256,
+            },
+        );
+        h.ack_timeout = Duration::from_millis(300);
+        h
+    }
+
+    /// A guest that never answers: the request fails after the timeout,
+    /// says what is left, and asks QEMU to take the devices back.
+    #[test]
+    fn a_guest_that_never_answers_is_reported_and_asked_to_eject() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (qmp, seen) = fake_qemu(dir.path(), FakeGuest::Silent);
+        let h = hotplug();
+        let err = h.resize_vcpus(&qmp, 2).expect_err("no answer").to_string();
+        assert!(err.contains("did not answer for beacon-cpu0"), "{err}");
+        assert!(err.contains("asked QEMU to take back beacon-cpu0"), "{err}");
+        assert_eq!(ids_of(&seen, "device_del"), ["beacon-cpu0"]);
+        // The figure is what QEMU holds: plugged until the guest ejects it.
+        assert_eq!(h.vcpus(), 2);
+
+        let err = h
+            .resize_memory(&qmp, 768)
+            .expect_err("no answer")
+            .to_string();
+        assert!(
+            err.contains("did not answer for beacon-dimm0, beacon-dimm1"),
+            "{err}"
+        );
+        assert!(
+            err.contains("(does its kernel have ACPI memory hotplug?)"),
+            "{err}"
+        );
+        assert_eq!(
+            ids_of(&seen, "device_del"),
+            ["beacon-cpu0", "beacon-dimm0", "beacon-dimm1"]
+        );
+        assert_eq!(ids_of(&seen, "object-add"), ["beacon-ram0", "beacon-ram1"]);
+    }
+
+    /// A guest that refuses an addition (an `_OST` failure): reported at once.
+    #[test]
+    fn a_refused_addition_is_reported_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (qmp, seen) = fake_qemu(dir.path(), FakeGuest::Answers(1));
+        let mut h = hotplug();
+        h.ack_timeout = Duration::from_secs(60);
+        let start = Instant::now();
+        let err = h.resize_vcpus(&qmp, 2).expect_err("refused").to_string();
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "waited for the timeout"
+        );
+        assert!(
+            err.contains("the guest refused beacon-cpu0 (ACPI _OST status 0x1)"),
+            "{err}"
+        );
+        assert_eq!(ids_of(&seen, "device_del"), ["beacon-cpu0"]);
+    }
+
+    /// A guest that acknowledges: the new figures, nothing taken back.
+    #[test]
+    fn an_acknowledged_addition_counts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (qmp, seen) = fake_qemu(dir.path(), FakeGuest::Answers(0));
+        let h = hotplug();
+        assert_eq!(h.resize_vcpus(&qmp, 2).expect("added"), 2);
+        assert_eq!(h.resize_memory(&qmp, 768).expect("added"), 768);
+        assert!(ids_of(&seen, "device_del").is_empty());
+        // Out of range: refused before QEMU is asked for anything.
+        let before = beacon_common::lock(&seen).len();
+        assert!(h.resize_vcpus(&qmp, 3).is_err());
+        assert!(h.resize_memory(&qmp, 700).is_err());
+        assert_eq!(beacon_common::lock(&seen).len(), before);
+    }
 
     #[test]
     fn cpu_slots_are_read_from_qemus_reply() {
