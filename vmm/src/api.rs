@@ -4,8 +4,10 @@
 //! One JSON object per line each way, on a unix socket only its owner may use
 //! (mode 0600). Requests: `{"op":"info"}`,
 //! `{"op":"resize","cpus":N,"memory_mib":M}` (either or both; `memory_mib` is
-//! the new total) and `{"op":"devices"}` (every virtio device's transport and
-//! ring state, [`VirtioReport`], for a stalled device); replies:
+//! the new total), `{"op":"pause"}` and `{"op":"resume"}` (stop and restart
+//! the vCPUs; a paused VM refuses resizes) and `{"op":"devices"}` (every
+//! virtio device's transport and ring state, [`VirtioReport`], for a stalled
+//! device); replies:
 //! `{"ok":true,...}` with the VM's figures, or `{"ok":false,"error":
 //! "..."}`. A request line longer than [`MAX_REQUEST`] bytes, one that is not
 //! JSON or names an unknown operation gets an error reply; the VM keeps
@@ -47,6 +49,10 @@ pub enum Request {
     },
     /// The virtio devices' state ([`VirtioReport`]).
     Devices {},
+    /// Stop the vCPUs ([`VmBackend::pause`]).
+    Pause {},
+    /// Restart them ([`VmBackend::resume`]).
+    Resume {},
 }
 
 /// The VM's figures, in every successful reply.
@@ -121,7 +127,7 @@ pub fn handle(vm: &dyn VmBackend, line: &str) -> Reply {
         Ok(r) => r,
         Err(e) => {
             return failure(format!(
-                "not a request ({e}); send {{\"op\":\"info\"}}, {{\"op\":\"resize\",\"cpus\":N,\"memory_mib\":M}} or {{\"op\":\"devices\"}}"
+                "not a request ({e}); send {{\"op\":\"info\"}}, {{\"op\":\"resize\",\"cpus\":N,\"memory_mib\":M}}, {{\"op\":\"pause\"}}, {{\"op\":\"resume\"}} or {{\"op\":\"devices\"}}"
             ))
         }
     };
@@ -129,6 +135,8 @@ pub fn handle(vm: &dyn VmBackend, line: &str) -> Reply {
     let outcome = match request {
         Request::Info {} => Ok(()),
         Request::Devices {} => vm.virtio_report().map(|d| devices = Some(d)),
+        Request::Pause {} => vm.pause(),
+        Request::Resume {} => vm.resume(),
         Request::Resize {
             cpus: None,
             memory_mib: None,
@@ -276,6 +284,20 @@ mod tests {
     struct FakeVm {
         vcpus: Mutex<u8>,
         memory: Mutex<u64>,
+        paused: Mutex<bool>,
+    }
+
+    impl FakeVm {
+        fn running(&self) -> Result<(), VmError> {
+            if *beacon_common::lock(&self.paused) {
+                return Err(VmError::WrongState {
+                    operation: "resize",
+                    expected: "running",
+                    actual: "paused",
+                });
+            }
+            Ok(())
+        }
     }
 
     impl VmBackend for FakeVm {
@@ -295,9 +317,11 @@ mod tests {
             Ok(())
         }
         fn pause(&self) -> Result<(), VmError> {
+            *beacon_common::lock(&self.paused) = true;
             Ok(())
         }
         fn resume(&self) -> Result<(), VmError> {
+            *beacon_common::lock(&self.paused) = false;
             Ok(())
         }
         fn vcpu_count(&self) -> u8 {
@@ -307,6 +331,7 @@ mod tests {
             4
         }
         fn resize_vcpus(&self, target: u8) -> Result<u8, VmError> {
+            self.running()?;
             if target == 0 || target > 4 {
                 return Err(VmError::Unsupported(format!("{target} is out of range")));
             }
@@ -320,6 +345,7 @@ mod tests {
             512
         }
         fn resize_memory(&self, total_mib: u64) -> Result<u64, VmError> {
+            self.running()?;
             if !(256..=512).contains(&total_mib) || !total_mib.is_multiple_of(128) {
                 return Err(VmError::Unsupported(format!(
                     "{total_mib} MiB is out of range"
@@ -337,6 +363,7 @@ mod tests {
         Arc::new(FakeVm {
             vcpus: Mutex::new(1),
             memory: Mutex::new(256),
+            paused: Mutex::new(false),
         })
     }
 
@@ -363,6 +390,16 @@ mod tests {
         let r = handle(vm.as_ref(), r#"{"op":"resize","memory_mib":512,"cpus":2}"#);
         assert!(r.ok, "{r:?}");
         assert_eq!((vm.vcpu_count(), vm.memory_mib()), (2, 512));
+        // Paused, a resize is refused with the state; resumed, it works.
+        assert!(handle(vm.as_ref(), r#"{"op":"pause"}"#).ok);
+        let r = handle(vm.as_ref(), r#"{"op":"resize","cpus":1}"#);
+        assert!(
+            !r.ok && r.error.as_deref().unwrap_or_default().contains("paused"),
+            "{r:?}"
+        );
+        assert!(handle(vm.as_ref(), r#"{"op":"resume"}"#).ok);
+        assert!(handle(vm.as_ref(), r#"{"op":"resize","cpus":1}"#).ok);
+        assert!(handle(vm.as_ref(), r#"{"op":"resize","cpus":2}"#).ok);
         // A backend without device reports says so (the KVM backend's are
         // checked with a real VM in kvm::tests).
         let r = handle(vm.as_ref(), r#"{"op":"devices"}"#);
@@ -377,6 +414,7 @@ mod tests {
             r#"{"op":"resize","cpus":1000}"#,
             r#"{"op":"info","extra":1}"#,
             r#"{"op":"devices","queue":1}"#,
+            r#"{"op":"pause","now":true}"#,
             r#"{"op":"resize","memory_mib":-5}"#,
             r#"{"op":"resize","memory_mib":"lots"}"#,
         ] {

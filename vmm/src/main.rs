@@ -49,6 +49,10 @@ enum CtlAction {
     /// Print every virtio device's transport and ring state as JSON (why is
     /// a device stalled?).
     Devices,
+    /// Stop the VM's vCPUs (a paused VM refuses resizes).
+    Pause,
+    /// Restart a paused VM's vCPUs.
+    Resume,
     /// Hot-add or hot-remove vCPUs and memory: --cpus N and --memory MiB
     /// are the new totals (either or both).
     #[command(arg_required_else_help = true)]
@@ -200,6 +204,8 @@ fn ctl_main(ctl: CtlArgs) -> ExitCode {
     let request = match ctl.action {
         CtlAction::Info => beacon_vmm::api::Request::Info {},
         CtlAction::Devices => beacon_vmm::api::Request::Devices {},
+        CtlAction::Pause => beacon_vmm::api::Request::Pause {},
+        CtlAction::Resume => beacon_vmm::api::Request::Resume {},
         CtlAction::Resize { cpus, memory } => beacon_vmm::api::Request::Resize {
             cpus,
             memory_mib: memory,

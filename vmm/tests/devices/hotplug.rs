@@ -4,7 +4,8 @@
 //! runs. The boot serves the one socket ([`api_socket_args`], at
 //! `$CASE_WORK/api.sock`), so both parts can share a boot.
 //!
-//! The host refuses a resize to 0 and beyond the maximum, then adds vCPUs up
+//! The host refuses a resize to 0 and beyond the maximum, and one while the
+//! VM is paused (`ctl pause`, then `ctl resume`), then adds vCPUs up
 //! to the maximum (retrying while the guest is still booting: a request waits
 //! for the guest's acknowledgement and is undone without it). The guest sees
 //! the new CPUs appear, onlines them, `nproc` says the maximum, and it spins
@@ -98,6 +99,14 @@ hp_job() {{
         i=$((i + 1)); [ $i -gt 18000 ] && {{ echo "HOTPLUG-HOST-GUEST-NEVER-CAME"; return 1; }}
         sleep 0.1
     done
+    # A paused VM refuses a resize, says why, and grows once resumed.
+    if out=$(ctl pause); then
+        out=$(ctl resize --cpus {max}); rc=$?
+        [ $rc -eq 1 ] && echo "$out" | grep -q paused && echo "HOTPLUG-HOST-REFUSED-PAUSED" || echo "HOTPLUG-HOST-PAUSED-NOT-REFUSED ($rc) $out"
+        ctl resume >/dev/null || echo "HOTPLUG-HOST-RESUME-FAILED"
+    else
+        echo "HOTPLUG-HOST-PAUSE-FAILED $out"
+    fi
     {devices_check}
     added=""
     for attempt in 1 2 3 4 5; do
@@ -165,6 +174,7 @@ echo "HOTPLUG-GUEST-REMOVED $n"
     let mut expect: Vec<String> = vec![
         "HOTPLUG-HOST-REFUSED-ZERO".into(),
         "HOTPLUG-HOST-REFUSED-TOO-MANY".into(),
+        "HOTPLUG-HOST-REFUSED-PAUSED".into(),
         "HOTPLUG-HOST-ADDED".into(),
         format!("HOTPLUG-GUEST-ONLINE {max}"),
         format!("HOTPLUG-HOST-BUSY-SEEN on vCPU {last}"),
