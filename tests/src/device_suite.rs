@@ -342,7 +342,7 @@ pub fn run_in_one_lab(
                 // allowlist ends the boot with 159 and names the thread class
                 // and the call in the VMM's log.
                 let body = format!(
-                    "export CASE={} WORK={} CASE_WORK={} BACKEND={backend} GUEST_KERNEL={kname}\nexport CONSOLE=\"$CASE_WORK/console.out\" BEACON_SECCOMP=trap\n{warm}{}\nNO_COLOR=1 {} >\"$CONSOLE\" 2>\"$CASE_WORK/vmm.log\"\nrc=$?\ncat \"$CONSOLE\"\necho '{VMM_LOG}'\ncat \"$CASE_WORK/vmm.log\"\necho '{VMM_LOG_END}'\n{}\n[ $? -eq 0 ] || {{ echo HOST-AFTER-FAILED; [ $rc -ne 0 ] || rc=99; }}\n(exit $rc)",
+                    "export CASE={} WORK={} CASE_WORK={} BACKEND={backend} GUEST_KERNEL={kname}\nexport CONSOLE=\"$CASE_WORK/console.out\" BEACON_SECCOMP=trap\necho \"{CASE_TIME} start $(cut -d' ' -f1 /proc/uptime)\"\n{warm}{}\necho \"{CASE_TIME} vmm $(cut -d' ' -f1 /proc/uptime)\"\nNO_COLOR=1 {} >\"$CONSOLE\" 2>\"$CASE_WORK/vmm.log\"\nrc=$?\necho \"{CASE_TIME} vmm-end $(cut -d' ' -f1 /proc/uptime)\"\ncat \"$CONSOLE\"\necho '{VMM_LOG}'\ncat \"$CASE_WORK/vmm.log\"\necho '{VMM_LOG_END}'\n{}\n[ $? -eq 0 ] || {{ echo HOST-AFTER-FAILED; [ $rc -ne 0 ] || rc=99; }}\necho \"{CASE_TIME} end $(cut -d' ' -f1 /proc/uptime)\"\n(exit $rc)",
                     sh_quote(&name),
                     sh_quote(&work_s),
                     sh_quote(&work_s),
@@ -393,6 +393,7 @@ pub fn run_in_one_lab(
             problems,
         });
     }
+    eprintln!("{}", timings(&results));
     eprintln!(
         "{} device boots and {} other sections in {:.1} s",
         results.len(),
@@ -400,6 +401,47 @@ pub fn run_in_one_lab(
         out.elapsed.as_secs_f64()
     );
     (results, out)
+}
+
+/// Lines the lab prints before and after each boot (the lab's uptime).
+const CASE_TIME: &str = "BEACON-CASE-TIME";
+
+/// Where each boot's time went, for the suite's output (`--nocapture`): the
+/// boot's wall time in the lab and the guest's uptime at the end of each part.
+fn timings(results: &[CaseResult]) -> String {
+    let mut out = String::from("device suite timings (lab seconds; guest uptime after each part):");
+    for r in results {
+        let at = |what: &str| {
+            let tag = format!("{CASE_TIME} {what} ");
+            r.output
+                .lines()
+                .find_map(|l| l.strip_prefix(&tag))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        };
+        let span = |a: &str, b: &str| match (at(a), at(b)) {
+            (Some(a), Some(b)) => format!("{:.1}", b - a),
+            _ => "?".to_string(),
+        };
+        let wall = format!(
+            "{} (host before {}, VM {}, host after {})",
+            span("start", "end"),
+            span("start", "vmm"),
+            span("vmm", "vmm-end"),
+            span("vmm-end", "end")
+        );
+        let parts: Vec<String> = r
+            .output
+            .lines()
+            .filter(|l| l.contains("=== PART-GUEST-END ["))
+            .filter_map(|l| {
+                let name = l.split('[').nth(1)?.split(']').next()?;
+                let secs = l.split(" at ").nth(1)?.trim_end_matches(" s");
+                Some(format!("{name} {secs}"))
+            })
+            .collect();
+        out.push_str(&format!("\n  {}: {wall} s; {}", r.name, parts.join(", ")));
+    }
+    out
 }
 
 /// The byte ranges of `text` between `begin` and `end` lines (each `end`
