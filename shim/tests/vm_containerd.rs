@@ -285,6 +285,8 @@ fn resize_through_update(containerd: &Containerd, id: &str, backend: &str) {
     no_shim_left(containerd, &format!("the resize on {backend}"));
 }
 
+// tests/run-all runs this in its vm lane and skips it by this name in its
+// main lane: keep the name, or change it there too.
 #[test]
 fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
     let Some(share) = common::vm_test_here(

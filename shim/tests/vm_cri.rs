@@ -143,6 +143,8 @@ fn http_get(addr: &str, path: &str) -> Result<String, String> {
         .unwrap_or(reply))
 }
 
+// tests/run-all runs this in its vm lane and skips it by this name in its
+// main lane: keep the name, or change it there too.
 #[test]
 fn cri_pods_run_in_one_microvm_per_pod() {
     let Some(share) = common::vm_test_here("cri_pods_run_in_one_microvm_per_pod", &[]) else {
