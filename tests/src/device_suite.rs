@@ -247,6 +247,10 @@ pub struct RawSection {
 #[derive(Debug, Clone)]
 pub struct CaseResult {
     pub name: String,
+    /// The scenario's name (`dev1`, ...), backend and guest kernel.
+    pub boot: &'static str,
+    pub backend: &'static str,
+    pub kernel: GuestKernel,
     pub output: String,
     pub problems: Vec<String>,
 }
@@ -274,7 +278,7 @@ pub fn run_in_one_lab(
     let tmp = lab_visible_tempdir().expect("tempdir");
 
     let mut script = String::from("set +e\n");
-    let mut cases: Vec<(String, &Scenario)> = Vec::new();
+    let mut cases: Vec<(String, &Scenario, &'static str, GuestKernel)> = Vec::new();
     for (i, s) in scenarios.iter().enumerate() {
         for &kernel in &s.kernels {
             let kname = kernel.name();
@@ -351,7 +355,7 @@ pub fn run_in_one_lab(
                     if s.host_after.is_empty() { "true" } else { s.host_after.as_str() },
                 );
                 script.push_str(&sh_section(&name, &format!("(\n{body}\n)")));
-                cases.push((name, s));
+                cases.push((name, s, backend, kernel));
             }
         }
     }
@@ -367,7 +371,7 @@ pub fn run_in_one_lab(
     .expect("lab run");
 
     let mut results = Vec::new();
-    for (name, s) in cases {
+    for (name, s, backend, kernel) in cases {
         let text = section(&out.output, &name).unwrap_or_default().to_string();
         let mut problems = Vec::new();
         match section_exit_code(&out.output, &name) {
@@ -389,11 +393,15 @@ pub fn run_in_one_lab(
         problems.extend(part_problems(&text, &s.parts));
         results.push(CaseResult {
             name,
+            boot: s.name,
+            backend,
+            kernel,
             output: text,
             problems,
         });
     }
     eprintln!("{}", timings(&results));
+    eprintln!("{}", matrix(&results));
     eprintln!(
         "{} device boots and {} other sections in {:.1} s",
         results.len(),
@@ -442,6 +450,39 @@ fn timings(results: &[CaseResult]) -> String {
         out.push_str(&format!("\n  {}: {wall} s; {}", r.name, parts.join(", ")));
     }
     out
+}
+
+/// The lab seconds one boot took, host jobs before and after included.
+fn case_seconds(r: &CaseResult) -> Option<f64> {
+    let at = |what: &str| {
+        let tag = format!("{CASE_TIME} {what} ");
+        r.output
+            .lines()
+            .find_map(|l| l.strip_prefix(&tag))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    Some(at("end")? - at("start")?)
+}
+
+/// Prefix of [`matrix`]'s lines (`make matrix` collects them).
+pub const MATRIX_LINE: &str = "MATRIX";
+
+/// One line per boot: backend, kernel, boot, pass or FAIL, lab seconds.
+pub fn matrix(results: &[CaseResult]) -> String {
+    results
+        .iter()
+        .map(|r| {
+            format!(
+                "{MATRIX_LINE} {:<6} {:<9} {:<5} {:<5} {}",
+                r.backend,
+                r.kernel.name(),
+                r.boot,
+                if r.problems.is_empty() { "pass" } else { "FAIL" },
+                case_seconds(r).map_or("?".to_string(), |s| format!("{s:.1}"))
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The byte ranges of `text` between `begin` and `end` lines (each `end`
