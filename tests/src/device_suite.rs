@@ -477,7 +477,11 @@ pub fn matrix(results: &[CaseResult]) -> String {
                 r.backend,
                 r.kernel.name(),
                 r.boot,
-                if r.problems.is_empty() { "pass" } else { "FAIL" },
+                if r.problems.is_empty() {
+                    "pass"
+                } else {
+                    "FAIL"
+                },
                 case_seconds(r).map_or("?".to_string(), |s| format!("{s:.1}"))
             )
         })
