@@ -200,8 +200,9 @@ echo "HOTPLUG-GUEST-REMOVED $n"
 /// (at least two blocks): the host refuses sizes that
 /// are not whole blocks or beyond the room, adds the room; the guest sees
 /// MemTotal grow and a Movable zone of that size (the VMM puts
-/// `memhp_default_state=online_movable` on the command line), fills most of
-/// it from a tmpfs, and reads a file from a virtio-fs share with its page
+/// `memhp_default_state=online_movable` on the command line), fills half of
+/// it from a tmpfs (at least a quarter must land there), and reads a 16 MiB
+/// file from a virtio-fs share with its page
 /// cache in the new memory (so virtiofsd writes into the hot-added region:
 /// its memory table was updated). Then the host removes the room again:
 /// the guest offlines and ejects the blocks, MemTotal is back, the VMM (our
@@ -219,7 +220,7 @@ pub fn memory_part(boot_mib: u64, room_mib: u64, backend: &'static str) -> Scena
     let host_before = format!(
         r#"{HOST_HELPERS}
 mkdir -p "$WORK/share"
-head -c 48M /dev/urandom >"$WORK/share/data"
+head -c 16M /dev/urandom >"$WORK/share/data"
 md5sum <"$WORK/share/data" | cut -d' ' -f1 >"$WORK/share/data.md5"
 mem_job() {{
     sock="$CASE_WORK/api.sock"
@@ -280,7 +281,8 @@ until [ "$(zone present)" = {room_pages} ]; do
 done
 echo "MEMHP-GUEST-MOVABLE $(zone present) pages, MemTotal $(total_kib) kB"
 [ "$(total_kib)" -gt $(({boot_mib} * 1024)) ] || {{ echo "MEMHP-MEMTOTAL-DID-NOT-GROW"; exit 1; }}
-# A process fills most of the new memory (tmpfs pages are movable).
+# A process fills half of the new memory (tmpfs pages are movable, and
+# movable allocations take the Movable zone first).
 free0=$(zone free)
 mkdir -p /tmp/memhp && mount -t tmpfs -o size={room_mib}m tmpfs /tmp/memhp || exit 1
 dd if=/dev/zero of=/tmp/memhp/fill bs=1M count={fill} 2>/dev/null || {{ echo "MEMHP-FILL-FAILED"; exit 1; }}
@@ -313,8 +315,8 @@ sum=$(md5sum </mnt/hpmem/data | cut -d' ' -f1)
 echo "MEMHP-GUEST-FS-AFTER-REMOVE-OK"
 umount /mnt/hpmem
 "#,
-        fill = room_mib * 3 / 4,
-        fill_min = room_mib / 2,
+        fill = room_mib / 2,
+        fill_min = room_mib / 4,
     );
     Scenario {
         name: "memory-hotplug",

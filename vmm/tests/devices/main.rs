@@ -29,11 +29,13 @@
 //! beacon kernel; those that need no KVM (bad images, bad QEMU input) are
 //! plain tests on the host. `cargo test -p beacon-vmm --test devices`.
 //!
-//! Where the time goes in the lab: a boot to init takes 10 to 60 s; the two
-//! boots with 32 MiB vsock streams (our device, beacon kernel: hybrid and
-//! vhost) spend under a minute each on them, the four with 8 MiB streams
-//! far less; the other parts take seconds to tens of seconds each (the guest
-//! prints its uptime at the end of every part).
+//! Where the time goes in the lab (the suite prints each boot's figures and
+//! `MATRIX` lines; see them with `--nocapture`, as `make test` runs it): in
+//! a CI-like run beside the other lanes, `dev1` on our VMM took about 345 s
+//! (vsock 85 to 130 s with 32 MiB streams, now 16 MiB; memory hotplug 80 to
+//! 90 s, its fill since halved), `dev2` on QEMU (q35) 300 to 370 s (memory
+//! hotplug about 95 s), the others 100 to 200 s; a boot to init takes 10 to
+//! 60 s.
 
 mod blk;
 mod boot;
@@ -164,7 +166,7 @@ fn boots(a: &Assets) -> Vec<Scenario> {
             } else {
                 (GuestKernel::Stock, 2, GuestEnd::PowerOff)
             };
-            // 32 MiB streams where our vsock device runs our kernel.
+            // 16 MiB streams where our vsock device runs our kernel.
             let big = if backend == "kvm" && beacon {
                 vsock::BIG
             } else {
