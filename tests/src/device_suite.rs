@@ -419,14 +419,7 @@ const CASE_TIME: &str = "BEACON-CASE-TIME";
 fn timings(results: &[CaseResult]) -> String {
     let mut out = String::from("device suite timings (lab seconds; guest uptime after each part):");
     for r in results {
-        let at = |what: &str| {
-            let tag = format!("{CASE_TIME} {what} ");
-            r.output
-                .lines()
-                .find_map(|l| l.strip_prefix(&tag))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-        };
-        let span = |a: &str, b: &str| match (at(a), at(b)) {
+        let span = |a: &str, b: &str| match (case_time(r, a), case_time(r, b)) {
             (Some(a), Some(b)) => format!("{:.1}", b - a),
             _ => "?".to_string(),
         };
@@ -452,16 +445,19 @@ fn timings(results: &[CaseResult]) -> String {
     out
 }
 
+/// The lab's uptime at a boot's `CASE_TIME` line `what` (start, vmm,
+/// vmm-end, end).
+fn case_time(r: &CaseResult, what: &str) -> Option<f64> {
+    let tag = format!("{CASE_TIME} {what} ");
+    r.output
+        .lines()
+        .find_map(|l| l.strip_prefix(&tag))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+}
+
 /// The lab seconds one boot took, host jobs before and after included.
 fn case_seconds(r: &CaseResult) -> Option<f64> {
-    let at = |what: &str| {
-        let tag = format!("{CASE_TIME} {what} ");
-        r.output
-            .lines()
-            .find_map(|l| l.strip_prefix(&tag))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-    };
-    Some(at("end")? - at("start")?)
+    Some(case_time(r, "end")? - case_time(r, "start")?)
 }
 
 /// Prefix of [`matrix`]'s lines (`make matrix` collects them).
@@ -598,6 +594,45 @@ pub fn assert_all_passed(results: &[CaseResult]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A boot's time lines and part ends become its timing and matrix lines.
+    #[test]
+    fn timings_and_matrix_lines_come_from_a_boots_output() {
+        let output = format!(
+            "{CASE_TIME} start 10.0\n{CASE_TIME} vmm 12.5\nboot\n=== PART-GUEST-END [rng] rc=0 at 3.25 s\n{CASE_TIME} vmm-end 40.0\n{CASE_TIME} end 41.0\n"
+        );
+        let passed = CaseResult {
+            name: "dev1-kvm-beacon".into(),
+            boot: "dev1",
+            backend: "kvm",
+            kernel: GuestKernel::Beacon,
+            output,
+            problems: Vec::new(),
+        };
+        let failed = CaseResult {
+            name: "dev2-qemu-stock".into(),
+            boot: "dev2",
+            backend: "qemu",
+            kernel: GuestKernel::Stock,
+            output: "no time lines".into(),
+            problems: vec!["exit code 1".into()],
+        };
+        let t = timings(&[passed.clone(), failed.clone()]);
+        assert!(
+            t.contains(
+                "dev1-kvm-beacon: 31.0 (host before 2.5, VM 27.5, host after 1.0) s; rng 3.25"
+            ),
+            "{t}"
+        );
+        assert!(t.contains("dev2-qemu-stock: ? (host before ?"), "{t}");
+        let m = matrix(&[passed, failed]);
+        let lines: Vec<Vec<&str>> = m.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(
+            lines[0],
+            ["MATRIX", "kvm", "beacon", "dev1", "pass", "31.0"]
+        );
+        assert_eq!(lines[1], ["MATRIX", "qemu", "stock", "dev2", "FAIL", "?"]);
+    }
 
     fn part(name: &'static str, expect: &[&str]) -> Scenario {
         Scenario {
