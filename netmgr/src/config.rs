@@ -44,6 +44,7 @@ pub fn nft_program(lookup: impl Fn(&str) -> Option<String>) -> String {
 pub fn nft_program_from_env() -> String {
     nft_program(|k| std::env::var(k).ok())
 }
+
 /// File (under `$BEACON_RUN_DIR`) whose `flock` serialises rebuilds of
 /// [`GUARD_TABLE`] across processes.
 pub const FIREWALL_LOCK_FILE: &str = "firewall.lock";
