@@ -433,11 +433,16 @@ fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
     );
     let while_running = |containerd: &Containerd| {
         let failure = |what: &str, o: &std::process::Output| common::failure(containerd, what, o);
-        // A terminal for an exec, with the size ctr's side has.
+        // A terminal for an exec, with the size ctr's side has. ctr starts
+        // the exec before it sends the size (containerd 1.6's `task exec -t`
+        // resizes after Start), so the process waits for a size to arrive
+        // (busybox's `stty size` fails while the pty is still 0x0) for up to
+        // 10 s rather than racing ctr's own resize.
         let o = Command::new("script")
             .args(["-qec"])
             .arg(format!(
-                "stty rows 40 cols 100; ctr --address {} task exec -t --exec-id tty c5 stty size",
+                "stty rows 40 cols 100; ctr --address {} task exec -t --exec-id tty c5 \
+                 sh -c 'for i in $(seq 100); do s=$(stty size 2>&1) && break; sleep 0.1; done; echo \"$s\"'",
                 containerd.socket.display()
             ))
             .arg("/dev/null")
