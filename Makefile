@@ -16,7 +16,7 @@ PRODUCT_PACKAGES := -p beacon-vmm -p beacon-initrd -p beacon-netmgr -p beacon-sh
 # When this make started (for `make test`'s total, which includes setup and kernel).
 TEST_START := $(shell date +%s.%N)
 
-.PHONY: all setup kernel hello-initrd run hello test matrix lint unit install clean
+.PHONY: all setup kernel hello-initrd run hello test matrix bench lint unit install clean
 
 all: kernel
 	$(CARGO) build --workspace --release
@@ -76,6 +76,13 @@ matrix: kernel
 	    || echo "(no boot finished: see $(BUILD)/matrix.log)"; \
 	echo "matrix: the device suite exited $$rc (lab seconds are emulated: compare ratios); log: $(BUILD)/matrix.log"; \
 	exit $$rc
+
+# Every benchmark side by side with the QEMU backend (and runc) in one lab VM
+# (directly on hardware KVM), then tests/bench/results/<date>-<host>.json, .md
+# and .html (tests/bench/run; BENCH_RUNS, BENCH_ONLY). Hours in the lab with
+# the default 3 runs; BENCH_RUNS=1 for a quick look.
+bench: kernel
+	tests/bench/run
 
 install: kernel
 	$(CARGO) build --profile product --bins $(PRODUCT_PACKAGES)

@@ -29,7 +29,8 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{median, pgrep, phase_medians, sandbox_phases};
+use beacon_tests::bench::sample;
+use common::{median, pgrep, phase_medians, sandbox_phases, variant};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -256,6 +257,13 @@ fn run(dir: &Path, runs: usize) -> anyhow::Result<()> {
                         "run {run} {label:>14}: pod start {s:.3} s (RunPodSandbox {rp:.3}, \
                          CreateContainer {cc:.3}, StartContainer {sc:.3})"
                     );
+                    sample("pod", "pod-start", variant(label), "s", s);
+                    for (call, v) in ["RunPodSandbox", "CreateContainer", "StartContainer"]
+                        .iter()
+                        .zip(started.calls)
+                    {
+                        sample("pod", call, variant(label), "s", v);
+                    }
                     start[i].push(s);
                     for (k, v) in started.calls.into_iter().enumerate() {
                         calls[i][k].push(v);
@@ -326,9 +334,18 @@ fn run(dir: &Path, runs: usize) -> anyhow::Result<()> {
             "one after another"
         };
         match scale(&c.socket, &logs, at_once) {
-            Ok((took, mib)) => println!(
+            Ok((took, mib)) => {
+                let v = if at_once {
+                    "at-once"
+                } else {
+                    "one-after-another"
+                };
+                sample("pod", &format!("{PODS}-pods-wall"), v, "s", took);
+                sample("pod", "host-memory-per-pod", v, "MiB", mib);
+                println!(
                 "{PODS} beaconbox pods {what}: {took:.1} s in all, {mib:.1} MiB host memory per pod (guest RAM excluded)"
-            ),
+                )
+            }
             Err(e) => println!("{PODS} beaconbox pods {what}: failed: {e:#}"),
         }
     }

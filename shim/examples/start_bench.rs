@@ -31,7 +31,8 @@ use std::io::{BufRead, BufReader};
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{median, pgrep, phase_medians, sandbox_phases};
+use beacon_tests::bench::sample;
+use common::{median, pgrep, phase_medians, sandbox_phases, variant};
 use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -178,6 +179,7 @@ fn run(dir: &Path, runs: usize) -> anyhow::Result<()> {
             match start_once(&c, &format!("s{run}-{i}"), runtime, opts) {
                 Ok(s) => {
                     println!("run {run} {label:>14}: start {s:.3} s");
+                    sample("start", "container-start", variant(label), "s", s);
                     start[i].push(s);
                     if let Some(p) = phases.get_mut(i) {
                         let these = sandbox_phases(&c.log_text(), &format!("s{run}-{i}"));
@@ -203,6 +205,13 @@ fn run(dir: &Path, runs: usize) -> anyhow::Result<()> {
                 match memory_once(&c, &format!("m{run}-{i}"), opts) {
                     Ok(m) => {
                         println!("run {run} {label:>14}: idle sandbox memory {m:.1} MiB");
+                        sample(
+                            "start",
+                            "idle-sandbox-host-memory",
+                            variant(label),
+                            "MiB",
+                            m,
+                        );
                         mem[i].push(m);
                     }
                     Err(e) => println!("run {run} {label:>14}: memory run failed: {e:#}"),

@@ -5,9 +5,11 @@
 //! containerd ([`containerd`]) and a CRI client for it ([`cri`]), locally built
 //! images ([`images`]), helpers for
 //! generated test scripts ([`script`]), `make test`'s timing report
-//! ([`report`]), and the vsock test tool's logic ([`vsock_tool`]).
+//! ([`report`]), `make bench`'s sample lines and report ([`bench`]), and the
+//! vsock test tool's logic ([`vsock_tool`]).
 
 pub mod assets;
+pub mod bench;
 pub mod containerd;
 pub mod cri;
 pub mod device_suite;

@@ -26,6 +26,7 @@ use beacon_tests::guest::{device_initrd, DeviceGuest};
 use clap::Parser;
 
 mod common;
+use beacon_tests::bench::sample;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -169,8 +170,15 @@ fn main() -> anyhow::Result<()> {
         for backend in BACKENDS {
             let times = boot(&args, &vmm, backend, &initrd, &image)
                 .with_context(|| format!("run {run}"))?;
-            for (name, _, _) in WORKLOADS {
+            for (name, bytes, _) in WORKLOADS {
                 let cs = times.get(name).copied().unwrap_or(1);
+                sample(
+                    "blk",
+                    name,
+                    backend,
+                    "MiB/s",
+                    bytes as f64 / 1048576.0 / (cs as f64 / 100.0),
+                );
                 samples.entry((backend, name)).or_default().push(cs as f64);
             }
         }

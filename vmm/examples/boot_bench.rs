@@ -35,6 +35,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 
 mod common;
+use beacon_tests::bench::sample;
 use beacon_tests::procfs::rss_split;
 use common::median;
 
@@ -301,12 +302,29 @@ fn main() -> anyhow::Result<()> {
                 s.init_us.map_or("-".into(), |v| v.to_string()),
                 s.exits.map_or("-".into(), |v| v.to_string())
             );
+            sample("boot", "wall", backend, "s", s.wall.as_secs_f64());
+            if let Some(v) = s.first_run_us {
+                sample("boot", "first-vcpu-entry", backend, "ms", v as f64 / 1000.0);
+            }
+            if let Some(v) = s.init_us {
+                sample("boot", "init-reached", backend, "ms", v as f64 / 1000.0);
+            }
+            if let Some(v) = s.exits {
+                sample("boot", "vm-exits", backend, "exits", v as f64);
+            }
             samples[i].push(s);
             if !args.no_memory {
                 let kib = overhead_once(&args, &vmm, backend, None)?;
                 println!(
                     "run {run} {backend:>4}: overhead {:.1} MiB",
                     kib as f64 / 1024.0
+                );
+                sample(
+                    "boot",
+                    "vmm-memory-overhead",
+                    backend,
+                    "MiB",
+                    kib as f64 / 1024.0,
                 );
                 overhead[i].push(kib as f64 / 1024.0);
             }
@@ -315,6 +333,13 @@ fn main() -> anyhow::Result<()> {
                 println!(
                     "run {run} {backend:>4}: overhead with every device {:.1} MiB",
                     kib as f64 / 1024.0
+                );
+                sample(
+                    "boot",
+                    "vmm-memory-overhead-all-devices",
+                    backend,
+                    "MiB",
+                    kib as f64 / 1024.0,
                 );
                 overhead_dev[i].push(kib as f64 / 1024.0);
             }

@@ -28,6 +28,7 @@ use beacon_virtiofsd_launch::{SandboxMode, ShareConfig, Virtiofsd};
 use clap::Parser;
 
 mod common;
+use beacon_tests::bench::sample;
 use common::Spread;
 
 #[derive(Parser, Debug)]
@@ -236,6 +237,7 @@ fn main() -> anyhow::Result<()> {
                 s.host.as_secs_f64(),
                 s.guest_secs
             );
+            sample("fs", "cold-read", backend, "MiB/s", rate);
             rates[i].push(rate);
         }
     }

@@ -26,6 +26,7 @@ use beacon_tests::guest::{device_initrd, DeviceGuest};
 use clap::Parser;
 
 mod common;
+use beacon_tests::bench::sample;
 use common::Spread;
 
 #[derive(Parser, Debug)]
@@ -179,6 +180,21 @@ fn main() -> anyhow::Result<()> {
             match boot_once(&args, &vmm, &initrd, work.path(), backend, *vhost) {
                 Ok((tx, rx)) => {
                     println!("run {run} {name:<15} guest->host {tx:>9.1} Mbit/s  host->guest {rx:>9.1} Mbit/s");
+                    let path = if *vhost { "vhost" } else { "userspace" };
+                    sample(
+                        "net",
+                        &format!("guest-to-host-{path}"),
+                        backend,
+                        "Mbit/s",
+                        tx,
+                    );
+                    sample(
+                        "net",
+                        &format!("host-to-guest-{path}"),
+                        backend,
+                        "Mbit/s",
+                        rx,
+                    );
                     samples[i].0.push(tx);
                     samples[i].1.push(rx);
                 }

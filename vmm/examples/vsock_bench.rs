@@ -26,6 +26,7 @@ use beacon_tests::guest::{device_initrd, DeviceGuest};
 use clap::Parser;
 
 mod common;
+use beacon_tests::bench::sample;
 use common::Spread;
 
 #[derive(Parser, Debug)]
@@ -184,6 +185,10 @@ fn main() -> anyhow::Result<()> {
                     eprintln!(
                         "run {run} {name}: host->guest {to_guest:.2} s, guest->host {to_host:.2} s"
                     );
+                    let variant = if *hybrid { "kvm-hybrid" } else { backend };
+                    let mib = args.mib as f64;
+                    sample("vsock", "host-to-guest", variant, "MiB/s", mib / to_guest);
+                    sample("vsock", "guest-to-host", variant, "MiB/s", mib / to_host);
                     samples[i].0.push(to_guest);
                     samples[i].1.push(to_host);
                 }

@@ -94,3 +94,10 @@ pub fn phase_medians(runs: &[Vec<(String, f64)>]) -> Vec<(String, f64)> {
         })
         .collect()
 }
+
+/// The report's variant of a benchmark configuration's label (`beaconbox
+/// kvm` is `kvm`, `beaconbox qemu` is `qemu`, `runc` is `runc`), for
+/// `beacon_tests::bench::sample` lines.
+pub fn variant(label: &str) -> &str {
+    label.rsplit(' ').next().unwrap_or(label)
+}
