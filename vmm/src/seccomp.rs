@@ -376,16 +376,42 @@ fn rule(conditions: Vec<SeccompCondition>) -> SeccompRule {
     SeccompRule::new(conditions).unwrap_or_else(|e| unreachable!("seccomp rule: {e}"))
 }
 
-/// ioctl groups (the request's type byte, `_IOC_TYPE`) a VMM thread may use.
+/// ioctl groups (the request's type byte, `_IOC_TYPE`) a VMM thread may use
+/// whole: KVM's and vhost's requests act only on the KVM and vhost
+/// descriptors the VMM already holds.
 const IOCTL_KVM: u64 = 0xAE;
 const IOCTL_VHOST: u64 = 0xAF;
-/// 'T': TUN/TAP (`TUNSETOFFLOAD`, `TUNSETVNETHDRSZ`) and `FIONBIO`/`FIOCLEX`.
-const IOCTL_TUN_TTY: u64 = b'T' as u64;
 
+/// The single requests of the 'T' group (TUN/TAP, terminals, generic file
+/// requests) a VMM thread may make: the TAP's offloads and header size
+/// (device activation on a vCPU thread), its name, non-blocking and
+/// close-on-exec flags (Rust's `set_nonblocking` on a socket is `FIONBIO`),
+/// and reading a terminal's settings and size. Never the rest of the group:
+/// `TIOCSTI` (push input into a terminal: commands typed into the shell that
+/// started the VMM), `TIOCLINUX`, `TIOCCONS`, `TIOCSETD`, `TCSETS*`,
+/// `TIOCSCTTY`, `TIOCSPGRP`, `TUNSETIFF` (attach to another interface) and
+/// `TUNSETOWNER`/`TUNSETPERSIST`.
+const IOCTL_T_REQUESTS: &[libc::c_ulong] = &[
+    beacon_common::tun::TUNSETOFFLOAD,
+    beacon_common::tun::TUNSETVNETHDRSZ,
+    beacon_common::tun::TUNGETIFF,
+    libc::FIONBIO as libc::c_ulong,
+    libc::FIOCLEX as libc::c_ulong,
+    libc::FIONCLEX as libc::c_ulong,
+    libc::TCGETS as libc::c_ulong,
+    libc::TIOCGWINSZ as libc::c_ulong,
+];
+
+/// ioctl: every request of the `types` groups, and the single 'T' requests.
 fn ioctl_rules(types: &[u64]) -> Vec<SeccompRule> {
     types
         .iter()
         .map(|t| rule(vec![cond(1, SeccompCmpOp::MaskedEq(0xff00), t << 8)]))
+        .chain(
+            IOCTL_T_REQUESTS
+                .iter()
+                .map(|&r| rule(vec![cond(1, SeccompCmpOp::Eq, u64::from(r as u32))])),
+        )
         .collect()
 }
 
@@ -525,10 +551,7 @@ pub fn filter_rules(class: ThreadClass) -> BTreeMap<i64, Vec<SeccompRule>> {
         ThreadClass::VhostUser => allow(VHOST_USER),
     }
     if !matches!(class, ThreadClass::BlockIo | ThreadClass::VhostUser) {
-        rules.insert(
-            libc::SYS_ioctl,
-            ioctl_rules(&[IOCTL_KVM, IOCTL_VHOST, IOCTL_TUN_TTY]),
-        );
+        rules.insert(libc::SYS_ioctl, ioctl_rules(&[IOCTL_KVM, IOCTL_VHOST]));
     }
     if class == ThreadClass::Events {
         let unix = libc::AF_UNIX as u64;
@@ -946,6 +969,57 @@ mod tests {
             // A new socket from a vCPU: never.
             // SAFETY: a plain socket(2) call; the result is not used.
             unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        });
+        println!("NOT-STOPPED");
+    }
+
+    #[test]
+    fn ioctl_allows_the_vmms_tap_and_socket_requests_but_no_terminal_injection() {
+        if !in_child() {
+            let o = rerun(
+                "seccomp::tests::ioctl_allows_the_vmms_tap_and_socket_requests_but_no_terminal_injection",
+            );
+            assert_eq!(o.status.code(), Some(TRAP_EXIT_CODE), "{}", text(&o));
+            let out = String::from_utf8_lossy(&o.stdout);
+            assert!(out.contains("IOCTLS-ALLOWED"), "{}", text(&o));
+            assert!(!out.contains("NOT-STOPPED"), "{}", text(&o));
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                err.contains(&format!("made system call {}", libc::SYS_ioctl)),
+                "{}",
+                text(&o)
+            );
+            return;
+        }
+        // Made before confinement: a vCPU thread may not open sockets.
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+        confined(ThreadClass::Vcpu, SeccompMode::Trap, move || {
+            use std::os::fd::AsRawFd;
+            let _peer = b;
+            // FIONBIO (Rust's set_nonblocking) passes the filter.
+            a.set_nonblocking(true)
+                .expect("FIONBIO from a confined thread");
+            // TUNSETOFFLOAD and TCGETS pass the filter too; on a socket the
+            // kernel answers ENOTTY or EINVAL, which is the point: it answered.
+            let mut t = std::mem::MaybeUninit::<libc::termios>::uninit();
+            // SAFETY: TCGETS writes a termios into `t`, which outlives the call.
+            let rc = unsafe { libc::ioctl(a.as_raw_fd(), libc::TCGETS, t.as_mut_ptr()) };
+            assert_eq!(rc, -1);
+            // SAFETY: TUNSETOFFLOAD takes its argument by value.
+            let rc = unsafe {
+                libc::ioctl(
+                    a.as_raw_fd(),
+                    beacon_common::tun::TUNSETOFFLOAD,
+                    0 as libc::c_ulong,
+                )
+            };
+            assert_eq!(rc, -1);
+            println!("IOCTLS-ALLOWED");
+            // Pushing a byte into a terminal's input: never (trapped before
+            // the kernel sees that this socket is no terminal).
+            let byte: libc::c_char = b'x' as libc::c_char;
+            // SAFETY: TIOCSTI reads one byte through the pointer.
+            unsafe { libc::ioctl(a.as_raw_fd(), libc::TIOCSTI, &byte as *const libc::c_char) };
         });
         println!("NOT-STOPPED");
     }
