@@ -24,6 +24,9 @@ pub const SAMPLE_TAG: &str = "BENCH-SAMPLE";
 pub const STATUS_TAG: &str = "BENCH-STATUS";
 /// The driver's line once every benchmark had its turn.
 pub const END_TAG: &str = "BENCH-END";
+/// The driver's line saying where the benchmarks ran (the lab VM, or this
+/// host): `BENCH-MACHINE <cpus> <MemTotal kB>`.
+pub const MACHINE_TAG: &str = "BENCH-MACHINE";
 /// The variant other variants of a metric are divided by, when present.
 pub const REFERENCE_VARIANT: &str = "qemu";
 
@@ -38,7 +41,7 @@ pub const BENCHMARKS: &[(&str, &str)] = &[
     ("fs", "virtio-fs cold read of a data set through the same virtiofsd (vmm/examples/fs_bench.rs)"),
     ("blk", "virtio-blk O_DIRECT sequential and 4 KiB I/O (vmm/examples/blk_bench.rs)"),
     ("hotplug", "vCPU and memory hotplug latency, request to reply and to guest use (tests/bench/hotplug)"),
-    ("density", "idle 128 MiB VMs started per second and host memory each"),
+    ("density", "idle 128 MiB VMs started at once: VMs per second, host memory per VM with and without guest RAM (vmm/examples/density_bench.rs)"),
     ("firecracker", "Firecracker booted beside us with the same kernel"),
 ];
 
@@ -187,6 +190,8 @@ pub struct Machine {
     pub commit: String,
     /// `lab` (nested QEMU TCG with a real KVM inside) or `hardware`.
     pub kvm: String,
+    /// CPUs and memory where the benchmarks ran (the lab VM's in the lab),
+    /// from the log's `BENCH-MACHINE` line; the host's when there is none.
     pub cpus: String,
     pub memory: String,
 }
@@ -209,7 +214,7 @@ fn median_sorted(v: &[f64]) -> f64 {
 
 impl Report {
     /// Builds the report from a `make bench` log.
-    pub fn from_log(log: &str, machine: Machine) -> Report {
+    pub fn from_log(log: &str, mut machine: Machine) -> Report {
         let mut groups: BTreeMap<(String, String, String), (String, Vec<f64>)> = BTreeMap::new();
         let mut seen: BTreeMap<String, Status> = BTreeMap::new();
         let mut ended = false;
@@ -221,6 +226,14 @@ impl Report {
                 e.1.push(s.value);
             } else if let Some(st) = Status::parse(line) {
                 seen.insert(st.bench.clone(), st);
+            } else if let Some(rest) = after_tag(line, MACHINE_TAG) {
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                if let [cpus, kb] = f.as_slice() {
+                    if let Ok(kb) = kb.parse::<u64>() {
+                        machine.cpus = cpus.to_string();
+                        machine.memory = format!("{:.1} GiB", kb as f64 / 1048576.0);
+                    }
+                }
             } else if after_tag(line, END_TAG).is_some_and(|r| r.trim().is_empty()) {
                 ended = true;
             }
@@ -257,14 +270,21 @@ impl Report {
         let mut statuses: Vec<Status> = BENCHMARKS
             .iter()
             .map(|(name, _)| {
-                seen.remove(*name).unwrap_or_else(|| Status {
-                    bench: name.to_string(),
-                    state: "not-run".into(),
-                    why: if ended {
-                        "the driver never started it".into()
-                    } else {
-                        "the run ended before its turn".into()
-                    },
+                seen.remove(*name).unwrap_or_else(|| {
+                    let measured = figures.iter().any(|f| f.bench == *name);
+                    let (state, why) = match (measured, ended) {
+                        (true, _) => (
+                            "failed",
+                            "cut short while it ran: its figures so far are below",
+                        ),
+                        (false, true) => ("not-run", "the driver never started it"),
+                        (false, false) => ("not-run", "the run ended before its turn"),
+                    };
+                    Status {
+                        bench: name.to_string(),
+                        state: state.into(),
+                        why: why.into(),
+                    }
                 })
             })
             .collect();
@@ -594,6 +614,7 @@ BENCH-SAMPLE net tx kvm Gbit/s 2
 BENCH-STATUS boot ok
 BENCH-STATUS net failed exit 1
 BENCH-STATUS density missing no benchmark yet
+BENCH-MACHINE 1 6291456
 ";
 
     #[test]
@@ -621,6 +642,12 @@ BENCH-STATUS density missing no benchmark yet
                 .map(|s| s.state.clone())
         };
         assert_eq!(st(&r, "start").as_deref(), Some("not-run"));
+        let cut = Report::from_log("BENCH-SAMPLE pod pod-start kvm s 1\n", machine());
+        assert_eq!(
+            st(&cut, "pod").as_deref(),
+            Some("failed"),
+            "cut short mid-way"
+        );
         assert_eq!(st(&r, "density").as_deref(), Some("missing"));
         let failed = format!("{LOG}{END_TAG}\n");
         assert!(Report::from_log(&failed, machine()).partial, "net failed");
@@ -647,6 +674,10 @@ BENCH-STATUS density missing no benchmark yet
             "{md}"
         );
         assert!(md.contains("| net | failed | exit 1 |"));
+        assert!(
+            md.contains("Machine: 1 CPUs, 6.0 GiB memory"),
+            "where it ran: {md}"
+        );
         let html = r.to_html();
         assert_eq!(html.matches("<svg").count(), 2, "one chart per metric");
         assert!(html.contains("(0.50×)"));

@@ -1,7 +1,7 @@
 //! A process's memory as the benchmarks count it, from `/proc/PID/smaps`:
 //! its resident set, and the part of it that is guest RAM (the `memfd`
-//! mappings both backends put guest memory in). Reads only; knows nothing of
-//! which process is which.
+//! mappings both backends put guest memory in); and the machine's memory
+//! from `/proc/meminfo`. Reads only; knows nothing of which process is which.
 
 /// (total Rss, Rss of `/memfd:` mappings) of process `pid`, in KiB.
 pub fn rss_split(pid: u32) -> std::io::Result<(u64, u64)> {
@@ -26,6 +26,17 @@ fn parse_smaps(smaps: &str) -> (u64, u64) {
     (total, guest)
 }
 
+/// A `/proc/meminfo` field (`MemTotal`, `MemAvailable`, ...) in KiB.
+pub fn meminfo_kib(field: &str) -> Option<u64> {
+    let m = std::fs::read_to_string("/proc/meminfo").ok()?;
+    m.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -43,5 +54,13 @@ Rss:                   8 kB
 ";
         assert_eq!(parse_smaps(smaps), (1048, 1000));
         assert!(rss_split(std::process::id()).expect("own smaps").0 > 0);
+    }
+
+    #[test]
+    fn meminfo_fields_by_exact_name() {
+        assert!(meminfo_kib("MemTotal").is_some_and(|kb| kb > 0));
+        assert!(meminfo_kib("MemAvailable").is_some());
+        assert_eq!(meminfo_kib("Mem"), None, "a prefix is not a field");
+        assert_eq!(meminfo_kib("NoSuchField"), None);
     }
 }

@@ -195,18 +195,6 @@ fn boot_once(args: &Args, vmm: &Path, backend: &str) -> anyhow::Result<Sample> {
     Ok(s)
 }
 
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for t in tasks.flatten() {
-            if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
-                out.extend(c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-            }
-        }
-    }
-    out
-}
-
 /// Overhead in KiB: boot with the guest held idle, sample 1 s after init.
 fn overhead_once(
     args: &Args,
@@ -231,18 +219,7 @@ fn overhead_once(
         rx.recv_timeout(Duration::from_secs(120))
             .context("the guest never reached init")?;
         std::thread::sleep(Duration::from_secs(1));
-        let pid = if backend == "qemu" {
-            // beacon-vmm's children: qemu, and virtiofsd for a share.
-            children(child.id())
-                .into_iter()
-                .find(|p| {
-                    std::fs::read_to_string(format!("/proc/{p}/comm"))
-                        .is_ok_and(|c| c.starts_with("qemu"))
-                })
-                .context("no qemu child process")?
-        } else {
-            child.id()
-        };
+        let pid = common::memory_pid(child.id(), backend)?;
         let (total, guest) =
             rss_split(pid).with_context(|| format!("reading /proc/{pid}/smaps"))?;
         Ok(total.saturating_sub(guest))

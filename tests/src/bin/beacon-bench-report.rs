@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use beacon_tests::bench::{compare_text, Machine, Report};
+use beacon_tests::procfs::meminfo_kib;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -53,19 +54,7 @@ fn command_output(cmd: &str, args: &[&str]) -> Option<String> {
 }
 
 fn memory() -> String {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            let kb: u64 = m
-                .lines()
-                .find(|l| l.starts_with("MemTotal:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
-            Some(format!("{:.1} GiB", kb as f64 / 1048576.0))
-        })
-        .unwrap_or_else(|| "?".into())
+    meminfo_kib("MemTotal").map_or("?".into(), |kb| format!("{:.1} GiB", kb as f64 / 1048576.0))
 }
 
 fn read_report(path: &Path) -> anyhow::Result<Report> {

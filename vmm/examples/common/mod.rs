@@ -6,7 +6,9 @@
 //! - [`beacon_vmm`] and [`target_binary`]: where the binaries built with an
 //!   example are, unless the command line names one;
 //! - [`Spread`] and [`median`]: median, minimum, maximum and spread of a
-//!   benchmark's samples.
+//!   benchmark's samples;
+//! - [`memory_pid`]: the process whose memory a VM costs (ours, or the QEMU
+//!   child of `beacon-vmm run --backend qemu`).
 //!
 //! Each benchmark compiles its own copy of this module and uses a part of it.
 #![allow(dead_code)]
@@ -152,4 +154,32 @@ mod tests {
             dir.join("beacon-vsock-tool")
         );
     }
+}
+
+/// The children of every thread of process `pid` (`/proc/PID/task/*/children`).
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+        }
+    }
+    out
+}
+
+/// The process holding a VM that `beacon-vmm run --backend BACKEND` (pid
+/// `vmm`) started: itself for ours, its `qemu` child for QEMU (the
+/// beacon-vmm parent, and virtiofsd for a share, are not counted).
+pub fn memory_pid(vmm: u32, backend: &str) -> anyhow::Result<u32> {
+    if backend != "qemu" {
+        return Ok(vmm);
+    }
+    children(vmm)
+        .into_iter()
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.starts_with("qemu"))
+        })
+        .context("no qemu child process")
 }
