@@ -435,14 +435,15 @@ fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
         let failure = |what: &str, o: &std::process::Output| common::failure(containerd, what, o);
         // A terminal for an exec, with the size ctr's side has. ctr starts
         // the exec before it sends the size (containerd 1.6's `task exec -t`
-        // resizes after Start), so the process waits for a size to arrive
-        // (busybox's `stty size` fails while the pty is still 0x0) for up to
-        // 10 s rather than racing ctr's own resize.
+        // resizes after Start), so the process waits up to 10 s for a size
+        // to arrive rather than racing ctr's own resize (while the pty is
+        // still 0x0 busybox's `stty size` prints an error and exits 0).
         let o = Command::new("script")
             .args(["-qec"])
             .arg(format!(
                 "stty rows 40 cols 100; ctr --address {} task exec -t --exec-id tty c5 \
-                 sh -c 'for i in $(seq 100); do s=$(stty size 2>&1) && break; sleep 0.1; done; echo \"$s\"'",
+                 sh -c 'for i in $(seq 100); do s=$(stty size 2>&1); \
+                 case \"$s\" in [1-9]*) break ;; esac; sleep 0.1; done; echo \"$s\"'",
                 containerd.socket.display()
             ))
             .arg("/dev/null")

