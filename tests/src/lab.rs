@@ -680,7 +680,11 @@ pub fn here_or_in_lab(here: bool, why: &str, test: &str, env: &[(&str, String)])
         .display()
         .to_string();
     let mut lab = Lab::new();
-    lab.timeout = Duration::from_secs(1200);
+    // The longest suite (vm_containerd) takes 750-1050 s of a loaded lab and
+    // once hit 1200 s while still progressing. A frozen lab VM is caught
+    // sooner by the heartbeat (HEARTBEAT_STALE); a test that hangs inside a
+    // live one costs up to this cap.
+    lab.timeout = Duration::from_secs(2400);
     lab.env.push((RERUN_ENV.into(), "1".into()));
     lab.env
         .extend(env.iter().map(|(k, v)| (k.to_string(), v.clone())));
