@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use beacon_common::guest_protocol::{
-    GuestEvent, StreamRequest, VsockSecret, MAX_EVENT_LINE, MAX_HANDSHAKE_LINE, STREAM_PORT,
-    TASK_PORT,
+    GuestEvent, StreamRequest, VsockSecret, MAX_EVENT_LINE, MAX_HANDSHAKE_LINE, READY_PORT,
+    STREAM_PORT, TASK_PORT,
 };
 use containerd_shim_protos::shim_async::TaskClient;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -35,6 +35,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 const CONNECT_RETRY_FIRST: Duration = Duration::from_millis(5);
 /// The longest pause between attempts: the most a ready vminitd waits.
 const CONNECT_RETRY_MAX: Duration = Duration::from_millis(50);
+/// The pause between attempts while a [`ReadySignal`] is awaited: a fallback
+/// for a guest whose signal never comes (an older initrd), not the way in.
+const READY_FALLBACK: Duration = Duration::from_millis(500);
 /// How long a Task API call to vminitd may take before the shim gives up on it.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -67,6 +70,42 @@ pub enum GuestLink {
     Vhost { cid: u32, secret: Arc<VsockSecret> },
     /// vminitd as a host process: its task and stream unix sockets.
     Unix { task: PathBuf, streams: PathBuf },
+}
+
+/// The host end of vminitd's ready signal on a hybrid link: a unix socket at
+/// `<uds>_<READY_PORT>` (inside the sandbox's private run folder), which the
+/// guest connects to once its Task API listens. One connection is taken,
+/// then the socket is closed and its file removed, so a guest that keeps
+/// connecting is refused by the VMM, not queued here.
+#[derive(Debug)]
+pub struct ReadySignal {
+    listener: tokio::net::UnixListener,
+    path: PathBuf,
+}
+
+impl ReadySignal {
+    /// Listen for the signal of the guest behind the hybrid socket `uds`
+    /// (before the VM starts, so an early signal is not refused).
+    pub fn listen(uds: &std::path::Path) -> Result<ReadySignal, GuestError> {
+        let path = beacon_devices::virtio::vsock::hybrid::host::port_socket_path(uds, READY_PORT);
+        let listener =
+            tokio::net::UnixListener::bind(&path).map_err(|source| GuestError::Connect {
+                what: format!("the ready signal's socket {}", path.display()),
+                source,
+            })?;
+        Ok(ReadySignal { listener, path })
+    }
+
+    /// Wait for the guest to connect.
+    async fn wait(&self) -> std::io::Result<()> {
+        self.listener.accept().await.map(drop)
+    }
+}
+
+impl Drop for ReadySignal {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// Connect an `AF_VSOCK` stream socket to (`cid`, `port`), blocking (run it
@@ -236,11 +275,14 @@ impl GuestLink {
     }
 
     /// Connect the Task API, retrying while the guest boots, until `limit` or
-    /// until `vm_ended()` says there is no guest any more.
+    /// until `vm_ended()` says there is no guest any more. With a `ready`
+    /// signal, attempts wait for it (or [`READY_FALLBACK`]) instead of
+    /// polling every [`CONNECT_RETRY_MAX`].
     pub async fn connect_task(
         &self,
         limit: Duration,
         vm_ended: impl Fn() -> bool,
+        mut ready: Option<ReadySignal>,
     ) -> Result<TaskClient, GuestError> {
         let deadline = Instant::now() + limit;
         let mut pause = CONNECT_RETRY_FIRST;
@@ -261,8 +303,27 @@ impl GuestLink {
                 tracing::warn!("last attempt to reach vminitd: {last}");
                 return Err(GuestError::NotUp(limit));
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(CONNECT_RETRY_MAX);
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match &ready {
+                Some(signal) => {
+                    tokio::select! {
+                        got = signal.wait() => {
+                            // One signal only: a second one (or a failed
+                            // accept) falls back to plain polling.
+                            match got {
+                                Ok(()) => tracing::debug!("vminitd signalled it is serving"),
+                                Err(e) => tracing::debug!("the ready signal failed: {e}"),
+                            }
+                            ready = None;
+                        }
+                        _ = tokio::time::sleep(READY_FALLBACK.min(remaining)) => {}
+                    }
+                }
+                None => {
+                    tokio::time::sleep(pause.min(remaining)).await;
+                    pause = (pause * 2).min(CONNECT_RETRY_MAX);
+                }
+            }
         }
     }
 

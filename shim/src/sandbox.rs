@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{NetworkMode, RuntimeConfig, VmSettings, VsockMode};
-use crate::guest::{GuestError, GuestLink};
+use crate::guest::{GuestError, GuestLink, ReadySignal};
 use crate::host_cgroup::HostCgroup;
 use crate::mounts::{self, MountError};
 use crate::portfwd::PortForwarder;
@@ -437,6 +437,12 @@ impl Sandbox {
             };
             (link, initrd)
         };
+        // vminitd's ready signal (hybrid only: with vhost-vsock the host end
+        // would be a host-wide vsock port): listening before the VM starts.
+        let ready = match &link {
+            GuestLink::Hybrid { uds } => Some(ReadySignal::listen(uds)?),
+            _ => None,
+        };
         let guest_cid = match &link {
             GuestLink::Vhost { cid, .. } => *cid,
             _ => HYBRID_GUEST_CID,
@@ -613,9 +619,11 @@ impl Sandbox {
         // vminitd.
         let ended = vm_exit.clone();
         let connected = link
-            .connect_task(Duration::from_secs(req.vm.boot_timeout_secs), move || {
-                ended.borrow().is_some()
-            })
+            .connect_task(
+                Duration::from_secs(req.vm.boot_timeout_secs),
+                move || ended.borrow().is_some(),
+                ready,
+            )
             .await;
         let task = match connected {
             Ok(t) => t,

@@ -252,7 +252,7 @@ impl Service {
         let (guest, events, vm_exit) = match &self.mode {
             GuestMode::HostProcess { link, shares } => {
                 let task = link
-                    .connect_task(Duration::from_secs(10), || false)
+                    .connect_task(Duration::from_secs(10), || false, None)
                     .await
                     .map_err(|e| status(Code::UNAVAILABLE, e))?;
                 let events = link

@@ -508,6 +508,15 @@ fn ctr_runs_containers_in_microvms_of_our_own_vmm() {
     }
 
     no_shim_left(&containerd, "the basic scenarios");
+    // On hybrid vsock the shim dials vminitd when the guest signals it is
+    // serving, rather than polling the booting guest.
+    assert!(
+        containerd
+            .log_text()
+            .contains("vminitd signalled it is serving"),
+        "no shim got vminitd's ready signal:\n{}",
+        containerd.log_tail(80)
+    );
 
     eprintln!(
         "basic scenarios (2 VMs): {:.1} s",

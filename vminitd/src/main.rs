@@ -186,6 +186,9 @@ async fn run(args: Args, boot: Option<BootParams>) -> anyhow::Result<()> {
         .register_service(service.services());
     server.start().await.context("Starting the Task API")?;
     tracing::info!(task = %args.task_addr, streams = %args.stream_addr, pid1, "vminitd serving");
+    if pid1 && matches!(task_addr, ListenAddr::Vsock { .. }) {
+        tokio::spawn(transport::tell_host_ready());
+    }
 
     tokio::select! {
         _ = shutdown.notified() => {}

@@ -10,8 +10,10 @@
 //! ([`beacon_common::guest_protocol::VsockSecret`]) and a host connection is
 //! handed on only after its first line is the secret's `AUTH` line, read
 //! with a deadline in a task of its own (a silent peer never blocks the
-//! accept loop; at most [`MAX_PENDING_AUTH`] wait at once). It knows nothing
-//! else of what the bytes mean.
+//! accept loop; at most [`MAX_PENDING_AUTH`] wait at once). The one
+//! connection vminitd itself opens is here too: the ready signal to the host
+//! ([`tell_host_ready`]), which carries no bytes. It knows nothing else of
+//! what the bytes mean.
 
 use std::future::poll_fn;
 use std::path::PathBuf;
@@ -93,6 +95,26 @@ pub const HOST_CID: u32 = libc::VMADDR_CID_HOST;
 /// process inside the VM would come from).
 pub fn peer_allowed(cid: u32) -> bool {
     cid == HOST_CID
+}
+
+/// How long vminitd waits for the host to take its ready signal.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Tell the host the Task API listens: connect to the host's
+/// [`beacon_common::guest_protocol::READY_PORT`] and close. Best effort: with
+/// kernel vhost-vsock nobody listens there, and the host polls anyway; a
+/// failure is logged at debug level only.
+pub async fn tell_host_ready() {
+    let port = beacon_common::guest_protocol::READY_PORT;
+    let addr = VsockAddr::new(HOST_CID, port);
+    match tokio::time::timeout(READY_TIMEOUT, VsockStream::connect(addr)).await {
+        Ok(Ok(conn)) => {
+            drop(conn);
+            tracing::debug!("told the host vminitd is serving");
+        }
+        Ok(Err(e)) => tracing::debug!("no ready signal to the host (port {port}): {e}"),
+        Err(_) => tracing::debug!("the host did not take the ready signal in {READY_TIMEOUT:?}"),
+    }
 }
 
 /// Refused peers are logged at most this many times per period...

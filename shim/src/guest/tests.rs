@@ -167,10 +167,100 @@ async fn connecting_gives_up_when_the_vm_ends_or_time_runs_out() {
     let link = GuestLink::Hybrid {
         uds: dir.path().join("absent.sock"),
     };
-    let ended = link.connect_task(Duration::from_secs(60), || true).await;
+    let ended = link
+        .connect_task(Duration::from_secs(60), || true, None)
+        .await;
     assert!(matches!(ended, Err(GuestError::VmEnded)));
     let not_up = link
-        .connect_task(Duration::from_millis(100), || false)
+        .connect_task(Duration::from_millis(100), || false, None)
         .await;
     assert!(matches!(not_up, Err(GuestError::NotUp(_))));
+}
+
+/// A hybrid socket whose guest "boots" until `up` is set: connections are
+/// counted and refused (closed) until then, answered with OK after.
+async fn booting_hybrid(
+    path: &Path,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    attempts: Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::Ordering;
+    let listener = UnixListener::bind(path).expect("bind");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            if up.load(Ordering::SeqCst) {
+                let _ = s.write_all(b"OK 1073741824\n").await;
+                // Keep it open for the client.
+                tokio::spawn(async move {
+                    let mut sink = Vec::new();
+                    let _ = s.read_to_end(&mut sink).await;
+                });
+            }
+        }
+    });
+}
+
+#[tokio::test]
+async fn the_ready_signal_replaces_polling_a_booting_guest() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uds = dir.path().join("v.sock");
+    let (up, attempts) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    booting_hybrid(&uds, up.clone(), attempts.clone()).await;
+    let ready = ReadySignal::listen(&uds).expect("listen");
+    let ready_path = dir.path().join(format!("v.sock_{READY_PORT}"));
+    assert!(ready_path.exists(), "the signal's socket is <uds>_<port>");
+    let link = GuestLink::Hybrid { uds: uds.clone() };
+    // The "guest" boots for 1.2 s, then signals, as vminitd does.
+    let guest = {
+        let (up, ready_path) = (up.clone(), ready_path.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            up.store(true, Ordering::SeqCst);
+            tokio::net::UnixStream::connect(&ready_path).await.map(drop)
+        })
+    };
+    let started = Instant::now();
+    link.connect_task(Duration::from_secs(60), || false, Some(ready))
+        .await
+        .expect("connected after the signal");
+    guest.await.expect("join").expect("signalled");
+    // Polling at up to 50 ms would have tried about 25 times in 1.2 s; the
+    // fallback pause (500 ms) allows a few. However slow the machine, more
+    // time only means fewer attempts per second.
+    let n = attempts.load(Ordering::SeqCst);
+    let bound = 3 + (started.elapsed().as_millis() / READY_FALLBACK.as_millis()) as usize;
+    assert!(
+        n <= bound,
+        "{n} attempts in {:?} (at most {bound})",
+        started.elapsed()
+    );
+    assert!(
+        !ready_path.exists(),
+        "the signal's socket is removed once used"
+    );
+}
+
+#[tokio::test]
+async fn without_a_signal_the_fallback_still_connects() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uds = dir.path().join("v.sock");
+    let up = Arc::new(AtomicBool::new(false));
+    booting_hybrid(&uds, up.clone(), Arc::new(AtomicUsize::new(0))).await;
+    // A guest that never signals (an older initrd) and is up after 300 ms:
+    // the fallback attempts still reach it.
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        up.store(true, Ordering::SeqCst);
+    });
+    let ready = ReadySignal::listen(&uds).expect("listen");
+    let link = GuestLink::Hybrid { uds };
+    link.connect_task(Duration::from_secs(60), || false, Some(ready))
+        .await
+        .expect("connected without a signal");
 }

@@ -16,6 +16,12 @@ pub use crate::id::valid_id;
 pub const TASK_PORT: u32 = 1024;
 /// vsock port of the stdio and event streams in the guest.
 pub const STREAM_PORT: u32 = 1025;
+/// vsock port on the *host* (CID 2) that vminitd connects to once its Task API
+/// listens, so the shim dials at once instead of polling a booting guest
+/// (every refused attempt interrupts it). A hint only: the shim still polls,
+/// slowly, when no signal comes, and a false one costs a refused attempt.
+/// Only the hybrid backend carries it (to `<uds>_<READY_PORT>`).
+pub const READY_PORT: u32 = 1026;
 /// Longest handshake line, newline included.
 pub const MAX_HANDSHAKE_LINE: usize = 512;
 /// Longest event line, newline included.
