@@ -83,6 +83,16 @@ pub struct MemoryConfig {
     pub size_mib: u64,
     #[serde(default)]
     pub hotplug_mib: u64,
+    /// Back the boot RAM with 2 MiB transparent huge pages where the host
+    /// allows (see `kvm::memory`): far fewer nested page faults while the
+    /// guest first touches its memory, so a faster boot, for up to 2 MiB of
+    /// host memory per region the guest touches at all.
+    #[serde(default = "huge_pages_default")]
+    pub huge_pages: bool,
+}
+
+fn huge_pages_default() -> bool {
+    true
 }
 
 impl Default for MemoryConfig {
@@ -90,6 +100,7 @@ impl Default for MemoryConfig {
         Self {
             size_mib: 512,
             hotplug_mib: 0,
+            huge_pages: huge_pages_default(),
         }
     }
 }
@@ -357,9 +368,11 @@ impl VmConfig {
     }
 
     fn validate_memory(&self) -> Result<(), ConfigError> {
+        // Huge pages are a preference with a fallback: nothing to check.
         let MemoryConfig {
             size_mib,
             hotplug_mib,
+            huge_pages: _,
         } = self.memory;
         if size_mib < MIN_MEMORY_MIB {
             return Err(ConfigError::MemoryTooSmall(size_mib));

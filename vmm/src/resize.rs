@@ -105,6 +105,7 @@ mod tests {
         let shape = MemoryConfig {
             size_mib: 512,
             hotplug_mib: 512,
+            ..Default::default()
         };
         assert_eq!(memory_blocks_for(shape, 512).expect("boot"), 0);
         assert_eq!(memory_blocks_for(shape, 768).expect("two"), 2);
@@ -118,6 +119,7 @@ mod tests {
         let none = MemoryConfig {
             size_mib: 512,
             hotplug_mib: 0,
+            ..Default::default()
         };
         let e = memory_blocks_for(none, 512).expect_err("no room");
         assert!(e.to_string().contains("--hotplug-memory"), "{e}");

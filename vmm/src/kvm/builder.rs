@@ -226,7 +226,7 @@ fn build_inner(config: VmConfig, console: Option<ConsoleOutput>) -> Result<KvmVm
     // Memory, then the VM with its irqchip.
     let vm = Arc::new(create_vm(&kvm)?);
     let mem_bytes = config.memory.size_mib << 20;
-    let ram = GuestRam::new(mem_bytes)?;
+    let ram = GuestRam::new(mem_bytes, config.memory.huge_pages)?;
     ram.register(&vm)?;
 
     // Devices.

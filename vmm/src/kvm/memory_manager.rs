@@ -153,6 +153,7 @@ impl MemoryManager {
         let shape = crate::config::MemoryConfig {
             size_mib: self.boot_mib,
             hotplug_mib: self.max_mib() - self.boot_mib,
+            ..Default::default()
         };
         let want = crate::resize::memory_blocks_for(shape, total_mib)?;
         // Checked above: a VM with a room has its hotplug devices.

@@ -539,6 +539,7 @@ mod tests {
             MemoryConfig {
                 size_mib: 512,
                 hotplug_mib: 256,
+                ..Default::default()
             },
         );
         h.ack_timeout = Duration::from_millis(300);
