@@ -20,6 +20,9 @@ packages=(
     # tests: another host user (setpriv) probing the VM sockets with Debian's python3;
     # ACPICA's iasl disassembles and recompiles the DSDT (vmm/tests/acpi_iasl.rs)
     python3 acpica-tools
+    # make bench with BEACON_FIRECRACKER: unpacking a stock bzImage (Debian's is
+    # LZ4) to the ELF vmlinux Firecracker boots
+    lz4
     # virtiofsd build dependencies
     libseccomp-dev libcap-ng-dev
     # vminitd / shim ttrpc code generation
