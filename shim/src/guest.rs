@@ -88,6 +88,9 @@ impl ReadySignal {
     /// (before the VM starts, so an early signal is not refused).
     pub fn listen(uds: &std::path::Path) -> Result<ReadySignal, GuestError> {
         let path = beacon_devices::virtio::vsock::hybrid::host::port_socket_path(uds, READY_PORT);
+        // A socket file left by a shim killed before its guest signalled:
+        // the sandbox's run folder is this shim's alone, so it is replaced.
+        let _ = std::fs::remove_file(&path);
         let listener =
             tokio::net::UnixListener::bind(&path).map_err(|source| GuestError::Connect {
                 what: format!("the ready signal's socket {}", path.display()),

@@ -211,8 +211,10 @@ async fn the_ready_signal_replaces_polling_a_booting_guest() {
         Arc::new(AtomicUsize::new(0)),
     );
     booting_hybrid(&uds, up.clone(), attempts.clone()).await;
-    let ready = ReadySignal::listen(&uds).expect("listen");
     let ready_path = dir.path().join(format!("v.sock_{READY_PORT}"));
+    // A stale socket file from a killed shim is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&ready_path).expect("stale socket"));
+    let ready = ReadySignal::listen(&uds).expect("listen over a stale socket");
     assert!(ready_path.exists(), "the signal's socket is <uds>_<port>");
     let link = GuestLink::Hybrid { uds: uds.clone() };
     // The "guest" boots for 1.2 s, then signals, as vminitd does.
