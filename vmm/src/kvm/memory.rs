@@ -13,8 +13,11 @@
 //! fewer, which is most of a boot's cost in a nested lab and a real share on
 //! hardware. Without the privilege to mount (an unprivileged `beacon-vmm`) it
 //! falls back to a memfd with `MADV_HUGEPAGE` (huge only where the host's
-//! `shmem_enabled` is `advise` or more), and says so. Devices see the RAM as a [`GuestMem`] (a `GuestMemoryAtomic`), so the
-//! region list can be swapped when memory is hotplugged without stopping them. The memfd is sized with `ftruncate` and mapped `MAP_NORESERVE`, so pages
+//! `shmem_enabled` is `advise` or more), and says so.
+//!
+//! Devices see the RAM as a [`GuestMem`] (a `GuestMemoryAtomic`), so the
+//! region list can be swapped when memory is hotplugged without stopping
+//! them. The file is sized with `ftruncate` and mapped `MAP_NORESERVE`, so pages
 //! are only allocated when the guest touches them; we check up front that the
 //! size is plausible for this host, because an overcommitted guest would die later
 //! and far less clearly.
