@@ -86,13 +86,11 @@ pub struct MemoryConfig {
     /// Back the boot RAM with 2 MiB transparent huge pages where the host
     /// allows (see `kvm::memory`): far fewer nested page faults while the
     /// guest first touches its memory, so a faster boot, for up to 2 MiB of
-    /// host memory per region the guest touches at all.
-    #[serde(default = "huge_pages_default")]
+    /// host memory per region the guest touches at all. Off by default until
+    /// a resize flake seen with it on (a shrink through containerd's Update
+    /// left the VM grown, once in two CI-like runs) is understood.
+    #[serde(default)]
     pub huge_pages: bool,
-}
-
-fn huge_pages_default() -> bool {
-    true
 }
 
 impl Default for MemoryConfig {
@@ -100,7 +98,7 @@ impl Default for MemoryConfig {
         Self {
             size_mib: 512,
             hotplug_mib: 0,
-            huge_pages: huge_pages_default(),
+            huge_pages: false,
         }
     }
 }

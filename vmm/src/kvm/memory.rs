@@ -3,7 +3,7 @@
 //!
 //! A file (not anonymous memory) so that vhost-user back-ends such as virtiofsd
 //! can map the same pages: hand them [`GuestRam::memfd`] and each region's file
-//! offset. With huge pages asked for (the default) the file is an unlinked one
+//! offset. With huge pages asked for (`--huge-pages`; off by default) the file is an unlinked one
 //! on a tmpfs of its own mounted `huge=within_size` and detached at once (it
 //! lives only as long as the file is open: no mount is left behind, even if
 //! the process is killed after this step), so the guest's RAM is backed by
